@@ -1,0 +1,552 @@
+//! The TOML configuration: parsing, validation with file/line/reason errors,
+//! and the translation into what the kernel programs read.
+//!
+//! Every key is documented in the README ("Configuration"). Unknown keys are
+//! errors, never ignored.
+
+mod units;
+
+use std::{
+    collections::BTreeSet,
+    fmt,
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+use wsguard_common::{
+    BucketParams, Settings,
+    source::{V4_MAPPED_BITS, prefix_mask},
+};
+
+pub use units::{ByteRate, ByteSize, HumanDuration, Period, Rate};
+
+/// A configuration error, located in its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based line and column, when the error points at a place in the file.
+    pub position: Option<(usize, usize)>,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.position {
+            Some((line, column)) => write!(f, "{}:{line}:{column}: {}", self.file.display(), self.reason),
+            None => write!(f, "{}: {}", self.file.display(), self.reason),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// XDP attach mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Native (driver) mode where the driver supports it, generic otherwise.
+    #[default]
+    Auto,
+    /// Driver mode only; attaching fails where the driver lacks it.
+    Native,
+    /// Generic (skb) mode: works on every interface, costs more per packet.
+    Skb,
+}
+
+impl fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            XdpMode::Auto => "auto",
+            XdpMode::Native => "native",
+            XdpMode::Skb => "skb",
+        })
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Agent {
+    pub interfaces: Spanned<Vec<String>>,
+    #[serde(default)]
+    pub xdp_mode: XdpMode,
+    /// Where maps are pinned (a versioned directory is created below it).
+    #[serde(default = "default_pin_path")]
+    pub pin_path: PathBuf,
+    /// The cgroup v2 directory the connection counter attaches to; by default
+    /// the root of the first cgroup v2 mount.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+}
+
+fn default_pin_path() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/wsguard")
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Protect {
+    pub ports: Spanned<Vec<Spanned<i64>>>,
+    #[serde(default = "default_ipv4_prefix")]
+    pub ipv4_prefix: Spanned<u8>,
+    #[serde(default = "default_ipv6_prefix")]
+    pub ipv6_prefix: Spanned<u8>,
+}
+
+fn default_ipv4_prefix() -> Spanned<u8> {
+    Spanned::new(0..0, 32)
+}
+fn default_ipv6_prefix() -> Spanned<u8> {
+    Spanned::new(0..0, 64)
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceLimits {
+    #[serde(default = "d_source_connections")]
+    pub new_connections: Spanned<Rate>,
+    #[serde(default = "d_source_connections_burst")]
+    pub new_connections_burst: Spanned<u64>,
+    #[serde(default = "d_source_bytes")]
+    pub bytes: Spanned<ByteRate>,
+    #[serde(default = "d_source_bytes_burst")]
+    pub bytes_burst: Spanned<ByteSize>,
+    /// 0 disables the limit.
+    #[serde(default = "d_concurrent")]
+    pub concurrent_connections: u32,
+}
+
+fn d_source_connections() -> Spanned<Rate> {
+    Spanned::new(0..0, Rate::Per { count: 20, period: Period::Second })
+}
+fn d_source_connections_burst() -> Spanned<u64> {
+    Spanned::new(0..0, 40)
+}
+fn d_source_bytes() -> Spanned<ByteRate> {
+    Spanned::new(0..0, ByteRate::Per { bytes: ByteSize(1 << 20), period: Period::Second })
+}
+fn d_source_bytes_burst() -> Spanned<ByteSize> {
+    Spanned::new(0..0, ByteSize(4 << 20))
+}
+fn d_concurrent() -> u32 {
+    64
+}
+
+impl Default for SourceLimits {
+    fn default() -> Self {
+        SourceLimits {
+            new_connections: d_source_connections(),
+            new_connections_burst: d_source_connections_burst(),
+            bytes: d_source_bytes(),
+            bytes_burst: d_source_bytes_burst(),
+            concurrent_connections: d_concurrent(),
+        }
+    }
+}
+
+/// Global limits. Bursts default to one second (or one minute, for "/m"
+/// rates) of the rate.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalLimits {
+    #[serde(default = "d_global_connections")]
+    pub new_connections: Spanned<Rate>,
+    #[serde(default)]
+    pub new_connections_burst: Option<Spanned<u64>>,
+    #[serde(default = "d_global_bytes")]
+    pub bytes: Spanned<ByteRate>,
+    #[serde(default)]
+    pub bytes_burst: Option<Spanned<ByteSize>>,
+}
+
+fn d_global_connections() -> Spanned<Rate> {
+    Spanned::new(0..0, Rate::Per { count: 5000, period: Period::Second })
+}
+fn d_global_bytes() -> Spanned<ByteRate> {
+    Spanned::new(0..0, ByteRate::Per { bytes: ByteSize(1 << 30), period: Period::Second })
+}
+
+impl Default for GlobalLimits {
+    fn default() -> Self {
+        GlobalLimits {
+            new_connections: d_global_connections(),
+            new_connections_burst: None,
+            bytes: d_global_bytes(),
+            bytes_burst: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default)]
+    pub per_source: SourceLimits,
+    #[serde(default)]
+    pub global: GlobalLimits,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ban {
+    /// Limit drops within `window` that earn a ban; 0 disables bans.
+    #[serde(default = "d_after_drops")]
+    pub after_drops: u32,
+    #[serde(default = "d_window")]
+    pub window: Spanned<HumanDuration>,
+    #[serde(default = "d_duration")]
+    pub duration: Spanned<HumanDuration>,
+}
+
+fn d_after_drops() -> u32 {
+    200
+}
+fn d_window() -> Spanned<HumanDuration> {
+    Spanned::new(0..0, HumanDuration(std::time::Duration::from_secs(10)))
+}
+fn d_duration() -> Spanned<HumanDuration> {
+    Spanned::new(0..0, HumanDuration(std::time::Duration::from_secs(300)))
+}
+
+impl Default for Ban {
+    fn default() -> Self {
+        Ban { after_drops: d_after_drops(), window: d_window(), duration: d_duration() }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lists {
+    #[serde(default)]
+    pub allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub deny: Vec<Spanned<String>>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tracking {
+    /// Sources with live buckets (LRU beyond that).
+    #[serde(default = "d_max_sources")]
+    pub max_sources: Spanned<u32>,
+    /// Bans held at once.
+    #[serde(default = "d_max_bans")]
+    pub max_bans: Spanned<u32>,
+}
+
+fn d_max_sources() -> Spanned<u32> {
+    Spanned::new(0..0, 1_000_000)
+}
+fn d_max_bans() -> Spanned<u32> {
+    Spanned::new(0..0, 100_000)
+}
+
+impl Default for Tracking {
+    fn default() -> Self {
+        Tracking { max_sources: d_max_sources(), max_bans: d_max_bans() }
+    }
+}
+
+/// The file as written.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    agent: Agent,
+    protect: Protect,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
+    ban: Ban,
+    #[serde(default)]
+    lists: Lists,
+    #[serde(default)]
+    tracking: Tracking,
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub file: PathBuf,
+    pub agent: Agent,
+    pub ports: Vec<u16>,
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    pub limits: Limits,
+    pub ban: Ban,
+    pub allow: Vec<IpNet>,
+    pub deny: Vec<IpNet>,
+    pub max_sources: u32,
+    pub max_bans: u32,
+    /// What the kernel programs read, derived once here.
+    pub settings: Settings,
+}
+
+/// Largest map sizes accepted, to keep a typo from asking the kernel for
+/// gigabytes of memory.
+const MAX_TRACKED_SOURCES: u32 = 16 << 20;
+const MAX_BANS: u32 = 4 << 20;
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            position: None,
+            reason: format!("cannot read the config file: {e}"),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let located = |span: Option<Range<usize>>, reason: String| ConfigError {
+            file: path.to_owned(),
+            position: span.filter(|s| !(s.start == 0 && s.end == 0)).map(|s| line_column(text, s.start)),
+            reason,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| located(e.span(), e.message().to_owned()))?;
+        validate(raw, path).map_err(|(span, reason)| located(span, reason))
+    }
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    (line, column)
+}
+
+type Invalid = (Option<Range<usize>>, String);
+
+fn at<T>(value: &Spanned<T>, reason: impl Into<String>) -> Invalid {
+    (Some(value.span()), reason.into())
+}
+
+fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
+    let RawConfig { agent, protect, limits, ban, lists, tracking } = raw;
+
+    if agent.interfaces.get_ref().is_empty() {
+        return Err(at(&agent.interfaces, "agent.interfaces is empty: name at least one interface to protect"));
+    }
+    let mut seen = BTreeSet::new();
+    for name in agent.interfaces.get_ref() {
+        if name.is_empty() || name.len() > 15 || name.contains('/') || name.contains(char::is_whitespace) {
+            return Err(at(&agent.interfaces, format!("\"{name}\" is not a valid interface name")));
+        }
+        if !seen.insert(name) {
+            return Err(at(&agent.interfaces, format!("interface \"{name}\" is listed twice")));
+        }
+    }
+    if !agent.pin_path.is_absolute() {
+        return Err((None, format!("agent.pin_path \"{}\" must be an absolute path", agent.pin_path.display())));
+    }
+
+    let ports = validate_ports(&protect.ports)?;
+    let ipv4_prefix = *protect.ipv4_prefix.get_ref();
+    if !(1..=32).contains(&ipv4_prefix) {
+        return Err(at(&protect.ipv4_prefix, format!("protect.ipv4_prefix must be 1 to 32, not {ipv4_prefix}")));
+    }
+    let ipv6_prefix = *protect.ipv6_prefix.get_ref();
+    if !(1..=128).contains(&ipv6_prefix) {
+        return Err(at(&protect.ipv6_prefix, format!("protect.ipv6_prefix must be 1 to 128, not {ipv6_prefix}")));
+    }
+
+    let source = &limits.per_source;
+    let spanned = |b: &Spanned<u64>| (b.span(), *b.get_ref());
+    let spanned_size = |b: &Spanned<ByteSize>| (b.span(), b.get_ref().0);
+    let source_connections = bucket(
+        &source.new_connections,
+        Some(spanned(&source.new_connections_burst)),
+        "limits.per_source.new_connections_burst",
+    )?;
+    let source_bytes =
+        byte_bucket(&source.bytes, Some(spanned_size(&source.bytes_burst)), "limits.per_source.bytes_burst")?;
+    let global = &limits.global;
+    let global_connections = bucket(
+        &global.new_connections,
+        global.new_connections_burst.as_ref().map(spanned),
+        "limits.global.new_connections_burst",
+    )?;
+    let global_bytes =
+        byte_bucket(&global.bytes, global.bytes_burst.as_ref().map(spanned_size), "limits.global.bytes_burst")?;
+
+    if ban.window.get_ref().0.is_zero() {
+        return Err(at(&ban.window, "ban.window must be longer than zero"));
+    }
+    if ban.duration.get_ref().0.is_zero() {
+        return Err(at(&ban.duration, "ban.duration must be longer than zero"));
+    }
+
+    let allow = parse_cidrs(&lists.allow, "lists.allow")?;
+    let deny = parse_cidrs(&lists.deny, "lists.deny")?;
+
+    let max_sources = *tracking.max_sources.get_ref();
+    if !(1..=MAX_TRACKED_SOURCES).contains(&max_sources) {
+        return Err(at(&tracking.max_sources, format!("tracking.max_sources must be 1 to {MAX_TRACKED_SOURCES}, not {max_sources}")));
+    }
+    let max_bans = *tracking.max_bans.get_ref();
+    if !(1..=MAX_BANS).contains(&max_bans) {
+        return Err(at(&tracking.max_bans, format!("tracking.max_bans must be 1 to {MAX_BANS}, not {max_bans}")));
+    }
+
+    let settings = Settings {
+        enabled: 1,
+        max_concurrent: source.concurrent_connections,
+        ipv4_mask: prefix_mask(V4_MAPPED_BITS + ipv4_prefix as u32),
+        ipv6_mask: prefix_mask(ipv6_prefix as u32),
+        source_connections,
+        source_bytes,
+        global_connections,
+        global_bytes,
+        ban_after_drops: ban.after_drops,
+        _pad: 0,
+        ban_window_ns: ban.window.get_ref().nanos(),
+        ban_duration_ns: ban.duration.get_ref().nanos(),
+    };
+    Ok(Config {
+        file: file.to_owned(),
+        agent,
+        ports,
+        ipv4_prefix,
+        ipv6_prefix,
+        limits,
+        ban,
+        allow,
+        deny,
+        max_sources,
+        max_bans,
+        settings,
+    })
+}
+
+fn validate_ports(ports: &Spanned<Vec<Spanned<i64>>>) -> Result<Vec<u16>, Invalid> {
+    if ports.get_ref().is_empty() {
+        return Err(at(ports, "protect.ports is empty: name at least one TCP port"));
+    }
+    let mut out = Vec::new();
+    for port in ports.get_ref() {
+        let n = *port.get_ref();
+        let Ok(p) = u16::try_from(n) else {
+            return Err(at(port, format!("port {n} is out of range (1 to 65535)")));
+        };
+        if p == 0 {
+            return Err(at(port, "port 0 is out of range (1 to 65535)"));
+        }
+        if out.contains(&p) {
+            return Err(at(port, format!("port {p} is listed twice")));
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// Bucket for an event rate. `burst` defaults to one period's worth.
+fn bucket(rate_at: &Spanned<Rate>, burst: Option<(Range<usize>, u64)>, burst_key: &str) -> Result<BucketParams, Invalid> {
+    let rate = *rate_at.get_ref();
+    let Rate::Per { count, period } = rate else { return Ok(BucketParams::UNLIMITED) };
+    let burst_value = burst.as_ref().map_or(count, |b| b.1);
+    let minimum = rate.per_second_ceil().unwrap_or(1);
+    if let Some((span, _)) = burst {
+        if burst_value < minimum {
+            return Err((Some(span), format!(
+                "{burst_key} ({burst_value}) is below the rate ({rate}); it must hold at least one second of it ({minimum})"
+            )));
+        }
+    }
+    BucketParams::new(count, period.nanos(), burst_value)
+        .ok_or_else(|| at(rate_at, format!("rate {rate} with burst {burst_value} is too large")))
+}
+
+fn byte_bucket(
+    rate_at: &Spanned<ByteRate>,
+    burst: Option<(Range<usize>, u64)>,
+    burst_key: &str,
+) -> Result<BucketParams, Invalid> {
+    let rate = *rate_at.get_ref();
+    let ByteRate::Per { bytes, period } = rate else { return Ok(BucketParams::UNLIMITED) };
+    let burst_value = burst.as_ref().map_or(bytes.0, |b| b.1);
+    let minimum = rate.per_second_ceil().unwrap_or(1);
+    if let Some((span, _)) = burst {
+        if burst_value < minimum {
+            return Err((Some(span), format!(
+                "{burst_key} ({}) is below the rate ({rate}); it must hold at least one second of it ({})",
+                ByteSize(burst_value),
+                ByteSize(minimum)
+            )));
+        }
+    }
+    BucketParams::new(bytes.0, period.nanos(), burst_value).ok_or_else(|| {
+        at(rate_at, format!("byte rate {rate} with burst {} is beyond what the kernel arithmetic holds (at most 4GiB of burst per second of period)", ByteSize(burst_value)))
+    })
+}
+
+/// CIDRs or plain addresses. Host bits must be zero: "10.0.0.1/24" is
+/// probably a typo for "10.0.0.0/24", and silently widening it would be wrong.
+fn parse_cidrs(entries: &[Spanned<String>], key: &str) -> Result<Vec<IpNet>, Invalid> {
+    let mut out = Vec::new();
+    for entry in entries {
+        let text = entry.get_ref().trim();
+        let net = match text.parse::<IpNet>() {
+            Ok(net) => net,
+            Err(_) => match text.parse::<std::net::IpAddr>() {
+                Ok(addr) => IpNet::from(addr),
+                Err(_) => return Err(at(entry, format!("{key}: \"{text}\" is not a CIDR (such as 198.51.100.0/24 or 2001:db8::/32) or an address"))),
+            },
+        };
+        if net.trunc() != net {
+            return Err(at(entry, format!("{key}: \"{text}\" has host bits set; did you mean {}?", net.trunc())));
+        }
+        out.push(net);
+    }
+    Ok(out)
+}
+
+impl Config {
+    /// A human summary of what is enforced, printed at start and by `check-config`.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let l = &self.limits;
+        let ports: Vec<String> = self.ports.iter().map(u16::to_string).collect();
+        let _ = writeln!(s, "  interfaces: {} (xdp mode {})", self.agent.interfaces.get_ref().join(", "), self.agent.xdp_mode);
+        let _ = writeln!(s, "  tcp ports: {}", ports.join(", "));
+        let _ = writeln!(
+            s,
+            "  per source (IPv4 /{}, IPv6 /{}): new connections {} (burst {}), bytes {} (burst {}), concurrent connections {}",
+            self.ipv4_prefix,
+            self.ipv6_prefix,
+            l.per_source.new_connections.get_ref(),
+            self.settings.source_connections.burst(),
+            l.per_source.bytes.get_ref(),
+            ByteSize(self.settings.source_bytes.burst()),
+            match l.per_source.concurrent_connections { 0 => "unlimited".to_string(), n => n.to_string() },
+        );
+        let _ = writeln!(
+            s,
+            "  global: new connections {} (burst {}), bytes {} (burst {})",
+            l.global.new_connections.get_ref(),
+            self.settings.global_connections.burst(),
+            l.global.bytes.get_ref(),
+            ByteSize(self.settings.global_bytes.burst()),
+        );
+        if self.ban.after_drops == 0 {
+            let _ = writeln!(s, "  bans: off");
+        } else {
+            let _ = writeln!(
+                s,
+                "  bans: {} limit drops within {} ban a source for {}",
+                self.ban.after_drops,
+                self.ban.window.get_ref(),
+                self.ban.duration.get_ref()
+            );
+        }
+        let list = |v: &[IpNet]| if v.is_empty() { "none".to_string() } else { v.iter().map(IpNet::to_string).collect::<Vec<_>>().join(", ") };
+        let _ = writeln!(s, "  allow: {}", list(&self.allow));
+        let _ = writeln!(s, "  deny: {}", list(&self.deny));
+        let _ = write!(s, "  tracking: up to {} sources, {} bans", self.max_sources, self.max_bans);
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,110 @@
+//! `wsguard run`: load, attach, enforce until told to stop, detach.
+
+use std::{os::fd::AsRawFd, path::Path};
+
+use anyhow::{Context, Result};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::Config,
+    kernel::{self, Kernel},
+    status,
+};
+
+pub async fn run(config_path: &Path) -> Result<()> {
+    let mut config = Config::load(config_path)?;
+    kernel::check_privileges()?;
+    kernel::raise_memlock();
+    kernel::ensure_bpffs(&config.agent.pin_path)?;
+
+    let mut kernel = Kernel::load(&config)?;
+    spawn_kernel_log_drain(&mut kernel)?;
+    kernel.attach(&config)?;
+    let pins = kernel::pins_for(&config);
+    kernel.pin(&pins)?;
+
+    println!(
+        "wsguard {}: enforcing {} (state pinned at {})\n{}",
+        env!("CARGO_PKG_VERSION"),
+        config.file.display(),
+        pins.display(),
+        config.summary()
+    );
+    info!(config = %config.file.display(), "attached and enforcing");
+
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => { info!("SIGTERM: detaching"); break; }
+            _ = interrupt.recv() => { info!("interrupted: detaching"); break; }
+            _ = hangup.recv() => {
+                match reload(&mut kernel, &config) {
+                    Ok(new) => {
+                        info!(config = %new.file.display(), "reloaded");
+                        println!("wsguard: reloaded {}\n{}", new.file.display(), new.summary());
+                        config = new;
+                    }
+                    Err(e) => error!("reload rejected, the running config keeps enforcing: {e:#}"),
+                }
+            }
+        }
+    }
+
+    let counters = kernel.counters()?;
+    println!("wsguard: detached; counters at exit:\n{}", status::format_counters(&counters));
+    if let Err(e) = kernel::unpin_all(&pins) {
+        warn!("could not remove pins at {}: {e:#}", pins.display());
+    }
+    drop(kernel);
+    Ok(())
+}
+
+/// Re-reads the config and rewrites the maps in place. Per-source state and
+/// bans are kept. Settings that size or place kernel objects need a restart.
+fn reload(kernel: &mut Kernel, current: &Config) -> Result<Config> {
+    let new = Config::load(&current.file)?;
+    let fixed = [
+        ("agent.interfaces", current.agent.interfaces.get_ref() != new.agent.interfaces.get_ref()),
+        ("agent.xdp_mode", current.agent.xdp_mode != new.agent.xdp_mode),
+        ("agent.pin_path", current.agent.pin_path != new.agent.pin_path),
+        ("agent.cgroup", current.agent.cgroup != new.agent.cgroup),
+        ("tracking.max_sources", current.max_sources != new.max_sources),
+        ("tracking.max_bans", current.max_bans != new.max_bans),
+        (
+            "limits.per_source.concurrent_connections (turning it on or off)",
+            (current.settings.max_concurrent == 0) != (new.settings.max_concurrent == 0),
+        ),
+    ];
+    let changed: Vec<&str> = fixed.iter().filter(|(_, c)| *c).map(|(k, _)| *k).collect();
+    if !changed.is_empty() {
+        anyhow::bail!("{} changed; these take effect only on restart", changed.join(", "));
+    }
+    kernel.apply(&new)?;
+    Ok(new)
+}
+
+/// Forwards the kernel programs' aya-log records (ban started, ...) to the
+/// agent's log.
+fn spawn_kernel_log_drain(kernel: &mut Kernel) -> Result<()> {
+    let logger = aya_log::EbpfLogger::init(kernel.ebpf_mut()).context("cannot read the kernel programs' log")?;
+    let fd = logger.as_raw_fd();
+    // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd
+    // holds the logger, and as_raw_fd always returns that fd.
+    let mut logger = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("cannot poll the kernel log ring buffer (fd {fd})"))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut ready) = logger.readable_mut().await else { break };
+            ready.get_inner_mut().flush();
+            ready.clear_ready();
+        }
+    });
+    Ok(())
+}

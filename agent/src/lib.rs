@@ -1,0 +1,8 @@
+//! The wsguard agent: configuration, kernel program management and the
+//! daemon. The `wsguard` binary (main.rs) is a thin CLI over this library;
+//! the integration tests use it to load the same programs the daemon does.
+
+pub mod config;
+pub mod daemon;
+pub mod kernel;
+pub mod status;

@@ -1,0 +1,73 @@
+//! Per-reason counters kept by the kernel programs in a per-CPU array.
+
+use crate::assert_size;
+
+/// Packets and frame bytes (from the Ethernet header) counted under one reason.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+assert_size!(Counter, 16);
+
+macro_rules! reasons {
+    ($($(#[$doc:meta])* $variant:ident = $index:expr, $name:expr, $drop:expr;)*) => {
+        /// Why a packet was passed or dropped, or which kernel event happened.
+        /// The discriminant is the index into the counters map.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Reason {
+            $($(#[$doc])* $variant = $index,)*
+        }
+
+        impl Reason {
+            pub const ALL: &'static [Reason] = &[$(Reason::$variant,)*];
+
+            /// Stable snake_case name, used in status output and metrics labels.
+            pub const fn name(self) -> &'static str {
+                match self { $(Reason::$variant => $name,)* }
+            }
+
+            /// Whether packets counted under this reason were dropped.
+            pub const fn is_drop(self) -> bool {
+                match self { $(Reason::$variant => $drop,)* }
+            }
+        }
+    };
+}
+
+reasons! {
+    /// Protected traffic within every limit.
+    Passed = 0, "passed", false;
+    /// Protected traffic from an allow-listed source (exempt from limits).
+    AllowListed = 1, "allow_listed", false;
+    /// A non-first IP fragment: its ports are unknown, so only source-based
+    /// rules (allow, deny, ban) apply before it passes.
+    PassedFragment = 2, "passed_fragment", false;
+    DenyList = 3, "deny_list", true;
+    Banned = 4, "banned", true;
+    ConnectionRate = 5, "connection_rate", true;
+    ByteRate = 6, "byte_rate", true;
+    Concurrency = 7, "concurrency", true;
+    GlobalConnectionRate = 8, "global_connection_rate", true;
+    GlobalByteRate = 9, "global_byte_rate", true;
+    /// A TCP segment whose headers are cut short or inconsistent, or an IPv6
+    /// extension chain longer than the parser walks.
+    Malformed = 10, "malformed", true;
+    /// Event: a source earned a ban (packets only).
+    BanStarted = 11, "ban_started", false;
+    /// Event: a ban could not be recorded because the ban map is full.
+    BanMapFull = 12, "ban_map_full", false;
+    /// Event: an established connection could not be counted because the
+    /// connection-count map is full.
+    ConnectionUntracked = 13, "connection_untracked", false;
+    /// Event: a connection from a tracked source was established (sock_ops).
+    ConnectionOpened = 14, "connection_opened", false;
+    /// Event: a counted connection closed (sock_ops).
+    ConnectionClosed = 15, "connection_closed", false;
+}
+
+/// Number of slots in the counters map.
+pub const COUNTER_SLOTS: u32 = 16;
+const _: () = assert!(Reason::ALL.len() as u32 == COUNTER_SLOTS);

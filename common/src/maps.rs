@@ -1,0 +1,93 @@
+//! Map names and the values stored in them.
+
+use crate::{BucketParams, TokenBucket, assert_size};
+
+/// Names of the maps, as declared by the kernel programs.
+pub mod names {
+    pub const SETTINGS: &str = "WSG_SETTINGS";
+    pub const PORTS: &str = "WSG_PORTS";
+    pub const ALLOW: &str = "WSG_ALLOW";
+    pub const DENY: &str = "WSG_DENY";
+    pub const SOURCES: &str = "WSG_SOURCES";
+    pub const BANS: &str = "WSG_BANS";
+    pub const CONNECTIONS: &str = "WSG_CONNS";
+    pub const GLOBAL: &str = "WSG_GLOBAL";
+    pub const COUNTERS: &str = "WSG_COUNTERS";
+}
+
+/// Names of the programs.
+pub mod programs {
+    pub const INGRESS: &str = "wsguard_ingress";
+    pub const CONNECTION_TRACKER: &str = "wsguard_connections";
+}
+
+/// Entries in the port array: one per TCP port, non-zero when protected.
+pub const PORT_SLOTS: u32 = 65536;
+/// Capacity of each CIDR list (LPM tries allocate per entry, so a large bound
+/// costs nothing until used).
+pub const LIST_CAPACITY: u32 = 1 << 20;
+
+/// Key of the allow and deny LPM tries: a prefix of the 16-byte key space
+/// (IPv4 prefixes are offset by 96 bits into `::ffff:0:0/96`).
+pub type LpmKey = [u8; 16];
+
+/// Everything the kernel programs need from the configuration, in one array
+/// slot that user space rewrites on (re)load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Non-zero once user space has written the settings; until then every
+    /// program passes everything.
+    pub enabled: u32,
+    /// Concurrent established connections allowed per source; 0 = no limit.
+    pub max_concurrent: u32,
+    /// Masks applied to a source address before it is used as a key.
+    pub ipv4_mask: [u8; 16],
+    pub ipv6_mask: [u8; 16],
+    pub source_connections: BucketParams,
+    pub source_bytes: BucketParams,
+    pub global_connections: BucketParams,
+    pub global_bytes: BucketParams,
+    /// Drops within `ban_window_ns` that earn a ban; 0 = bans off.
+    pub ban_after_drops: u32,
+    pub _pad: u32,
+    pub ban_window_ns: u64,
+    pub ban_duration_ns: u64,
+}
+assert_size!(Settings, 8 + 32 + 4 * 32 + 8 + 16);
+
+/// Per-source state, kept in an LRU map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceState {
+    pub connections: TokenBucket,
+    pub bytes: TokenBucket,
+    /// Start of the current ban-counting window.
+    pub window_start_ns: u64,
+    /// Limit drops seen in the current window.
+    pub window_drops: u32,
+    pub _pad: u32,
+}
+assert_size!(SourceState, 48);
+
+/// An active ban. Expiry is enforced by the kernel on lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ban {
+    pub since_ns: u64,
+    pub until_ns: u64,
+}
+assert_size!(Ban, 16);
+
+/// Global buckets, shared by all non-allow-listed sources.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalState {
+    pub connections: TokenBucket,
+    pub bytes: TokenBucket,
+}
+assert_size!(GlobalState, 32);
+
+/// Version of the map layout above; pins live under `<pin_path>/v<LAYOUT_VERSION>`
+/// so that a new layout never reads maps pinned by an older one.
+pub const LAYOUT_VERSION: u32 = 1;

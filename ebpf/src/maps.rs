@@ -1,0 +1,97 @@
+//! Map definitions. Sizes here are placeholders where the agent sets the real
+//! size from the config before loading (`tracking.max_sources`, `max_bans`).
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use wsguard_common::{
+    Ban, Counter, LpmKey, Reason, Settings, SourceKey, SourceState,
+    counters::COUNTER_SLOTS,
+    maps::{GlobalState, LIST_CAPACITY, PORT_SLOTS},
+};
+
+#[map(name = "WSG_SETTINGS")]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// One byte per TCP port; non-zero when the port is protected.
+#[map(name = "WSG_PORTS")]
+pub static PORTS: Array<u8> = Array::with_max_entries(PORT_SLOTS, 0);
+
+#[map(name = "WSG_ALLOW")]
+pub static ALLOW: LpmTrie<LpmKey, u8> = LpmTrie::with_max_entries(LIST_CAPACITY, 0);
+
+#[map(name = "WSG_DENY")]
+pub static DENY: LpmTrie<LpmKey, u8> = LpmTrie::with_max_entries(LIST_CAPACITY, 0);
+
+/// Buckets per source. LRU: when full, the least recently seen source is
+/// forgotten (and starts again with a full burst if it comes back).
+#[map(name = "WSG_SOURCES")]
+pub static SOURCES: LruHashMap<SourceKey, SourceState> = LruHashMap::with_max_entries(1024, 0);
+
+/// Active bans. A plain hash, not LRU, so a flood of new sources cannot evict them.
+#[map(name = "WSG_BANS")]
+pub static BANS: HashMap<SourceKey, Ban> = HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
+
+/// Established connections per source, maintained by the sock_ops program.
+#[map(name = "WSG_CONNS")]
+pub static CONNECTIONS: HashMap<SourceKey, u64> = HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
+
+#[map(name = "WSG_GLOBAL")]
+pub static GLOBAL: Array<GlobalState> = Array::with_max_entries(1, 0);
+
+#[map(name = "WSG_COUNTERS")]
+pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+#[inline(always)]
+pub fn settings() -> Option<&'static Settings> {
+    match SETTINGS.get(0) {
+        Some(s) if s.enabled != 0 => Some(s),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+pub fn is_protected_port(port: u16) -> bool {
+    matches!(PORTS.get(port as u32), Some(p) if *p != 0)
+}
+
+#[inline(always)]
+fn list_contains(list: &LpmTrie<LpmKey, u8>, source: &SourceKey) -> bool {
+    let key = aya_ebpf::maps::lpm_trie::Key::new(128, source.addr);
+    list.get(&key).is_some()
+}
+
+/// Allow-list match on the full (unaggregated) address.
+#[inline(always)]
+pub fn is_allow_listed(source: &SourceKey) -> bool {
+    list_contains(&ALLOW, source)
+}
+
+#[inline(always)]
+pub fn is_deny_listed(source: &SourceKey) -> bool {
+    list_contains(&DENY, source)
+}
+
+/// The key a source is tracked under: its address aggregated to the
+/// configured IPv4 or IPv6 prefix.
+#[inline(always)]
+pub fn tracking_key(settings: &Settings, source: &SourceKey) -> SourceKey {
+    if source.is_v4() {
+        source.masked(&settings.ipv4_mask)
+    } else {
+        source.masked(&settings.ipv6_mask)
+    }
+}
+
+#[inline(always)]
+pub fn count(reason: Reason, bytes: u64) {
+    if let Some(c) = COUNTERS.get_ptr_mut(reason as u32) {
+        // Per-CPU slot: no other CPU writes it.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
+    }
+}
