@@ -16,7 +16,7 @@ macro_rules! reasons {
         /// Why a packet was passed or dropped, or which kernel event happened.
         /// The discriminant is the index into the counters map.
         #[repr(u32)]
-        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub enum Reason {
             $($(#[$doc])* $variant = $index,)*
         }

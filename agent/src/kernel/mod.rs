@@ -55,6 +55,10 @@ impl Kernel {
         Ok(kernel)
     }
 
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }

@@ -1,0 +1,168 @@
+//! The `wsguard` binary run as the daemon inside a lab's server namespace,
+//! exactly as an operator runs it: `wsguard run --config FILE`.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::process::CommandExt,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use wsguard::kernel::{PinnedState, pin_dir};
+use wsguard_common::{Counter, Reason};
+
+use crate::{Lab, lab::enter_netns, wait_until};
+
+/// Path of the binary under test: `cargo xtask test` passes it in
+/// WSGUARD_BIN; otherwise the release build in this workspace.
+pub fn binary() -> PathBuf {
+    std::env::var_os("WSGUARD_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/wsguard")
+    })
+}
+
+pub struct Agent {
+    child: Option<Child>,
+    pub pin_path: PathBuf,
+    pub config_file: tempfile::NamedTempFile,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    /// Starts the agent on the lab's server interface with `body` as the rest
+    /// of the config (everything but `[agent]`), and waits until it reports
+    /// that it enforces.
+    pub fn start(lab: &Lab, body: &str) -> Result<Agent> {
+        let pin_path = PathBuf::from(format!("/sys/fs/bpf/wsguard-test-{}-{}", std::process::id(), lab.id));
+        let config = format!(
+            "[agent]\ninterfaces = [\"{}\"]\npin_path = \"{}\"\n\n{body}",
+            lab.server_if,
+            pin_path.display()
+        );
+        Agent::start_with_config(&lab.server.path(), &config, pin_path)
+    }
+
+    pub fn start_with_config(netns_path: &str, config: &str, pin_path: PathBuf) -> Result<Agent> {
+        let mut config_file = tempfile::Builder::new().prefix("wsguard-test-").suffix(".toml").tempfile()?;
+        config_file.write_all(config.as_bytes())?;
+        let netns = netns_path.to_string();
+        let mut command = Command::new(binary());
+        command
+            .args(["run", "--config"])
+            .arg(config_file.path())
+            .env("WSGUARD_LOG", "info,aya::bpf=error")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: setns is async-signal-safe; the closure allocates nothing
+        // but the path string it owns.
+        unsafe { command.pre_exec(move || enter_netns(&netns)) };
+        let mut child = command.spawn().with_context(|| format!("starting {}", binary().display()))?;
+
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        forward(child.stdout.take().unwrap(), stdout.clone(), Some(ready_tx));
+        forward(child.stderr.take().unwrap(), stderr.clone(), None);
+        let mut agent = Agent { child: Some(child), pin_path, config_file, stdout, stderr };
+        match ready_rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(()) => Ok(agent),
+            Err(_) => {
+                let status = agent.stop_now();
+                bail!(
+                    "the agent did not report that it enforces ({status:?}); stderr:\n{}",
+                    agent.stderr.lock().unwrap().join("\n")
+                )
+            }
+        }
+    }
+
+    pub fn state(&self) -> Result<PinnedState> {
+        PinnedState::open(&pin_dir(&self.pin_path))
+    }
+
+    pub fn counter(&self, reason: Reason) -> Counter {
+        self.state().and_then(|s| s.counter(reason)).unwrap_or_default()
+    }
+
+    /// Waits until the packets counted under `reason` reach `at_least`.
+    pub async fn wait_counter(&self, reason: Reason, at_least: u64, timeout: Duration) -> Result<u64> {
+        wait_until(&format!("counter {} >= {at_least}", reason.name()), timeout, || {
+            let n = self.counter(reason).packets;
+            (n >= at_least).then_some(n)
+        })
+        .await
+    }
+
+    pub fn stdout(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    pub fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Sends a signal to the agent.
+    pub fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit (SIGKILL after 10 s).
+    pub fn stop(mut self) -> Result<(ExitStatus, Vec<String>)> {
+        let status = self.stop_now().context("the agent was already gone")?;
+        Ok((status, self.stdout()))
+    }
+
+    fn stop_now(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break child.wait().ok()?;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // A clean exit removes the pins; a killed agent leaves them.
+        let _ = wsguard::kernel::unpin_all(&pin_dir(&self.pin_path));
+        let _ = std::fs::remove_dir(&self.pin_path);
+        Some(status)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+fn forward(
+    stream: impl std::io::Read + Send + 'static,
+    lines: Arc<Mutex<Vec<String>>>,
+    ready: Option<mpsc::Sender<()>>,
+) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if let Some(tx) = &ready {
+                if line.starts_with("wsguard ") && line.contains(": enforcing ") {
+                    let _ = tx.send(());
+                }
+            }
+            if std::env::var_os("WSGUARD_TEST_VERBOSE").is_some() {
+                eprintln!("[agent] {line}");
+            }
+            lines.lock().unwrap().push(line);
+        }
+    });
+}

@@ -1,0 +1,145 @@
+//! Two test hosts joined by a veth pair: a server namespace (where the agent
+//! attaches) and a client namespace holding many source addresses.
+//!
+//! Addresses come from 198.18.0.0/15 and 2001:db8::/32 only, and the server's
+//! namespace has no route beyond the lab's own subnets, so nothing (not even a
+//! SYN-ACK to a flood source) can leave the test hosts.
+
+use std::{
+    fs::File,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd,
+    process::Command,
+    sync::atomic::{AtomicU8, Ordering},
+};
+
+use anyhow::{Context, Result, bail};
+
+static NEXT_LAB: AtomicU8 = AtomicU8::new(1);
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> Result<Netns> {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        ip(&["netns", "add", name])?;
+        let ns = Netns { name: name.to_string() };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n NAME ARGS…`
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        ip(&full)
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// Runs `f` on a thread that has entered this namespace; sockets created
+    /// there belong to it for life, wherever they are used afterwards.
+    pub fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
+        let path = self.path();
+        std::thread::spawn(move || {
+            enter_netns(&path).expect("entering the test namespace");
+            f()
+        })
+        .join()
+        .expect("namespace thread panicked")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// setns(2) into the network namespace at `path`, for the calling thread (or,
+/// from a `pre_exec` hook, the child process). Only the network namespace
+/// changes: the mount namespace (and so /sys/fs/bpf) stays shared.
+pub fn enter_netns(path: &str) -> std::io::Result<()> {
+    let file = File::open(path)?;
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!("ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+pub struct Lab {
+    pub id: u8,
+    /// Interface the agent protects, inside `server`.
+    pub server_if: String,
+    pub client_if: String,
+    // Field order: the namespaces go last, taking the veth pair with them.
+    pub server: Netns,
+    pub client: Netns,
+}
+
+impl Lab {
+    /// Number of IPv4 and IPv6 client addresses (hosts .2 to .N+1) each lab has.
+    pub const CLIENT_HOSTS: u8 = 40;
+
+    pub fn new() -> Result<Lab> {
+        let id = NEXT_LAB.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{}{}", std::process::id() % 100_000, id);
+        let server = Netns::create(&format!("wsg-srv-{tag}"))?;
+        let client = Netns::create(&format!("wsg-cli-{tag}"))?;
+        let (server_if, client_if) = (format!("wsgs{tag}"), format!("wsgc{tag}"));
+        let lab = Lab { id, server_if, client_if, server, client };
+        ip(&["link", "add", &lab.server_if, "netns", &lab.server.name, "type", "veth", "peer", "name", &lab.client_if, "netns", &lab.client.name])?;
+        let (s, c) = (&lab.server, &lab.client);
+        s.ip(&["addr", "add", &format!("{}/24", lab.server_v4()), "dev", &lab.server_if])?;
+        s.ip(&["addr", "add", &format!("{}/64", lab.server_v6()), "dev", &lab.server_if, "nodad"])?;
+        // A second client /64, on-link, to tell IPv6 prefixes apart.
+        s.ip(&["-6", "route", "add", &format!("2001:db8:{:x}:1::/64", id), "dev", &lab.server_if])?;
+        for host in 2..(2 + Self::CLIENT_HOSTS) {
+            c.ip(&["addr", "add", &format!("{}/24", lab.client_v4(host)), "dev", &lab.client_if])?;
+            c.ip(&["addr", "add", &format!("{}/64", lab.client_v6(host)), "dev", &lab.client_if, "nodad"])?;
+            c.ip(&["addr", "add", &format!("{}/64", lab.client_v6_other_prefix(host)), "dev", &lab.client_if, "nodad"])?;
+        }
+        s.ip(&["link", "set", &lab.server_if, "up"])?;
+        c.ip(&["link", "set", &lab.client_if, "up"])?;
+        Ok(lab)
+    }
+
+    pub fn server_v4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, self.id, 1)
+    }
+
+    pub fn server_v6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 0xdb8, self.id as u16, 0, 0, 0, 0, 1)
+    }
+
+    pub fn client_v4(&self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, self.id, host)
+    }
+
+    /// A client address in the server's /64.
+    pub fn client_v6(&self, host: u8) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 0xdb8, self.id as u16, 0, 0, 0, 0, host as u16)
+    }
+
+    /// A client address in a second /64 (2001:db8:ID:1::/64).
+    pub fn client_v6_other_prefix(&self, host: u8) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 0xdb8, self.id as u16, 1, 0, 0, 0, host as u16)
+    }
+
+    pub fn server_addr(&self, v6: bool) -> IpAddr {
+        if v6 { self.server_v6().into() } else { self.server_v4().into() }
+    }
+}

@@ -1,0 +1,125 @@
+//! Real WebSocket peers: a tokio-tungstenite echo server in the server
+//! namespace and clients bound to chosen source addresses in the client
+//! namespace.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, accept_async, client_async, tungstenite::Message};
+
+use crate::lab::Netns;
+
+pub type WsClient = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+#[derive(Default)]
+pub struct ServerStats {
+    /// WebSocket payload bytes received, all connections together.
+    pub bytes_received: AtomicU64,
+    pub connections_accepted: AtomicU64,
+    pub connections_closed: AtomicU64,
+}
+
+/// An echo server on [::]:port (dual stack) in `ns`.
+pub struct EchoServer {
+    pub port: u16,
+    pub stats: Arc<ServerStats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EchoServer {
+    pub async fn start(ns: &Netns, port: u16) -> Result<EchoServer> {
+        let std_listener = ns.run(move || -> std::io::Result<std::net::TcpListener> {
+            let l = std::net::TcpListener::bind(SocketAddr::from(([0u16; 8], port)))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })?;
+        let listener = TcpListener::from_std(std_listener)?;
+        let stats = Arc::new(ServerStats::default());
+        let task_stats = stats.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                task_stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
+                let stats = task_stats.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut ws) = accept_async(stream).await {
+                        while let Some(Ok(msg)) = ws.next().await {
+                            if msg.is_binary() || msg.is_text() {
+                                stats.bytes_received.fetch_add(msg.len() as u64, Ordering::Relaxed);
+                                // Echo only small messages: bulk senders measure ingress.
+                                if msg.len() <= 4096 && ws.send(msg).await.is_err() {
+                                    break;
+                                }
+                            } else if msg.is_close() {
+                                break;
+                            }
+                        }
+                    }
+                    stats.connections_closed.fetch_add(1, Ordering::Relaxed);
+                });
+            }
+        });
+        Ok(EchoServer { port, stats, task })
+    }
+
+    pub fn bytes_received(&self) -> u64 {
+        self.stats.bytes_received.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Opens a TCP connection from `source` (an address of the client namespace)
+/// to `server:port`, failing after `timeout` (a dropped SYN shows up as that).
+pub async fn connect_from(ns: &Netns, source: IpAddr, server: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    let socket = ns.run(move || -> std::io::Result<TcpSocket> {
+        let s = if source.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        s.bind(SocketAddr::new(source, 0))?;
+        Ok(s)
+    })?;
+    match tokio::time::timeout(timeout, socket.connect(server)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(e).context("connect failed"),
+        Err(_) => bail!("connect from {source} to {server} timed out after {timeout:?}"),
+    }
+}
+
+/// A WebSocket client from `source`, upgraded and ready.
+pub async fn ws_connect(ns: &Netns, source: IpAddr, server: SocketAddr, timeout: Duration) -> Result<WsClient> {
+    let stream = connect_from(ns, source, server, timeout).await?;
+    let url = format!("ws://{}/ws", server);
+    let (ws, _) = tokio::time::timeout(timeout, client_async(url, MaybeTlsStream::Plain(stream)))
+        .await
+        .context("upgrade timed out")??;
+    Ok(ws)
+}
+
+/// One echo round trip; returns an error if it does not complete in `timeout`.
+pub async fn echo(ws: &mut WsClient, payload: &str, timeout: Duration) -> Result<()> {
+    tokio::time::timeout(timeout, async {
+        ws.send(Message::text(payload.to_string())).await?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) if t.as_str() == payload => return Ok(()),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(anyhow::Error::from(e)),
+                None => bail!("connection closed during echo"),
+            }
+        }
+    })
+    .await
+    .context("echo timed out")?
+}

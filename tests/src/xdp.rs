@@ -1,0 +1,92 @@
+//! The XDP program loaded into the kernel (not attached) and driven with
+//! crafted frames through BPF_PROG_TEST_RUN.
+
+use std::{collections::HashMap as StdHashMap, path::Path, time::Duration};
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{HashMap, MapData},
+    programs::{TestRun, TestRunOptions, Xdp},
+};
+use wsguard::{config::Config, kernel::Kernel};
+use wsguard_common::{
+    Ban, Counter, Reason, SourceKey, SourceState,
+    maps::{names, programs},
+};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+
+pub struct XdpHarness {
+    pub kernel: Kernel,
+}
+
+impl XdpHarness {
+    /// Loads the programs with `body` as the config (an `[agent]` section
+    /// naming an interface is added; nothing is attached).
+    pub fn new(body: &str) -> Result<XdpHarness> {
+        let text = format!("[agent]\ninterfaces = [\"lo\"]\n\n{body}");
+        let config = Config::parse(Path::new("test.toml"), &text)?;
+        Ok(XdpHarness { kernel: Kernel::load(&config)? })
+    }
+
+    fn program(&self) -> Result<&Xdp> {
+        let p = self.kernel.ebpf().program(programs::INGRESS).context("xdp program")?;
+        Ok(p.try_into()?)
+    }
+
+    /// Runs one frame through the program and returns its verdict.
+    pub fn run(&self, frame: &[u8]) -> u32 {
+        self.run_repeat(frame, 1).expect("BPF_PROG_TEST_RUN").0
+    }
+
+    /// Runs one frame `repeat` times; returns the verdict and the kernel's
+    /// mean time per run.
+    pub fn run_repeat(&self, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
+        let opts = TestRunOptions { data_in: Some(frame), repeat, ..Default::default() };
+        let result = self.program()?.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+        Ok((result.return_value, result.duration))
+    }
+
+    pub fn counters(&self) -> StdHashMap<Reason, Counter> {
+        self.kernel.counters().expect("reading counters").into_iter().collect()
+    }
+
+    pub fn packets(&self, reason: Reason) -> u64 {
+        self.counters()[&reason].packets
+    }
+
+    /// Every counter that is not zero, for exact assertions.
+    pub fn nonzero(&self) -> Vec<(Reason, u64)> {
+        let mut v: Vec<(Reason, u64)> =
+            self.counters().into_iter().filter(|(_, c)| c.packets != 0).map(|(r, c)| (r, c.packets)).collect();
+        v.sort_by_key(|(r, _)| *r as u32);
+        v
+    }
+
+    fn hash<V: aya::Pod>(&self, name: &str) -> HashMap<&MapData, SourceKey, V> {
+        let map = self.kernel.ebpf().map(name).expect("map");
+        HashMap::try_from(map).expect("hash map")
+    }
+
+    fn hash_mut<V: aya::Pod>(&mut self, name: &str) -> HashMap<&mut MapData, SourceKey, V> {
+        let map = self.kernel.ebpf_mut().map_mut(name).expect("map");
+        HashMap::try_from(map).expect("hash map")
+    }
+
+    pub fn tracked_sources(&self) -> Vec<SourceKey> {
+        self.hash::<SourceState>(names::SOURCES).keys().filter_map(|k| k.ok()).collect()
+    }
+
+    pub fn ban(&self, key: &SourceKey) -> Option<Ban> {
+        self.hash::<Ban>(names::BANS).get(key, 0).ok()
+    }
+
+    pub fn set_ban(&mut self, key: &SourceKey, ban: Ban) {
+        self.hash_mut::<Ban>(names::BANS).insert(key, ban, 0).expect("writing ban");
+    }
+
+    pub fn set_open_connections(&mut self, key: &SourceKey, open: u64) {
+        self.hash_mut::<u64>(names::CONNECTIONS).insert(key, open, 0).expect("writing connection count");
+    }
+}

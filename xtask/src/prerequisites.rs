@@ -1,0 +1,72 @@
+//! What the build and the tests need beyond the stable toolchain, checked
+//! and installed with a word about each step.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+/// The toolchain that builds the kernel side (`-Z build-std=core`).
+const KERNEL_TOOLCHAIN: &str = "nightly";
+/// bpf-linker 0.10.0 links with the LLVM inside the Rust toolchain; later
+/// versions want a system LLVM 21+ that Debian 12 does not package.
+const BPF_LINKER_VERSION: &str = "0.10.0";
+
+fn quiet(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn run_step(what: &str, cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {what}");
+    let status = cmd.status().with_context(|| format!("cannot start: {cmd:?}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status}): {cmd:?}");
+    }
+    Ok(())
+}
+
+pub fn ensure_build_tools() -> Result<()> {
+    let toolchains = quiet(Command::new("rustup").args(["toolchain", "list"]))
+        .context("rustup is needed to build the kernel programs, and was not found")?;
+    if !toolchains.lines().any(|l| l.starts_with(KERNEL_TOOLCHAIN)) {
+        bail!(
+            "the {KERNEL_TOOLCHAIN} Rust toolchain is needed to build the kernel programs: \
+             rustup toolchain install {KERNEL_TOOLCHAIN} --profile minimal"
+        );
+    }
+    let components =
+        quiet(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", KERNEL_TOOLCHAIN]))
+            .unwrap_or_default();
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        run_step(
+            &format!("installing rust-src for the {KERNEL_TOOLCHAIN} toolchain (needed by -Z build-std=core)"),
+            Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", KERNEL_TOOLCHAIN]),
+        )?;
+    }
+    let linker = quiet(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if !linker.contains(BPF_LINKER_VERSION) {
+        let found = if linker.is_empty() { "not installed".to_string() } else { linker.trim().to_string() };
+        run_step(
+            &format!("installing bpf-linker {BPF_LINKER_VERSION} (found: {found}); this takes about a minute"),
+            Command::new("cargo").args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"]),
+        )?;
+    }
+    Ok(())
+}
+
+/// Programs the namespace tests drive: `ip` from iproute2.
+pub fn ensure_test_tools() -> Result<()> {
+    let missing: Vec<&str> = [("ip", "iproute2")]
+        .into_iter()
+        .filter(|(bin, _)| quiet(Command::new("sh").args(["-c", &format!("command -v {bin}")])).is_none())
+        .map(|(_, package)| package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    run_step("apt-get update (to install test tools)", Command::new("apt-get").args(["update", "-q"]))?;
+    run_step(
+        &format!("installing {}", missing.join(" ")),
+        Command::new("apt-get").args(["install", "-y", "-q"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
