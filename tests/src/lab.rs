@@ -105,8 +105,6 @@ impl Lab {
         let (s, c) = (&lab.server, &lab.client);
         s.ip(&["addr", "add", &format!("{}/24", lab.server_v4()), "dev", &lab.server_if])?;
         s.ip(&["addr", "add", &format!("{}/64", lab.server_v6()), "dev", &lab.server_if, "nodad"])?;
-        // A second client /64, on-link, to tell IPv6 prefixes apart.
-        s.ip(&["-6", "route", "add", &format!("2001:db8:{:x}:1::/64", id), "dev", &lab.server_if])?;
         for host in 2..(2 + Self::CLIENT_HOSTS) {
             c.ip(&["addr", "add", &format!("{}/24", lab.client_v4(host)), "dev", &lab.client_if])?;
             c.ip(&["addr", "add", &format!("{}/64", lab.client_v6(host)), "dev", &lab.client_if, "nodad"])?;
@@ -114,6 +112,8 @@ impl Lab {
         }
         s.ip(&["link", "set", &lab.server_if, "up"])?;
         c.ip(&["link", "set", &lab.client_if, "up"])?;
+        // A second client /64, on-link, to tell IPv6 prefixes apart.
+        s.ip(&["-6", "route", "add", &format!("2001:db8:{:x}:1::/64", id), "dev", &lab.server_if])?;
         Ok(lab)
     }
 

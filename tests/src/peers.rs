@@ -71,6 +71,11 @@ impl EchoServer {
         Ok(EchoServer { port, stats, task })
     }
 
+    /// Connections accepted so far (handshakes completed at the server).
+    pub fn accepted(&self) -> u64 {
+        self.stats.connections_accepted.load(Ordering::Relaxed)
+    }
+
     pub fn bytes_received(&self) -> u64 {
         self.stats.bytes_received.load(Ordering::Relaxed)
     }
@@ -122,4 +127,59 @@ pub async fn echo(ws: &mut WsClient, payload: &str, timeout: Duration) -> Result
     })
     .await
     .context("echo timed out")?
+}
+
+/// What a connection flood achieved.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FloodReport {
+    pub attempts: u64,
+    pub connected: u64,
+}
+
+/// Opens TCP connections from `source` to `server` as fast as it can, with up
+/// to `in_flight` handshakes at once, for `duration`. A handshake that does
+/// not complete in `attempt_timeout` (its SYN was dropped) counts as failed.
+/// Connections that succeed are closed at once.
+pub async fn connection_flood(
+    ns: &Netns,
+    source: IpAddr,
+    server: SocketAddr,
+    duration: Duration,
+    in_flight: usize,
+    attempt_timeout: Duration,
+) -> Result<FloodReport> {
+    let deadline = tokio::time::Instant::now() + duration;
+    let mut report = FloodReport::default();
+    let mut pending = tokio::task::JoinSet::new();
+    let mut sockets: Vec<TcpSocket> = Vec::new();
+    while tokio::time::Instant::now() < deadline {
+        while pending.len() < in_flight {
+            if sockets.is_empty() {
+                sockets = tcp_sockets(ns, source, 64)?;
+            }
+            let socket = sockets.pop().unwrap();
+            report.attempts += 1;
+            pending.spawn(async move { matches!(tokio::time::timeout(attempt_timeout, socket.connect(server)).await, Ok(Ok(_))) });
+        }
+        if let Some(done) = pending.join_next().await {
+            report.connected += u64::from(done?);
+        }
+    }
+    while let Some(done) = pending.join_next().await {
+        report.connected += u64::from(done?);
+    }
+    Ok(report)
+}
+
+/// `n` unconnected TCP sockets bound to `source`, created in `ns`.
+pub fn tcp_sockets(ns: &Netns, source: IpAddr, n: usize) -> Result<Vec<TcpSocket>> {
+    Ok(ns.run(move || -> std::io::Result<Vec<TcpSocket>> {
+        (0..n)
+            .map(|_| {
+                let s = if source.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+                s.bind(SocketAddr::new(source, 0))?;
+                Ok(s)
+            })
+            .collect()
+    })?)
 }
