@@ -1,0 +1,87 @@
+//! The command line as operators and scripts meet it: exit codes, messages
+//! with file, line and reason, refusal without privileges.
+
+use std::{
+    io::Write,
+    os::unix::process::CommandExt,
+    process::{Command, Output},
+};
+
+use wsguard_tests::agent::binary;
+
+fn wsguard(args: &[&str]) -> Output {
+    Command::new(binary()).args(args).env("NO_COLOR", "1").output().expect("running wsguard")
+}
+
+fn config_file(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn check_config_accepts_the_shipped_configs() {
+    for file in ["../packaging/wsguard.example.toml", "../packaging/wsguard.loopback.toml"] {
+        let out = wsguard(&["check-config", file]);
+        assert!(out.status.success(), "{file}: {}", stderr(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains(": ok") && stdout.contains("tcp ports: 80, 8080"), "{stdout}");
+    }
+}
+
+#[test]
+fn check_config_rejects_with_file_line_and_reason_and_exit_code_2() {
+    let f = config_file("[agent]\ninterfaces = [\"eth0\"]\n\n[protect]\nports = [80]\n\n[limits.per_source]\nnew_connections = \"20/s\"\nnew_connections_burst = 5\n");
+    let out = wsguard(&["check-config", f.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let expected = format!(
+        "wsguard: error: {}:9:25: limits.per_source.new_connections_burst (5) is below the rate (20/s)",
+        f.path().display()
+    );
+    assert!(stderr(&out).contains(&expected), "{}", stderr(&out));
+
+    let out = wsguard(&["check-config", "/nonexistent/wsguard.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("/nonexistent/wsguard.toml: cannot read the config file"), "{}", stderr(&out));
+}
+
+#[test]
+fn run_refuses_a_bad_config_before_touching_the_kernel() {
+    let f = config_file("[agent]\ninterfaces = [\"lo\"]\n[protect]\nports = [80]\nbogus = true\n");
+    let out = wsguard(&["run", "--config", f.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains(":5:1: unknown field `bogus`"), "{}", stderr(&out));
+}
+
+#[test]
+fn run_names_a_missing_interface() {
+    let f = config_file("[agent]\ninterfaces = [\"wsg-missing0\"]\npin_path = \"/sys/fs/bpf/wsguard-test-missing-if\"\n[protect]\nports = [80]\n");
+    let out = wsguard(&["run", "--config", f.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("cannot attach XDP (auto) to interface wsg-missing0"), "{}", stderr(&out));
+}
+
+#[test]
+fn run_without_privileges_says_which_are_missing() {
+    let f = config_file("[agent]\ninterfaces = [\"lo\"]\n[protect]\nports = [80]\n");
+    std::fs::set_permissions(f.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let out = Command::new(binary())
+        .args(["run", "--config", f.path().to_str().unwrap()])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or root); missing: CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"), "{}", stderr(&out));
+}
+
+#[test]
+fn status_without_an_agent_fails_clearly() {
+    let out = wsguard(&["status", "--pin-path", "/sys/fs/bpf/wsguard-test-nobody-here"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no wsguard state pinned at /sys/fs/bpf/wsguard-test-nobody-here/v1"), "{}", stderr(&out));
+}
