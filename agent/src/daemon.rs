@@ -19,12 +19,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let mut config = Config::load(config_path)?;
     kernel::check_privileges()?;
     kernel::raise_memlock();
-    kernel::ensure_bpffs(&config.agent.pin_path)?;
+    let pins = kernel::pin_dir(&kernel::resolve_pin_path(&config.agent.pin_path, true)?);
 
     let mut kernel = Kernel::load(&config)?;
     spawn_kernel_log_drain(&mut kernel)?;
     kernel.attach(&config)?;
-    let pins = kernel::pins_for(&config);
     kernel.pin(&pins)?;
 
     println!(

@@ -71,7 +71,7 @@ fn main() -> ExitCode {
                 (None, Some(p)) => p,
                 (None, None) => PathBuf::from("/sys/fs/bpf/wsguard"),
             };
-            status::print(&kernel::pin_dir(&pin_path), json)
+            status::print(&kernel::pin_dir(&kernel::resolve_pin_path(&pin_path, false)?), json)
         })(),
     };
     match result {

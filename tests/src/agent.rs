@@ -24,6 +24,13 @@ pub fn binary() -> PathBuf {
     })
 }
 
+enum Launch {
+    /// setns(2) into the server namespace before exec: only the network
+    /// namespace changes.
+    Setns,
+    IpNetnsExec,
+}
+
 pub struct Agent {
     child: Option<Child>,
     pub pin_path: PathBuf,
@@ -37,20 +44,39 @@ impl Agent {
     /// of the config (everything but `[agent]`), and waits until it reports
     /// that it enforces.
     pub fn start(lab: &Lab, body: &str) -> Result<Agent> {
+        Agent::launch(lab, body, Launch::Setns)
+    }
+
+    /// Starts the agent the way many operators do in a namespace:
+    /// `ip netns exec NS wsguard run …`, which also gives it a private /sys.
+    pub fn start_with_ip_netns_exec(lab: &Lab, body: &str) -> Result<Agent> {
+        Agent::launch(lab, body, Launch::IpNetnsExec)
+    }
+
+    fn launch(lab: &Lab, body: &str, how: Launch) -> Result<Agent> {
         let pin_path = PathBuf::from(format!("/sys/fs/bpf/wsguard-test-{}-{}", std::process::id(), lab.id));
         let config = format!(
             "[agent]\ninterfaces = [\"{}\"]\npin_path = \"{}\"\n\n{body}",
             lab.server_if,
             pin_path.display()
         );
-        Agent::start_with_config(&lab.server.path(), &config, pin_path)
-    }
-
-    pub fn start_with_config(netns_path: &str, config: &str, pin_path: PathBuf) -> Result<Agent> {
         let mut config_file = tempfile::Builder::new().prefix("wsguard-test-").suffix(".toml").tempfile()?;
         config_file.write_all(config.as_bytes())?;
-        let netns = netns_path.to_string();
-        let mut command = Command::new(binary());
+        let netns = lab.server.path();
+        let mut command = match how {
+            Launch::Setns => {
+                let mut c = Command::new(binary());
+                // SAFETY: setns is async-signal-safe; the closure allocates
+                // nothing but the path string it owns.
+                unsafe { c.pre_exec(move || enter_netns(&netns)) };
+                c
+            }
+            Launch::IpNetnsExec => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &lab.server.name]).arg(binary());
+                c
+            }
+        };
         command
             .args(["run", "--config"])
             .arg(config_file.path())
@@ -59,9 +85,6 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: setns is async-signal-safe; the closure allocates nothing
-        // but the path string it owns.
-        unsafe { command.pre_exec(move || enter_netns(&netns)) };
         let mut child = command.spawn().with_context(|| format!("starting {}", binary().display()))?;
 
         let (ready_tx, ready_rx) = mpsc::channel();

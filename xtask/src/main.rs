@@ -4,8 +4,9 @@
 mod prerequisites;
 
 use std::{
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    process::{Command, ExitCode, Stdio},
 };
 
 use anyhow::{Context, Result, bail};
@@ -76,19 +77,42 @@ fn run(cli: Cli) -> Result<()> {
             let binary = build(&root)?;
             require_root("cargo xtask test")?;
             prerequisites::ensure_test_tools()?;
-            let status = Command::new(cargo())
+            let mut child = Command::new(cargo())
                 .current_dir(&root)
-                .args(["test", "--release"])
+                .args(["test", "--release", "--no-fail-fast"])
                 .args(&args)
                 .env("WSGUARD_BIN", &binary)
-                .status()
+                .stdout(Stdio::piped())
+                .spawn()
                 .context("cannot run cargo test")?;
+            // Pass the output through and add up the test binaries' results.
+            let (mut passed, mut failed) = (0u64, 0u64);
+            for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+                let line = line?;
+                println!("{line}");
+                if let Some((p, f)) = parse_test_result(&line) {
+                    passed += p;
+                    failed += f;
+                }
+            }
+            let status = child.wait()?;
+            println!("tests: {passed} passed, {failed} failed");
             if !status.success() {
                 bail!("tests failed ({status})");
             }
         }
     }
     Ok(())
+}
+
+/// (passed, failed) from a libtest line such as
+/// "test result: ok. 16 passed; 0 failed; 0 ignored; …".
+fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let count = |word: &str| {
+        rest.split(';').find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word)?.trim().parse().ok())
+    };
+    Some((count(" passed")?, count(" failed")?))
 }
 
 fn cargo() -> String {

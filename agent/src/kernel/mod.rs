@@ -4,7 +4,7 @@ mod lists;
 mod pins;
 mod system;
 
-use std::{fs::File, path::{Path, PathBuf}};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use aya::{
@@ -20,7 +20,7 @@ use wsguard_common::{
 use crate::config::{Config, XdpMode};
 pub use lists::lpm_key;
 pub use pins::{PinnedState, pin_dir};
-pub use system::{check_privileges, default_cgroup, ensure_bpffs, monotonic_ns, raise_memlock};
+pub use system::{check_privileges, monotonic_ns, open_cgroup, raise_memlock, resolve_pin_path};
 pub use pins::unpin_all;
 
 /// The compiled kernel programs, embedded so that `wsguard` is one file.
@@ -102,11 +102,7 @@ impl Kernel {
             xdp.attach(interface, mode).map_err(|e| attach_error(interface, config.agent.xdp_mode, e))?;
         }
         if config.settings.max_concurrent != 0 {
-            let cgroup = match &config.agent.cgroup {
-                Some(path) => path.clone(),
-                None => default_cgroup()?,
-            };
-            let dir = File::open(&cgroup).with_context(|| format!("cannot open cgroup {}", cgroup.display()))?;
+            let (dir, cgroup) = open_cgroup(config.agent.cgroup.as_deref())?;
             let sock_ops: &mut SockOps =
                 self.ebpf.program_mut(programs::CONNECTION_TRACKER).context("sock_ops program")?.try_into()?;
             // On kernels with BPF links (5.7+) aya attaches through a link,
@@ -161,7 +157,3 @@ pub fn sum_counters<T: std::borrow::Borrow<MapData>>(counters: &PerCpuArray<T, C
         .collect()
 }
 
-/// Where the maps of an agent with this config are pinned.
-pub fn pins_for(config: &Config) -> PathBuf {
-    pin_dir(&config.agent.pin_path)
-}

@@ -53,51 +53,136 @@ pub fn raise_memlock() {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else { return false };
+    let existing = path.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let Ok(c) = CString::new(existing.as_os_str().as_bytes()) else { return false };
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
 }
 
-/// Makes sure `pin_path` lies on a bpf filesystem, mounting one at
-/// /sys/fs/bpf when it is missing there (as on a fresh host).
-pub fn ensure_bpffs(pin_path: &Path) -> Result<()> {
-    let existing = pin_path.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
-    if is_bpffs(existing) {
-        return Ok(());
+/// Whether the host's (pid 1's) mount namespace is another one than this
+/// process's and can be reached through /proc/1. It is another one under
+/// `ip netns exec`, which gives every command a private /sys without the
+/// host's bpffs and cgroup v2 mounts. (Where /proc/1 cannot be read, as in
+/// some sandboxes, this process's namespace is all there is to use.)
+fn host_namespace_elsewhere() -> bool {
+    match (std::fs::read_link("/proc/self/ns/mnt"), std::fs::read_link("/proc/1/ns/mnt")) {
+        (Ok(own), Ok(host)) => own != host,
+        _ => false,
     }
-    let default_mount = Path::new("/sys/fs/bpf");
-    if pin_path.starts_with(default_mount) && !is_bpffs(default_mount) {
-        let target = CString::new("/sys/fs/bpf").unwrap();
-        let fstype = CString::new("bpf").unwrap();
-        let rc = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
-        if rc != 0 {
-            bail!("cannot mount the bpf filesystem at /sys/fs/bpf: {}", std::io::Error::last_os_error());
-        }
-        tracing::info!("mounted the bpf filesystem at /sys/fs/bpf");
-        return Ok(());
-    }
-    bail!(
-        "agent.pin_path {} is not on a bpf filesystem; mount one (mount -t bpf bpf DIR) or use a path under /sys/fs/bpf",
-        pin_path.display()
-    )
 }
 
-/// The root of the first cgroup v2 mount.
-pub fn default_cgroup() -> Result<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    for line in mountinfo.lines() {
-        // "... mount_point options - fstype source super_options"
-        let Some((left, right)) = line.split_once(" - ") else { continue };
-        if right.split_whitespace().next() == Some("cgroup2") {
-            if let Some(mount_point) = left.split_whitespace().nth(4) {
-                return Ok(PathBuf::from(mount_point));
+/// `path` as the host's mount namespace sees it, reached through pid 1's root.
+fn host_view(path: &Path) -> PathBuf {
+    Path::new("/proc/1/root").join(path.strip_prefix("/").unwrap_or(path))
+}
+
+/// Where to pin (or find) the maps for `pin_path`: on the bpffs this process
+/// sees, or else on the host's, so that pins made under `ip netns exec` are
+/// found by a `wsguard status` run from anywhere. With `mount`, a missing
+/// bpffs at /sys/fs/bpf is mounted (in the host's mount namespace when it can
+/// be reached).
+pub fn resolve_pin_path(pin_path: &Path, mount: bool) -> Result<PathBuf> {
+    if is_bpffs(pin_path) {
+        return Ok(pin_path.to_owned());
+    }
+    let elsewhere = host_namespace_elsewhere();
+    if elsewhere && is_bpffs(&host_view(pin_path)) {
+        return Ok(host_view(pin_path));
+    }
+    if !mount {
+        return Ok(pin_path.to_owned());
+    }
+    if !pin_path.starts_with("/sys/fs/bpf") {
+        bail!(
+            "agent.pin_path {} is not on a bpf filesystem; mount one (mount -t bpf bpf DIR) or use a path under /sys/fs/bpf",
+            pin_path.display()
+        );
+    }
+    mount_bpffs(!elsewhere)?;
+    tracing::info!("mounted the bpf filesystem at /sys/fs/bpf");
+    Ok(if elsewhere { host_view(pin_path) } else { pin_path.to_owned() })
+}
+
+fn mount_bpffs(here: bool) -> Result<()> {
+    if here {
+        let target = CString::new("/sys/fs/bpf").unwrap();
+        let fstype = CString::new("bpf").unwrap();
+        if unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) } != 0 {
+            bail!("cannot mount the bpf filesystem at /sys/fs/bpf: {}", std::io::Error::last_os_error());
+        }
+        return Ok(());
+    }
+    // setns(CLONE_NEWNS) needs a single-threaded process: do it in a child.
+    let mut mount = std::process::Command::new("mount");
+    mount.args(["-t", "bpf", "bpf", "/sys/fs/bpf"]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut mount, || {
+            let fd = libc::open(c"/proc/1/ns/mnt".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::setns(fd, libc::CLONE_NEWNS) != 0 {
+                return Err(std::io::Error::last_os_error());
             }
+            Ok(())
+        })
+    };
+    let out = mount.output().context("cannot run mount(8) in the host's mount namespace")?;
+    if !out.status.success() {
+        bail!("cannot mount the bpf filesystem at /sys/fs/bpf on the host: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // "... mount_point options - fstype source super_options"
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next() != Some("cgroup2") {
+            return None;
+        }
+        left.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// Opens the cgroup v2 directory the connection counter attaches to: the
+/// configured one, else the root of the first cgroup v2 mount this process
+/// sees (or the host's). Where none is visible (under `ip netns exec`, which
+/// replaces /sys), cgroup2 is mounted on a private directory just long enough
+/// to open its root; the open directory keeps the cgroup.
+pub fn open_cgroup(configured: Option<&Path>) -> Result<(std::fs::File, PathBuf)> {
+    let open = |path: &Path| {
+        std::fs::File::open(path).with_context(|| format!("cannot open cgroup {}", path.display()))
+    };
+    if let Some(path) = configured {
+        return Ok((open(path)?, path.to_owned()));
+    }
+    let own = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    if let Some(path) = cgroup2_mount(&own) {
+        return Ok((open(&path)?, path));
+    }
+    if host_namespace_elsewhere() {
+        if let Some(path) = std::fs::read_to_string("/proc/1/mountinfo").ok().as_deref().and_then(cgroup2_mount) {
+            let path = host_view(&path);
+            return Ok((open(&path)?, path));
         }
     }
-    bail!(
-        "no cgroup v2 filesystem is mounted; the concurrent-connection limit needs one \
-         (mount -t cgroup2 none /sys/fs/cgroup), or set limits.per_source.concurrent_connections = 0"
-    )
+    let dir = std::env::temp_dir().join(format!("wsguard-cgroup2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let target = CString::new(dir.as_os_str().as_bytes())?;
+    let fstype = CString::new("cgroup2").unwrap();
+    let mounted = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) } == 0;
+    let result = if mounted {
+        let file = open(&dir);
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        file
+    } else {
+        Err(std::io::Error::last_os_error()).context(
+            "no cgroup v2 filesystem is mounted and mounting one failed; the concurrent-connection limit needs it \
+             (mount -t cgroup2 none /sys/fs/cgroup), or set limits.per_source.concurrent_connections = 0",
+        )
+    };
+    let _ = std::fs::remove_dir(&dir);
+    tracing::info!("no cgroup v2 mount visible: opened the cgroup v2 root through a private mount");
+    Ok((result?, PathBuf::from("cgroup2 root")))
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock the kernel programs stamp bans with.
