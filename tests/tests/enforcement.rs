@@ -294,3 +294,23 @@ async fn ipv6_sources_meet_the_same_flood_limits_and_lists() -> Result<()> {
     agent.wait_counter(Reason::DenyList, 1, SECOND).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_xdp_mode_attaches_and_enforces() -> Result<()> {
+    let lab = Lab::new()?;
+    let _server = EchoServer::start(&lab.server, PORT).await?;
+    let addr = target(&lab, false);
+    for mode in ["auto", "native", "skb"] {
+        let config = format!("[protect]\nports = [8080]\n[lists]\ndeny = [\"{}\"]\n", lab.client_v4(9));
+        // xdp_mode sits in [agent]: written by hand here rather than by Agent::start.
+        let agent = Agent::start_with_agent_keys(&lab, &format!("xdp_mode = \"{mode}\""), &config)?;
+        let reported = format!("xdp mode {mode}");
+        wait_until("the summary to name the mode", SECOND, || agent.stdout().iter().any(|l| l.contains(&reported)).then_some(())).await?;
+        ensure!(connect_from(&lab.client, lab.client_v4(9).into(), addr, DROPPED).await.is_err(), "{mode}: denied source connected");
+        let mut ws = ws_connect(&lab.client, lab.client_v4(2).into(), addr, SECOND).await?;
+        echo(&mut ws, mode, SECOND).await?;
+        let (status, _) = agent.stop()?;
+        ensure!(status.success(), "{mode}: exit {status}");
+    }
+    Ok(())
+}
