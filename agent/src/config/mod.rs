@@ -21,7 +21,7 @@ use wsguard_common::{
     source::{V4_MAPPED_BITS, prefix_mask},
 };
 
-pub use units::{ByteRate, ByteSize, HumanDuration, Period, Rate};
+pub use units::{ByteRate, ByteSize, ConnectionRate, Count, HumanDuration, Period, Quantity, Rate};
 
 /// A configuration error, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,7 +106,7 @@ fn default_ipv6_prefix() -> Spanned<u8> {
 #[serde(deny_unknown_fields)]
 pub struct SourceLimits {
     #[serde(default = "d_source_connections")]
-    pub new_connections: Spanned<Rate>,
+    pub new_connections: Spanned<ConnectionRate>,
     #[serde(default = "d_source_connections_burst")]
     pub new_connections_burst: Spanned<u64>,
     #[serde(default = "d_source_bytes")]
@@ -118,14 +118,14 @@ pub struct SourceLimits {
     pub concurrent_connections: u32,
 }
 
-fn d_source_connections() -> Spanned<Rate> {
-    Spanned::new(0..0, Rate::Per { count: 20, period: Period::Second })
+fn d_source_connections() -> Spanned<ConnectionRate> {
+    Spanned::new(0..0, Rate::Per { amount: Count(20), period: Period::Second })
 }
 fn d_source_connections_burst() -> Spanned<u64> {
     Spanned::new(0..0, 40)
 }
 fn d_source_bytes() -> Spanned<ByteRate> {
-    Spanned::new(0..0, ByteRate::Per { bytes: ByteSize(1 << 20), period: Period::Second })
+    Spanned::new(0..0, Rate::Per { amount: ByteSize(1 << 20), period: Period::Second })
 }
 fn d_source_bytes_burst() -> Spanned<ByteSize> {
     Spanned::new(0..0, ByteSize(4 << 20))
@@ -152,7 +152,7 @@ impl Default for SourceLimits {
 #[serde(deny_unknown_fields)]
 pub struct GlobalLimits {
     #[serde(default = "d_global_connections")]
-    pub new_connections: Spanned<Rate>,
+    pub new_connections: Spanned<ConnectionRate>,
     #[serde(default)]
     pub new_connections_burst: Option<Spanned<u64>>,
     #[serde(default = "d_global_bytes")]
@@ -161,11 +161,11 @@ pub struct GlobalLimits {
     pub bytes_burst: Option<Spanned<ByteSize>>,
 }
 
-fn d_global_connections() -> Spanned<Rate> {
-    Spanned::new(0..0, Rate::Per { count: 5000, period: Period::Second })
+fn d_global_connections() -> Spanned<ConnectionRate> {
+    Spanned::new(0..0, Rate::Per { amount: Count(5000), period: Period::Second })
 }
 fn d_global_bytes() -> Spanned<ByteRate> {
-    Spanned::new(0..0, ByteRate::Per { bytes: ByteSize(1 << 30), period: Period::Second })
+    Spanned::new(0..0, Rate::Per { amount: ByteSize(1 << 30), period: Period::Second })
 }
 
 impl Default for GlobalLimits {
@@ -354,21 +354,25 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
     let source = &limits.per_source;
     let spanned = |b: &Spanned<u64>| (b.span(), *b.get_ref());
     let spanned_size = |b: &Spanned<ByteSize>| (b.span(), b.get_ref().0);
+    let count = |n: u64| n.to_string();
+    let size = |n: u64| ByteSize(n).to_string();
     let source_connections = bucket(
         &source.new_connections,
         Some(spanned(&source.new_connections_burst)),
         "limits.per_source.new_connections_burst",
+        count,
     )?;
     let source_bytes =
-        byte_bucket(&source.bytes, Some(spanned_size(&source.bytes_burst)), "limits.per_source.bytes_burst")?;
+        bucket(&source.bytes, Some(spanned_size(&source.bytes_burst)), "limits.per_source.bytes_burst", size)?;
     let global = &limits.global;
     let global_connections = bucket(
         &global.new_connections,
         global.new_connections_burst.as_ref().map(spanned),
         "limits.global.new_connections_burst",
+        count,
     )?;
     let global_bytes =
-        byte_bucket(&global.bytes, global.bytes_burst.as_ref().map(spanned_size), "limits.global.bytes_burst")?;
+        bucket(&global.bytes, global.bytes_burst.as_ref().map(spanned_size), "limits.global.bytes_burst", size)?;
 
     if ban.window.get_ref().0.is_zero() {
         return Err(at(&ban.window, "ban.window must be longer than zero"));
@@ -440,43 +444,35 @@ fn validate_ports(ports: &Spanned<Vec<Spanned<i64>>>) -> Result<Vec<u16>, Invali
     Ok(out)
 }
 
-/// Bucket for an event rate. `burst` defaults to one period's worth.
-fn bucket(rate_at: &Spanned<Rate>, burst: Option<(Range<usize>, u64)>, burst_key: &str) -> Result<BucketParams, Invalid> {
-    let rate = *rate_at.get_ref();
-    let Rate::Per { count, period } = rate else { return Ok(BucketParams::UNLIMITED) };
-    let burst_value = burst.as_ref().map_or(count, |b| b.1);
-    let minimum = rate.per_second_ceil().unwrap_or(1);
-    if let Some((span, _)) = burst {
-        if burst_value < minimum {
-            return Err((Some(span), format!(
-                "{burst_key} ({burst_value}) is below the rate ({rate}); it must hold at least one second of it ({minimum})"
-            )));
-        }
-    }
-    BucketParams::new(count, period.nanos(), burst_value)
-        .ok_or_else(|| at(rate_at, format!("rate {rate} with burst {burst_value} is too large")))
-}
-
-fn byte_bucket(
-    rate_at: &Spanned<ByteRate>,
+/// Bucket parameters for a rate; `burst` (span and amount) defaults to one
+/// period's worth and must hold at least one second of the rate.
+fn bucket<Q: Quantity>(
+    rate_at: &Spanned<Rate<Q>>,
     burst: Option<(Range<usize>, u64)>,
     burst_key: &str,
+    show: fn(u64) -> String,
 ) -> Result<BucketParams, Invalid> {
     let rate = *rate_at.get_ref();
-    let ByteRate::Per { bytes, period } = rate else { return Ok(BucketParams::UNLIMITED) };
-    let burst_value = burst.as_ref().map_or(bytes.0, |b| b.1);
+    let Rate::Per { amount, period } = rate else { return Ok(BucketParams::UNLIMITED) };
+    let burst_value = burst.as_ref().map_or(amount.amount(), |b| b.1);
     let minimum = rate.per_second_ceil().unwrap_or(1);
     if let Some((span, _)) = burst {
         if burst_value < minimum {
-            return Err((Some(span), format!(
-                "{burst_key} ({}) is below the rate ({rate}); it must hold at least one second of it ({})",
-                ByteSize(burst_value),
-                ByteSize(minimum)
-            )));
+            return Err((
+                Some(span),
+                format!(
+                    "{burst_key} ({}) is below the rate ({rate}); it must hold at least one second of it ({})",
+                    show(burst_value),
+                    show(minimum)
+                ),
+            ));
         }
     }
-    BucketParams::new(bytes.0, period.nanos(), burst_value).ok_or_else(|| {
-        at(rate_at, format!("byte rate {rate} with burst {} is beyond what the kernel arithmetic holds (at most 4GiB of burst per second of period)", ByteSize(burst_value)))
+    BucketParams::new(amount.amount(), period.nanos(), burst_value).ok_or_else(|| {
+        at(rate_at, format!(
+            "rate {rate} with burst {} is beyond what the kernel's arithmetic holds (at most 4GiB of burst for a per-second byte rate)",
+            show(burst_value)
+        ))
     })
 }
 

@@ -163,101 +163,99 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
-/// An event rate such as "20/s" or "600/m", or "unlimited".
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Rate {
-    Unlimited,
-    Per { count: u64, period: Period },
+/// What a rate counts: connections ([`Count`]) or bytes ([`ByteSize`]).
+pub trait Quantity: Copy + fmt::Display {
+    /// An example rate, for error messages.
+    const EXAMPLE: &'static str;
+    fn parse(s: &str) -> Result<Self, String>;
+    fn amount(&self) -> u64;
 }
 
-impl Rate {
-    pub fn parse(s: &str) -> Result<Rate, String> {
-        if s.trim() == "unlimited" {
-            return Ok(Rate::Unlimited);
-        }
-        let Some((n, period)) = s.split_once('/') else {
-            return Err(format!("\"{s}\" is not a rate: write \"20/s\", \"600/m\" or \"unlimited\""));
-        };
-        let (count, rest) = split_number(n)?;
+/// A plain number of events, such as connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Count(pub u64);
+
+impl Quantity for Count {
+    const EXAMPLE: &'static str = "20/s";
+    fn parse(s: &str) -> Result<Count, String> {
+        let (n, rest) = split_number(s)?;
         if !rest.is_empty() {
             return Err(format!("\"{s}\": a connection rate is a plain count, such as \"20/s\""));
         }
-        if count == 0 {
+        Ok(Count(n))
+    }
+    fn amount(&self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for Count {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl Quantity for ByteSize {
+    const EXAMPLE: &'static str = "1MiB/s";
+    fn parse(s: &str) -> Result<ByteSize, String> {
+        ByteSize::parse(s)
+    }
+    fn amount(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A rate such as "20/s", "600/m" or "1MiB/s", or "unlimited".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rate<Q> {
+    Unlimited,
+    Per { amount: Q, period: Period },
+}
+
+/// New connections per period.
+pub type ConnectionRate = Rate<Count>;
+/// Bytes per period.
+pub type ByteRate = Rate<ByteSize>;
+
+impl<Q: Quantity> Rate<Q> {
+    pub fn parse(s: &str) -> Result<Rate<Q>, String> {
+        if s.trim() == "unlimited" {
+            return Ok(Rate::Unlimited);
+        }
+        let Some((amount, period)) = s.split_once('/') else {
+            return Err(format!("\"{s}\" is not a rate: write \"{}\", use \"/m\" for per minute, or \"unlimited\"", Q::EXAMPLE));
+        };
+        let amount = Q::parse(amount)?;
+        if amount.amount() == 0 {
             return Err(format!("\"{s}\": a rate of zero would drop everything; use the deny list for that"));
         }
-        Ok(Rate::Per { count, period: Period::parse(period.trim())? })
+        Ok(Rate::Per { amount, period: Period::parse(period.trim())? })
     }
 
-    /// Events per second, rounded up (at least 1), for burst sanity checks.
+    /// The amount per second, rounded up, for burst sanity checks.
     pub fn per_second_ceil(&self) -> Option<u64> {
         match *self {
             Rate::Unlimited => None,
-            Rate::Per { count, period: Period::Second } => Some(count),
-            Rate::Per { count, period: Period::Minute } => Some(count.div_ceil(60)),
+            Rate::Per { amount, period: Period::Second } => Some(amount.amount()),
+            Rate::Per { amount, period: Period::Minute } => Some(amount.amount().div_ceil(60)),
         }
     }
 }
 
-impl fmt::Display for Rate {
+impl<Q: Quantity> fmt::Display for Rate<Q> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Rate::Unlimited => f.write_str("unlimited"),
-            Rate::Per { count, period } => write!(f, "{count}/{}", period.suffix()),
+            Rate::Per { amount, period } => write!(f, "{amount}/{}", period.suffix()),
         }
     }
 }
 
-impl<'de> Deserialize<'de> for Rate {
+impl<'de, Q: Quantity> Deserialize<'de> for Rate<Q> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d).map_err(|_| de::Error::custom("expected a rate string such as \"20/s\""))?;
+        let s = String::deserialize(d)
+            .map_err(|_| de::Error::custom(format!("expected a rate string such as \"{}\"", Q::EXAMPLE)))?;
         Rate::parse(&s).map_err(de::Error::custom)
-    }
-}
-
-/// A byte rate such as "1MiB/s", or "unlimited".
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ByteRate {
-    Unlimited,
-    Per { bytes: ByteSize, period: Period },
-}
-
-impl ByteRate {
-    pub fn parse(s: &str) -> Result<ByteRate, String> {
-        if s.trim() == "unlimited" {
-            return Ok(ByteRate::Unlimited);
-        }
-        let Some((size, period)) = s.split_once('/') else {
-            return Err(format!("\"{s}\" is not a byte rate: write \"1MiB/s\" or \"unlimited\""));
-        };
-        let bytes = ByteSize::parse(size)?;
-        if bytes.0 == 0 {
-            return Err(format!("\"{s}\": a rate of zero would drop everything; use the deny list for that"));
-        }
-        Ok(ByteRate::Per { bytes, period: Period::parse(period.trim())? })
-    }
-
-    pub fn per_second_ceil(&self) -> Option<u64> {
-        match *self {
-            ByteRate::Unlimited => None,
-            ByteRate::Per { bytes, period: Period::Second } => Some(bytes.0),
-            ByteRate::Per { bytes, period: Period::Minute } => Some(bytes.0.div_ceil(60)),
-        }
-    }
-}
-
-impl fmt::Display for ByteRate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ByteRate::Unlimited => f.write_str("unlimited"),
-            ByteRate::Per { bytes, period } => write!(f, "{bytes}/{}", period.suffix()),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteRate {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d).map_err(|_| de::Error::custom("expected a byte rate string such as \"1MiB/s\""))?;
-        ByteRate::parse(&s).map_err(de::Error::custom)
     }
 }
 
@@ -289,12 +287,13 @@ mod tests {
 
     #[test]
     fn rates() {
-        assert_eq!(Rate::parse("20/s").unwrap(), Rate::Per { count: 20, period: Period::Second });
-        assert_eq!(Rate::parse("600/m").unwrap(), Rate::Per { count: 600, period: Period::Minute });
-        assert_eq!(Rate::parse("unlimited").unwrap(), Rate::Unlimited);
-        assert!(Rate::parse("20").is_err());
-        assert!(Rate::parse("20/h").unwrap_err().contains("/s"));
-        assert!(Rate::parse("0/s").is_err());
+        assert_eq!(ConnectionRate::parse("20/s").unwrap(), Rate::Per { amount: Count(20), period: Period::Second });
+        assert_eq!(ConnectionRate::parse("600/m").unwrap(), Rate::Per { amount: Count(600), period: Period::Minute });
+        assert_eq!(ConnectionRate::parse("unlimited").unwrap(), Rate::Unlimited);
+        assert!(ConnectionRate::parse("20").is_err());
+        assert!(ConnectionRate::parse("20/h").unwrap_err().contains("/s"));
+        assert!(ConnectionRate::parse("0/s").is_err());
+        assert!(ConnectionRate::parse("2MiB/s").unwrap_err().contains("plain count"));
         assert_eq!(ByteRate::parse("1MiB/s").unwrap().per_second_ceil(), Some(1 << 20));
         assert!(ByteRate::parse("1M/s").unwrap_err().contains("ambiguous"));
     }
