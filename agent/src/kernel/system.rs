@@ -92,6 +92,18 @@ pub fn resolve_pin_path(pin_path: &Path, mount: bool) -> Result<PathBuf> {
     if !mount {
         return Ok(pin_path.to_owned());
     }
+    // Two agents starting at once must not both mount (a second bpffs would
+    // hide the first one's pins): check again under a lock.
+    let lock = std::fs::File::create(std::env::temp_dir().join("wsguard-bpffs.lock"))?;
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+        bail!("cannot lock {}: {}", std::env::temp_dir().join("wsguard-bpffs.lock").display(), std::io::Error::last_os_error());
+    }
+    if is_bpffs(pin_path) {
+        return Ok(pin_path.to_owned());
+    }
+    if elsewhere && is_bpffs(&host_view(pin_path)) {
+        return Ok(host_view(pin_path));
+    }
     if !pin_path.starts_with("/sys/fs/bpf") {
         bail!(
             "agent.pin_path {} is not on a bpf filesystem; mount one (mount -t bpf bpf DIR) or use a path under /sys/fs/bpf",
