@@ -31,3 +31,37 @@ pub async fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A lab with an echo server on port 8080 in the server namespace and the
+/// agent protecting the server's interface. Fields drop in order: the agent
+/// stops before the server and the namespaces go.
+pub struct Setup {
+    pub agent: Agent,
+    pub server: peers::EchoServer,
+    /// The server's IPv4 (or, for [`Setup::start_v6`], IPv6) address and port.
+    pub addr: std::net::SocketAddr,
+    pub lab: Lab,
+}
+
+impl Setup {
+    pub const PORT: u16 = 8080;
+
+    /// `body` is the config without `[agent]`; `{id}` in it becomes the lab's
+    /// id (the third octet of its IPv4 addresses) and `{id6}` the same in hex
+    /// (the third group of its IPv6 addresses).
+    pub async fn start(body: &str) -> anyhow::Result<Setup> {
+        Setup::start_on(body, false).await
+    }
+
+    pub async fn start_v6(body: &str) -> anyhow::Result<Setup> {
+        Setup::start_on(body, true).await
+    }
+
+    async fn start_on(body: &str, v6: bool) -> anyhow::Result<Setup> {
+        let lab = Lab::new()?;
+        let server = peers::EchoServer::start(&lab.server, Self::PORT).await?;
+        let agent = Agent::start(&lab, &body.replace("{id}", &lab.id.to_string()).replace("{id6}", &format!("{:x}", lab.id)))?;
+        let addr = std::net::SocketAddr::new(lab.server_addr(v6), Self::PORT);
+        Ok(Setup { agent, server, addr, lab })
+    }
+}

@@ -12,7 +12,7 @@ use futures_util::SinkExt;
 use wsguard::status::source_addr;
 use wsguard_common::Reason;
 use wsguard_tests::{
-    Agent, Lab,
+    Agent, Lab, Setup,
     peers::{EchoServer, connect_from, connection_flood, echo, ws_connect},
     wait_until,
 };
@@ -25,8 +25,8 @@ const DROPPED: Duration = Duration::from_millis(900);
 /// Handshakes a flood keeps in flight at once.
 const IN_FLIGHT: usize = 128;
 
-fn target(lab: &Lab, v6: bool) -> SocketAddr {
-    SocketAddr::new(lab.server_addr(v6), PORT)
+fn target(lab: &Lab) -> SocketAddr {
+    SocketAddr::new(lab.server_v4().into(), PORT)
 }
 
 /// Most a token bucket can grant over `elapsed`: the burst plus the refill,
@@ -37,13 +37,10 @@ fn bucket_bound(burst: f64, rate_per_s: f64, elapsed: Duration) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_flood_is_cut_to_rate_and_burst_while_another_source_keeps_echoing() -> Result<()> {
-    let lab = Lab::new()?;
-    let server = EchoServer::start(&lab.server, PORT).await?;
-    let agent = Agent::start(
-        &lab,
+    let Setup { agent, server, addr, lab } = Setup::start(
         "[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"10/s\"\nnew_connections_burst = 20\nconcurrent_connections = 0\n[ban]\nafter_drops = 0\n",
-    )?;
-    let addr = target(&lab, false);
+    )
+    .await?;
     let mut legit = ws_connect(&lab.client, lab.client_v4(3).into(), addr, 2 * SECOND).await?;
     echo(&mut legit, "before", SECOND).await?;
     let accepted_before = server.accepted();
@@ -88,18 +85,15 @@ async fn a_connection_flood_is_cut_to_rate_and_burst_while_another_source_keeps_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_byte_flood_is_held_near_its_byte_rate_at_the_server() -> Result<()> {
-    let lab = Lab::new()?;
-    let server_side = EchoServer::start(&lab.server, PORT).await?;
-    let agent = Agent::start(
-        &lab,
+    let Setup { agent, server, addr, lab } = Setup::start(
         "[protect]\nports = [8080]\n[limits.per_source]\nbytes = \"512KiB/s\"\nbytes_burst = \"512KiB\"\nconcurrent_connections = 0\n[ban]\nafter_drops = 0\n",
-    )?;
-    let addr = target(&lab, false);
+    )
+    .await?;
     let mut flooder = ws_connect(&lab.client, lab.client_v4(10).into(), addr, SECOND).await?;
     let mut legit = ws_connect(&lab.client, lab.client_v4(3).into(), addr, SECOND).await?;
 
     let chunk = vec![0x5a_u8; 16 * 1024];
-    let before = server_side.bytes_received();
+    let before = server.bytes_received();
     let started = Instant::now();
     let window = 3 * SECOND;
     let send = async {
@@ -118,7 +112,7 @@ async fn a_byte_flood_is_held_near_its_byte_rate_at_the_server() -> Result<()> {
         anyhow::Ok(n)
     };
     let ((), echoes) = tokio::join!(send, echoes);
-    let received = server_side.bytes_received() - before;
+    let received = server.bytes_received() - before;
     let elapsed = started.elapsed();
 
     // Frames carry headers too, so payload at the server stays under the
@@ -134,17 +128,11 @@ async fn a_byte_flood_is_held_near_its_byte_rate_at_the_server() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allow_listed_sources_are_never_limited_and_denied_cidrs_cannot_connect() -> Result<()> {
-    let lab = Lab::new()?;
-    let _server = EchoServer::start(&lab.server, PORT).await?;
-    let id = lab.id;
-    let agent = Agent::start(
-        &lab,
-        &format!(
-            "[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"2/m\"\nnew_connections_burst = 2\nconcurrent_connections = 2\n[ban]\nafter_drops = 1\n\
-             [lists]\nallow = [\"198.18.{id}.4/32\"]\ndeny = [\"198.18.{id}.32/27\"]\n"
-        ),
-    )?;
-    let addr = target(&lab, false);
+    let Setup { agent, server: _server, addr, lab } = Setup::start(
+        "[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"2/m\"\nnew_connections_burst = 2\nconcurrent_connections = 2\n[ban]\nafter_drops = 1\n\
+         [lists]\nallow = [\"198.18.{id}.4/32\"]\ndeny = [\"198.18.{id}.32/27\"]\n",
+    )
+    .await?;
     // Far past every per-source limit, and all at once past the concurrency limit.
     let mut open = Vec::new();
     for i in 0..30 {
@@ -170,14 +158,11 @@ async fn allow_listed_sources_are_never_limited_and_denied_cidrs_cannot_connect(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_banned_source_is_dropped_and_recovers_when_the_ban_expires() -> Result<()> {
-    let lab = Lab::new()?;
-    let _server = EchoServer::start(&lab.server, PORT).await?;
-    let agent = Agent::start(
-        &lab,
+    let Setup { agent, server: _server, addr, lab } = Setup::start(
         "[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"5/s\"\nnew_connections_burst = 5\nconcurrent_connections = 0\n\
          [ban]\nafter_drops = 10\nwindow = \"10s\"\nduration = \"2s\"\n",
-    )?;
-    let addr = target(&lab, false);
+    )
+    .await?;
     let source: IpAddr = lab.client_v4(10).into();
     // Flood until the kernel bans the source (bounded: a second at most).
     let report = connection_flood(&lab.client, source, addr, SECOND, IN_FLIGHT, DROPPED).await?;
@@ -204,13 +189,10 @@ async fn a_banned_source_is_dropped_and_recovers_when_the_ban_expires() -> Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_concurrent_connection_limit_holds_and_frees_up_as_connections_close() -> Result<()> {
-    let lab = Lab::new()?;
-    let _server = EchoServer::start(&lab.server, PORT).await?;
-    let agent = Agent::start(
-        &lab,
+    let Setup { agent, server: _server, addr, lab } = Setup::start(
         "[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"100/s\"\nnew_connections_burst = 100\nconcurrent_connections = 3\n[ban]\nafter_drops = 0\n",
-    )?;
-    let addr = target(&lab, false);
+    )
+    .await?;
     let source: IpAddr = lab.client_v4(12).into();
     let open_count = || -> u64 {
         agent.state().and_then(|s| s.connections()).unwrap_or_default().iter()
@@ -249,19 +231,14 @@ async fn the_concurrent_connection_limit_holds_and_frees_up_as_connections_close
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ipv6_sources_meet_the_same_flood_limits_and_lists() -> Result<()> {
-    let lab = Lab::new()?;
-    let server = EchoServer::start(&lab.server, PORT).await?;
+    // Allowed: host ::4 of the second /64; denied: ::20 to ::3f of it.
+    let Setup { agent, server, addr, lab } = Setup::start_v6(
+        "[protect]\nports = [8080]\nipv6_prefix = 64\n[limits.per_source]\nnew_connections = \"10/s\"\nnew_connections_burst = 10\nconcurrent_connections = 0\n[ban]\nafter_drops = 0\n\
+         [lists]\nallow = [\"2001:db8:{id6}:1::4/128\"]\ndeny = [\"2001:db8:{id6}:1::20/123\"]\n",
+    )
+    .await?;
     let allowed = lab.client_v6_other_prefix(4);
     let denied = lab.client_v6_other_prefix(33);
-    let agent = Agent::start(
-        &lab,
-        &format!(
-            "[protect]\nports = [8080]\nipv6_prefix = 64\n[limits.per_source]\nnew_connections = \"10/s\"\nnew_connections_burst = 10\nconcurrent_connections = 0\n[ban]\nafter_drops = 0\n\
-             [lists]\nallow = [\"{allowed}/128\"]\ndeny = [\"{}/123\"]\n",
-            lab.client_v6_other_prefix(32)
-        ),
-    )?;
-    let addr = target(&lab, true);
     let mut legit = ws_connect(&lab.client, lab.client_v6_other_prefix(3).into(), addr, SECOND).await?;
 
     // A flood from one /64, spread over two of its addresses: one bucket.
@@ -299,7 +276,7 @@ async fn ipv6_sources_meet_the_same_flood_limits_and_lists() -> Result<()> {
 async fn every_xdp_mode_attaches_and_enforces() -> Result<()> {
     let lab = Lab::new()?;
     let _server = EchoServer::start(&lab.server, PORT).await?;
-    let addr = target(&lab, false);
+    let addr = target(&lab);
     for mode in ["auto", "native", "skb"] {
         let config = format!("[protect]\nports = [8080]\n[lists]\ndeny = [\"{}\"]\n", lab.client_v4(9));
         // xdp_mode sits in [agent]: written by hand here rather than by Agent::start.
