@@ -21,10 +21,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
     kernel::raise_memlock();
     let pins = kernel::pin_dir(&kernel::resolve_pin_path(&config.agent.pin_path, true)?);
 
-    let mut kernel = Kernel::load(&config)?;
+    let mut kernel = Kernel::load(&config, Some(&pins))?;
     spawn_kernel_log_drain(&mut kernel)?;
-    kernel.attach(&config)?;
-    kernel.pin(&pins)?;
+    let takeover = kernel.attach(&config)?;
 
     println!(
         "wsguard {}: enforcing {} (state pinned at {})\n{}",
@@ -33,15 +32,19 @@ pub async fn run(config_path: &Path) -> Result<()> {
         pins.display(),
         config.summary()
     );
+    if !takeover.interfaces.is_empty() {
+        println!("  took over the programs left running on {} without a gap", takeover.interfaces.join(", "));
+    }
     info!(config = %config.file.display(), "attached and enforcing");
 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut hangup = signal(SignalKind::hangup())?;
+    let mut housekeeping = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tokio::select! {
-            _ = terminate.recv() => { info!("SIGTERM: detaching"); break; }
-            _ = interrupt.recv() => { info!("interrupted: detaching"); break; }
+            _ = terminate.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = interrupt.recv() => { info!("interrupted: stopping"); break; }
             _ = hangup.recv() => {
                 match reload(&mut kernel, &config) {
                     Ok(new) => {
@@ -52,15 +55,22 @@ pub async fn run(config_path: &Path) -> Result<()> {
                     Err(e) => error!("reload rejected, the running config keeps enforcing: {e:#}"),
                 }
             }
+            _ = housekeeping.tick() => {
+                match kernel.sweep_expired_lists(kernel::monotonic_ns()) {
+                    Ok(swept) => for (allow, net) in swept {
+                        info!("runtime {} entry {net} expired", if allow { "allow" } else { "deny" });
+                    },
+                    Err(e) => warn!("cannot sweep expired list entries: {e:#}"),
+                }
+            }
         }
     }
 
     let counters = kernel.counters()?;
-    println!("wsguard: detached; counters at exit:\n{}", status::format_counters(&counters));
-    if let Err(e) = kernel::unpin_all(&pins) {
-        warn!("could not remove pins at {}: {e:#}", pins.display());
-    }
-    drop(kernel);
+    let keep = config.agent.keep_enforcing_on_exit;
+    kernel.release(keep)?;
+    let how = if keep { "stopped; the programs stay attached (keep_enforcing_on_exit)" } else { "detached" };
+    println!("wsguard: {how}; counters at exit:\n{}", status::format_counters(&counters));
     Ok(())
 }
 

@@ -34,7 +34,7 @@ pub fn print(pin_dir: &Path, as_json: bool) -> Result<()> {
     let bans = state.bans()?;
     let active_bans: Vec<_> = bans.iter().filter(|(_, b)| b.until_ns > now).collect();
     let connections = state.connections()?;
-    let tracked = state.tracked_sources()?;
+    let tracked = state.tracked_sources()?.len();
     if as_json {
         let doc = json!({
             "pin_dir": pin_dir,

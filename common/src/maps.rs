@@ -27,6 +27,31 @@ pub const PORT_SLOTS: u32 = 65536;
 /// costs nothing until used).
 pub const LIST_CAPACITY: u32 = 1 << 20;
 
+/// Value of an allow or deny list entry: where it came from and, for an
+/// entry added at run time with a TTL, when it expires.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListEntry {
+    /// Bit set of [`ListEntry::FROM_CONFIG`] and [`ListEntry::FROM_RUNTIME`].
+    pub origin: u32,
+    pub _pad: u32,
+    /// CLOCK_MONOTONIC ns after which a runtime-only entry no longer applies; 0 = never.
+    pub expires_ns: u64,
+}
+assert_size!(ListEntry, 16);
+
+impl ListEntry {
+    pub const FROM_CONFIG: u32 = 1;
+    pub const FROM_RUNTIME: u32 = 2;
+
+    /// Whether the entry applies at `now_ns`: config entries always do,
+    /// runtime entries until they expire.
+    #[inline(always)]
+    pub fn applies(&self, now_ns: u64) -> bool {
+        self.origin & Self::FROM_CONFIG != 0 || self.expires_ns == 0 || now_ns < self.expires_ns
+    }
+}
+
 /// Key of the allow and deny LPM tries: a prefix of the 16-byte key space
 /// (IPv4 prefixes are offset by 96 bits into `::ffff:0:0/96`).
 pub type LpmKey = [u8; 16];
@@ -55,6 +80,15 @@ pub struct Settings {
     pub ban_duration_ns: u64,
 }
 assert_size!(Settings, 8 + 32 + 4 * 32 + 8 + 16);
+
+impl Settings {
+    /// The key a source is tracked under: its address aggregated to the
+    /// configured IPv4 or IPv6 prefix.
+    #[inline(always)]
+    pub fn tracking_key(&self, source: &crate::SourceKey) -> crate::SourceKey {
+        if source.is_v4() { source.masked(&self.ipv4_mask) } else { source.masked(&self.ipv6_mask) }
+    }
+}
 
 /// Per-source state, kept in an LRU map.
 #[repr(C)]

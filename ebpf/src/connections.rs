@@ -21,7 +21,7 @@ use aya_ebpf::{
 };
 use wsguard_common::{Reason, SourceKey};
 
-use crate::maps::{CONNECTIONS, count, is_allow_listed, is_protected_port, settings, tracking_key};
+use crate::maps::{CONNECTIONS, count, is_allow_listed, is_protected_port, now_ns, settings, tracking_key};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -78,7 +78,7 @@ fn opened(ctx: &SockOpsContext) {
     }
     let Some(source) = remote_source(ctx) else { return };
     // Allow-listed sources are exempt from limits and need no entry.
-    if is_allow_listed(&source) {
+    if is_allow_listed(&source, now_ns()) {
         return;
     }
     let key = tracking_key(settings, &source);

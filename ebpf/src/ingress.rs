@@ -1,13 +1,13 @@
 //! The XDP verdict: allow list, deny list, bans, per-source buckets,
 //! concurrency, global buckets, in that order.
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use aya_log_ebpf::info;
 use wsguard_common::{Ban, Reason, Settings, SourceKey, SourceState};
 
 use crate::{
     maps::{
-        BANS, CONNECTIONS, GLOBAL, SOURCES, count, is_allow_listed, is_deny_listed, settings,
+        BANS, CONNECTIONS, GLOBAL, SOURCES, count, is_allow_listed, is_deny_listed, now_ns, settings,
         tracking_key,
     },
     parse::{Frame, Parsed, TcpSegment, parse},
@@ -23,30 +23,24 @@ pub fn run(ctx: &XdpContext) -> u32 {
         Parsed::Other => return xdp_action::XDP_PASS,
         Parsed::Tcp(segment) => judge_segment(ctx, settings, &segment, frame.len()),
         Parsed::Fragment(source) => {
-            source_rules(settings, &source, bpf_now()).unwrap_or(Reason::PassedFragment)
+            source_rules(settings, &source, now_ns()).unwrap_or(Reason::PassedFragment)
         }
         Parsed::Malformed(source) => {
-            if is_allow_listed(&source) { Reason::AllowListed } else { Reason::Malformed }
+            if is_allow_listed(&source, now_ns()) { Reason::AllowListed } else { Reason::Malformed }
         }
     };
     count(reason, frame.len());
     if reason.is_drop() { xdp_action::XDP_DROP } else { xdp_action::XDP_PASS }
 }
 
-#[inline(always)]
-fn bpf_now() -> u64 {
-    // CLOCK_MONOTONIC, the clock user space reads to show ban expiry.
-    unsafe { bpf_ktime_get_ns() }
-}
-
 /// Rules that depend only on the source: allow list, deny list, ban.
 /// `None` means none of them decided.
 #[inline(always)]
 fn source_rules(settings: &Settings, source: &SourceKey, now: u64) -> Option<Reason> {
-    if is_allow_listed(source) {
+    if is_allow_listed(source, now) {
         return Some(Reason::AllowListed);
     }
-    if is_deny_listed(source) {
+    if is_deny_listed(source, now) {
         return Some(Reason::DenyList);
     }
     if is_banned(&tracking_key(settings, source), now) {
@@ -68,7 +62,7 @@ fn is_banned(key: &SourceKey, now: u64) -> bool {
 
 #[inline(always)]
 fn judge_segment(ctx: &XdpContext, settings: &Settings, segment: &TcpSegment, len: u64) -> Reason {
-    let now = bpf_now();
+    let now = now_ns();
     if let Some(reason) = source_rules(settings, &segment.source, now) {
         return reason;
     }

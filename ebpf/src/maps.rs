@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use wsguard_common::{
-    Ban, Counter, LpmKey, Reason, Settings, SourceKey, SourceState,
+    Ban, Counter, ListEntry, LpmKey, Reason, Settings, SourceKey, SourceState,
     counters::COUNTER_SLOTS,
     maps::{GlobalState, LIST_CAPACITY, PORT_SLOTS},
 };
@@ -20,10 +20,10 @@ pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 pub static PORTS: Array<u8> = Array::with_max_entries(PORT_SLOTS, 0);
 
 #[map(name = "WSG_ALLOW")]
-pub static ALLOW: LpmTrie<LpmKey, u8> = LpmTrie::with_max_entries(LIST_CAPACITY, 0);
+pub static ALLOW: LpmTrie<LpmKey, ListEntry> = LpmTrie::with_max_entries(LIST_CAPACITY, 0);
 
 #[map(name = "WSG_DENY")]
-pub static DENY: LpmTrie<LpmKey, u8> = LpmTrie::with_max_entries(LIST_CAPACITY, 0);
+pub static DENY: LpmTrie<LpmKey, ListEntry> = LpmTrie::with_max_entries(LIST_CAPACITY, 0);
 
 /// Buckets per source. LRU: when full, the least recently seen source is
 /// forgotten (and starts again with a full burst if it comes back).
@@ -57,32 +57,38 @@ pub fn is_protected_port(port: u16) -> bool {
     matches!(PORTS.get(port as u32), Some(p) if *p != 0)
 }
 
+/// Longest-prefix match of the full address. A runtime entry past its TTL
+/// no longer applies (the agent removes it soon after); it does not fall
+/// back to a shorter prefix, which errs towards not matching.
 #[inline(always)]
-fn list_contains(list: &LpmTrie<LpmKey, u8>, source: &SourceKey) -> bool {
+fn list_contains(list: &LpmTrie<LpmKey, ListEntry>, source: &SourceKey, now_ns: u64) -> bool {
     let key = aya_ebpf::maps::lpm_trie::Key::new(128, source.addr);
-    list.get(&key).is_some()
+    match list.get(&key) {
+        Some(entry) => entry.applies(now_ns),
+        None => false,
+    }
 }
 
 /// Allow-list match on the full (unaggregated) address.
 #[inline(always)]
-pub fn is_allow_listed(source: &SourceKey) -> bool {
-    list_contains(&ALLOW, source)
+pub fn is_allow_listed(source: &SourceKey, now_ns: u64) -> bool {
+    list_contains(&ALLOW, source, now_ns)
 }
 
 #[inline(always)]
-pub fn is_deny_listed(source: &SourceKey) -> bool {
-    list_contains(&DENY, source)
+pub fn is_deny_listed(source: &SourceKey, now_ns: u64) -> bool {
+    list_contains(&DENY, source, now_ns)
 }
 
-/// The key a source is tracked under: its address aggregated to the
-/// configured IPv4 or IPv6 prefix.
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // CLOCK_MONOTONIC, the clock user space reads to show ban expiry.
+    unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
+}
+
 #[inline(always)]
 pub fn tracking_key(settings: &Settings, source: &SourceKey) -> SourceKey {
-    if source.is_v4() {
-        source.masked(&settings.ipv4_mask)
-    } else {
-        source.masked(&settings.ipv6_mask)
-    }
+    settings.tracking_key(source)
 }
 
 #[inline(always)]

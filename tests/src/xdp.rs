@@ -27,7 +27,7 @@ impl XdpHarness {
     pub fn new(body: &str) -> Result<XdpHarness> {
         let text = format!("[agent]\ninterfaces = [\"lo\"]\n\n{body}");
         let config = Config::parse(Path::new("test.toml"), &text)?;
-        Ok(XdpHarness { kernel: Kernel::load(&config)? })
+        Ok(XdpHarness { kernel: Kernel::load(&config, None)? })
     }
 
     fn program(&self) -> Result<&Xdp> {

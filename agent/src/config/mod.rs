@@ -79,6 +79,10 @@ pub struct Agent {
     /// the root of the first cgroup v2 mount.
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
+    /// Fail-closed: leave the programs attached (through their pinned links)
+    /// when the agent exits, so enforcement goes on while it is down.
+    #[serde(default)]
+    pub keep_enforcing_on_exit: bool,
 }
 
 fn default_pin_path() -> PathBuf {

@@ -4,43 +4,84 @@ mod lists;
 mod pins;
 mod system;
 
-use std::path::Path;
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, Map, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, SockOps, Xdp, XdpMode as AyaXdpMode},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray},
+    programs::{
+        CgroupAttachMode, SockOps, Xdp, XdpMode as AyaXdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
 };
+use ipnet::IpNet;
+use tracing::info;
 use wsguard_common::{
-    Counter, Reason, Settings,
+    Counter, Reason, Settings, SourceKey,
     maps::{GlobalState, PORT_SLOTS, names, programs},
 };
 
 use crate::config::{Config, XdpMode};
 pub use lists::lpm_key;
-pub use pins::{PinnedState, pin_dir};
+pub use pins::{PinnedState, link_path, pin_dir, unpin_all};
 pub use system::{check_privileges, monotonic_ns, open_cgroup, raise_memlock, resolve_pin_path};
-pub use pins::unpin_all;
 
 /// The compiled kernel programs, embedded so that `wsguard` is one file.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wsguard"));
 
-/// The loaded programs and their maps. Dropping it detaches everything.
+/// The full key of an address (before prefix aggregation).
+pub fn source_key(addr: IpAddr) -> SourceKey {
+    match addr {
+        IpAddr::V4(a) => SourceKey::from_v4(a.octets()),
+        IpAddr::V6(a) => a.to_ipv4_mapped().map_or_else(|| SourceKey::from_v6(a.octets()), |v4| SourceKey::from_v4(v4.octets())),
+    }
+}
+
+/// The loaded programs, their maps and their links.
 pub struct Kernel {
     ebpf: Ebpf,
+    /// The versioned pin directory; `None` for programs loaded only to be
+    /// run through BPF_PROG_TEST_RUN.
+    pins: Option<PathBuf>,
+    /// Links this agent attached (or took over), pinned under `pins/links`.
+    links: Vec<PinnedLink>,
+}
+
+/// What `attach` found from an earlier run.
+#[derive(Debug, Default)]
+pub struct Takeover {
+    /// Interfaces whose running XDP link was switched to the new program
+    /// without a moment unattached.
+    pub interfaces: Vec<String>,
+    /// Whether the connection counter had stayed attached, so that its counts
+    /// are still exact (otherwise they are reset).
+    pub connection_counter: bool,
 }
 
 impl Kernel {
     /// Loads (and verifies) the programs with maps sized from the config, and
-    /// fills the maps from it. Nothing is attached yet.
-    pub fn load(config: &Config) -> Result<Kernel> {
-        let mut ebpf = EbpfLoader::new()
+    /// fills the maps from it. With `pins`, maps pinned there by an earlier
+    /// run are reused, so bans, buckets and counters carry over. Nothing is
+    /// attached yet.
+    pub fn load(config: &Config, pins: Option<&Path>) -> Result<Kernel> {
+        let map_pins = match pins {
+            Some(dir) => pins::prepare_map_pins(dir, config)?,
+            None => Vec::new(),
+        };
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(names::SOURCES, config.max_sources)
             .map_max_entries(names::CONNECTIONS, config.max_sources)
-            .map_max_entries(names::BANS, config.max_bans)
-            .load(EBPF_OBJECT)
-            .context("the kernel refused to create wsguard's maps")?;
+            .map_max_entries(names::BANS, config.max_bans);
+        for (name, path) in &map_pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).context("the kernel refused to create wsguard's maps")?;
         for name in [programs::INGRESS, programs::CONNECTION_TRACKER] {
             let program = ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))?;
             let loaded = match program {
@@ -50,7 +91,7 @@ impl Kernel {
             };
             loaded.with_context(|| format!("the kernel's verifier rejected program {name}"))?;
         }
-        let mut kernel = Kernel { ebpf };
+        let mut kernel = Kernel { ebpf, pins: pins.map(Path::to_owned), links: Vec::new() };
         kernel.apply(config)?;
         Ok(kernel)
     }
@@ -74,8 +115,10 @@ impl Kernel {
                 ports.set(port, protected, 0)?;
             }
         }
-        lists::sync(self.map_mut(names::ALLOW)?, &config.allow).context("filling the allow list")?;
-        lists::sync(self.map_mut(names::DENY)?, &config.deny).context("filling the deny list")?;
+        for (name, nets) in [(names::ALLOW, &config.allow), (names::DENY, &config.deny)] {
+            let mut list: lists::List<&mut MapData> = LpmTrie::try_from(self.map_mut(name)?)?;
+            lists::sync_config(&mut list, nets).with_context(|| format!("filling {name}"))?;
+        }
         let mut settings: Array<&mut MapData, Settings> = Array::try_from(self.map_mut(names::SETTINGS)?)?;
         settings.set(0, config.settings, 0)?;
         // New limits take effect from a full bucket rather than carrying the
@@ -90,35 +133,116 @@ impl Kernel {
     }
 
     /// Attaches the XDP program to every configured interface and, when the
-    /// concurrency limit is on, the connection counter to the cgroup.
-    pub fn attach(&mut self, config: &Config) -> Result<()> {
+    /// concurrency limit is on, the connection counter to the cgroup, and pins
+    /// the links. Links pinned by an earlier run are taken over: the XDP link
+    /// of an interface switches to the new program atomically, so no packet
+    /// goes unfiltered across a restart.
+    pub fn attach(&mut self, config: &Config) -> Result<Takeover> {
+        let dir = self.pins.clone().context("attaching needs a pin directory")?;
+        let mut takeover = Takeover::default();
         let mode = match config.agent.xdp_mode {
             XdpMode::Auto => AyaXdpMode::Default,
             XdpMode::Native => AyaXdpMode::Driver,
             XdpMode::Skb => AyaXdpMode::Skb,
         };
-        let xdp: &mut Xdp = self.ebpf.program_mut(programs::INGRESS).context("xdp program")?.try_into()?;
+        let mut wanted = Vec::new();
         for interface in config.agent.interfaces.get_ref() {
-            xdp.attach(interface, mode).map_err(|e| attach_error(interface, config.agent.xdp_mode, e))?;
+            let name = format!("xdp-{interface}");
+            let path = link_path(&dir, &name);
+            let xdp: &mut Xdp = self.ebpf.program_mut(programs::INGRESS).context("xdp program")?.try_into()?;
+            let id = match PinnedLink::from_pin(&path) {
+                Ok(running) => {
+                    let link = XdpLink::try_from(FdLink::from(running)).context("pinned XDP link")?;
+                    let id = xdp.attach_to_link(link).with_context(|| format!("cannot take over the XDP link on {interface}"))?;
+                    std::fs::remove_file(&path)?; // pinned again below, now holding the new program
+                    takeover.interfaces.push(interface.clone());
+                    id
+                }
+                Err(_) => xdp.attach(interface, mode).map_err(|e| attach_error(interface, config.agent.xdp_mode, e))?,
+            };
+            let link: FdLink = xdp.take_link(id)?.try_into().context("XDP attached without a BPF link (kernel older than 5.9?)")?;
+            self.links.push(link.pin(&path).with_context(|| format!("cannot pin {}", path.display()))?);
+            wanted.push(name);
         }
+
+        let path = link_path(&dir, "sock_ops");
+        let previous = PinnedLink::from_pin(&path).ok();
+        takeover.connection_counter = previous.is_some() && config.settings.max_concurrent != 0;
         if config.settings.max_concurrent != 0 {
-            let (dir, cgroup) = open_cgroup(config.agent.cgroup.as_deref())?;
+            let (cgroup, cgroup_name) = open_cgroup(config.agent.cgroup.as_deref())?;
             let sock_ops: &mut SockOps =
                 self.ebpf.program_mut(programs::CONNECTION_TRACKER).context("sock_ops program")?.try_into()?;
             // On kernels with BPF links (5.7+) aya attaches through a link,
-            // which always coexists with other programs and takes no flags:
-            // `Single` is the mode that passes none.
-            sock_ops
-                .attach(dir, CgroupAttachMode::Single)
-                .with_context(|| format!("cannot attach the connection counter to cgroup {}", cgroup.display()))?;
+            // which coexists with other programs and takes no flags: `Single`
+            // is the mode that passes none.
+            let id = sock_ops
+                .attach(cgroup, CgroupAttachMode::Single)
+                .with_context(|| format!("cannot attach the connection counter to {}", cgroup_name.display()))?;
+            let link: FdLink = sock_ops.take_link(id)?.try_into().context("sock_ops attached without a BPF link")?;
+            // The new counter is attached before the old one goes, so no
+            // close is missed; a connection established in between is
+            // counted twice (erring towards the limit, for that one).
+            if let Some(old) = previous {
+                drop(old.unpin()?);
+            }
+            self.links.push(link.pin(&path).with_context(|| format!("cannot pin {}", path.display()))?);
+            wanted.push("sock_ops".to_string());
+        } else if let Some(old) = previous {
+            drop(old.unpin()?);
+        }
+        if !takeover.connection_counter {
+            // Connections that closed while no counter was attached were
+            // never subtracted: start from zero, which errs towards letting
+            // connections through.
+            self.clear_connections()?;
+        }
+
+        // Links of interfaces no longer in the config.
+        for entry in std::fs::read_dir(dir.join("links"))? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !wanted.contains(&name) {
+                if let Ok(link) = PinnedLink::from_pin(entry.path()) {
+                    drop(link.unpin()?);
+                    info!("detached {name}, left by an earlier run and no longer configured");
+                }
+            }
+        }
+        Ok(takeover)
+    }
+
+    fn clear_connections(&mut self) -> Result<()> {
+        let mut map: HashMap<&mut MapData, SourceKey, u64> = HashMap::try_from(self.map_mut(names::CONNECTIONS)?)?;
+        let keys: Vec<SourceKey> = map.keys().filter_map(|k| k.ok()).collect();
+        for key in keys {
+            let _ = map.remove(&key);
         }
         Ok(())
     }
 
-    /// Pins every map under `dir` so that `wsguard status` and other tools can
-    /// read them while the agent runs.
-    pub fn pin(&self, dir: &Path) -> Result<()> {
-        pins::pin_all(&self.ebpf, dir)
+    /// Lets go of the programs. With `keep_enforcing`, the pinned links keep
+    /// them attached while no agent runs (fail-closed); otherwise they are
+    /// detached (fail-open). Maps stay pinned either way, so the next run
+    /// starts from the same bans, buckets and counters.
+    pub fn release(mut self, keep_enforcing: bool) -> Result<()> {
+        for link in self.links.drain(..) {
+            if keep_enforcing {
+                drop(link);
+            } else {
+                drop(link.unpin()?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes runtime list entries whose TTL has passed.
+    pub fn sweep_expired_lists(&mut self, now_ns: u64) -> Result<Vec<(bool, IpNet)>> {
+        let mut swept = Vec::new();
+        for (allow, name) in [(true, names::ALLOW), (false, names::DENY)] {
+            let mut list: lists::List<&mut MapData> = LpmTrie::try_from(self.map_mut(name)?)?;
+            swept.extend(lists::sweep_expired(&mut list, now_ns)?.into_iter().map(|n| (allow, n)));
+        }
+        Ok(swept)
     }
 
     pub fn counters(&self) -> Result<Vec<(Reason, Counter)>> {

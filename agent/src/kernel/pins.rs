@@ -1,72 +1,126 @@
-//! Pinned maps: where they live and how to read them without the agent's
-//! in-memory handles (`wsguard status`, tests).
+//! Pinned maps and links: where they live, checking that pinned maps still
+//! have the layout this build expects, and reading or changing the state of
+//! an agent (running or not) through its pins.
+//!
+//! Layout under `<agent.pin_path>/v<LAYOUT_VERSION>/`: one file per map
+//! (`WSG_*`), and `links/` with the XDP link of each interface
+//! (`xdp-<interface>`) and the connection counter's (`sock_ops`).
 
-use std::path::{Path, PathBuf};
+use std::{
+    mem::size_of,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result};
-use aya::{
-    Ebpf,
-    maps::{HashMap, Map, MapData, PerCpuArray},
-};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use ipnet::IpNet;
+use tracing::warn;
 use wsguard_common::{
-    Ban, Counter, Reason, SourceKey, SourceState,
-    maps::{LAYOUT_VERSION, names},
+    Ban, Counter, ListEntry, Reason, Settings, SourceKey, SourceState,
+    counters::COUNTER_SLOTS,
+    maps::{GlobalState, LAYOUT_VERSION, LIST_CAPACITY, PORT_SLOTS, names},
 };
+
+use super::lists::{self, List};
+use crate::config::Config;
 
 /// The versioned directory maps are pinned in.
 pub fn pin_dir(pin_path: &Path) -> PathBuf {
     pin_path.join(format!("v{LAYOUT_VERSION}"))
 }
 
-/// Pins the wsguard maps under `dir`, replacing pins left by an agent that
-/// did not exit cleanly.
-pub fn pin_all(ebpf: &Ebpf, dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create pin directory {}", dir.display()))?;
-    for (name, map) in ebpf.maps() {
-        if !name.starts_with("WSG_") {
-            continue;
-        }
+pub fn link_path(pin_dir: &Path, link: &str) -> PathBuf {
+    pin_dir.join("links").join(link)
+}
+
+/// (name, key size, value size, max entries) of every pinned map.
+fn expected_layouts(config: &Config) -> [(&'static str, u32, u32, u32); 9] {
+    let lpm_key = (4 + size_of::<[u8; 16]>()) as u32;
+    let source_key = size_of::<SourceKey>() as u32;
+    [
+        (names::SETTINGS, 4, size_of::<Settings>() as u32, 1),
+        (names::PORTS, 4, 1, PORT_SLOTS),
+        (names::ALLOW, lpm_key, size_of::<ListEntry>() as u32, LIST_CAPACITY),
+        (names::DENY, lpm_key, size_of::<ListEntry>() as u32, LIST_CAPACITY),
+        (names::SOURCES, source_key, size_of::<SourceState>() as u32, config.max_sources),
+        (names::BANS, source_key, size_of::<Ban>() as u32, config.max_bans),
+        (names::CONNECTIONS, source_key, size_of::<u64>() as u32, config.max_sources),
+        (names::GLOBAL, 4, size_of::<GlobalState>() as u32, 1),
+        (names::COUNTERS, 4, size_of::<Counter>() as u32, COUNTER_SLOTS),
+    ]
+}
+
+/// Paths for the loader: every map pinned by name under `dir`. A pinned map
+/// whose layout differs from this build's (another size in the config, or
+/// a damaged pin) is removed first, so that it is created anew; that is said
+/// in the log, since its state is lost.
+pub fn prepare_map_pins(dir: &Path, config: &Config) -> Result<Vec<(&'static str, PathBuf)>> {
+    std::fs::create_dir_all(dir.join("links")).with_context(|| format!("cannot create pin directory {}", dir.display()))?;
+    let mut out = Vec::new();
+    for (name, key, value, max) in expected_layouts(config) {
         let path = dir.join(name);
         if path.exists() {
-            std::fs::remove_file(&path).with_context(|| format!("cannot replace stale pin {}", path.display()))?;
+            let problem = match MapData::from_pin(&path) {
+                Err(e) => Some(format!("cannot be opened ({e})")),
+                Ok(map) => match map.info() {
+                    Err(e) => Some(format!("cannot be inspected ({e})")),
+                    Ok(info) if (info.key_size(), info.value_size(), info.max_entries()) != (key, value, max) => Some(format!(
+                        "has key/value/entries {}/{}/{} where {key}/{value}/{max} are expected",
+                        info.key_size(),
+                        info.value_size(),
+                        info.max_entries()
+                    )),
+                    Ok(_) => None,
+                },
+            };
+            if let Some(problem) = problem {
+                warn!("pinned map {} {problem}: rebuilding it empty", path.display());
+                std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+            }
         }
-        map.pin(&path).with_context(|| format!("cannot pin map {name} at {}", path.display()))?;
+        out.push((name, path));
     }
-    Ok(())
+    Ok(out)
 }
 
-/// Removes the pins (the maps themselves go when the last user closes them).
+/// Removes every pin under `dir`, links included (which detaches them).
 pub fn unpin_all(dir: &Path) -> Result<()> {
-    if !dir.exists() {
-        return Ok(());
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     }
-    for entry in std::fs::read_dir(dir)? {
-        std::fs::remove_file(entry?.path())?;
-    }
-    std::fs::remove_dir(dir)?;
     Ok(())
 }
 
-/// Read-only view of the maps an agent pinned.
+/// The state of an agent, read and changed through its pins.
 pub struct PinnedState {
     dir: PathBuf,
 }
 
 impl PinnedState {
     pub fn open(dir: &Path) -> Result<PinnedState> {
-        let probe = dir.join(names::COUNTERS);
-        if !probe.exists() {
-            anyhow::bail!(
-                "no wsguard state pinned at {}: is the agent running with this pin_path?",
-                dir.display()
-            );
+        if !dir.join(names::COUNTERS).exists() {
+            anyhow::bail!("no wsguard state pinned at {}: has the agent run with this pin_path?", dir.display());
         }
         Ok(PinnedState { dir: dir.to_owned() })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     fn map(&self, name: &str) -> Result<MapData> {
         let path = self.dir.join(name);
         MapData::from_pin(&path).with_context(|| format!("cannot open pinned map {}", path.display()))
+    }
+
+    /// Whether programs are attached through pinned links (the agent runs,
+    /// or stopped with keep_enforcing_on_exit).
+    pub fn attached_links(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.dir.join("links"))
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
     }
 
     pub fn counters(&self) -> Result<Vec<(Reason, Counter)>> {
@@ -78,19 +132,45 @@ impl PinnedState {
         Ok(self.counters()?.into_iter().find(|(r, _)| *r == reason).map(|(_, c)| c).unwrap_or_default())
     }
 
-    pub fn bans(&self) -> Result<Vec<(SourceKey, Ban)>> {
-        let map: HashMap<MapData, SourceKey, Ban> = HashMap::try_from(Map::HashMap(self.map(names::BANS)?))?;
-        Ok(map.iter().filter_map(|r| r.ok()).collect())
+    pub fn settings(&self) -> Result<Settings> {
+        let map: Array<MapData, Settings> = Array::try_from(Map::Array(self.map(names::SETTINGS)?))?;
+        Ok(map.get(&0, 0)?)
     }
 
-    pub fn tracked_sources(&self) -> Result<usize> {
+    fn bans_map(&self) -> Result<HashMap<MapData, SourceKey, Ban>> {
+        Ok(HashMap::try_from(Map::HashMap(self.map(names::BANS)?))?)
+    }
+
+    pub fn bans(&self) -> Result<Vec<(SourceKey, Ban)>> {
+        Ok(self.bans_map()?.iter().filter_map(|r| r.ok()).collect())
+    }
+
+    /// Lifts the ban on the source that `addr` belongs to (after prefix
+    /// aggregation). Returns whether there was one.
+    pub fn remove_ban(&self, addr: std::net::IpAddr) -> Result<bool> {
+        let key = self.settings()?.tracking_key(&super::source_key(addr));
+        let mut bans = self.bans_map()?;
+        Ok(bans.remove(&key).is_ok())
+    }
+
+    pub fn tracked_sources(&self) -> Result<Vec<(SourceKey, SourceState)>> {
         let map: HashMap<MapData, SourceKey, SourceState> =
             HashMap::try_from(Map::LruHashMap(self.map(names::SOURCES)?))?;
-        Ok(map.keys().filter(|k| k.is_ok()).count())
+        Ok(map.iter().filter_map(|r| r.ok()).collect())
     }
 
     pub fn connections(&self) -> Result<Vec<(SourceKey, u64)>> {
         let map: HashMap<MapData, SourceKey, u64> = HashMap::try_from(Map::HashMap(self.map(names::CONNECTIONS)?))?;
         Ok(map.iter().filter_map(|r| r.ok()).collect())
+    }
+
+    /// The allow (`allow = true`) or deny list.
+    pub fn list(&self, allow: bool) -> Result<List<MapData>> {
+        let name = if allow { names::ALLOW } else { names::DENY };
+        Ok(LpmTrie::try_from(Map::LpmTrie(self.map(name)?))?)
+    }
+
+    pub fn list_entries(&self, allow: bool) -> Result<Vec<(IpNet, ListEntry)>> {
+        Ok(lists::entries(&self.list(allow)?))
     }
 }
