@@ -10,6 +10,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    agent_file::{self, AgentFile},
     config::Config,
     kernel::{self, Kernel},
     status,
@@ -36,6 +37,15 @@ pub async fn run(config_path: &Path) -> Result<()> {
         println!("  took over the programs left running on {} without a gap", takeover.interfaces.join(", "));
     }
     info!(config = %config.file.display(), "attached and enforcing");
+    let mut agent_file = AgentFile {
+        pid: std::process::id(),
+        config: std::fs::canonicalize(&config.file).unwrap_or_else(|_| config.file.clone()),
+        config_loaded_at: agent_file::now_unix(),
+        interfaces: config.agent.interfaces.get_ref().clone(),
+        xdp_mode: config.agent.xdp_mode.to_string(),
+        ..Default::default()
+    };
+    agent_file.write(&pins)?;
 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -46,13 +56,22 @@ pub async fn run(config_path: &Path) -> Result<()> {
             _ = terminate.recv() => { info!("SIGTERM: stopping"); break; }
             _ = interrupt.recv() => { info!("interrupted: stopping"); break; }
             _ = hangup.recv() => {
+                agent_file.reloads += 1;
                 match reload(&mut kernel, &config) {
                     Ok(new) => {
                         info!(config = %new.file.display(), "reloaded");
                         println!("wsguard: reloaded {}\n{}", new.file.display(), new.summary());
                         config = new;
+                        agent_file.config_loaded_at = agent_file::now_unix();
+                        agent_file.last_reload_error = None;
                     }
-                    Err(e) => error!("reload rejected, the running config keeps enforcing: {e:#}"),
+                    Err(e) => {
+                        error!("reload rejected, the running config keeps enforcing: {e:#}");
+                        agent_file.last_reload_error = Some(format!("{e:#}"));
+                    }
+                }
+                if let Err(e) = agent_file.write(&pins) {
+                    warn!("cannot update the agent file: {e:#}");
                 }
             }
             _ = housekeeping.tick() => {
@@ -66,6 +85,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         }
     }
 
+    AgentFile::remove(&pins);
     let counters = kernel.counters()?;
     let keep = config.agent.keep_enforcing_on_exit;
     kernel.release(keep)?;

@@ -2,7 +2,10 @@
 //! daemon. The `wsguard` binary (main.rs) is a thin CLI over this library;
 //! the integration tests use it to load the same programs the daemon does.
 
+pub mod agent_file;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod kernel;
 pub mod status;
+pub mod top;

@@ -1,10 +1,17 @@
 //! The `wsguard` command line.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
-use wsguard::{config::Config, daemon, kernel, status};
+use wsguard::{
+    config::{Config, ConfigError, HumanDuration},
+    control::{self, InputError},
+    daemon,
+    kernel::{self, PinnedState},
+    status::Snapshot,
+    top,
+};
 
 /// Kernel-enforced WebSocket security: flood limits, allow/deny lists and bans
 /// on the WebSocket ports, in XDP.
@@ -13,6 +20,33 @@ use wsguard::{config::Config, daemon, kernel, status};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// Which agent's state to use: the one whose config is given, or the one
+/// pinned at a path (default /sys/fs/bpf/wsguard).
+#[derive(Args, Clone)]
+struct Target {
+    /// Read agent.pin_path from this config file.
+    #[arg(long, short, global = true, conflicts_with = "pin_path")]
+    config: Option<PathBuf>,
+    /// The agent's agent.pin_path.
+    #[arg(long, global = true)]
+    pin_path: Option<PathBuf>,
+}
+
+impl Target {
+    fn pin_dir(&self) -> anyhow::Result<PathBuf> {
+        let pin_path = match (&self.config, &self.pin_path) {
+            (Some(file), _) => Config::load(file)?.agent.pin_path,
+            (None, Some(p)) => p.clone(),
+            (None, None) => PathBuf::from("/sys/fs/bpf/wsguard"),
+        };
+        Ok(kernel::pin_dir(&kernel::resolve_pin_path(&pin_path, false)?))
+    }
+
+    fn state(&self) -> anyhow::Result<PinnedState> {
+        PinnedState::open(&self.pin_dir()?)
+    }
 }
 
 #[derive(Subcommand)]
@@ -26,16 +60,90 @@ enum Command {
     /// Validate a config file; prints what it would enforce, or the error with
     /// file, line and reason.
     CheckConfig { file: PathBuf },
-    /// Show counters, tracked sources and bans of a running agent.
+    /// Interfaces, programs, map fill, counters and bans of an agent (running
+    /// or stopped).
     Status {
-        /// Read the pin path from this config.
-        #[arg(long, short, conflicts_with = "pin_path")]
-        config: Option<PathBuf>,
-        /// The agent's pin_path (default /sys/fs/bpf/wsguard).
-        #[arg(long)]
-        pin_path: Option<PathBuf>,
+        #[command(flatten)]
+        target: Target,
         #[arg(long)]
         json: bool,
+    },
+    /// The busiest sources, refreshed in place: rates, drops by reason, bans.
+    Top {
+        #[command(flatten)]
+        target: Target,
+        /// Time between samples, e.g. "1s" or "500ms".
+        #[arg(long, default_value = "1s", value_parser = HumanDuration::parse)]
+        interval: HumanDuration,
+        /// Sources shown.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print one sample and exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Runtime deny list: entries take effect at once and last until removed
+    /// or expired; a reload leaves them alone.
+    Deny {
+        #[command(subcommand)]
+        action: ListAction,
+    },
+    /// Runtime allow list (exempt from every limit), as for `deny`.
+    Allow {
+        #[command(subcommand)]
+        action: ListAction,
+    },
+    /// Active bans.
+    Bans {
+        #[command(subcommand)]
+        action: BansAction,
+    },
+    /// Ask the running agent to reload its config and report the outcome.
+    Reload {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand)]
+enum ListAction {
+    /// Add a CIDR or address.
+    Add {
+        cidr: String,
+        /// Remove it after this long, e.g. "10m".
+        #[arg(long)]
+        ttl: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Remove a runtime entry (entries from the config file stay).
+    Del {
+        cidr: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Entries in effect, with their origin (config, runtime) and expiry.
+    List {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BansAction {
+    List {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lift the ban on the source an address belongs to.
+    Del {
+        addr: String,
+        #[command(flatten)]
+        target: Target,
     },
 }
 
@@ -44,41 +152,71 @@ enum Command {
 /// BTF, so that warning is noise for operators.
 const DEFAULT_LOG_FILTER: &str = "info,aya::bpf=error";
 
-/// Exit codes: 0 success, 1 runtime failure, 2 invalid config or usage.
+fn list_command(allow: bool, action: ListAction) -> anyhow::Result<()> {
+    match action {
+        ListAction::Add { cidr, ttl, target } => {
+            let net = control::cidr(&cidr)?;
+            let ttl = ttl.as_deref().map(control::ttl).transpose()?;
+            control::list_add(&target.state()?, allow, &net, ttl)
+        }
+        ListAction::Del { cidr, target } => control::list_del(&target.state()?, allow, &control::cidr(&cidr)?),
+        ListAction::List { target, json } => control::list_print(&target.state()?, allow, json),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config } => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(daemon::run(&config)),
+        Command::CheckConfig { file } => {
+            let config = Config::load(&file)?;
+            println!("{}: ok\n{}", file.display(), config.summary());
+            Ok(())
+        }
+        Command::Status { target, json } => {
+            let snapshot = Snapshot::take(&target.state()?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&snapshot.to_json())?);
+            } else {
+                println!("{}", snapshot.to_text());
+            }
+            Ok(())
+        }
+        Command::Top { target, interval, limit, once } => {
+            top::run(&target.state()?, Duration::from_nanos(interval.nanos().max(1_000_000)), limit, once)
+        }
+        Command::Deny { action } => list_command(false, action),
+        Command::Allow { action } => list_command(true, action),
+        Command::Bans { action } => match action {
+            BansAction::List { target, json } => control::bans_print(&target.state()?, json),
+            BansAction::Del { addr, target } => {
+                let addr: IpAddr = addr.trim().parse().map_err(|_| InputError(format!("\"{addr}\" is not an IP address")))?;
+                control::bans_del(&target.state()?, addr)
+            }
+        },
+        Command::Reload { target } => control::reload(&target.pin_dir()?),
+    }
+}
+
+/// Exit codes: 0 success, 1 runtime failure (privileges, kernel, no agent,
+/// nothing to remove), 2 invalid config or operator input.
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_env("WSGUARD_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER)))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Run { config } => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(daemon::run(&config))),
-        Command::CheckConfig { file } => match Config::load(&file) {
-            Ok(config) => {
-                println!("{}: ok\n{}", file.display(), config.summary());
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
-        },
-        Command::Status { config, pin_path, json } => (|| {
-            let pin_path = match (config, pin_path) {
-                (Some(file), _) => Config::load(&file)?.agent.pin_path,
-                (None, Some(p)) => p,
-                (None, None) => PathBuf::from("/sys/fs/bpf/wsguard"),
-            };
-            status::print(&kernel::pin_dir(&kernel::resolve_pin_path(&pin_path, false)?), json)
-        })(),
-    };
-    match result {
+    match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("wsguard: error: {e:#}");
-            if e.downcast_ref::<wsguard::config::ConfigError>().is_some() { ExitCode::from(2) } else { ExitCode::FAILURE }
+            if e.downcast_ref::<ConfigError>().is_some() || e.downcast_ref::<InputError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

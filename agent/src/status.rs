@@ -1,12 +1,16 @@
-//! `wsguard status`: what the kernel is enforcing, read from the pinned maps.
+//! What an agent enforces and has done, read from its pins: `wsguard status`,
+//! the metrics endpoint and `wsguard top` all start from a [`Snapshot`].
 
-use std::{net::IpAddr, path::Path};
+use std::{net::IpAddr, path::PathBuf};
 
 use anyhow::Result;
 use serde_json::json;
-use wsguard_common::{Counter, Reason, SourceKey};
+use wsguard_common::{Ban, Counter, Reason, SourceKey, maps::names};
 
-use crate::kernel::{PinnedState, monotonic_ns};
+use crate::{
+    agent_file::AgentFile,
+    kernel::{PinnedState, monotonic_ns},
+};
 
 /// A source key as an address (IPv4 keys unmapped).
 pub fn source_addr(key: &SourceKey) -> IpAddr {
@@ -17,43 +21,154 @@ pub fn source_addr(key: &SourceKey) -> IpAddr {
     }
 }
 
+/// "passed", "dropped" or "event", for a reason.
+pub fn verdict(reason: Reason) -> &'static str {
+    if reason.is_drop() {
+        "dropped"
+    } else if matches!(reason, Reason::Passed | Reason::AllowListed | Reason::PassedFragment) {
+        "passed"
+    } else {
+        "event"
+    }
+}
+
 pub fn format_counters(counters: &[(Reason, Counter)]) -> String {
     let mut out = format!("  {:<24} {:>14} {:>16}\n", "reason", "packets", "bytes");
     for (reason, c) in counters {
-        let verdict = if reason.is_drop() { "dropped" } else if reason.name().starts_with("pass") || *reason == Reason::AllowListed { "passed" } else { "event" };
-        out.push_str(&format!("  {:<24} {:>14} {:>16}   {verdict}\n", reason.name(), c.packets, c.bytes));
+        out.push_str(&format!("  {:<24} {:>14} {:>16}   {}\n", reason.name(), c.packets, c.bytes, verdict(*reason)));
     }
     out.pop();
     out
 }
 
-pub fn print(pin_dir: &Path, as_json: bool) -> Result<()> {
-    let state = PinnedState::open(pin_dir)?;
-    let counters = state.counters()?;
-    let now = monotonic_ns();
-    let bans = state.bans()?;
-    let active_bans: Vec<_> = bans.iter().filter(|(_, b)| b.until_ns > now).collect();
-    let connections = state.connections()?;
-    let tracked = state.tracked_sources()?.len();
-    if as_json {
-        let doc = json!({
-            "pin_dir": pin_dir,
-            "tracked_sources": tracked,
-            "counters": counters.iter().map(|(r, c)| (r.name().to_string(), json!({"packets": c.packets, "bytes": c.bytes}))).collect::<serde_json::Map<_, _>>(),
-            "bans": active_bans.iter().map(|(k, b)| json!({
+pub struct LinkStatus {
+    pub name: String,
+    pub program_id: Option<u32>,
+}
+
+/// Everything `status` shows, read at one moment.
+pub struct Snapshot {
+    pub pin_dir: PathBuf,
+    /// The running agent, if any.
+    pub agent: Option<AgentFile>,
+    pub links: Vec<LinkStatus>,
+    pub counters: Vec<(Reason, Counter)>,
+    pub tracked_sources: usize,
+    pub max_sources: u32,
+    /// Active bans.
+    pub bans: Vec<(SourceKey, Ban)>,
+    pub max_bans: u32,
+    pub open_connections: Vec<(SourceKey, u64)>,
+    pub allow_entries: usize,
+    pub deny_entries: usize,
+    pub now_ns: u64,
+}
+
+impl Snapshot {
+    pub fn take(state: &PinnedState) -> Result<Snapshot> {
+        let now_ns = monotonic_ns();
+        let bans = state.bans()?.into_iter().filter(|(_, b)| b.until_ns > now_ns).collect();
+        let applies = |allow| -> Result<usize> { Ok(state.list_entries(allow)?.iter().filter(|(_, e)| e.applies(now_ns)).count()) };
+        Ok(Snapshot {
+            pin_dir: state.dir().to_owned(),
+            agent: AgentFile::read_running(state.dir()),
+            links: state.links().into_iter().map(|(name, program_id)| LinkStatus { name, program_id }).collect(),
+            counters: state.counters()?,
+            tracked_sources: state.tracked_sources()?.len(),
+            max_sources: state.capacity(names::SOURCES)?,
+            bans,
+            max_bans: state.capacity(names::BANS)?,
+            open_connections: state.connections()?,
+            allow_entries: applies(true)?,
+            deny_entries: applies(false)?,
+            now_ns,
+        })
+    }
+
+    pub fn counter(&self, reason: Reason) -> Counter {
+        self.counters.iter().find(|(r, _)| *r == reason).map(|(_, c)| *c).unwrap_or_default()
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "pin_dir": self.pin_dir,
+            "agent": self.agent.as_ref().map(|a| json!({
+                "running": true,
+                "pid": a.pid,
+                "config": a.config,
+                "config_loaded_at_unix": a.config_loaded_at,
+                "interfaces": a.interfaces,
+                "xdp_mode": a.xdp_mode,
+                "reloads": a.reloads,
+                "last_reload_error": a.last_reload_error,
+            })).unwrap_or_else(|| json!({"running": false})),
+            "attached": self.links.iter().map(|l| json!({"link": l.name, "program_id": l.program_id})).collect::<Vec<_>>(),
+            "maps": {
+                "tracked_sources": self.tracked_sources,
+                "max_sources": self.max_sources,
+                "active_bans": self.bans.len(),
+                "max_bans": self.max_bans,
+                "sources_with_open_connections": self.open_connections.len(),
+                "allow_entries": self.allow_entries,
+                "deny_entries": self.deny_entries,
+            },
+            "counters": self.counters.iter().map(|(r, c)| (r.name().to_string(), json!({"packets": c.packets, "bytes": c.bytes, "verdict": verdict(*r)}))).collect::<serde_json::Map<_, _>>(),
+            "bans": self.bans.iter().map(|(k, b)| json!({
                 "source": source_addr(k).to_string(),
-                "remaining_seconds": (b.until_ns - now) as f64 / 1e9,
+                "remaining_seconds": (b.until_ns - self.now_ns) as f64 / 1e9,
             })).collect::<Vec<_>>(),
-            "open_connections": connections.iter().map(|(k, n)| json!({"source": source_addr(k).to_string(), "open": n})).collect::<Vec<_>>(),
-        });
-        println!("{}", serde_json::to_string_pretty(&doc)?);
-        return Ok(());
+            "open_connections": self.open_connections.iter().map(|(k, n)| json!({"source": source_addr(k).to_string(), "open": n})).collect::<Vec<_>>(),
+        })
     }
-    println!("wsguard status (state pinned at {})", pin_dir.display());
-    println!("  tracked sources: {tracked}   active bans: {}   sources with open connections: {}", active_bans.len(), connections.len());
-    println!("{}", format_counters(&counters));
-    for (key, ban) in active_bans {
-        println!("  banned: {} for {:.0} s more", source_addr(key), (ban.until_ns - now) as f64 / 1e9);
+
+    pub fn to_text(&self) -> String {
+        let mut out = format!("wsguard status (state pinned at {})\n", self.pin_dir.display());
+        match &self.agent {
+            Some(a) => {
+                let loaded = std::time::UNIX_EPOCH + std::time::Duration::from_secs(a.config_loaded_at);
+                let ago = std::time::SystemTime::now().duration_since(loaded).map(|d| d.as_secs()).unwrap_or(0);
+                out += &format!(
+                    "  agent: running (pid {}), config {} loaded {ago}s ago; interfaces {} (xdp mode {})\n",
+                    a.pid,
+                    a.config.display(),
+                    a.interfaces.join(", "),
+                    a.xdp_mode
+                );
+                if let Some(e) = &a.last_reload_error {
+                    out += &format!("  last reload rejected: {e}\n");
+                }
+            }
+            None => out += "  agent: not running\n",
+        }
+        if self.links.is_empty() {
+            out += "  attached: nothing (no pinned links)\n";
+        } else {
+            let links: Vec<String> = self
+                .links
+                .iter()
+                .map(|l| match l.program_id {
+                    Some(id) => format!("{} (program {id})", l.name),
+                    None => l.name.clone(),
+                })
+                .collect();
+            out += &format!("  attached: {}\n", links.join(", "));
+        }
+        let pct = |n: usize, max: u32| if max == 0 { 0.0 } else { n as f64 * 100.0 / max as f64 };
+        out += &format!(
+            "  tracked sources: {}/{} ({:.1}%)   active bans: {}/{}   sources with open connections: {}   allow entries: {}   deny entries: {}\n",
+            self.tracked_sources,
+            self.max_sources,
+            pct(self.tracked_sources, self.max_sources),
+            self.bans.len(),
+            self.max_bans,
+            self.open_connections.len(),
+            self.allow_entries,
+            self.deny_entries,
+        );
+        out += &format_counters(&self.counters);
+        for (key, ban) in &self.bans {
+            out += &format!("\n  banned: {} for {:.0} s more", source_addr(key), (ban.until_ns - self.now_ns) as f64 / 1e9);
+        }
+        out
     }
-    Ok(())
 }

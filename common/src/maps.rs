@@ -101,8 +101,15 @@ pub struct SourceState {
     /// Limit drops seen in the current window.
     pub window_drops: u32,
     pub _pad: u32,
+    /// Totals for `wsguard top` (updated without atomics: approximate when
+    /// several CPUs serve one source at once).
+    pub total_packets: u64,
+    pub total_bytes: u64,
+    pub drops_connection_rate: u64,
+    pub drops_byte_rate: u64,
+    pub drops_concurrency: u64,
 }
-assert_size!(SourceState, 48);
+assert_size!(SourceState, 88);
 
 /// An active ban. Expiry is enforced by the kernel on lookup.
 #[repr(C)]

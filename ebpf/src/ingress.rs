@@ -70,7 +70,14 @@ fn judge_segment(ctx: &XdpContext, settings: &Settings, segment: &TcpSegment, le
     if let Some(state) = source_state(&key) {
         // SAFETY: a map value pointer, valid for the duration of the program.
         let state = unsafe { &mut *state };
+        state.total_packets += 1;
+        state.total_bytes += len;
         if let Some(reason) = per_source_limits(settings, segment, &key, state, now, len) {
+            match reason {
+                Reason::ConnectionRate => state.drops_connection_rate += 1,
+                Reason::ByteRate => state.drops_byte_rate += 1,
+                _ => state.drops_concurrency += 1,
+            }
             record_limit_drop(ctx, settings, &key, state, now);
             return reason;
         }

@@ -37,6 +37,10 @@ pub struct Agent {
     pub config_file: tempfile::NamedTempFile,
     stdout: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<Vec<String>>>,
+    /// Remove the pins when the agent goes (off for restart tests).
+    cleanup: bool,
+    /// Threads copying stdout and stderr; joined at exit so no line is lost.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Agent {
@@ -95,9 +99,11 @@ impl Agent {
         let (ready_tx, ready_rx) = mpsc::channel();
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
-        forward(child.stdout.take().unwrap(), stdout.clone(), Some(ready_tx));
-        forward(child.stderr.take().unwrap(), stderr.clone(), None);
-        let mut agent = Agent { child: Some(child), pin_path, config_file, stdout, stderr };
+        let readers = vec![
+            forward(child.stdout.take().unwrap(), stdout.clone(), Some(ready_tx)),
+            forward(child.stderr.take().unwrap(), stderr.clone(), None),
+        ];
+        let mut agent = Agent { child: Some(child), pin_path, config_file, stdout, stderr, cleanup: true, readers };
         match ready_rx.recv_timeout(Duration::from_secs(20)) {
             Ok(()) => Ok(agent),
             Err(_) => {
@@ -148,7 +154,45 @@ impl Agent {
         Ok((status, self.stdout()))
     }
 
+    /// SIGTERM and a clean exit, leaving the pins (and whatever the agent
+    /// left attached) for a later agent.
+    pub fn stop_keeping_state(mut self) -> Result<(ExitStatus, Vec<String>)> {
+        self.cleanup = false;
+        self.stop()
+    }
+
+    /// `kill -9`: no chance to clean up anything.
+    pub fn kill(mut self) -> Result<()> {
+        self.cleanup = false;
+        let mut child = self.child.take().context("the agent was already gone")?;
+        child.kill()?;
+        child.wait()?;
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        Ok(())
+    }
+
+    /// Runs `wsguard ARGS… --pin-path <this agent's pin path>`.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(binary())
+            .args(args)
+            .arg("--pin-path")
+            .arg(&self.pin_path)
+            .output()
+            .expect("running wsguard")
+    }
+
     fn stop_now(&mut self) -> Option<ExitStatus> {
+        let status = self.terminate();
+        if self.cleanup {
+            let _ = wsguard::kernel::unpin_all(&pin_dir(&self.pin_path));
+            let _ = std::fs::remove_dir(&self.pin_path);
+        }
+        status
+    }
+
+    fn terminate(&mut self) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -162,9 +206,9 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        // A clean exit removes the pins; a killed agent leaves them.
-        let _ = wsguard::kernel::unpin_all(&pin_dir(&self.pin_path));
-        let _ = std::fs::remove_dir(&self.pin_path);
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
         Some(status)
     }
 }
@@ -175,11 +219,18 @@ impl Drop for Agent {
     }
 }
 
+/// Removes the pins an agent left at `pin_path` (with `cleanup` off), so that
+/// links left attached go too.
+pub fn remove_state(pin_path: &std::path::Path) {
+    let _ = wsguard::kernel::unpin_all(&pin_dir(pin_path));
+    let _ = std::fs::remove_dir(pin_path);
+}
+
 fn forward(
     stream: impl std::io::Read + Send + 'static,
     lines: Arc<Mutex<Vec<String>>>,
     ready: Option<mpsc::Sender<()>>,
-) {
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         for line in BufReader::new(stream).lines().map_while(Result::ok) {
             if let Some(tx) = &ready {
@@ -192,5 +243,5 @@ fn forward(
             }
             lines.lock().unwrap().push(line);
         }
-    });
+    })
 }

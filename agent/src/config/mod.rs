@@ -480,25 +480,26 @@ fn bucket<Q: Quantity>(
     })
 }
 
-/// CIDRs or plain addresses. Host bits must be zero: "10.0.0.1/24" is
-/// probably a typo for "10.0.0.0/24", and silently widening it would be wrong.
-fn parse_cidrs(entries: &[Spanned<String>], key: &str) -> Result<Vec<IpNet>, Invalid> {
-    let mut out = Vec::new();
-    for entry in entries {
-        let text = entry.get_ref().trim();
-        let net = match text.parse::<IpNet>() {
-            Ok(net) => net,
-            Err(_) => match text.parse::<std::net::IpAddr>() {
-                Ok(addr) => IpNet::from(addr),
-                Err(_) => return Err(at(entry, format!("{key}: \"{text}\" is not a CIDR (such as 198.51.100.0/24 or 2001:db8::/32) or an address"))),
-            },
-        };
-        if net.trunc() != net {
-            return Err(at(entry, format!("{key}: \"{text}\" has host bits set; did you mean {}?", net.trunc())));
-        }
-        out.push(net);
+/// A CIDR or a plain address (a /32 or /128). Host bits must be zero:
+/// "10.0.0.1/24" is probably a typo for "10.0.0.0/24", and silently widening
+/// it would be wrong.
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    let text = text.trim();
+    let net = match text.parse::<IpNet>() {
+        Ok(net) => net,
+        Err(_) => match text.parse::<std::net::IpAddr>() {
+            Ok(addr) => IpNet::from(addr),
+            Err(_) => return Err(format!("\"{text}\" is not a CIDR (such as 198.51.100.0/24 or 2001:db8::/32) or an address")),
+        },
+    };
+    if net.trunc() != net {
+        return Err(format!("\"{text}\" has host bits set; did you mean {}?", net.trunc()));
     }
-    Ok(out)
+    Ok(net)
+}
+
+fn parse_cidrs(entries: &[Spanned<String>], key: &str) -> Result<Vec<IpNet>, Invalid> {
+    entries.iter().map(|entry| parse_cidr(entry.get_ref()).map_err(|e| at(entry, format!("{key}: {e}")))).collect()
 }
 
 impl Config {

@@ -1,6 +1,6 @@
 //! Loading, configuring and attaching the kernel programs.
 
-mod lists;
+pub mod lists;
 mod pins;
 mod system;
 

@@ -12,7 +12,10 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use aya::{
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray},
+    programs::links::{FdLink, PinnedLink},
+};
 use ipnet::IpNet;
 use tracing::warn;
 use wsguard_common::{
@@ -121,6 +124,25 @@ impl PinnedState {
             .unwrap_or_default();
         names.sort();
         names
+    }
+
+    /// A map's capacity (max_entries).
+    pub fn capacity(&self, name: &str) -> Result<u32> {
+        Ok(self.map(name)?.info()?.max_entries())
+    }
+
+    /// Pinned links with the id of the program each runs.
+    pub fn links(&self) -> Vec<(String, Option<u32>)> {
+        self.attached_links()
+            .into_iter()
+            .map(|name| {
+                let id = PinnedLink::from_pin(link_path(&self.dir, &name))
+                    .ok()
+                    .and_then(|l| FdLink::from(l).info().ok())
+                    .map(|i| i.program_id());
+                (name, id)
+            })
+            .collect()
     }
 
     pub fn counters(&self) -> Result<Vec<(Reason, Counter)>> {

@@ -1,0 +1,220 @@
+//! Operating the agent: status and top match the traffic sent, runtime
+//! allow/deny entries and bans through the CLI, reload through the CLI,
+//! restarts after SIGTERM or `kill -9` that keep bans, lists and counters,
+//! and fail-closed versus fail-open while no agent runs.
+
+use std::{net::SocketAddr, path::PathBuf, process::Output, time::Duration};
+
+use anyhow::{Result, ensure};
+use wsguard_common::Reason;
+use wsguard_tests::{
+    Agent, Lab, Setup,
+    agent::remove_state,
+    peers::{EchoServer, connect_from, connection_flood, echo, ws_connect},
+    wait_until,
+};
+
+const SECOND: Duration = Duration::from_secs(1);
+const DROPPED: Duration = Duration::from_millis(900);
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// Removes an agent's pins when a restart test ends, however it ends.
+struct StateGuard(PathBuf);
+
+impl Drop for StateGuard {
+    fn drop(&mut self) {
+        remove_state(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_top_match_the_traffic_sent() -> Result<()> {
+    let Setup { agent, server: _server, addr, lab } = Setup::start(
+        "[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"5/m\"\nnew_connections_burst = 5\n[ban]\nafter_drops = 0\n",
+    )
+    .await?;
+    // Five connections pass, five more are dropped for the rate.
+    for i in 0..5 {
+        let mut ws = ws_connect(&lab.client, lab.client_v4(6).into(), addr, SECOND).await?;
+        echo(&mut ws, &format!("{i}"), SECOND).await?;
+    }
+    for _ in 0..5 {
+        ensure!(connect_from(&lab.client, lab.client_v4(6).into(), addr, Duration::from_millis(300)).await.is_err());
+    }
+    let out = agent.cli(&["status", "--json"]);
+    ensure!(out.status.success(), "{}", text(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(doc["counters"]["connection_rate"]["packets"] == 5, "{doc}");
+    ensure!(doc["counters"]["connection_rate"]["verdict"] == "dropped");
+    ensure!(doc["counters"]["passed"]["packets"].as_u64() >= Some(5 * 3), "{doc}");
+    ensure!(doc["maps"]["tracked_sources"] == 1, "{doc}");
+    ensure!(doc["agent"]["running"] == true && doc["agent"]["interfaces"][0] == lab.server_if.as_str(), "{doc}");
+    ensure!(doc["attached"].as_array().map(|a| a.iter().any(|l| l["link"] == format!("xdp-{}", lab.server_if))) == Some(true), "{doc}");
+    let human = text(&agent.cli(&["status"]));
+    ensure!(human.contains("connection_rate") && human.contains("agent: running"), "{human}");
+
+    // top, during a flood, puts the flooding source first.
+    let flood = connection_flood(&lab.client, lab.client_v4(20).into(), addr, 2 * SECOND, 32, Duration::from_millis(200));
+    let top = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let pin = agent.pin_path.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(wsguard_tests::agent::binary())
+                .args(["top", "--once", "--interval", "500ms", "--pin-path"])
+                .arg(pin)
+                .output()
+        })
+        .await
+    };
+    let (_, top) = tokio::join!(flood, top);
+    let top = top??;
+    let first = String::from_utf8_lossy(&top.stdout).lines().nth(1).unwrap_or_default().to_string();
+    ensure!(first.starts_with(&lab.client_v4(20).to_string()), "top:\n{}", text(&top));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_deny_and_allow_take_effect_at_once_and_expire() -> Result<()> {
+    let Setup { agent, server: _server, addr, lab } = Setup::start(
+        "[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"1/m\"\nnew_connections_burst = 1\n[ban]\nafter_drops = 0\n",
+    )
+    .await?;
+    let source = lab.client_v4(7);
+    let mut ws = ws_connect(&lab.client, source.into(), addr, SECOND).await?;
+    echo(&mut ws, "before", SECOND).await?;
+
+    // A deny added at run time drops the very next packet, even on an
+    // established connection.
+    let out = agent.cli(&["deny", "add", &format!("{source}/32"), "--ttl", "2s"]);
+    ensure!(out.status.success(), "{}", text(&out));
+    ensure!(echo(&mut ws, "after deny", Duration::from_millis(500)).await.is_err(), "echo through a deny");
+    let list = text(&agent.cli(&["deny", "list"]));
+    ensure!(list.contains(&format!("{source}/32\truntime\texpires in")), "{list}");
+    // The TTL runs out in the kernel: the connection resumes by itself.
+    wait_until("the deny to expire", 4 * SECOND, || {
+        (!text(&agent.cli(&["deny", "list"])).contains(&source.to_string())).then_some(())
+    })
+    .await?;
+
+    // A runtime allow exempts a source from its (exhausted) rate at once.
+    ensure!(connect_from(&lab.client, source.into(), addr, DROPPED).await.is_err(), "rate of 1/m should hold");
+    ensure!(agent.cli(&["allow", "add", &source.to_string()]).status.success());
+    connect_from(&lab.client, source.into(), addr, SECOND).await?;
+    let out = agent.cli(&["allow", "del", &source.to_string()]);
+    ensure!(out.status.success(), "{}", text(&out));
+    ensure!(connect_from(&lab.client, source.into(), addr, DROPPED).await.is_err(), "allow removed, rate applies again");
+
+    // Bad input: exit code 2 and the reason; removing what is not there: 1.
+    let out = agent.cli(&["deny", "add", "198.18.0.1/8"]);
+    ensure!(out.status.code() == Some(2) && text(&out).contains("did you mean 198.0.0.0/8?"), "{}", text(&out));
+    let out = agent.cli(&["deny", "add", "198.18.0.0/24", "--ttl", "5"]);
+    ensure!(out.status.code() == Some(2) && text(&out).contains("has no unit"), "{}", text(&out));
+    let out = agent.cli(&["deny", "del", "198.51.100.0/24"]);
+    ensure!(out.status.code() == Some(1) && text(&out).contains("not in the list"), "{}", text(&out));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_through_the_cli_keeps_bans_and_state_and_refuses_bad_configs() -> Result<()> {
+    let body = |rate: &str| {
+        format!("[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"{rate}\"\nnew_connections_burst = 3\n[ban]\nafter_drops = 3\nduration = \"1h\"\n")
+    };
+    let Setup { agent, server: _server, addr, lab } = Setup::start(&body("3/m")).await?;
+    let banned = lab.client_v4(8);
+    connection_flood(&lab.client, banned.into(), addr, SECOND, 16, Duration::from_millis(200)).await?;
+    agent.wait_counter(Reason::BanStarted, 1, SECOND).await?;
+    let tracked_before = agent.state()?.tracked_sources()?.len();
+
+    let header = std::fs::read_to_string(agent.config_file.path())?;
+    let header = header[..header.find("[protect]").unwrap()].to_string();
+    std::fs::write(agent.config_file.path(), format!("{header}{}", body("30/m")))?;
+    let out = agent.cli(&["reload"]);
+    ensure!(out.status.success() && text(&out).contains("reloaded"), "{}", text(&out));
+    let bans = text(&agent.cli(&["bans", "list"]));
+    ensure!(bans.contains(&banned.to_string()), "the ban did not survive the reload: {bans}");
+    ensure!(agent.state()?.tracked_sources()?.len() >= tracked_before, "per-source state was reset");
+    ensure!(connect_from(&lab.client, banned.into(), addr, DROPPED).await.is_err(), "banned source connected after reload");
+
+    std::fs::write(agent.config_file.path(), format!("{header}[protect]\nports = [80, 80]\n"))?;
+    let out = agent.cli(&["reload"]);
+    ensure!(out.status.code() == Some(2), "{}", text(&out));
+    ensure!(text(&out).contains("port 80 is listed twice"), "{}", text(&out));
+    ensure!(connect_from(&lab.client, banned.into(), addr, DROPPED).await.is_err(), "the old config stopped enforcing");
+
+    // Lifting the ban by hand lets the source back in.
+    let out = agent.cli(&["bans", "del", &banned.to_string()]);
+    ensure!(out.status.success(), "{}", text(&out));
+    connect_from(&lab.client, banned.into(), addr, SECOND).await?;
+    let out = agent.cli(&["bans", "del", &banned.to_string()]);
+    ensure!(out.status.code() == Some(1), "{}", text(&out));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_then_run_keeps_bans_lists_and_counters() -> Result<()> {
+    let lab = Lab::new()?;
+    let _server = EchoServer::start(&lab.server, 8080).await?;
+    let body = "[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"3/m\"\nnew_connections_burst = 3\n[ban]\nafter_drops = 3\nduration = \"1h\"\n";
+    let addr = SocketAddr::new(lab.server_v4().into(), 8080);
+    let first = Agent::start(&lab, body)?;
+    let _guard = StateGuard(first.pin_path.clone());
+    let banned = lab.client_v4(8);
+    let denied = lab.client_v4(9);
+    connection_flood(&lab.client, banned.into(), addr, SECOND, 16, Duration::from_millis(200)).await?;
+    first.wait_counter(Reason::BanStarted, 1, SECOND).await?;
+    ensure!(first.cli(&["deny", "add", &denied.to_string()]).status.success());
+    let dropped_before = first.counter(Reason::ConnectionRate).packets;
+    first.kill()?;
+
+    let second = Agent::start(&lab, body)?;
+    ensure!(text(&second.cli(&["bans", "list"])).contains(&banned.to_string()), "ban lost across kill -9");
+    ensure!(text(&second.cli(&["deny", "list"])).contains(&denied.to_string()), "runtime deny lost across kill -9");
+    ensure!(second.counter(Reason::ConnectionRate).packets == dropped_before, "counters lost across kill -9");
+    ensure!(connect_from(&lab.client, banned.into(), addr, DROPPED).await.is_err(), "ban not enforced after restart");
+    ensure!(connect_from(&lab.client, denied.into(), addr, DROPPED).await.is_err(), "deny not enforced after restart");
+    let mut ws = ws_connect(&lab.client, lab.client_v4(2).into(), addr, SECOND).await?;
+    echo(&mut ws, "after restart", SECOND).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_closed_keeps_dropping_while_no_agent_runs_and_fail_open_does_not() -> Result<()> {
+    let lab = Lab::new()?;
+    let _server = EchoServer::start(&lab.server, 8080).await?;
+    let addr = SocketAddr::new(lab.server_v4().into(), 8080);
+    let denied = lab.client_v4(9);
+    let body = format!("[protect]\nports = [8080]\n[lists]\ndeny = [\"{denied}\"]\n");
+
+    let agent = Agent::start_with_agent_keys(&lab, "keep_enforcing_on_exit = true", &body)?;
+    let _guard = StateGuard(agent.pin_path.clone());
+    let pin_path = agent.pin_path.clone();
+    let mut ws = ws_connect(&lab.client, lab.client_v4(2).into(), addr, SECOND).await?;
+    let (status, stdout) = agent.stop_keeping_state()?;
+    ensure!(status.success() && stdout.iter().any(|l| l.contains("the programs stay attached")), "{stdout:?}");
+    // No agent runs: the kernel still drops the denied source, still counts,
+    // and other clients carry on.
+    let status_out = std::process::Command::new(wsguard_tests::agent::binary())
+        .args(["status", "--json", "--pin-path"])
+        .arg(&pin_path)
+        .output()?;
+    let doc: serde_json::Value = serde_json::from_slice(&status_out.stdout)?;
+    ensure!(doc["agent"]["running"] == false, "{doc}");
+    let before = doc["counters"]["deny_list"]["packets"].as_u64().unwrap_or(0);
+    ensure!(connect_from(&lab.client, denied.into(), addr, DROPPED).await.is_err(), "fail-closed let a denied source in");
+    echo(&mut ws, "while the agent is down", SECOND).await?;
+    let after = wsguard::kernel::PinnedState::open(&wsguard::kernel::pin_dir(&pin_path))?.counter(Reason::DenyList)?.packets;
+    ensure!(after > before, "the kernel stopped counting while the agent was down");
+
+    // The next agent takes the running programs over; with fail-open it
+    // detaches them on exit.
+    let agent = Agent::start(&lab, &body)?;
+    wait_until("the takeover to be reported", SECOND, || agent.stdout().iter().any(|l| l.contains("took over")).then_some(())).await?;
+    ensure!(connect_from(&lab.client, denied.into(), addr, DROPPED).await.is_err());
+    let (status, _) = agent.stop_keeping_state()?;
+    ensure!(status.success());
+    connect_from(&lab.client, denied.into(), addr, SECOND).await?;
+    Ok(())
+}
