@@ -53,6 +53,8 @@ pub struct Snapshot {
     pub agent: Option<AgentFile>,
     pub links: Vec<LinkStatus>,
     pub counters: Vec<(Reason, Counter)>,
+    /// What dry-run counted instead of dropping.
+    pub would_drop: Vec<(Reason, Counter)>,
     pub tracked_sources: usize,
     pub max_sources: u32,
     /// Active bans.
@@ -74,6 +76,7 @@ impl Snapshot {
             agent: AgentFile::read_running(state.dir()),
             links: state.links().into_iter().map(|(name, program_id)| LinkStatus { name, program_id }).collect(),
             counters: state.counters()?,
+            would_drop: state.would_drop()?,
             tracked_sources: state.tracked_sources()?.len(),
             max_sources: state.capacity(names::SOURCES)?,
             bans,
@@ -113,6 +116,7 @@ impl Snapshot {
                 "deny_entries": self.deny_entries,
             },
             "counters": self.counters.iter().map(|(r, c)| (r.name().to_string(), json!({"packets": c.packets, "bytes": c.bytes, "verdict": verdict(*r)}))).collect::<serde_json::Map<_, _>>(),
+            "would_drop": self.would_drop.iter().filter(|(r, _)| r.is_drop() || *r == Reason::BanStarted).map(|(r, c)| (r.name().to_string(), json!({"packets": c.packets, "bytes": c.bytes}))).collect::<serde_json::Map<_, _>>(),
             "bans": self.bans.iter().map(|(k, b)| json!({
                 "source": source_addr(k).to_string(),
                 "remaining_seconds": (b.until_ns - self.now_ns) as f64 / 1e9,
@@ -166,6 +170,15 @@ impl Snapshot {
             self.deny_entries,
         );
         out += &format_counters(&self.counters);
+        let dry: Vec<String> = self
+            .would_drop
+            .iter()
+            .filter(|(_, c)| c.packets != 0)
+            .map(|(r, c)| format!("{} {} packets", r.name(), c.packets))
+            .collect();
+        if !dry.is_empty() {
+            out += &format!("\n  dry run would have dropped: {}", dry.join(", "));
+        }
         for (key, ban) in &self.bans {
             out += &format!("\n  banned: {} for {:.0} s more", source_addr(key), (ban.until_ns - self.now_ns) as f64 / 1e9);
         }

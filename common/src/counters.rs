@@ -68,6 +68,17 @@ reasons! {
     ConnectionClosed = 15, "connection_closed", false;
 }
 
+/// Slots per set of counters; the map holds two sets: what was done, then
+/// (from `REASONS` on) what dry-run would have done.
+pub const REASONS: u32 = 16;
+const _: () = assert!(Reason::ALL.len() as u32 == REASONS);
 /// Number of slots in the counters map.
-pub const COUNTER_SLOTS: u32 = 16;
-const _: () = assert!(Reason::ALL.len() as u32 == COUNTER_SLOTS);
+pub const COUNTER_SLOTS: u32 = 2 * REASONS;
+
+impl Reason {
+    /// Counter slot of this reason, in the dry-run set when `dry_run`.
+    #[inline(always)]
+    pub const fn slot(self, dry_run: bool) -> u32 {
+        self as u32 + if dry_run { REASONS } else { 0 }
+    }
+}

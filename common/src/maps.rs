@@ -75,13 +75,36 @@ pub struct Settings {
     pub global_bytes: BucketParams,
     /// Drops within `ban_window_ns` that earn a ban; 0 = bans off.
     pub ban_after_drops: u32,
-    pub _pad: u32,
+    /// Rule families in dry-run ([`Settings::DRY_RUN_LIMITS`], …): their
+    /// drops are counted as would-drop and the packet passes.
+    pub dry_run: u32,
     pub ban_window_ns: u64,
     pub ban_duration_ns: u64,
 }
 assert_size!(Settings, 8 + 32 + 4 * 32 + 8 + 16);
 
 impl Settings {
+    /// Limits, concurrency, and the bans they earn.
+    pub const DRY_RUN_LIMITS: u32 = 1;
+    /// Allow/deny lists.
+    pub const DRY_RUN_LISTS: u32 = 2;
+    /// Malformed-packet drops.
+    pub const DRY_RUN_MALFORMED: u32 = 4;
+    /// Everything (`agent.dry_run`).
+    pub const DRY_RUN_ALL: u32 = 0xff;
+
+    /// Whether a drop for `reason` is only counted, under the dry-run flags.
+    #[inline(always)]
+    pub fn is_dry_run(&self, reason: crate::Reason) -> bool {
+        use crate::Reason::*;
+        let family = match reason {
+            DenyList => Self::DRY_RUN_LISTS,
+            Malformed => Self::DRY_RUN_MALFORMED,
+            _ => Self::DRY_RUN_LIMITS,
+        };
+        self.dry_run & family != 0
+    }
+
     /// The key a source is tracked under: its address aggregated to the
     /// configured IPv4 or IPv6 prefix.
     #[inline(always)]

@@ -83,10 +83,10 @@ fn opened(ctx: &SockOpsContext) {
     }
     let key = tracking_key(settings, &source);
     if !increment(&key) {
-        count(Reason::ConnectionUntracked, 0);
+        count(Reason::ConnectionUntracked, 0, false);
         return;
     }
-    count(Reason::ConnectionOpened, 0);
+    count(Reason::ConnectionOpened, 0, false);
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
 
@@ -116,7 +116,7 @@ fn closed(ctx: &SockOpsContext) {
     let Some(open) = CONNECTIONS.get_ptr_mut(&key) else { return };
     // Adding 2^64 - 1 is subtracting one, with the same atomic add.
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(open, u64::MAX) };
-    count(Reason::ConnectionClosed, 0);
+    count(Reason::ConnectionClosed, 0, false);
     // Drop the entry at zero so idle sources leave the map. A connection
     // opened on another CPU in between can lose its count here; the limit then
     // errs by one towards letting a connection through, never towards blocking.

@@ -29,8 +29,14 @@ pub fn run(ctx: &XdpContext) -> u32 {
             if is_allow_listed(&source, now_ns()) { Reason::AllowListed } else { Reason::Malformed }
         }
     };
-    count(reason, frame.len());
-    if reason.is_drop() { xdp_action::XDP_DROP } else { xdp_action::XDP_PASS }
+    if !reason.is_drop() {
+        count(reason, frame.len(), false);
+        return xdp_action::XDP_PASS;
+    }
+    // A family in dry-run only counts what it would have dropped.
+    let dry_run = settings.is_dry_run(reason);
+    count(reason, frame.len(), dry_run);
+    if dry_run { xdp_action::XDP_PASS } else { xdp_action::XDP_DROP }
 }
 
 /// Rules that depend only on the source: allow list, deny list, ban.
@@ -157,10 +163,14 @@ fn record_limit_drop(ctx: &XdpContext, settings: &Settings, key: &SourceKey, sta
         return;
     }
     state.window_drops = 0;
+    if settings.is_dry_run(Reason::Banned) {
+        count(Reason::BanStarted, 0, true);
+        return;
+    }
     let ban = Ban { since_ns: now, until_ns: now + settings.ban_duration_ns };
     match BANS.insert(key, &ban, 0) {
         Ok(()) => {
-            count(Reason::BanStarted, 0);
+            count(Reason::BanStarted, 0, false);
             info!(
                 ctx,
                 "ban started: source {:i} for {} s",
@@ -168,6 +178,6 @@ fn record_limit_drop(ctx: &XdpContext, settings: &Settings, key: &SourceKey, sta
                 settings.ban_duration_ns / 1_000_000_000
             );
         }
-        Err(_) => count(Reason::BanMapFull, 0),
+        Err(_) => count(Reason::BanMapFull, 0, false),
     }
 }

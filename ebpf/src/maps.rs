@@ -91,9 +91,11 @@ pub fn tracking_key(settings: &Settings, source: &SourceKey) -> SourceKey {
     settings.tracking_key(source)
 }
 
+/// Counts a packet (or an event) under `reason`, in the dry-run set when the
+/// verdict was only counted.
 #[inline(always)]
-pub fn count(reason: Reason, bytes: u64) {
-    if let Some(c) = COUNTERS.get_ptr_mut(reason as u32) {
+pub fn count(reason: Reason, bytes: u64, dry_run: bool) {
+    if let Some(c) = COUNTERS.get_ptr_mut(reason.slot(dry_run)) {
         // Per-CPU slot: no other CPU writes it.
         unsafe {
             (*c).packets += 1;

@@ -25,7 +25,12 @@ impl XdpHarness {
     /// Loads the programs with `body` as the config (an `[agent]` section
     /// naming an interface is added; nothing is attached).
     pub fn new(body: &str) -> Result<XdpHarness> {
-        let text = format!("[agent]\ninterfaces = [\"lo\"]\n\n{body}");
+        XdpHarness::with_agent_keys("", body)
+    }
+
+    /// Like [`XdpHarness::new`], with extra lines for `[agent]`.
+    pub fn with_agent_keys(agent_keys: &str, body: &str) -> Result<XdpHarness> {
+        let text = format!("[agent]\ninterfaces = [\"lo\"]\n{agent_keys}\n\n{body}");
         let config = Config::parse(Path::new("test.toml"), &text)?;
         Ok(XdpHarness { kernel: Kernel::load(&config, None)? })
     }
@@ -54,6 +59,11 @@ impl XdpHarness {
 
     pub fn packets(&self, reason: Reason) -> u64 {
         self.counters()[&reason].packets
+    }
+
+    /// Packets dry-run counted as would-drop under `reason`.
+    pub fn would_drop(&self, reason: Reason) -> u64 {
+        self.kernel.would_drop().expect("reading counters").into_iter().find(|(r, _)| *r == reason).map_or(0, |(_, c)| c.packets)
     }
 
     /// Every counter that is not zero, for exact assertions.

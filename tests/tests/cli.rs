@@ -61,6 +61,7 @@ fn run_refuses_a_bad_config_before_touching_the_kernel() {
 fn run_names_a_missing_interface() {
     let f = config_file("[agent]\ninterfaces = [\"wsg-missing0\"]\npin_path = \"/sys/fs/bpf/wsguard-test-missing-if\"\n[protect]\nports = [80]\n");
     let out = wsguard(&["run", "--config", f.path().to_str().unwrap()]);
+    wsguard_tests::agent::remove_state(std::path::Path::new("/sys/fs/bpf/wsguard-test-missing-if"));
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("cannot attach XDP (auto) to interface wsg-missing0"), "{}", stderr(&out));
 }

@@ -218,3 +218,36 @@ async fn fail_closed_keeps_dropping_while_no_agent_runs_and_fail_open_does_not()
     connect_from(&lab.client, denied.into(), addr, SECOND).await?;
     Ok(())
 }
+
+/// The same flood, enforced and in dry run: dry run drops nothing and counts
+/// as would-drop exactly what enforcing drops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_drops_nothing_and_counts_what_enforcing_drops() -> Result<()> {
+    let mut dropped = Vec::new();
+    for dry_run in [false, true] {
+        let Setup { agent, server, addr, lab } = Setup::start(&format!(
+            "[protect]\nports = [8080]\n[limits]\ndry_run = {dry_run}\n[limits.per_source]\nnew_connections = \"5/m\"\nnew_connections_burst = 5\n[ban]\nafter_drops = 0\n"
+        ))
+        .await?;
+        let mut connected = 0;
+        for _ in 0..30 {
+            // One SYN per attempt: the timeout comes before any retransmission.
+            connected += u32::from(connect_from(&lab.client, lab.client_v4(5).into(), addr, Duration::from_millis(300)).await.is_ok());
+        }
+        let state = agent.state()?;
+        let counted = |set: Vec<(Reason, wsguard_common::Counter)>| set.into_iter().find(|(r, _)| *r == Reason::ConnectionRate).unwrap().1.packets;
+        let (done, would) = (counted(state.counters()?), counted(state.would_drop()?));
+        if dry_run {
+            ensure!(connected == 30 && done == 0, "dry run dropped: {connected} connected, {done} dropped");
+            wait_until("every connection accepted", SECOND, || (server.accepted() >= 30).then_some(())).await?;
+            let status = text(&agent.cli(&["status"]));
+            ensure!(status.contains("dry run would have dropped: connection_rate 25 packets"), "{status}");
+            dropped.push(would);
+        } else {
+            ensure!(connected == 5 && would == 0, "enforcing: {connected} connected, {would} would-drop");
+            dropped.push(done);
+        }
+    }
+    ensure!(dropped[0] == 25 && dropped[1] == dropped[0], "enforced drops {} vs dry-run would-drops {}", dropped[0], dropped[1]);
+    Ok(())
+}

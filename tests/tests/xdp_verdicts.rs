@@ -331,3 +331,45 @@ fn rst_and_ack_segments_are_byte_counted_but_open_nothing() {
     assert_eq!(h.run(&Packet::syn(v4(2), PORT).bytes()), XDP_PASS, "the one connection token is still there");
     assert_eq!(h.packets(Reason::Passed), 5);
 }
+
+#[test]
+fn dry_run_counts_would_drop_and_passes_per_family() {
+    let limits = "new_connections = \"1/m\"\nnew_connections_burst = 1\nbytes = \"100MiB/s\"\nbytes_burst = \"100MiB\"\nconcurrent_connections = 0";
+    // Limits in dry run, deny list enforced.
+    let h = XdpHarness::new(&format!(
+        "[protect]\nports = [{PORT}]\n[limits]\ndry_run = true\n[limits.per_source]\n{limits}\n[ban]\nafter_drops = 2\n[lists]\ndeny = [\"198.18.0.66\"]\n"
+    ))
+    .unwrap();
+    let syn = Packet::syn(v4(2), PORT).bytes();
+    assert_eq!([h.run(&syn), h.run(&syn), h.run(&syn)], [XDP_PASS; 3]);
+    assert_eq!(h.would_drop(Reason::ConnectionRate), 2);
+    assert_eq!(h.packets(Reason::ConnectionRate), 0, "nothing dropped");
+    assert_eq!(h.would_drop(Reason::BanStarted), 1, "the ban it would have earned is counted");
+    assert!(h.ban(&SourceKey::from_v4([198, 18, 0, 2])).is_none(), "but not imposed");
+    assert_eq!(h.run(&Packet::syn(v4(66), PORT).bytes()), XDP_DROP, "the deny list still enforces");
+
+    // Lists in dry run, limits enforced.
+    let h = XdpHarness::new(&format!(
+        "[protect]\nports = [{PORT}]\n[limits.per_source]\n{limits}\n[ban]\nafter_drops = 0\n[lists]\ndry_run = true\ndeny = [\"198.18.0.66\"]\n"
+    ))
+    .unwrap();
+    assert_eq!(h.run(&Packet::syn(v4(66), PORT).bytes()), XDP_PASS);
+    assert_eq!(h.would_drop(Reason::DenyList), 1);
+    assert_eq!([h.run(&syn), h.run(&syn)], [XDP_PASS, XDP_DROP], "limits still enforce");
+
+    // agent.dry_run: everything, malformed segments included.
+    let h = XdpHarness::with_agent_keys(
+        "dry_run = true",
+        &format!("[protect]\nports = [{PORT}]\n[limits.per_source]\n{limits}\n[lists]\ndeny = [\"198.18.0.66\"]\n"),
+    )
+    .unwrap();
+    let malformed = Packet::syn(v4(3), PORT).with(|p| p.tcp_doff = 4).bytes();
+    for frame in [&syn, &syn, &Packet::syn(v4(66), PORT).bytes(), &malformed] {
+        assert_eq!(h.run(frame), XDP_PASS);
+    }
+    assert_eq!(h.nonzero(), vec![(Reason::Passed, 1)]);
+    assert_eq!(
+        [h.would_drop(Reason::ConnectionRate), h.would_drop(Reason::DenyList), h.would_drop(Reason::Malformed)],
+        [1, 1, 1]
+    );
+}

@@ -83,6 +83,9 @@ pub struct Agent {
     /// when the agent exits, so enforcement goes on while it is down.
     #[serde(default)]
     pub keep_enforcing_on_exit: bool,
+    /// Count and report everything, drop nothing.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 fn default_pin_path() -> PathBuf {
@@ -186,6 +189,9 @@ impl Default for GlobalLimits {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
+    /// Count what the limits (and the bans they earn) would drop; drop nothing for them.
+    #[serde(default)]
+    pub dry_run: bool,
     #[serde(default)]
     pub per_source: SourceLimits,
     #[serde(default)]
@@ -223,6 +229,9 @@ impl Default for Ban {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Lists {
+    /// Count what the deny list would drop; drop nothing for it.
+    #[serde(default)]
+    pub dry_run: bool,
     #[serde(default)]
     pub allow: Vec<Spanned<String>>,
     #[serde(default)]
@@ -407,7 +416,11 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
         global_connections,
         global_bytes,
         ban_after_drops: ban.after_drops,
-        _pad: 0,
+        dry_run: if agent.dry_run {
+            Settings::DRY_RUN_ALL
+        } else {
+            (if limits.dry_run { Settings::DRY_RUN_LIMITS } else { 0 }) | (if lists.dry_run { Settings::DRY_RUN_LISTS } else { 0 })
+        },
         ban_window_ns: ban.window.get_ref().nanos(),
         ban_duration_ns: ban.duration.get_ref().nanos(),
     };
@@ -544,7 +557,21 @@ impl Config {
         let list = |v: &[IpNet]| if v.is_empty() { "none".to_string() } else { v.iter().map(IpNet::to_string).collect::<Vec<_>>().join(", ") };
         let _ = writeln!(s, "  allow: {}", list(&self.allow));
         let _ = writeln!(s, "  deny: {}", list(&self.deny));
-        let _ = write!(s, "  tracking: up to {} sources, {} bans", self.max_sources, self.max_bans);
+        let _ = writeln!(s, "  tracking: up to {} sources, {} bans", self.max_sources, self.max_bans);
+        let dry = self.settings.dry_run;
+        let mode = if dry == 0 {
+            "enforcing".to_string()
+        } else if dry == Settings::DRY_RUN_ALL {
+            "dry run: everything counted as would-drop, nothing dropped".to_string()
+        } else {
+            let families: Vec<&str> = [(Settings::DRY_RUN_LIMITS, "limits and bans"), (Settings::DRY_RUN_LISTS, "deny list")]
+                .iter()
+                .filter(|(bit, _)| dry & bit != 0)
+                .map(|(_, name)| *name)
+                .collect();
+            format!("dry run for {} (counted as would-drop), enforcing the rest", families.join(" and "))
+        };
+        let _ = write!(s, "  mode: {mode}");
         s
     }
 }

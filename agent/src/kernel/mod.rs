@@ -246,9 +246,18 @@ impl Kernel {
     }
 
     pub fn counters(&self) -> Result<Vec<(Reason, Counter)>> {
+        self.counter_set(false)
+    }
+
+    /// What dry-run counted as would-drop (and would-ban).
+    pub fn would_drop(&self) -> Result<Vec<(Reason, Counter)>> {
+        self.counter_set(true)
+    }
+
+    fn counter_set(&self, dry_run: bool) -> Result<Vec<(Reason, Counter)>> {
         let map = self.ebpf.map(names::COUNTERS).context("counters map")?;
         let counters: PerCpuArray<&MapData, Counter> = PerCpuArray::try_from(map)?;
-        sum_counters(&counters)
+        sum_counters(&counters, dry_run)
     }
 }
 
@@ -266,12 +275,16 @@ fn attach_error(interface: &str, mode: XdpMode, e: aya::programs::ProgramError) 
     anyhow::anyhow!("cannot attach XDP ({mode}) to interface {interface}{hint}: {detail}")
 }
 
-/// Sums a per-CPU counters array into one value per reason.
-pub fn sum_counters<T: std::borrow::Borrow<MapData>>(counters: &PerCpuArray<T, Counter>) -> Result<Vec<(Reason, Counter)>> {
+/// Sums a per-CPU counters array into one value per reason, for what was
+/// done or (with `dry_run`) what dry-run would have done.
+pub fn sum_counters<T: std::borrow::Borrow<MapData>>(
+    counters: &PerCpuArray<T, Counter>,
+    dry_run: bool,
+) -> Result<Vec<(Reason, Counter)>> {
     Reason::ALL
         .iter()
         .map(|&reason| {
-            let per_cpu = counters.get(&(reason as u32), 0)?;
+            let per_cpu = counters.get(&reason.slot(dry_run), 0)?;
             let total = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
                 packets: acc.packets + c.packets,
                 bytes: acc.bytes + c.bytes,

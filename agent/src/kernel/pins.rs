@@ -146,8 +146,17 @@ impl PinnedState {
     }
 
     pub fn counters(&self) -> Result<Vec<(Reason, Counter)>> {
+        self.counter_set(false)
+    }
+
+    /// What dry-run counted as would-drop (and would-ban).
+    pub fn would_drop(&self) -> Result<Vec<(Reason, Counter)>> {
+        self.counter_set(true)
+    }
+
+    fn counter_set(&self, dry_run: bool) -> Result<Vec<(Reason, Counter)>> {
         let map: PerCpuArray<MapData, Counter> = PerCpuArray::try_from(Map::PerCpuArray(self.map(names::COUNTERS)?))?;
-        super::sum_counters(&map)
+        super::sum_counters(&map, dry_run)
     }
 
     pub fn counter(&self, reason: Reason) -> Result<Counter> {
