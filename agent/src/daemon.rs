@@ -1,30 +1,49 @@
-//! `wsguard run`: load, attach, enforce until told to stop, detach.
+//! `wsguard run`: load, attach, enforce until told to stop, then detach or
+//! (fail-closed) leave the programs enforcing.
 
-use std::{os::fd::AsRawFd, path::Path};
+use std::{
+    os::fd::AsRawFd,
+    path::Path,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
+use sd_notify::NotifyState;
+use serde_json::json;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
 };
 use tracing::{error, info, warn};
+use wsguard_common::Event;
 
 use crate::{
     agent_file::{self, AgentFile},
     config::Config,
+    events::{BanEnd, BanWatch, EventSink, source_prefix},
     kernel::{self, Kernel},
+    metrics::{self, AgentCounters},
     status,
 };
+
+type Sink = Arc<Mutex<EventSink>>;
 
 pub async fn run(config_path: &Path) -> Result<()> {
     let mut config = Config::load(config_path)?;
     kernel::check_privileges()?;
     kernel::raise_memlock();
     let pins = kernel::pin_dir(&kernel::resolve_pin_path(&config.agent.pin_path, true)?);
+    let counters = Arc::new(AgentCounters::default());
+    let sink: Sink = Arc::new(Mutex::new(EventSink::open(&config.events_output, counters.clone())?));
 
     let mut kernel = Kernel::load(&config, Some(&pins))?;
     spawn_kernel_log_drain(&mut kernel)?;
+    spawn_kernel_events(&mut kernel, sink.clone(), &config)?;
     let takeover = kernel.attach(&config)?;
+    if let Some(listen) = config.metrics_listen {
+        metrics::serve(listen, pins.clone(), counters.clone()).await?;
+    }
 
     println!(
         "wsguard {}: enforcing {} (state pinned at {})\n{}",
@@ -46,16 +65,23 @@ pub async fn run(config_path: &Path) -> Result<()> {
         ..Default::default()
     };
     agent_file.write(&pins)?;
+    sink.lock().unwrap().emit(
+        "agent_started",
+        json!({"config": agent_file.config, "interfaces": agent_file.interfaces, "dry_run": config.settings.dry_run != 0, "took_over": takeover.interfaces}),
+    );
+    notify(&[NotifyState::Ready]);
 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut hangup = signal(SignalKind::hangup())?;
-    let mut housekeeping = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+    let mut ban_watch = BanWatch::default();
     loop {
         tokio::select! {
             _ = terminate.recv() => { info!("SIGTERM: stopping"); break; }
             _ = interrupt.recv() => { info!("interrupted: stopping"); break; }
             _ = hangup.recv() => {
+                notify(&[NotifyState::Reloading]);
                 agent_file.reloads += 1;
                 match reload(&mut kernel, &config) {
                     Ok(new) => {
@@ -64,33 +90,65 @@ pub async fn run(config_path: &Path) -> Result<()> {
                         config = new;
                         agent_file.config_loaded_at = agent_file::now_unix();
                         agent_file.last_reload_error = None;
+                        counters.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                        sink.lock().unwrap().emit("config_reloaded", json!({"config": agent_file.config}));
                     }
                     Err(e) => {
                         error!("reload rejected, the running config keeps enforcing: {e:#}");
                         agent_file.last_reload_error = Some(format!("{e:#}"));
+                        counters.reloads_rejected.fetch_add(1, Ordering::Relaxed);
+                        sink.lock().unwrap().emit("config_rejected", json!({"config": agent_file.config, "error": format!("{e:#}")}));
                     }
                 }
                 if let Err(e) = agent_file.write(&pins) {
                     warn!("cannot update the agent file: {e:#}");
                 }
+                notify(&[NotifyState::Ready]);
             }
             _ = housekeeping.tick() => {
-                match kernel.sweep_expired_lists(kernel::monotonic_ns()) {
-                    Ok(swept) => for (allow, net) in swept {
-                        info!("runtime {} entry {net} expired", if allow { "allow" } else { "deny" });
-                    },
-                    Err(e) => warn!("cannot sweep expired list entries: {e:#}"),
+                if let Err(e) = housekeep(&mut kernel, &config, &sink, &mut ban_watch) {
+                    warn!("housekeeping: {e:#}");
                 }
             }
         }
     }
 
+    notify(&[NotifyState::Stopping]);
     AgentFile::remove(&pins);
     let counters = kernel.counters()?;
     let keep = config.agent.keep_enforcing_on_exit;
     kernel.release(keep)?;
+    sink.lock().unwrap().emit("agent_stopped", json!({"programs_stay_attached": keep}));
     let how = if keep { "stopped; the programs stay attached (keep_enforcing_on_exit)" } else { "detached" };
     println!("wsguard: {how}; counters at exit:\n{}", status::format_counters(&counters));
+    Ok(())
+}
+
+/// systemd readiness and state (a no-op outside systemd).
+fn notify(state: &[NotifyState]) {
+    let _ = sd_notify::notify(state);
+}
+
+/// Once a second: expire runtime list entries, notice bans that ended, and
+/// close the events window.
+fn housekeep(kernel: &mut Kernel, config: &Config, sink: &Sink, ban_watch: &mut BanWatch) -> Result<()> {
+    let now = kernel::monotonic_ns();
+    let mut sink = sink.lock().unwrap();
+    for (allow, net) in kernel.sweep_expired_lists(now)? {
+        sink.emit("list_entry_expired", json!({"list": if allow { "allow" } else { "deny" }, "cidr": net.to_string()}));
+    }
+    let (ended, expired) = ban_watch.update(&kernel.bans()?, now);
+    for key in expired {
+        let _ = kernel.remove_ban(&key);
+    }
+    for (key, end) in ended {
+        let how = match end {
+            BanEnd::Expired => "expired",
+            BanEnd::Lifted => "lifted",
+        };
+        sink.emit("ban_ended", json!({"source": source_prefix(&key, config.ipv4_prefix, config.ipv6_prefix), "how": how}));
+    }
+    sink.roll_window();
     Ok(())
 }
 
@@ -105,6 +163,8 @@ fn reload(kernel: &mut Kernel, current: &Config) -> Result<Config> {
         ("agent.cgroup", current.agent.cgroup != new.agent.cgroup),
         ("tracking.max_sources", current.max_sources != new.max_sources),
         ("tracking.max_bans", current.max_bans != new.max_bans),
+        ("metrics.listen", current.metrics_listen != new.metrics_listen),
+        ("events.output", current.events_output != new.events_output),
         (
             "limits.per_source.concurrent_connections (turning it on or off)",
             (current.settings.max_concurrent == 0) != (new.settings.max_concurrent == 0),
@@ -116,6 +176,37 @@ fn reload(kernel: &mut Kernel, current: &Config) -> Result<Config> {
     }
     kernel.apply(&new)?;
     Ok(new)
+}
+
+/// Reads the kernel's event records (bans started) into the event sink.
+fn spawn_kernel_events(kernel: &mut Kernel, sink: Sink, config: &Config) -> Result<()> {
+    let ring = kernel.take_events()?;
+    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(std::io::Error::from)
+        .context("cannot poll the events ring buffer")?;
+    let (v4, v6) = (config.ipv4_prefix, config.ipv6_prefix);
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut ready) = ring.readable_mut().await else { break };
+            while let Some(item) = ready.get_inner_mut().next() {
+                if item.len() < std::mem::size_of::<Event>() {
+                    continue;
+                }
+                // SAFETY: the kernel wrote an Event; read it unaligned.
+                let event: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                if event.kind == Event::BAN_STARTED {
+                    let seconds = event.until_ns.saturating_sub(kernel::monotonic_ns()) as f64 / 1e9;
+                    sink.lock().unwrap().emit(
+                        "ban_started",
+                        json!({"source": source_prefix(&event.source, v4, v6), "duration_seconds": seconds.round(), "dry_run": event.dry_run != 0}),
+                    );
+                }
+            }
+            ready.clear_ready();
+        }
+    });
+    Ok(())
 }
 
 /// Forwards the kernel programs' aya-log records (ban started, ...) to the

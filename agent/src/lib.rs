@@ -6,6 +6,8 @@ pub mod agent_file;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod events;
 pub mod kernel;
+pub mod metrics;
 pub mod status;
 pub mod top;

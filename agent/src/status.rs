@@ -46,12 +46,21 @@ pub struct LinkStatus {
     pub program_id: Option<u32>,
 }
 
+/// Run statistics of an attached program (zero unless the kernel keeps
+/// them: sysctl kernel.bpf_stats_enabled=1).
+pub struct ProgramStats {
+    pub link: String,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+}
+
 /// Everything `status` shows, read at one moment.
 pub struct Snapshot {
     pub pin_dir: PathBuf,
     /// The running agent, if any.
     pub agent: Option<AgentFile>,
     pub links: Vec<LinkStatus>,
+    pub programs: Vec<ProgramStats>,
     pub counters: Vec<(Reason, Counter)>,
     /// What dry-run counted instead of dropping.
     pub would_drop: Vec<(Reason, Counter)>,
@@ -71,10 +80,20 @@ impl Snapshot {
         let now_ns = monotonic_ns();
         let bans = state.bans()?.into_iter().filter(|(_, b)| b.until_ns > now_ns).collect();
         let applies = |allow| -> Result<usize> { Ok(state.list_entries(allow)?.iter().filter(|(_, e)| e.applies(now_ns)).count()) };
+        let links: Vec<LinkStatus> = state.links().into_iter().map(|(name, program_id)| LinkStatus { name, program_id }).collect();
+        let infos: Vec<_> = aya::programs::loaded_programs().filter_map(|p| p.ok()).collect();
+        let programs = links
+            .iter()
+            .filter_map(|l| {
+                let info = infos.iter().find(|i| Some(i.id()) == l.program_id)?;
+                Some(ProgramStats { link: l.name.clone(), run_count: info.run_count(), run_time_ns: info.run_time().as_nanos() as u64 })
+            })
+            .collect();
         Ok(Snapshot {
             pin_dir: state.dir().to_owned(),
             agent: AgentFile::read_running(state.dir()),
-            links: state.links().into_iter().map(|(name, program_id)| LinkStatus { name, program_id }).collect(),
+            links,
+            programs,
             counters: state.counters()?,
             would_drop: state.would_drop()?,
             tracked_sources: state.tracked_sources()?.len(),

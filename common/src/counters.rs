@@ -66,11 +66,14 @@ reasons! {
     ConnectionOpened = 14, "connection_opened", false;
     /// Event: a counted connection closed (sock_ops).
     ConnectionClosed = 15, "connection_closed", false;
+    /// Event: an event record did not fit in the ring buffer (the agent is
+    /// behind or down).
+    EventsLost = 16, "events_lost", false;
 }
 
 /// Slots per set of counters; the map holds two sets: what was done, then
 /// (from `REASONS` on) what dry-run would have done.
-pub const REASONS: u32 = 16;
+pub const REASONS: u32 = 17;
 const _: () = assert!(Reason::ALL.len() as u32 == REASONS);
 /// Number of slots in the counters map.
 pub const COUNTER_SLOTS: u32 = 2 * REASONS;

@@ -11,7 +11,7 @@ pub mod source;
 
 pub use bucket::{BucketParams, TokenBucket};
 pub use counters::{Counter, Reason};
-pub use maps::{Ban, ListEntry, LpmKey, Settings, SourceState};
+pub use maps::{Ban, Event, ListEntry, LpmKey, Settings, SourceState};
 pub use source::SourceKey;
 
 /// Asserts at compile time that a shared type has exactly the expected size,
@@ -34,5 +34,6 @@ mod pod {
     unsafe impl aya::Pod for Ban {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for ListEntry {}
+    unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for maps::GlobalState {}
 }

@@ -1,6 +1,6 @@
 //! Map names and the values stored in them.
 
-use crate::{BucketParams, TokenBucket, assert_size};
+use crate::{BucketParams, SourceKey, TokenBucket, assert_size};
 
 /// Names of the maps, as declared by the kernel programs.
 pub mod names {
@@ -13,6 +13,7 @@ pub mod names {
     pub const CONNECTIONS: &str = "WSG_CONNS";
     pub const GLOBAL: &str = "WSG_GLOBAL";
     pub const COUNTERS: &str = "WSG_COUNTERS";
+    pub const EVENTS: &str = "WSG_EVENTS";
 }
 
 /// Names of the programs.
@@ -142,6 +143,26 @@ pub struct Ban {
     pub until_ns: u64,
 }
 assert_size!(Ban, 16);
+
+/// A record the kernel hands to the agent through the events ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// One of the `Event::*` kinds.
+    pub kind: u32,
+    /// Non-zero when dry run only counted it (a ban not imposed).
+    pub dry_run: u32,
+    pub source: SourceKey,
+    pub until_ns: u64,
+}
+assert_size!(Event, 32);
+
+impl Event {
+    pub const BAN_STARTED: u32 = 1;
+}
+
+/// Size of the events ring buffer (a power of two, a multiple of the page size).
+pub const EVENTS_BYTES: u32 = 256 * 1024;
 
 /// Global buckets, shared by all non-allow-listed sources.
 #[repr(C)]

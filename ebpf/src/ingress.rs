@@ -3,11 +3,11 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use aya_log_ebpf::info;
-use wsguard_common::{Ban, Reason, Settings, SourceKey, SourceState};
+use wsguard_common::{Ban, Event, Reason, Settings, SourceKey, SourceState};
 
 use crate::{
     maps::{
-        BANS, CONNECTIONS, GLOBAL, SOURCES, count, is_allow_listed, is_deny_listed, now_ns, settings,
+        BANS, CONNECTIONS, GLOBAL, SOURCES, count, emit, is_allow_listed, is_deny_listed, now_ns, settings,
         tracking_key,
     },
     parse::{Frame, Parsed, TcpSegment, parse},
@@ -163,14 +163,17 @@ fn record_limit_drop(ctx: &XdpContext, settings: &Settings, key: &SourceKey, sta
         return;
     }
     state.window_drops = 0;
+    let until_ns = now + settings.ban_duration_ns;
     if settings.is_dry_run(Reason::Banned) {
         count(Reason::BanStarted, 0, true);
+        emit(&Event { kind: Event::BAN_STARTED, dry_run: 1, source: *key, until_ns });
         return;
     }
-    let ban = Ban { since_ns: now, until_ns: now + settings.ban_duration_ns };
+    let ban = Ban { since_ns: now, until_ns };
     match BANS.insert(key, &ban, 0) {
         Ok(()) => {
             count(Reason::BanStarted, 0, false);
+            emit(&Event { kind: Event::BAN_STARTED, dry_run: 0, source: *key, until_ns });
             info!(
                 ctx,
                 "ban started: source {:i} for {} s",

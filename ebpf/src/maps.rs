@@ -4,12 +4,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use wsguard_common::{
     Ban, Counter, ListEntry, LpmKey, Reason, Settings, SourceKey, SourceState,
     counters::COUNTER_SLOTS,
-    maps::{GlobalState, LIST_CAPACITY, PORT_SLOTS},
+    maps::{EVENTS_BYTES, GlobalState, LIST_CAPACITY, PORT_SLOTS},
 };
 
 #[map(name = "WSG_SETTINGS")]
@@ -41,8 +41,21 @@ pub static CONNECTIONS: HashMap<SourceKey, u64> = HashMap::with_max_entries(1024
 #[map(name = "WSG_GLOBAL")]
 pub static GLOBAL: Array<GlobalState> = Array::with_max_entries(1, 0);
 
+/// Records for the agent (bans started); bounded, so a flood of events
+/// loses records (counted) rather than memory.
+#[map(name = "WSG_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
 #[map(name = "WSG_COUNTERS")]
 pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// Hands an event to the agent, counting it as lost when the buffer is full.
+#[inline(always)]
+pub fn emit(event: &wsguard_common::Event) {
+    if EVENTS.output::<wsguard_common::Event>(event, 0).is_err() {
+        count(Reason::EventsLost, 0, false);
+    }
+}
 
 #[inline(always)]
 pub fn settings() -> Option<&'static Settings> {

@@ -262,6 +262,49 @@ impl Default for Tracking {
     }
 }
 
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// Address for Prometheus text exposition at /metrics; "" turns it off.
+    #[serde(default = "d_metrics_listen")]
+    pub listen: Spanned<String>,
+}
+
+fn d_metrics_listen() -> Spanned<String> {
+    Spanned::new(0..0, "127.0.0.1:9464".to_string())
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics { listen: d_metrics_listen() }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Events {
+    /// "stdout", or the path of a file to append JSON lines to.
+    #[serde(default = "d_events_output")]
+    pub output: Spanned<String>,
+}
+
+fn d_events_output() -> Spanned<String> {
+    Spanned::new(0..0, "stdout".to_string())
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Events { output: d_events_output() }
+    }
+}
+
+/// Where event records go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventsOutput {
+    Stdout,
+    File(PathBuf),
+}
+
 /// The file as written.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -276,6 +319,10 @@ struct RawConfig {
     lists: Lists,
     #[serde(default)]
     tracking: Tracking,
+    #[serde(default)]
+    metrics: Metrics,
+    #[serde(default)]
+    events: Events,
 }
 
 /// A validated configuration.
@@ -292,6 +339,9 @@ pub struct Config {
     pub deny: Vec<IpNet>,
     pub max_sources: u32,
     pub max_bans: u32,
+    /// Where /metrics is served; `None` when off.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    pub events_output: EventsOutput,
     /// What the kernel programs read, derived once here.
     pub settings: Settings,
 }
@@ -336,7 +386,7 @@ fn at<T>(value: &Spanned<T>, reason: impl Into<String>) -> Invalid {
 }
 
 fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
-    let RawConfig { agent, protect, limits, ban, lists, tracking } = raw;
+    let RawConfig { agent, protect, limits, ban, lists, tracking, metrics, events } = raw;
 
     if agent.interfaces.get_ref().is_empty() {
         return Err(at(&agent.interfaces, "agent.interfaces is empty: name at least one interface to protect"));
@@ -406,6 +456,20 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
         return Err(at(&tracking.max_bans, format!("tracking.max_bans must be 1 to {MAX_BANS}, not {max_bans}")));
     }
 
+    let listen = metrics.listen.get_ref().trim();
+    let metrics_listen = if listen.is_empty() {
+        None
+    } else {
+        Some(listen.parse::<std::net::SocketAddr>().map_err(|_| {
+            at(&metrics.listen, format!("metrics.listen \"{listen}\" is not an address:port such as \"127.0.0.1:9464\" (\"\" turns metrics off)"))
+        })?)
+    };
+    let events_output = match events.output.get_ref().as_str() {
+        "stdout" => EventsOutput::Stdout,
+        path if Path::new(path).is_absolute() => EventsOutput::File(PathBuf::from(path)),
+        other => return Err(at(&events.output, format!("events.output \"{other}\" must be \"stdout\" or an absolute file path"))),
+    };
+
     let settings = Settings {
         enabled: 1,
         max_concurrent: source.concurrent_connections,
@@ -436,6 +500,8 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
         deny,
         max_sources,
         max_bans,
+        metrics_listen,
+        events_output,
         settings,
     })
 }

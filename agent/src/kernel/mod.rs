@@ -235,6 +235,24 @@ impl Kernel {
         Ok(())
     }
 
+    /// The events ring buffer, for the agent to read (once).
+    pub fn take_events(&mut self) -> Result<aya::maps::RingBuf<MapData>> {
+        let map = self.ebpf.take_map(names::EVENTS).context("events map")?;
+        Ok(aya::maps::RingBuf::try_from(map)?)
+    }
+
+    pub fn bans(&self) -> Result<Vec<(SourceKey, wsguard_common::Ban)>> {
+        let map: HashMap<&MapData, SourceKey, wsguard_common::Ban> =
+            HashMap::try_from(self.ebpf.map(names::BANS).context("bans map")?)?;
+        Ok(map.iter().filter_map(|r| r.ok()).collect())
+    }
+
+    pub fn remove_ban(&mut self, key: &SourceKey) -> Result<()> {
+        let mut map: HashMap<&mut MapData, SourceKey, wsguard_common::Ban> = HashMap::try_from(self.map_mut(names::BANS)?)?;
+        map.remove(key)?;
+        Ok(())
+    }
+
     /// Removes runtime list entries whose TTL has passed.
     pub fn sweep_expired_lists(&mut self, now_ns: u64) -> Result<Vec<(bool, IpNet)>> {
         let mut swept = Vec::new();

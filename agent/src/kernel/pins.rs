@@ -21,7 +21,7 @@ use tracing::warn;
 use wsguard_common::{
     Ban, Counter, ListEntry, Reason, Settings, SourceKey, SourceState,
     counters::COUNTER_SLOTS,
-    maps::{GlobalState, LAYOUT_VERSION, LIST_CAPACITY, PORT_SLOTS, names},
+    maps::{EVENTS_BYTES, GlobalState, LAYOUT_VERSION, LIST_CAPACITY, PORT_SLOTS, names},
 };
 
 use super::lists::{self, List};
@@ -37,7 +37,7 @@ pub fn link_path(pin_dir: &Path, link: &str) -> PathBuf {
 }
 
 /// (name, key size, value size, max entries) of every pinned map.
-fn expected_layouts(config: &Config) -> [(&'static str, u32, u32, u32); 9] {
+fn expected_layouts(config: &Config) -> [(&'static str, u32, u32, u32); 10] {
     let lpm_key = (4 + size_of::<[u8; 16]>()) as u32;
     let source_key = size_of::<SourceKey>() as u32;
     [
@@ -50,6 +50,7 @@ fn expected_layouts(config: &Config) -> [(&'static str, u32, u32, u32); 9] {
         (names::CONNECTIONS, source_key, size_of::<u64>() as u32, config.max_sources),
         (names::GLOBAL, 4, size_of::<GlobalState>() as u32, 1),
         (names::COUNTERS, 4, size_of::<Counter>() as u32, COUNTER_SLOTS),
+        (names::EVENTS, 0, 0, EVENTS_BYTES),
     ]
 }
 
