@@ -48,21 +48,26 @@ impl Agent {
     /// of the config (everything but `[agent]`), and waits until it reports
     /// that it enforces.
     pub fn start(lab: &Lab, body: &str) -> Result<Agent> {
-        Agent::launch(lab, "", body, Launch::Setns)
+        Agent::launch(lab, "", body, Launch::Setns, &[])
+    }
+
+    /// Like [`Agent::start`], with extra environment variables.
+    pub fn start_with_env(lab: &Lab, body: &str, env: &[(&str, &str)]) -> Result<Agent> {
+        Agent::launch(lab, "", body, Launch::Setns, env)
     }
 
     /// Like [`Agent::start`], with extra lines for the `[agent]` section.
     pub fn start_with_agent_keys(lab: &Lab, agent_keys: &str, body: &str) -> Result<Agent> {
-        Agent::launch(lab, agent_keys, body, Launch::Setns)
+        Agent::launch(lab, agent_keys, body, Launch::Setns, &[])
     }
 
     /// Starts the agent the way many operators do in a namespace:
     /// `ip netns exec NS wsguard run …`, which also gives it a private /sys.
     pub fn start_with_ip_netns_exec(lab: &Lab, body: &str) -> Result<Agent> {
-        Agent::launch(lab, "", body, Launch::IpNetnsExec)
+        Agent::launch(lab, "", body, Launch::IpNetnsExec, &[])
     }
 
-    fn launch(lab: &Lab, agent_keys: &str, body: &str, how: Launch) -> Result<Agent> {
+    fn launch(lab: &Lab, agent_keys: &str, body: &str, how: Launch, env: &[(&str, &str)]) -> Result<Agent> {
         let pin_path = PathBuf::from(format!("/sys/fs/bpf/wsguard-test-{}-{}", std::process::id(), lab.id));
         let config = format!(
             "[agent]\ninterfaces = [\"{}\"]\npin_path = \"{}\"\n{agent_keys}\n\n{body}",
@@ -91,6 +96,7 @@ impl Agent {
             .arg(config_file.path())
             .env("WSGUARD_LOG", "info,aya::bpf=error")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -251,3 +251,34 @@ async fn dry_run_drops_nothing_and_counts_what_enforcing_drops() -> Result<()> {
     ensure!(dropped[0] == 25 && dropped[1] == dropped[0], "enforced drops {} vs dry-run would-drops {}", dropped[0], dropped[1]);
     Ok(())
 }
+
+/// Under systemd (Type=notify) the agent reports ready once attached, and
+/// reloading and stopping on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_after_attach() -> Result<()> {
+    let lab = Lab::new()?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path)?;
+    socket.set_read_timeout(Some(5 * SECOND))?;
+    let agent = Agent::start_with_env(&lab, "[protect]\nports = [8080]\n", &[("NOTIFY_SOCKET", path.to_str().unwrap())])?;
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf)?;
+    ensure!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"), "{:?}", String::from_utf8_lossy(&buf[..n]));
+    // Ready comes after the XDP link exists.
+    ensure!(agent.state()?.attached_links().contains(&format!("xdp-{}", lab.server_if)));
+    agent.signal(libc::SIGHUP);
+    let n = socket.recv(&mut buf)?;
+    ensure!(String::from_utf8_lossy(&buf[..n]).contains("RELOADING=1"));
+    let (status, _) = agent.stop()?;
+    ensure!(status.success());
+    let mut saw_stopping = false;
+    while let Ok(n) = socket.recv(&mut buf) {
+        saw_stopping |= String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1");
+        if saw_stopping {
+            break;
+        }
+    }
+    ensure!(saw_stopping, "no STOPPING=1");
+    Ok(())
+}

@@ -54,9 +54,10 @@ pub fn ensure_build_tools() -> Result<()> {
     Ok(())
 }
 
-/// Programs the namespace tests drive: `ip` from iproute2.
+/// Programs the tests drive: `ip` (namespaces and veth pairs) and
+/// `systemd-analyze` (verifying the shipped unit).
 pub fn ensure_test_tools() -> Result<()> {
-    let missing: Vec<&str> = [("ip", "iproute2")]
+    let missing: Vec<&str> = [("ip", "iproute2"), ("systemd-analyze", "systemd")]
         .into_iter()
         .filter(|(bin, _)| quiet(Command::new("sh").args(["-c", &format!("command -v {bin}")])).is_none())
         .map(|(_, package)| package)
