@@ -85,6 +85,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 agent_file.reloads += 1;
                 match reload(&mut kernel, &config) {
                     Ok(new) => {
+                        if new.agent.keep_enforcing_on_exit != config.agent.keep_enforcing_on_exit {
+                            if let Err(e) = kernel.set_keep_enforcing(new.agent.keep_enforcing_on_exit) {
+                                warn!("cannot switch keep_enforcing_on_exit: {e:#}");
+                            }
+                        }
                         info!(config = %new.file.display(), "reloaded");
                         println!("wsguard: reloaded {}\n{}", new.file.display(), new.summary());
                         config = new;

@@ -164,7 +164,11 @@ impl Snapshot {
             None => out += "  agent: not running\n",
         }
         if self.links.is_empty() {
-            out += "  attached: nothing (no pinned links)\n";
+            out += match &self.agent {
+                Some(a) => format!("  attached: by the running agent only (fail-open: detached when it exits), on {}\n", a.interfaces.join(", ")),
+                None => "  attached: nothing\n".to_string(),
+            }
+            .as_str();
         } else {
             let links: Vec<String> = self
                 .links

@@ -48,8 +48,37 @@ pub struct Kernel {
     /// The versioned pin directory; `None` for programs loaded only to be
     /// run through BPF_PROG_TEST_RUN.
     pins: Option<PathBuf>,
-    /// Links this agent attached (or took over), pinned under `pins/links`.
-    links: Vec<PinnedLink>,
+    /// Links this agent attached (or took over).
+    links: Vec<Held>,
+}
+
+/// A link held by the agent: pinned (under `pins/links`, so it outlives the
+/// process: fail-closed) or only by its file descriptor (a crash detaches
+/// it: fail-open).
+enum Held {
+    Pinned { link: PinnedLink, path: PathBuf },
+    Owned { link: FdLink, path: PathBuf },
+}
+
+impl Held {
+    fn new(link: FdLink, path: PathBuf, pin: bool) -> Result<Held> {
+        Ok(if pin {
+            Held::Pinned { link: link.pin(&path).with_context(|| format!("cannot pin {}", path.display()))?, path }
+        } else {
+            Held::Owned { link, path }
+        })
+    }
+
+    /// Lets go: leaves the program attached (pinning it if needed) or detaches it.
+    fn release(self, keep_attached: bool) -> Result<()> {
+        match (self, keep_attached) {
+            (Held::Pinned { link, .. }, true) => drop(link),
+            (Held::Pinned { link, .. }, false) => drop(link.unpin()?),
+            (Held::Owned { link, path }, true) => drop(link.pin(&path).with_context(|| format!("cannot pin {}", path.display()))?),
+            (Held::Owned { link, .. }, false) => drop(link),
+        }
+        Ok(())
+    }
 }
 
 /// What `attach` found from an earlier run.
@@ -133,11 +162,14 @@ impl Kernel {
     }
 
     /// Attaches the XDP program to every configured interface and, when the
-    /// concurrency limit is on, the connection counter to the cgroup, and pins
-    /// the links. Links pinned by an earlier run are taken over: the XDP link
-    /// of an interface switches to the new program atomically, so no packet
-    /// goes unfiltered across a restart.
+    /// concurrency limit is on, the connection counter to the cgroup. Links
+    /// pinned by an earlier fail-closed run are taken over: the XDP link of
+    /// an interface switches to the new program atomically, so no packet goes
+    /// unfiltered across a restart. With `keep_enforcing_on_exit` the links
+    /// are pinned at once (a crash leaves them enforcing); otherwise only the
+    /// agent holds them (a crash detaches them).
     pub fn attach(&mut self, config: &Config) -> Result<Takeover> {
+        let pin = config.agent.keep_enforcing_on_exit;
         let dir = self.pins.clone().context("attaching needs a pin directory")?;
         let mut takeover = Takeover::default();
         let mode = match config.agent.xdp_mode {
@@ -161,7 +193,7 @@ impl Kernel {
                 Err(_) => xdp.attach(interface, mode).map_err(|e| attach_error(interface, config.agent.xdp_mode, e))?,
             };
             let link: FdLink = xdp.take_link(id)?.try_into().context("XDP attached without a BPF link (kernel older than 5.9?)")?;
-            self.links.push(link.pin(&path).with_context(|| format!("cannot pin {}", path.display()))?);
+            self.links.push(Held::new(link, path, pin)?);
             wanted.push(name);
         }
 
@@ -185,7 +217,7 @@ impl Kernel {
             if let Some(old) = previous {
                 drop(old.unpin()?);
             }
-            self.links.push(link.pin(&path).with_context(|| format!("cannot pin {}", path.display()))?);
+            self.links.push(Held::new(link, path, pin)?);
             wanted.push("sock_ops".to_string());
         } else if let Some(old) = previous {
             drop(old.unpin()?);
@@ -220,18 +252,29 @@ impl Kernel {
         Ok(())
     }
 
-    /// Lets go of the programs. With `keep_enforcing`, the pinned links keep
+    /// Lets go of the programs. With `keep_enforcing`, pinned links keep
     /// them attached while no agent runs (fail-closed); otherwise they are
     /// detached (fail-open). Maps stay pinned either way, so the next run
     /// starts from the same bans, buckets and counters.
     pub fn release(mut self, keep_enforcing: bool) -> Result<()> {
         for link in self.links.drain(..) {
-            if keep_enforcing {
-                drop(link);
-            } else {
-                drop(link.unpin()?);
-            }
+            link.release(keep_enforcing)?;
         }
+        Ok(())
+    }
+
+    /// Pins the links now (fail-closed) or unpins them (fail-open, a crash
+    /// then detaches them), after a reload changed `keep_enforcing_on_exit`.
+    pub fn set_keep_enforcing(&mut self, keep: bool) -> Result<()> {
+        let mut held = Vec::new();
+        for link in self.links.drain(..) {
+            held.push(match (link, keep) {
+                (Held::Owned { link, path }, true) => Held::new(link, path, true)?,
+                (Held::Pinned { link, path }, false) => Held::Owned { link: link.unpin()?, path },
+                (other, _) => other,
+            });
+        }
+        self.links = held;
         Ok(())
     }
 
