@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod events;
+pub mod handshake;
 pub mod kernel;
 pub mod metrics;
 pub mod status;

@@ -7,7 +7,7 @@ use tracing_subscriber::EnvFilter;
 use wsguard::{
     config::{Config, ConfigError, HumanDuration},
     control::{self, InputError},
-    daemon,
+    daemon, handshake,
     kernel::{self, PinnedState},
     status::Snapshot,
     top,
@@ -102,6 +102,30 @@ enum Command {
     Reload {
         #[command(flatten)]
         target: Target,
+    },
+    /// Handshake tickets (see "Tickets" in the README).
+    Ticket {
+        #[command(subcommand)]
+        action: TicketAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum TicketAction {
+    /// Mint a ticket for a client, printed on stdout.
+    Issue {
+        /// File holding the shared secret (at least 32 bytes).
+        #[arg(long)]
+        secret_file: PathBuf,
+        /// The client's address the ticket is bound to.
+        #[arg(long, required_unless_present = "unbound")]
+        ip: Option<String>,
+        /// Bind the ticket to no address (for policies with bind_to_source_ip = false).
+        #[arg(long, conflicts_with = "ip")]
+        unbound: bool,
+        /// How long the ticket is valid, e.g. "60s".
+        #[arg(long, default_value = "60s")]
+        ttl: String,
     },
 }
 
@@ -198,6 +222,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
         Command::Reload { target } => control::reload(&target.pin_dir()?),
+        Command::Ticket { action: TicketAction::Issue { secret_file, ip, unbound: _, ttl } } => {
+            let ttl = control::ttl(&ttl)?;
+            let address = ip
+                .map(|a| a.trim().parse::<IpAddr>().map_err(|_| InputError(format!("--ip: \"{a}\" is not an IP address"))))
+                .transpose()?;
+            let secret = handshake::ticket::read_secret(&secret_file)?;
+            let expires_at = wsguard::agent_file::now_unix() + ttl.0.as_secs().max(1);
+            println!("{}", handshake::ticket::mint(&secret, expires_at, address));
+            Ok(())
+        }
     }
 }
 

@@ -118,3 +118,24 @@ async fn run_under_ip_netns_exec() -> anyhow::Result<()> {
     anyhow::ensure!(line("concurrency").split_whitespace().nth(1).unwrap_or("0") != "0", "{stdout:?}");
     Ok(())
 }
+
+#[test]
+fn ticket_issue_mints_tickets_the_agent_accepts() {
+    use wsguard::handshake::ticket;
+    let secret = config_file("0123456789abcdef0123456789abcdef-a shared secret\n");
+    let out = wsguard(&["ticket", "issue", "--secret-file", secret.path().to_str().unwrap(), "--ip", "198.18.0.7", "--ttl", "60s"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let minted = String::from_utf8(out.stdout).unwrap();
+    let key = ticket::read_secret(secret.path()).unwrap();
+    let now = wsguard::agent_file::now_unix();
+    let opened = ticket::verify(&key, minted.trim(), "198.18.0.7".parse().unwrap(), now, 61, true).expect("valid ticket");
+    assert!((now + 59..=now + 60).contains(&opened.expires_at));
+
+    let short = config_file("too short");
+    let out = wsguard(&["ticket", "issue", "--secret-file", short.path().to_str().unwrap(), "--ip", "198.18.0.7"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("at least 32 are needed"), "{}", stderr(&out));
+    let out = wsguard(&["ticket", "issue", "--secret-file", secret.path().to_str().unwrap(), "--ip", "nope"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("\"nope\" is not an IP address"), "{}", stderr(&out));
+}
