@@ -7,7 +7,7 @@ use wsguard_common::{Ban, Event, Reason, Settings, SourceKey, SourceState};
 
 use crate::{
     maps::{
-        BANS, CONNECTIONS, GLOBAL, SOURCES, count, emit, is_allow_listed, is_deny_listed, now_ns, settings,
+        BANS, CONNECTIONS, GLOBAL, SOURCES, count, emit, is_allow_listed, is_deny_listed, is_protected_port, now_ns, settings,
         tracking_key,
     },
     parse::{Frame, Parsed, TcpSegment, parse},
@@ -21,6 +21,10 @@ pub fn run(ctx: &XdpContext) -> u32 {
     let frame = Frame { data: ctx.data(), end: ctx.data_end() };
     let reason = match parse(&frame) {
         Parsed::Other => return xdp_action::XDP_PASS,
+        Parsed::Tcp(segment) if !is_protected_port(segment.destination_port) => return xdp_action::XDP_PASS,
+        Parsed::Tcp(segment) if segment.bad_data_offset => {
+            if is_allow_listed(&segment.source, now_ns()) { Reason::AllowListed } else { Reason::Malformed }
+        }
         Parsed::Tcp(segment) => judge_segment(ctx, settings, &segment, frame.len()),
         Parsed::Fragment(source) => {
             source_rules(settings, &source, now_ns()).unwrap_or(Reason::PassedFragment)

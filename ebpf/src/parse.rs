@@ -1,5 +1,5 @@
-//! Header walk from Ethernet to TCP, over direct packet access
-//! (`data`..`data_end`), so XDP and TC programs share it.
+//! Header walk from Ethernet to TCP over any [`Packet`]: direct packet access
+//! for XDP and TC, helper loads for socket filters.
 //!
 //! Rules for odd packets (documented in the README, "Packet rules"):
 //! - Ethernet, VLAN or IP headers cut short, IPv4 with IHL < 5, a version
@@ -23,7 +23,6 @@ use network_types::{
 };
 use wsguard_common::SourceKey;
 
-use crate::maps::is_protected_port;
 
 /// VLAN tags (802.1Q / 802.1ad) walked before the IP header.
 pub const MAX_VLAN_TAGS: usize = 2;
@@ -43,72 +42,94 @@ const IPPROTO_MOBILITY: u8 = 135;
 const IPPROTO_HIP: u8 = 139;
 const IPPROTO_SHIM6: u8 = 140;
 
-/// A TCP segment to a protected port.
+/// A TCP segment, with what the programs need to know of it.
 pub struct TcpSegment {
-    /// Full source address (IPv4 as IPv4-mapped).
+    /// Full addresses (IPv4 as IPv4-mapped).
     pub source: SourceKey,
+    pub destination: SourceKey,
+    pub source_port: u16,
+    pub destination_port: u16,
     /// SYN without ACK: the start of a new connection.
     pub opens_connection: bool,
+    pub rst: bool,
+    /// Data offset below 5, or a header running past the packet.
+    pub bad_data_offset: bool,
+    /// TCP payload bytes (from the IP length, so Ethernet padding is not counted).
+    pub payload_len: usize,
 }
 
 pub enum Parsed {
-    /// Not TCP to a protected port: passed untouched, uncounted.
+    /// Not TCP we can see: passed untouched, uncounted.
     Other,
     Tcp(TcpSegment),
     Fragment(SourceKey),
     Malformed(SourceKey),
 }
 
-/// The packet bytes, `data..end`.
+/// Packet bytes, however a program type reaches them.
+pub trait Packet {
+    /// A copy of the `T` at `offset`, if the whole `T` lies inside the packet.
+    fn read<T: Copy>(&self, offset: usize) -> Option<T>;
+}
+
+/// Direct packet access, `data..end` (XDP, TC).
 pub struct Frame {
     pub data: usize,
     pub end: usize,
 }
 
 impl Frame {
-    /// A pointer to a `T` at `offset`, if the whole `T` lies inside the packet.
-    #[inline(always)]
-    fn at<T>(&self, offset: usize) -> Option<&T> {
-        let start = self.data + offset;
-        if start + size_of::<T>() > self.end {
-            return None;
-        }
-        // SAFETY: bounds checked against data_end above; headers are read-only
-        // byte structs with alignment 1 (or 2 for EtherType fields, which the
-        // kernel's packet layout guarantees).
-        Some(unsafe { &*(start as *const T) })
-    }
-
     pub fn len(&self) -> u64 {
         (self.end - self.data) as u64
     }
 }
 
+impl Packet for Frame {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        let start = self.data + offset;
+        if start + size_of::<T>() > self.end {
+            return None;
+        }
+        // SAFETY: bounds checked against data_end above; an unaligned read of
+        // plain header bytes.
+        Some(unsafe { core::ptr::read_unaligned(start as *const T) })
+    }
+}
+
+/// From the Ethernet header on (XDP, TC).
 #[inline(always)]
-pub fn parse(frame: &Frame) -> Parsed {
-    let Some(eth) = frame.at::<EthHdr>(0) else { return Parsed::Other };
+pub fn parse<P: Packet>(packet: &P) -> Parsed {
+    let Some(eth) = packet.read::<EthHdr>(0) else { return Parsed::Other };
     let mut ether_type = eth.ether_type;
     let mut offset = EthHdr::LEN;
     for _ in 0..MAX_VLAN_TAGS {
         if ether_type != EtherType::Ieee8021q as u16 && ether_type != EtherType::Ieee8021ad as u16 {
             break;
         }
-        let Some(vlan) = frame.at::<VlanHdr>(offset) else { return Parsed::Other };
+        let Some(vlan) = packet.read::<VlanHdr>(offset) else { return Parsed::Other };
         ether_type = vlan.ether_type;
         offset += VlanHdr::LEN;
     }
+    parse_network(packet, ether_type, offset)
+}
+
+/// From the network header at `offset`, given the EtherType (network byte
+/// order as read from the frame).
+#[inline(always)]
+pub fn parse_network<P: Packet>(packet: &P, ether_type: u16, offset: usize) -> Parsed {
     if ether_type == EtherType::Ipv4 as u16 {
-        ipv4(frame, offset)
+        ipv4(packet, offset)
     } else if ether_type == EtherType::Ipv6 as u16 {
-        ipv6(frame, offset)
+        ipv6(packet, offset)
     } else {
         Parsed::Other
     }
 }
 
 #[inline(always)]
-fn ipv4(frame: &Frame, offset: usize) -> Parsed {
-    let Some(ip) = frame.at::<Ipv4Hdr>(offset) else { return Parsed::Other };
+fn ipv4<P: Packet>(packet: &P, offset: usize) -> Parsed {
+    let Some(ip) = packet.read::<Ipv4Hdr>(offset) else { return Parsed::Other };
     let header_len = ip.ihl() as usize;
     if ip.version() != 4 || header_len < Ipv4Hdr::LEN || ip.proto != IPPROTO_TCP {
         return Parsed::Other;
@@ -117,36 +138,39 @@ fn ipv4(frame: &Frame, offset: usize) -> Parsed {
     if ip.frag_offset() != 0 {
         return Parsed::Fragment(source);
     }
-    tcp(frame, offset + header_len, source)
+    let end = offset + (u16::from_be_bytes(ip.tot_len) as usize & 0xffff);
+    tcp(packet, offset + header_len, end, source, SourceKey::from_v4(ip.dst_addr))
 }
 
 #[inline(always)]
-fn ipv6(frame: &Frame, offset: usize) -> Parsed {
-    let Some(ip) = frame.at::<Ipv6Hdr>(offset) else { return Parsed::Other };
+fn ipv6<P: Packet>(packet: &P, offset: usize) -> Parsed {
+    let Some(ip) = packet.read::<Ipv6Hdr>(offset) else { return Parsed::Other };
     if ip.version() != 6 {
         return Parsed::Other;
     }
     let source = SourceKey::from_v6(ip.src_addr);
+    let destination = SourceKey::from_v6(ip.dst_addr);
+    let end = offset + Ipv6Hdr::LEN + (u16::from_be_bytes(ip.payload_len) as usize & 0xffff);
     let mut next = ip.next_hdr;
     let mut l4 = offset + Ipv6Hdr::LEN;
     for _ in 0..MAX_IPV6_EXTENSIONS {
         match next {
-            IPPROTO_TCP => return tcp(frame, l4, source),
+            IPPROTO_TCP => return tcp(packet, l4, end, source, destination),
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_MOBILITY | IPPROTO_HIP
             | IPPROTO_SHIM6 => {
                 // Next header, then length in 8-octet units not counting the first.
-                let Some(ext) = frame.at::<[u8; 2]>(l4) else { return Parsed::Other };
+                let Some(ext) = packet.read::<[u8; 2]>(l4) else { return Parsed::Other };
                 next = ext[0];
                 l4 += (ext[1] as usize + 1) * 8;
             }
             IPPROTO_AH => {
                 // Length in 4-octet units minus 2 (RFC 4302).
-                let Some(ext) = frame.at::<[u8; 2]>(l4) else { return Parsed::Other };
+                let Some(ext) = packet.read::<[u8; 2]>(l4) else { return Parsed::Other };
                 next = ext[0];
                 l4 += (ext[1] as usize + 2) * 4;
             }
             IPPROTO_FRAGMENT => {
-                let Some(ext) = frame.at::<[u8; 8]>(l4) else { return Parsed::Other };
+                let Some(ext) = packet.read::<[u8; 8]>(l4) else { return Parsed::Other };
                 let fragment_offset = u16::from_be_bytes([ext[2], ext[3]]) >> 3;
                 if fragment_offset != 0 {
                     return Parsed::Fragment(source);
@@ -162,23 +186,28 @@ fn ipv6(frame: &Frame, offset: usize) -> Parsed {
         }
     }
     if next == IPPROTO_TCP {
-        return tcp(frame, l4, source);
+        return tcp(packet, l4, end, source, destination);
     }
     Parsed::Malformed(source)
 }
 
 #[inline(always)]
-fn tcp(frame: &Frame, offset: usize, source: SourceKey) -> Parsed {
+fn tcp<P: Packet>(packet: &P, offset: usize, ip_end: usize, source: SourceKey, destination: SourceKey) -> Parsed {
     if offset > MAX_L4_OFFSET {
         return Parsed::Malformed(source);
     }
-    let Some(th) = frame.at::<TcpHdr>(offset) else { return Parsed::Malformed(source) };
-    if !is_protected_port(u16::from_be_bytes(th.dest)) {
-        return Parsed::Other;
-    }
+    let Some(th) = packet.read::<TcpHdr>(offset) else { return Parsed::Malformed(source) };
     let header_len = th.doff() as usize * 4;
-    if header_len < TcpHdr::LEN || frame.data + offset + header_len > frame.end {
-        return Parsed::Malformed(source);
-    }
-    Parsed::Tcp(TcpSegment { source, opens_connection: th.syn() != 0 && th.ack() == 0 })
+    let header_end = offset + header_len;
+    let bad_data_offset = header_len < TcpHdr::LEN || packet.read::<u8>(header_end - 1).is_none();
+    Parsed::Tcp(TcpSegment {
+        source,
+        destination,
+        source_port: u16::from_be_bytes(th.source),
+        destination_port: u16::from_be_bytes(th.dest),
+        opens_connection: th.syn() != 0 && th.ack() == 0,
+        rst: th.rst() != 0,
+        bad_data_offset,
+        payload_len: ip_end.saturating_sub(header_end),
+    })
 }
