@@ -69,11 +69,21 @@ reasons! {
     /// Event: an event record did not fit in the ring buffer (the agent is
     /// behind or down).
     EventsLost = 16, "events_lost", false;
+    /// A packet of a connection whose handshake the agent rejected (either
+    /// direction; the server's RST still passes, so the client learns).
+    FlowRejected = 17, "flow_rejected", true;
+    /// The server's answer on a connection still waiting for its verdict,
+    /// held back (dropped; TCP retransmits it).
+    ResponseHeld = 18, "response_held", true;
+    /// No verdict within the verdict timeout, fail-closed: dropped.
+    VerdictTimeout = 19, "verdict_timeout", true;
+    /// Event: no verdict within the verdict timeout, fail-open: passed.
+    VerdictTimeoutPassed = 20, "verdict_timeout_passed", false;
 }
 
 /// Slots per set of counters; the map holds two sets: what was done, then
 /// (from `REASONS` on) what dry-run would have done.
-pub const REASONS: u32 = 17;
+pub const REASONS: u32 = 21;
 const _: () = assert!(Reason::ALL.len() as u32 == REASONS);
 /// Number of slots in the counters map.
 pub const COUNTER_SLOTS: u32 = 2 * REASONS;

@@ -11,7 +11,7 @@ pub mod source;
 
 pub use bucket::{BucketParams, TokenBucket};
 pub use counters::{Counter, Reason};
-pub use maps::{Ban, Event, ListEntry, LpmKey, Settings, SourceState};
+pub use maps::{Ban, Event, Flow, FlowKey, HandshakeSettings, ListEntry, LpmKey, Settings, SourceState};
 pub use source::SourceKey;
 
 /// Asserts at compile time that a shared type has exactly the expected size,
@@ -35,5 +35,8 @@ mod pod {
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for ListEntry {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for HandshakeSettings {}
     unsafe impl aya::Pod for maps::GlobalState {}
 }

@@ -14,12 +14,17 @@ pub mod names {
     pub const GLOBAL: &str = "WSG_GLOBAL";
     pub const COUNTERS: &str = "WSG_COUNTERS";
     pub const EVENTS: &str = "WSG_EVENTS";
+    pub const INSPECT: &str = "WSG_INSPECT";
+    pub const FLOWS: &str = "WSG_FLOWS";
+    pub const HANDSHAKE: &str = "WSG_HANDSHAKE";
 }
 
 /// Names of the programs.
 pub mod programs {
     pub const INGRESS: &str = "wsguard_ingress";
     pub const CONNECTION_TRACKER: &str = "wsguard_connections";
+    pub const CAPTURE: &str = "wsguard_capture";
+    pub const EGRESS: &str = "wsguard_egress";
 }
 
 /// Entries in the port array: one per TCP port, non-zero when protected.
@@ -91,6 +96,8 @@ impl Settings {
     pub const DRY_RUN_LISTS: u32 = 2;
     /// Malformed-packet drops.
     pub const DRY_RUN_MALFORMED: u32 = 4;
+    /// Handshake verdicts (rejected flows, held responses).
+    pub const DRY_RUN_HANDSHAKE: u32 = 8;
     /// Everything (`agent.dry_run`).
     pub const DRY_RUN_ALL: u32 = 0xff;
 
@@ -101,6 +108,7 @@ impl Settings {
         let family = match reason {
             DenyList => Self::DRY_RUN_LISTS,
             Malformed => Self::DRY_RUN_MALFORMED,
+            FlowRejected | ResponseHeld | VerdictTimeout => Self::DRY_RUN_HANDSHAKE,
             _ => Self::DRY_RUN_LIMITS,
         };
         self.dry_run & family != 0
@@ -160,6 +168,52 @@ assert_size!(Event, 32);
 impl Event {
     pub const BAN_STARTED: u32 = 1;
 }
+
+/// A TCP connection to an inspected port, from the client's side.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub client: [u8; 16],
+    pub server: [u8; 16],
+    pub client_port: u16,
+    pub server_port: u16,
+    pub _pad: u32,
+}
+assert_size!(FlowKey, 40);
+
+/// Where a connection's handshake stands.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// [`Flow::PENDING`], [`Flow::ACCEPTED`] or [`Flow::REJECTED`].
+    pub state: u32,
+    pub _pad: u32,
+    /// When the SYN was seen (CLOCK_MONOTONIC ns).
+    pub since_ns: u64,
+}
+assert_size!(Flow, 16);
+
+impl Flow {
+    /// SYN seen, no verdict yet: the capture hands its segments to the agent
+    /// and the egress program holds the server's answer back.
+    pub const PENDING: u32 = 1;
+    pub const ACCEPTED: u32 = 2;
+    pub const REJECTED: u32 = 3;
+}
+
+/// Handshake inspection settings the kernel programs read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HandshakeSettings {
+    /// Non-zero when inspection is on (some port is inspected).
+    pub enabled: u32,
+    /// Non-zero: drop the server's answer when no verdict came in time
+    /// (fail-closed); zero: let it through (fail-open).
+    pub fail_closed: u32,
+    /// How long the server's answer is held back waiting for a verdict.
+    pub verdict_timeout_ns: u64,
+}
+assert_size!(HandshakeSettings, 16);
 
 /// Size of the events ring buffer (a power of two, a multiple of the page size).
 pub const EVENTS_BYTES: u32 = 256 * 1024;

@@ -3,11 +3,12 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use aya_log_ebpf::info;
-use wsguard_common::{Ban, Event, Reason, Settings, SourceKey, SourceState};
+use wsguard_common::{Ban, Event, Flow, Reason, Settings, SourceKey, SourceState};
 
 use crate::{
     maps::{
-        BANS, CONNECTIONS, GLOBAL, SOURCES, count, emit, is_allow_listed, is_deny_listed, is_protected_port, now_ns, settings,
+        BANS, CONNECTIONS, FLOWS, GLOBAL, SOURCES, count, emit, flow_from_client, handshake_settings, is_allow_listed,
+        is_deny_listed, is_inspected_port, is_protected_port, now_ns, settings,
         tracking_key,
     },
     parse::{Frame, Parsed, TcpSegment, parse},
@@ -25,7 +26,13 @@ pub fn run(ctx: &XdpContext) -> u32 {
         Parsed::Tcp(segment) if segment.bad_data_offset => {
             if is_allow_listed(&segment.source, now_ns()) { Reason::AllowListed } else { Reason::Malformed }
         }
-        Parsed::Tcp(segment) => judge_segment(ctx, settings, &segment, frame.len()),
+        Parsed::Tcp(segment) => {
+            let reason = judge_segment(ctx, settings, &segment, frame.len());
+            if reason == Reason::Passed && segment.opens_connection {
+                track_handshake(&segment);
+            }
+            reason
+        }
         Parsed::Fragment(source) => {
             source_rules(settings, &source, now_ns()).unwrap_or(Reason::PassedFragment)
         }
@@ -76,6 +83,9 @@ fn judge_segment(ctx: &XdpContext, settings: &Settings, segment: &TcpSegment, le
     if let Some(reason) = source_rules(settings, &segment.source, now) {
         return reason;
     }
+    if is_rejected_flow(segment) {
+        return Reason::FlowRejected;
+    }
     let key = tracking_key(settings, &segment.source);
     if let Some(state) = source_state(&key) {
         // SAFETY: a map value pointer, valid for the duration of the program.
@@ -95,6 +105,27 @@ fn judge_segment(ctx: &XdpContext, settings: &Settings, segment: &TcpSegment, le
     // Per-source limits first, so a flooding source is charged to itself
     // before it can use up the budget shared by everyone.
     global_limits(settings, segment, now, len).unwrap_or(Reason::Passed)
+}
+
+/// A connection to an inspected port whose handshake the agent rejected:
+/// its further packets never reach the server.
+#[inline(always)]
+fn is_rejected_flow(segment: &TcpSegment) -> bool {
+    if handshake_settings().is_none() || !is_inspected_port(segment.destination_port) {
+        return false;
+    }
+    matches!(FLOWS.get_ptr(&flow_from_client(segment)), Some(flow) if unsafe { (*flow).state } == Flow::REJECTED)
+}
+
+/// A new connection to an inspected port awaits its handshake's verdict.
+/// (A reused 4-tuple starts afresh.)
+#[inline(always)]
+fn track_handshake(segment: &TcpSegment) {
+    if handshake_settings().is_none() || !is_inspected_port(segment.destination_port) {
+        return;
+    }
+    let flow = Flow { state: Flow::PENDING, _pad: 0, since_ns: now_ns() };
+    let _ = FLOWS.insert(&flow_from_client(segment), &flow, 0);
 }
 
 /// The source's state, created with full buckets on first sight. `None` only

@@ -5,20 +5,26 @@
 //! - `wsguard_connections` (sock_ops, cgroup v2 root): exact count of
 //!   established connections per source, read by the XDP program to enforce
 //!   the concurrency limit.
+//! - `wsguard_egress` (TC egress): holds the server's answer back until the
+//!   handshake's verdict, and drops rejected connections.
+//! - `wsguard_capture` (socket filter): hands the agent the request heads of
+//!   connections awaiting a verdict.
 #![no_std]
 #![no_main]
 // Atomic add on map values: the BPF target has no core::sync::atomic RMW types.
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod capture;
 mod connections;
+mod egress;
 mod ingress;
 mod maps;
 mod parse;
 
 use aya_ebpf::{
-    macros::{sock_ops, xdp},
-    programs::{SockOpsContext, XdpContext},
+    macros::{classifier, sock_ops, socket_filter, xdp},
+    programs::{SkBuffContext, SockOpsContext, TcContext, XdpContext},
 };
 
 #[xdp]
@@ -32,6 +38,16 @@ pub fn wsguard_connections(ctx: SockOpsContext) -> u32 {
     // sock_ops programs return 1 for "handled"; the value has no effect on
     // the callbacks we use.
     1
+}
+
+#[classifier]
+pub fn wsguard_egress(ctx: TcContext) -> i32 {
+    egress::run(&ctx)
+}
+
+#[socket_filter]
+pub fn wsguard_capture(ctx: SkBuffContext) -> i64 {
+    capture::run(&ctx)
 }
 
 #[cfg(not(test))]

@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use wsguard_common::{
-    Ban, Counter, ListEntry, LpmKey, Reason, Settings, SourceKey, SourceState,
+    Ban, Counter, Flow, FlowKey, HandshakeSettings, ListEntry, LpmKey, Reason, Settings, SourceKey, SourceState,
     counters::COUNTER_SLOTS,
     maps::{EVENTS_BYTES, GlobalState, LIST_CAPACITY, PORT_SLOTS},
 };
@@ -46,6 +46,18 @@ pub static GLOBAL: Array<GlobalState> = Array::with_max_entries(1, 0);
 #[map(name = "WSG_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
+/// One byte per TCP port; non-zero when its handshakes are inspected.
+#[map(name = "WSG_INSPECT")]
+pub static INSPECT: Array<u8> = Array::with_max_entries(PORT_SLOTS, 0);
+
+/// Connections to inspected ports and where their handshake stands. LRU:
+/// the oldest connections (long judged) go first.
+#[map(name = "WSG_FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(65536, 0);
+
+#[map(name = "WSG_HANDSHAKE")]
+pub static HANDSHAKE: Array<HandshakeSettings> = Array::with_max_entries(1, 0);
+
 #[map(name = "WSG_COUNTERS")]
 pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
@@ -73,6 +85,43 @@ pub fn is_protected_port(port: u16) -> bool {
 /// Longest-prefix match of the full address. A runtime entry past its TTL
 /// no longer applies (the agent removes it soon after); it does not fall
 /// back to a shorter prefix, which errs towards not matching.
+#[inline(always)]
+pub fn handshake_settings() -> Option<&'static HandshakeSettings> {
+    match HANDSHAKE.get(0) {
+        Some(h) if h.enabled != 0 => Some(h),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+pub fn is_inspected_port(port: u16) -> bool {
+    matches!(INSPECT.get(port as u32), Some(p) if *p != 0)
+}
+
+/// The flow of a segment from client to server.
+#[inline(always)]
+pub fn flow_from_client(segment: &crate::parse::TcpSegment) -> FlowKey {
+    FlowKey {
+        client: segment.source.addr,
+        server: segment.destination.addr,
+        client_port: segment.source_port,
+        server_port: segment.destination_port,
+        _pad: 0,
+    }
+}
+
+/// The flow of a segment from server to client.
+#[inline(always)]
+pub fn flow_from_server(segment: &crate::parse::TcpSegment) -> FlowKey {
+    FlowKey {
+        client: segment.destination.addr,
+        server: segment.source.addr,
+        client_port: segment.destination_port,
+        server_port: segment.source_port,
+        _pad: 0,
+    }
+}
+
 #[inline(always)]
 fn list_contains(list: &LpmTrie<LpmKey, ListEntry>, source: &SourceKey, now_ns: u64) -> bool {
     let key = aya_ebpf::maps::lpm_trie::Key::new(128, source.addr);

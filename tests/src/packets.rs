@@ -33,6 +33,9 @@ pub struct Packet {
     pub vlan_tpids: Vec<u16>,
     pub ether_type_override: Option<u16>,
     pub src: IpAddr,
+    /// Destination address; by default 198.18.0.1 or 2001:db8::1.
+    pub dst: Option<IpAddr>,
+    pub src_port: u16,
     /// Extra 32-bit words of IPv4 options (0 to 10).
     pub ipv4_option_words: u8,
     /// IHL to write instead of the real one.
@@ -56,6 +59,8 @@ impl Packet {
             vlan_tpids: vec![],
             ether_type_override: None,
             src,
+            dst: None,
+            src_port: 40000,
             ipv4_option_words: 0,
             ipv4_ihl_override: None,
             ipv4_fragment: None,
@@ -83,6 +88,15 @@ impl Packet {
         Packet { protocol: 17, ..Packet::tcp(src, dst_port, 0) }
     }
 
+    /// The server's answer on the same connection: addresses and ports swapped.
+    pub fn reply(&self, flags: u8, payload: usize) -> Packet {
+        let server = self.dst.unwrap_or(match self.src {
+            IpAddr::V4(_) => IpAddr::from([198, 18, 0, 1]),
+            IpAddr::V6(_) => IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 1u16]),
+        });
+        Packet { src: server, dst: Some(self.src), src_port: self.dst_port, dst_port: self.src_port, tcp_flags: flags, payload, ..self.clone() }
+    }
+
     pub fn with(mut self, f: impl FnOnce(&mut Packet)) -> Packet {
         f(&mut self);
         self
@@ -92,7 +106,7 @@ impl Packet {
         let mut out = Vec::new();
         match self.protocol {
             6 => {
-                out.extend_from_slice(&40000u16.to_be_bytes());
+                out.extend_from_slice(&self.src_port.to_be_bytes());
                 out.extend_from_slice(&self.dst_port.to_be_bytes());
                 out.extend_from_slice(&1u32.to_be_bytes());
                 out.extend_from_slice(&0u32.to_be_bytes());
@@ -103,7 +117,7 @@ impl Packet {
                 out.extend(std::iter::repeat_n(1u8, options)); // NOPs
             }
             17 => {
-                out.extend_from_slice(&40000u16.to_be_bytes());
+                out.extend_from_slice(&self.src_port.to_be_bytes());
                 out.extend_from_slice(&self.dst_port.to_be_bytes());
                 out.extend_from_slice(&((8 + self.payload) as u16).to_be_bytes());
                 out.extend_from_slice(&[0, 0]);
@@ -147,7 +161,10 @@ impl Packet {
         h.extend_from_slice(&frag.to_be_bytes());
         h.extend_from_slice(&[64, self.protocol, 0, 0]);
         h.extend_from_slice(&src);
-        h.extend_from_slice(&[198, 18, 0, 1]);
+        match self.dst {
+            Some(IpAddr::V4(d)) => h.extend_from_slice(&d.octets()),
+            _ => h.extend_from_slice(&[198, 18, 0, 1]),
+        }
         h.extend(std::iter::repeat_n(1u8, self.ipv4_option_words as usize * 4)); // NOP options
         h.extend_from_slice(l4);
         h
@@ -183,7 +200,10 @@ impl Packet {
         h.extend_from_slice(&((exts.len() + l4.len()) as u16).to_be_bytes());
         h.extend_from_slice(&[first, 64]);
         h.extend_from_slice(&src);
-        h.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        match self.dst {
+            Some(IpAddr::V6(d)) => h.extend_from_slice(&d.octets()),
+            _ => h.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+        }
         h.extend_from_slice(&exts);
         h.extend_from_slice(l4);
         h

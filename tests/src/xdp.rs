@@ -5,14 +5,17 @@ use std::{collections::HashMap as StdHashMap, path::Path, time::Duration};
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{HashMap, MapData},
-    programs::{TestRun, TestRunOptions, Xdp},
+    maps::{Array, HashMap, MapData},
+    programs::{SchedClassifier, SocketFilter, TestRun, TestRunOptions, Xdp},
 };
 use wsguard::{config::Config, kernel::Kernel};
 use wsguard_common::{
-    Ban, Counter, Reason, SourceKey, SourceState,
+    Ban, Counter, Flow, FlowKey, HandshakeSettings, Reason, SourceKey, SourceState,
     maps::{names, programs},
 };
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
@@ -51,6 +54,42 @@ impl XdpHarness {
         let opts = TestRunOptions { data_in: Some(frame), repeat, ..Default::default() };
         let result = self.program()?.test_run(opts).context("BPF_PROG_TEST_RUN")?;
         Ok((result.return_value, result.duration))
+    }
+
+    /// Runs a frame through the TC egress program.
+    pub fn run_egress(&self, frame: &[u8]) -> u32 {
+        let p: &SchedClassifier = self.kernel.ebpf().program(programs::EGRESS).unwrap().try_into().unwrap();
+        let opts = TestRunOptions { data_in: Some(frame), ..Default::default() };
+        p.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+    }
+
+    /// Runs a frame through the capture socket filter; returns the bytes it
+    /// would hand to user space (0: filtered out).
+    pub fn run_capture(&self, frame: &[u8]) -> u32 {
+        let p: &SocketFilter = self.kernel.ebpf().program(programs::CAPTURE).unwrap().try_into().unwrap();
+        let opts = TestRunOptions { data_in: Some(frame), ..Default::default() };
+        p.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+    }
+
+    /// Turns handshake inspection on for `port` (the agent's config will do
+    /// this; here the maps are written directly).
+    pub fn inspect(&mut self, port: u16, verdict_timeout_ns: u64, fail_closed: bool) {
+        let mut ports: Array<&mut MapData, u8> = Array::try_from(self.kernel.ebpf_mut().map_mut(names::INSPECT).unwrap()).unwrap();
+        ports.set(port as u32, 1, 0).unwrap();
+        let mut hs: Array<&mut MapData, HandshakeSettings> =
+            Array::try_from(self.kernel.ebpf_mut().map_mut(names::HANDSHAKE).unwrap()).unwrap();
+        hs.set(0, HandshakeSettings { enabled: 1, fail_closed: u32::from(fail_closed), verdict_timeout_ns }, 0).unwrap();
+    }
+
+    pub fn flow(&self, key: &FlowKey) -> Option<Flow> {
+        let map: HashMap<&MapData, FlowKey, Flow> = HashMap::try_from(self.kernel.ebpf().map(names::FLOWS).unwrap()).unwrap();
+        map.get(key, 0).ok()
+    }
+
+    pub fn set_flow(&mut self, key: &FlowKey, flow: Flow) {
+        let mut map: HashMap<&mut MapData, FlowKey, Flow> =
+            HashMap::try_from(self.kernel.ebpf_mut().map_mut(names::FLOWS).unwrap()).unwrap();
+        map.insert(key, flow, 0).unwrap();
     }
 
     pub fn counters(&self) -> StdHashMap<Reason, Counter> {

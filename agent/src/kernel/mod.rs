@@ -34,6 +34,9 @@ pub use system::{check_privileges, monotonic_ns, open_cgroup, raise_memlock, res
 /// The compiled kernel programs, embedded so that `wsguard` is one file.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wsguard"));
 
+/// Connections whose handshake state is kept (LRU beyond that).
+pub const FLOW_CAPACITY: u32 = 65536;
+
 /// The full key of an address (before prefix aggregation).
 pub fn source_key(addr: IpAddr) -> SourceKey {
     match addr {
@@ -106,16 +109,19 @@ impl Kernel {
         loader
             .map_max_entries(names::SOURCES, config.max_sources)
             .map_max_entries(names::CONNECTIONS, config.max_sources)
-            .map_max_entries(names::BANS, config.max_bans);
+            .map_max_entries(names::BANS, config.max_bans)
+            .map_max_entries(names::FLOWS, FLOW_CAPACITY);
         for (name, path) in &map_pins {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT).context("the kernel refused to create wsguard's maps")?;
-        for name in [programs::INGRESS, programs::CONNECTION_TRACKER] {
+        for name in [programs::INGRESS, programs::CONNECTION_TRACKER, programs::EGRESS, programs::CAPTURE] {
             let program = ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))?;
             let loaded = match program {
                 aya::programs::Program::Xdp(p) => p.load(),
                 aya::programs::Program::SockOps(p) => p.load(),
+                aya::programs::Program::SchedClassifier(p) => p.load(),
+                aya::programs::Program::SocketFilter(p) => p.load(),
                 _ => bail!("program {name} has an unexpected type"),
             };
             loaded.with_context(|| format!("the kernel's verifier rejected program {name}"))?;

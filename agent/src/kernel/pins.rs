@@ -19,7 +19,7 @@ use aya::{
 use ipnet::IpNet;
 use tracing::warn;
 use wsguard_common::{
-    Ban, Counter, ListEntry, Reason, Settings, SourceKey, SourceState,
+    Ban, Counter, Flow, FlowKey, HandshakeSettings, ListEntry, Reason, Settings, SourceKey, SourceState,
     counters::COUNTER_SLOTS,
     maps::{EVENTS_BYTES, GlobalState, LAYOUT_VERSION, LIST_CAPACITY, PORT_SLOTS, names},
 };
@@ -37,7 +37,7 @@ pub fn link_path(pin_dir: &Path, link: &str) -> PathBuf {
 }
 
 /// (name, key size, value size, max entries) of every pinned map.
-fn expected_layouts(config: &Config) -> [(&'static str, u32, u32, u32); 10] {
+fn expected_layouts(config: &Config) -> [(&'static str, u32, u32, u32); 13] {
     let lpm_key = (4 + size_of::<[u8; 16]>()) as u32;
     let source_key = size_of::<SourceKey>() as u32;
     [
@@ -51,6 +51,9 @@ fn expected_layouts(config: &Config) -> [(&'static str, u32, u32, u32); 10] {
         (names::GLOBAL, 4, size_of::<GlobalState>() as u32, 1),
         (names::COUNTERS, 4, size_of::<Counter>() as u32, COUNTER_SLOTS),
         (names::EVENTS, 0, 0, EVENTS_BYTES),
+        (names::INSPECT, 4, 1, PORT_SLOTS),
+        (names::FLOWS, size_of::<FlowKey>() as u32, size_of::<Flow>() as u32, super::FLOW_CAPACITY),
+        (names::HANDSHAKE, 4, size_of::<HandshakeSettings>() as u32, 1),
     ]
 }
 
