@@ -8,7 +8,10 @@
 //! (where the data starts at the Ethernet header) and under BPF_PROG_TEST_RUN
 //! (where it starts at the network header).
 
-use core::{ffi::c_void, mem::{MaybeUninit, size_of}};
+use core::{
+    ffi::c_void,
+    mem::{MaybeUninit, size_of},
+};
 
 use aya_ebpf::{
     bindings::bpf_hdr_start_off::BPF_HDR_START_NET, helpers::bpf_skb_load_bytes_relative, programs::SkBuffContext,
@@ -52,9 +55,8 @@ pub fn run(ctx: &SkBuffContext) -> i64 {
     if !is_inspected_port(segment.destination_port) {
         return 0;
     }
-    if segment.opens_connection {
-        return ctx.len() as i64;
-    }
+    // XDP runs before packet taps and starts a flow at each SYN it passes
+    // (never for allow-listed sources), so a pending flow covers the SYN too.
     match FLOWS.get_ptr(&flow_from_client(&segment)) {
         Some(flow) if unsafe { (*flow).state } == Flow::PENDING => ctx.len() as i64,
         _ => 0,

@@ -298,6 +298,138 @@ impl Default for Events {
     }
 }
 
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TicketKeys {
+    #[serde(default)]
+    pub required: bool,
+    pub secret_file: Spanned<PathBuf>,
+    #[serde(default = "d_query_param")]
+    pub query_param: String,
+    #[serde(default = "d_max_age")]
+    pub max_age: Spanned<HumanDuration>,
+    #[serde(default = "d_true")]
+    pub bind_to_source_ip: bool,
+}
+
+fn d_query_param() -> String {
+    "ticket".into()
+}
+fn d_max_age() -> Spanned<HumanDuration> {
+    Spanned::new(0..0, HumanDuration(std::time::Duration::from_secs(60)))
+}
+fn d_true() -> bool {
+    true
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllowOrReject {
+    #[default]
+    Allow,
+    Reject,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// Let the server's answer through when no verdict came in time.
+    #[default]
+    Open,
+    /// Keep holding it back (the connection stalls until a verdict or the deadline).
+    Closed,
+}
+
+/// `[handshake]` as written.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandshakeKeys {
+    #[serde(default = "d_no_ports")]
+    pub inspect_ports: Spanned<Vec<Spanned<i64>>>,
+    #[serde(default)]
+    pub allowed_origins: Vec<Spanned<String>>,
+    #[serde(default = "d_reject")]
+    pub missing_origin: AllowOrReject,
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    #[serde(default)]
+    pub allowed_paths: Vec<Spanned<String>>,
+    #[serde(default = "d_max_request")]
+    pub max_request_bytes: Spanned<ByteSize>,
+    #[serde(default = "d_deadline")]
+    pub deadline: Spanned<HumanDuration>,
+    #[serde(default)]
+    pub non_upgrade_requests: AllowOrReject,
+    #[serde(default = "d_failures")]
+    pub failures_before_ban: u32,
+    #[serde(default)]
+    pub dry_run: bool,
+    #[serde(default = "d_verdict_timeout")]
+    pub verdict_timeout: Spanned<HumanDuration>,
+    #[serde(default)]
+    pub on_verdict_timeout: FailMode,
+    #[serde(default = "d_max_pending")]
+    pub max_pending: Spanned<u32>,
+    #[serde(default)]
+    pub ticket: Option<TicketKeys>,
+}
+
+fn d_no_ports() -> Spanned<Vec<Spanned<i64>>> {
+    Spanned::new(0..0, vec![])
+}
+fn d_reject() -> AllowOrReject {
+    AllowOrReject::Reject
+}
+fn d_max_request() -> Spanned<ByteSize> {
+    Spanned::new(0..0, ByteSize(8192))
+}
+fn d_deadline() -> Spanned<HumanDuration> {
+    Spanned::new(0..0, HumanDuration(std::time::Duration::from_secs(5)))
+}
+fn d_failures() -> u32 {
+    5
+}
+fn d_verdict_timeout() -> Spanned<HumanDuration> {
+    Spanned::new(0..0, HumanDuration(std::time::Duration::from_secs(2)))
+}
+fn d_max_pending() -> Spanned<u32> {
+    Spanned::new(0..0, 4096)
+}
+
+impl Default for HandshakeKeys {
+    fn default() -> Self {
+        HandshakeKeys {
+            inspect_ports: Spanned::new(0..0, vec![]),
+            allowed_origins: vec![],
+            missing_origin: d_reject(),
+            allowed_hosts: vec![],
+            allowed_paths: vec![],
+            max_request_bytes: d_max_request(),
+            deadline: d_deadline(),
+            non_upgrade_requests: AllowOrReject::Allow,
+            failures_before_ban: d_failures(),
+            dry_run: false,
+            verdict_timeout: d_verdict_timeout(),
+            on_verdict_timeout: FailMode::Open,
+            max_pending: d_max_pending(),
+            ticket: None,
+        }
+    }
+}
+
+/// Validated handshake inspection settings; `ports` empty means off.
+#[derive(Clone, Debug)]
+pub struct HandshakeConfig {
+    pub ports: Vec<u16>,
+    pub policy: crate::handshake::Policy,
+    pub deadline: std::time::Duration,
+    pub verdict_timeout: std::time::Duration,
+    pub fail_closed: bool,
+    pub failures_before_ban: u32,
+    pub max_pending: u32,
+    pub dry_run: bool,
+}
+
 /// Where event records go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EventsOutput {
@@ -323,6 +455,8 @@ struct RawConfig {
     metrics: Metrics,
     #[serde(default)]
     events: Events,
+    #[serde(default)]
+    handshake: HandshakeKeys,
 }
 
 /// A validated configuration.
@@ -342,6 +476,7 @@ pub struct Config {
     /// Where /metrics is served; `None` when off.
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub events_output: EventsOutput,
+    pub handshake: HandshakeConfig,
     /// What the kernel programs read, derived once here.
     pub settings: Settings,
 }
@@ -386,7 +521,7 @@ fn at<T>(value: &Spanned<T>, reason: impl Into<String>) -> Invalid {
 }
 
 fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
-    let RawConfig { agent, protect, limits, ban, lists, tracking, metrics, events } = raw;
+    let RawConfig { agent, protect, limits, ban, lists, tracking, metrics, events, handshake } = raw;
 
     if agent.interfaces.get_ref().is_empty() {
         return Err(at(&agent.interfaces, "agent.interfaces is empty: name at least one interface to protect"));
@@ -470,6 +605,8 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
         other => return Err(at(&events.output, format!("events.output \"{other}\" must be \"stdout\" or an absolute file path"))),
     };
 
+    let handshake = validate_handshake(handshake, &ports)?;
+
     let settings = Settings {
         enabled: 1,
         max_concurrent: source.concurrent_connections,
@@ -483,7 +620,9 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
         dry_run: if agent.dry_run {
             Settings::DRY_RUN_ALL
         } else {
-            (if limits.dry_run { Settings::DRY_RUN_LIMITS } else { 0 }) | (if lists.dry_run { Settings::DRY_RUN_LISTS } else { 0 })
+            (if limits.dry_run { Settings::DRY_RUN_LIMITS } else { 0 })
+                | (if lists.dry_run { Settings::DRY_RUN_LISTS } else { 0 })
+                | (if handshake.dry_run { Settings::DRY_RUN_HANDSHAKE } else { 0 })
         },
         ban_window_ns: ban.window.get_ref().nanos(),
         ban_duration_ns: ban.duration.get_ref().nanos(),
@@ -502,7 +641,89 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
         max_bans,
         metrics_listen,
         events_output,
+        handshake,
         settings,
+    })
+}
+
+fn validate_handshake(keys: HandshakeKeys, protected: &[u16]) -> Result<HandshakeConfig, Invalid> {
+    use crate::handshake::{MissingOrigin, NonUpgrade, OriginPattern, PathPattern, Policy, TicketPolicy, ticket};
+    let mut ports = Vec::new();
+    for port in keys.inspect_ports.get_ref() {
+        let n = *port.get_ref();
+        let Some(p) = u16::try_from(n).ok().filter(|p| protected.contains(p)) else {
+            return Err(at(port, format!("handshake.inspect_ports: {n} is not one of protect.ports")));
+        };
+        if ports.contains(&p) {
+            return Err(at(port, format!("handshake.inspect_ports: {p} is listed twice")));
+        }
+        ports.push(p);
+    }
+    let allowed_origins = keys
+        .allowed_origins
+        .iter()
+        .map(|o| OriginPattern::parse(o.get_ref()).map_err(|e| at(o, format!("handshake.allowed_origins: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let allowed_paths = keys
+        .allowed_paths
+        .iter()
+        .map(|p| PathPattern::parse(p.get_ref()).map_err(|e| at(p, format!("handshake.allowed_paths: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let max_request = keys.max_request_bytes.get_ref().0;
+    if !(256..=1 << 20).contains(&max_request) {
+        return Err(at(&keys.max_request_bytes, "handshake.max_request_bytes must be 256B to 1MiB"));
+    }
+    for (d, key) in [(&keys.deadline, "deadline"), (&keys.verdict_timeout, "verdict_timeout")] {
+        if d.get_ref().0.is_zero() {
+            return Err(at(d, format!("handshake.{key} must be longer than zero")));
+        }
+    }
+    if *keys.max_pending.get_ref() == 0 {
+        return Err(at(&keys.max_pending, "handshake.max_pending must be at least 1"));
+    }
+    let ticket = match keys.ticket {
+        None => None,
+        Some(t) => {
+            let secret = if t.required {
+                ticket::read_secret(t.secret_file.get_ref()).map_err(|e| at(&t.secret_file, format!("handshake.ticket.secret_file: {e:#}")))?
+            } else {
+                Vec::new()
+            };
+            if t.max_age.get_ref().0.is_zero() {
+                return Err(at(&t.max_age, "handshake.ticket.max_age must be longer than zero"));
+            }
+            Some(TicketPolicy {
+                required: t.required,
+                secret,
+                query_param: t.query_param,
+                max_age_secs: t.max_age.get_ref().0.as_secs().max(1),
+                bind_to_source_ip: t.bind_to_source_ip,
+            })
+        }
+    };
+    Ok(HandshakeConfig {
+        ports,
+        policy: Policy {
+            allowed_origins,
+            missing_origin: match keys.missing_origin {
+                AllowOrReject::Allow => MissingOrigin::Allow,
+                AllowOrReject::Reject => MissingOrigin::Reject,
+            },
+            allowed_hosts: keys.allowed_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            allowed_paths,
+            max_request_bytes: max_request as usize,
+            non_upgrade_requests: match keys.non_upgrade_requests {
+                AllowOrReject::Allow => NonUpgrade::Allow,
+                AllowOrReject::Reject => NonUpgrade::Reject,
+            },
+            ticket,
+        },
+        deadline: keys.deadline.get_ref().0,
+        verdict_timeout: keys.verdict_timeout.get_ref().0,
+        fail_closed: keys.on_verdict_timeout == FailMode::Closed,
+        failures_before_ban: keys.failures_before_ban,
+        max_pending: *keys.max_pending.get_ref(),
+        dry_run: keys.dry_run,
     })
 }
 

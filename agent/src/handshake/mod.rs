@@ -4,6 +4,9 @@
 //! This is the user-space half of handshake inspection; it decides on the
 //! bytes of one request head and never touches the network.
 
+pub mod capture;
+pub mod destroy;
+pub mod inspector;
 pub mod judge;
 pub mod ticket;
 

@@ -14,15 +14,16 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray},
     programs::{
-        CgroupAttachMode, SockOps, Xdp, XdpMode as AyaXdpMode,
+        CgroupAttachMode, SchedClassifier, SockOps, TcAttachType, Xdp, XdpMode as AyaXdpMode,
         links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
         xdp::XdpLink,
     },
 };
 use ipnet::IpNet;
 use tracing::info;
 use wsguard_common::{
-    Counter, Reason, Settings, SourceKey,
+    Counter, Flow, FlowKey, HandshakeSettings, Reason, Settings, SourceKey,
     maps::{GlobalState, PORT_SLOTS, names, programs},
 };
 
@@ -150,6 +151,20 @@ impl Kernel {
                 ports.set(port, protected, 0)?;
             }
         }
+        let mut inspect: Array<&mut MapData, u8> = Array::try_from(self.map_mut(names::INSPECT)?)?;
+        for port in 0..PORT_SLOTS {
+            let inspected = u8::from(config.handshake.ports.contains(&(port as u16)));
+            if inspect.get(&port, 0)? != inspected {
+                inspect.set(port, inspected, 0)?;
+            }
+        }
+        let handshake = HandshakeSettings {
+            enabled: u32::from(!config.handshake.ports.is_empty()),
+            fail_closed: u32::from(config.handshake.fail_closed),
+            verdict_timeout_ns: config.handshake.verdict_timeout.as_nanos() as u64,
+        };
+        let mut hs: Array<&mut MapData, HandshakeSettings> = Array::try_from(self.map_mut(names::HANDSHAKE)?)?;
+        hs.set(0, handshake, 0)?;
         for (name, nets) in [(names::ALLOW, &config.allow), (names::DENY, &config.deny)] {
             let mut list: lists::List<&mut MapData> = LpmTrie::try_from(self.map_mut(name)?)?;
             lists::sync_config(&mut list, nets).with_context(|| format!("filling {name}"))?;
@@ -199,6 +214,26 @@ impl Kernel {
                 Err(_) => xdp.attach(interface, mode).map_err(|e| attach_error(interface, config.agent.xdp_mode, e))?,
             };
             let link: FdLink = xdp.take_link(id)?.try_into().context("XDP attached without a BPF link (kernel older than 5.9?)")?;
+            self.links.push(Held::new(link, path, pin)?);
+            wanted.push(name);
+
+            // The egress program (handshake hold-back; it passes everything
+            // while no port is inspected).
+            let name = format!("tc-{interface}");
+            let path = link_path(&dir, &name);
+            let tc: &mut SchedClassifier = self.ebpf.program_mut(programs::EGRESS).context("egress program")?.try_into()?;
+            let id = match PinnedLink::from_pin(&path) {
+                Ok(running) => {
+                    let link = SchedClassifierLink::try_from(FdLink::from(running)).context("pinned TC link")?;
+                    let id = tc.attach_to_link(link).with_context(|| format!("cannot take over the TC link on {interface}"))?;
+                    std::fs::remove_file(&path)?;
+                    id
+                }
+                Err(_) => tc
+                    .attach(interface, TcAttachType::Egress)
+                    .with_context(|| format!("cannot attach the egress program to {interface}"))?,
+            };
+            let link: FdLink = tc.take_link(id)?.try_into().context("TC attached without a BPF link (kernel older than 6.6?)")?;
             self.links.push(Held::new(link, path, pin)?);
             wanted.push(name);
         }
@@ -288,6 +323,37 @@ impl Kernel {
     pub fn take_events(&mut self) -> Result<aya::maps::RingBuf<MapData>> {
         let map = self.ebpf.take_map(names::EVENTS).context("events map")?;
         Ok(aya::maps::RingBuf::try_from(map)?)
+    }
+
+    /// Records a handshake verdict for the kernel programs.
+    pub fn set_flow_state(&mut self, key: &FlowKey, state: u32) -> Result<()> {
+        let mut flows: HashMap<&mut MapData, FlowKey, Flow> = HashMap::try_from(self.map_mut(names::FLOWS)?)?;
+        let since_ns = flows.get(key, 0).map(|f| f.since_ns).unwrap_or_else(|_| monotonic_ns());
+        flows.insert(key, Flow { state, _pad: 0, since_ns }, 0)?;
+        Ok(())
+    }
+
+    /// Bans a source (by its tracking key) until `until_ns`.
+    pub fn ban(&mut self, key: &SourceKey, until_ns: u64) -> Result<()> {
+        let mut bans: HashMap<&mut MapData, SourceKey, wsguard_common::Ban> = HashMap::try_from(self.map_mut(names::BANS)?)?;
+        bans.insert(key, wsguard_common::Ban { since_ns: monotonic_ns(), until_ns }, 0)?;
+        Ok(())
+    }
+
+    /// Whether an address is on the allow list now.
+    pub fn is_allow_listed(&self, addr: IpAddr) -> bool {
+        let Some(map) = self.ebpf.map(names::ALLOW) else { return false };
+        let Ok(list) = lists::List::<&MapData>::try_from(map) else { return false };
+        let key = aya::maps::lpm_trie::Key::new(128, source_key(addr).addr);
+        list.get(&key, 0).is_ok_and(|e| e.applies(monotonic_ns()))
+    }
+
+    /// Attaches the capture filter to a packet socket.
+    pub fn attach_capture(&self, socket: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+        let filter: &aya::programs::SocketFilter =
+            self.ebpf.program(programs::CAPTURE).context("capture program")?.try_into()?;
+        filter.attach(socket).context("cannot attach the capture filter")?;
+        Ok(())
     }
 
     pub fn bans(&self) -> Result<Vec<(SourceKey, wsguard_common::Ban)>> {
