@@ -5,7 +5,7 @@ use std::{
     os::fd::AsRawFd,
     path::Path,
     sync::{Arc, Mutex, atomic::Ordering},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
@@ -22,6 +22,11 @@ use crate::{
     agent_file::{self, AgentFile},
     config::Config,
     events::{BanEnd, BanWatch, EventSink, source_prefix},
+    handshake::{
+        capture::{self, Segment},
+        enforce::{self, Failures},
+        inspector::{Connection, Inspector, Outcome},
+    },
     kernel::{self, Kernel},
     metrics::{self, AgentCounters},
     status,
@@ -41,6 +46,14 @@ pub async fn run(config_path: &Path) -> Result<()> {
     spawn_kernel_log_drain(&mut kernel)?;
     spawn_kernel_events(&mut kernel, sink.clone(), &config)?;
     let takeover = kernel.attach(&config)?;
+    let (segments_tx, mut segments) = tokio::sync::mpsc::channel::<Segment>(CAPTURE_QUEUE);
+    if !config.handshake.ports.is_empty() {
+        for interface in config.agent.interfaces.get_ref() {
+            spawn_capture(&kernel, interface, segments_tx.clone())?;
+        }
+    }
+    let mut inspector = Inspector::new(config.handshake.policy.clone(), config.handshake.deadline, config.handshake.max_pending);
+    let mut failures = Failures::default();
     if let Some(listen) = config.metrics_listen {
         metrics::serve(listen, pins.clone(), counters.clone()).await?;
     }
@@ -75,9 +88,18 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut hangup = signal(SignalKind::hangup())?;
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+    let mut deadlines = tokio::time::interval(Duration::from_millis(100));
     let mut ban_watch = BanWatch::default();
     loop {
         tokio::select! {
+            Some(segment) = segments.recv() => {
+                let verdicts = inspector.on_segment(segment, Instant::now(), agent_file::now_unix());
+                enforce_all(&mut kernel, &config, &sink, &counters, &mut failures, verdicts);
+            }
+            _ = deadlines.tick() => {
+                let verdicts = inspector.expire(Instant::now());
+                enforce_all(&mut kernel, &config, &sink, &counters, &mut failures, verdicts);
+            }
             _ = terminate.recv() => { info!("SIGTERM: stopping"); break; }
             _ = interrupt.recv() => { info!("interrupted: stopping"); break; }
             _ = hangup.recv() => {
@@ -93,6 +115,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
                         info!(config = %new.file.display(), "reloaded");
                         println!("wsguard: reloaded {}\n{}", new.file.display(), new.summary());
                         config = new;
+                        inspector.set_policy(config.handshake.policy.clone(), config.handshake.deadline, config.handshake.max_pending);
                         agent_file.config_loaded_at = agent_file::now_unix();
                         agent_file.last_reload_error = None;
                         counters.reloads_ok.fetch_add(1, Ordering::Relaxed);
@@ -171,6 +194,10 @@ fn reload(kernel: &mut Kernel, current: &Config) -> Result<Config> {
         ("metrics.listen", current.metrics_listen != new.metrics_listen),
         ("events.output", current.events_output != new.events_output),
         (
+            "handshake.inspect_ports (turning inspection on or off)",
+            current.handshake.ports.is_empty() != new.handshake.ports.is_empty(),
+        ),
+        (
             "limits.per_source.concurrent_connections (turning it on or off)",
             (current.settings.max_concurrent == 0) != (new.settings.max_concurrent == 0),
         ),
@@ -181,6 +208,58 @@ fn reload(kernel: &mut Kernel, current: &Config) -> Result<Config> {
     }
     kernel.apply(&new)?;
     Ok(new)
+}
+
+/// Captured segments waiting for the inspector; beyond that, segments are
+/// dropped (and their connections run into the deadline).
+const CAPTURE_QUEUE: usize = 8192;
+
+fn enforce_all(
+    kernel: &mut Kernel,
+    config: &Config,
+    sink: &Sink,
+    counters: &AgentCounters,
+    failures: &mut Failures,
+    verdicts: Vec<(Connection, Outcome)>,
+) {
+    if verdicts.is_empty() {
+        return;
+    }
+    let mut sink = sink.lock().unwrap();
+    let mut cx = enforce::Context { kernel, config, sink: &mut sink, counters, failures };
+    for (connection, outcome) in verdicts {
+        if let Err(e) = enforce::apply(&mut cx, connection, outcome) {
+            warn!("cannot apply the verdict on {} -> {}: {e:#}", connection.0, connection.1);
+        }
+    }
+}
+
+/// Reads the capture socket of `interface` and queues its segments.
+fn spawn_capture(kernel: &Kernel, interface: &str, queue: tokio::sync::mpsc::Sender<Segment>) -> Result<()> {
+    let socket = capture::open(interface, |fd| kernel.attach_capture(fd))?;
+    tokio::spawn(async move {
+        let mut buffer = vec![0u8; 65536];
+        loop {
+            let Ok(mut ready) = socket.readable().await else { break };
+            loop {
+                match capture::read_frame(socket.get_ref(), &mut buffer) {
+                    Ok(Some(segment)) => {
+                        let _ = queue.try_send(segment);
+                    }
+                    Ok(None) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        ready.clear_ready();
+                        break;
+                    }
+                    Err(e) => {
+                        warn!("handshake capture stopped: {e}");
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Reads the kernel's event records (bans started) into the event sink.

@@ -39,6 +39,14 @@ pub struct AgentCounters {
     pub reloads_ok: AtomicU64,
     pub reloads_rejected: AtomicU64,
     pub events_suppressed: AtomicU64,
+    /// Handshakes judged, by (verdict, reason).
+    pub handshakes: std::sync::Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
+}
+
+impl AgentCounters {
+    pub fn count_handshake(&self, verdict: &'static str, reason: &'static str) {
+        *self.handshakes.lock().unwrap().entry((verdict, reason)).or_default() += 1;
+    }
 }
 
 #[derive(Debug)]
@@ -153,6 +161,15 @@ impl Collector for KernelCollector {
                 (vec![("result", "rejected".to_string())], self.agent.reloads_rejected.load(Ordering::Relaxed)),
             ],
         )?;
+        let handshakes: Vec<_> = self
+            .agent
+            .handshakes
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|((verdict, reason), n)| (vec![("verdict", verdict.to_string()), ("reason", reason.to_string())], *n))
+            .collect();
+        counter(&mut encoder, "wsguard_handshakes", "Handshakes judged, by verdict and reason.", None, &handshakes)?;
         counter(
             &mut encoder,
             "wsguard_events_suppressed",

@@ -112,6 +112,28 @@ pub async fn ws_connect(ns: &Netns, source: IpAddr, server: SocketAddr, timeout:
     Ok(ws)
 }
 
+/// A WebSocket client from `source` asking for `path` with the given
+/// Origin header (or none).
+pub async fn ws_connect_with(
+    ns: &Netns,
+    source: IpAddr,
+    server: SocketAddr,
+    path: &str,
+    origin: Option<&str>,
+    timeout: Duration,
+) -> Result<WsClient> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let stream = connect_from(ns, source, server, timeout).await?;
+    let mut request = format!("ws://{server}{path}").into_client_request()?;
+    if let Some(origin) = origin {
+        request.headers_mut().insert("Origin", origin.parse()?);
+    }
+    let (ws, _) = tokio::time::timeout(timeout, client_async(request, MaybeTlsStream::Plain(stream)))
+        .await
+        .context("upgrade timed out")??;
+    Ok(ws)
+}
+
 /// One echo round trip; returns an error if it does not complete in `timeout`.
 pub async fn echo(ws: &mut WsClient, payload: &str, timeout: Duration) -> Result<()> {
     tokio::time::timeout(timeout, async {

@@ -845,6 +845,23 @@ impl Config {
         let _ = writeln!(s, "  allow: {}", list(&self.allow));
         let _ = writeln!(s, "  deny: {}", list(&self.deny));
         let _ = writeln!(s, "  tracking: up to {} sources, {} bans", self.max_sources, self.max_bans);
+        if self.handshake.ports.is_empty() {
+            let _ = writeln!(s, "  handshake inspection: off");
+        } else {
+            let ports: Vec<String> = self.handshake.ports.iter().map(u16::to_string).collect();
+            let p = &self.handshake.policy;
+            let _ = writeln!(
+                s,
+                "  handshake inspection on ports {}: {} allowed origins, {} allowed paths, tickets {}, deadline {}, verdict timeout {} (fail-{})",
+                ports.join(", "),
+                p.allowed_origins.len(),
+                if p.allowed_paths.is_empty() { "any".to_string() } else { p.allowed_paths.len().to_string() },
+                if p.ticket.as_ref().is_some_and(|t| t.required) { "required" } else { "not required" },
+                HumanDuration(self.handshake.deadline),
+                HumanDuration(self.handshake.verdict_timeout),
+                if self.handshake.fail_closed { "closed" } else { "open" },
+            );
+        }
         let dry = self.settings.dry_run;
         let mode = if dry == 0 {
             "enforcing".to_string()

@@ -6,6 +6,7 @@
 
 pub mod capture;
 pub mod destroy;
+pub mod enforce;
 pub mod inspector;
 pub mod judge;
 pub mod ticket;
