@@ -37,6 +37,12 @@ pub struct EchoServer {
 
 impl EchoServer {
     pub async fn start(ns: &Netns, port: u16) -> Result<EchoServer> {
+        EchoServer::start_with_delay(ns, port, Duration::ZERO).await
+    }
+
+    /// A server that waits `delay` after accepting before it reads the
+    /// upgrade request and answers (a slow application).
+    pub async fn start_with_delay(ns: &Netns, port: u16, delay: Duration) -> Result<EchoServer> {
         let std_listener = ns.run(move || -> std::io::Result<std::net::TcpListener> {
             let l = std::net::TcpListener::bind(SocketAddr::from(([0u16; 8], port)))?;
             l.set_nonblocking(true)?;
@@ -51,6 +57,7 @@ impl EchoServer {
                 task_stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
                 let stats = task_stats.clone();
                 tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
                     if let Ok(mut ws) = accept_async(stream).await {
                         while let Some(Ok(msg)) = ws.next().await {
                             if msg.is_binary() || msg.is_text() {
