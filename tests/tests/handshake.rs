@@ -204,3 +204,27 @@ async fn repeated_failures_ban_a_source_and_allow_listed_sources_are_never_cut()
     echo(&mut ws, "trusted", SECOND).await?;
     Ok(())
 }
+
+/// Legitimate clients under inspection: every handshake completes. How often
+/// the server's answer had to wait for the verdict (and so be retransmitted)
+/// is printed, not asserted: it depends on the machine's load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legitimate_handshakes_all_complete_and_held_answers_are_counted() -> Result<()> {
+    let Setup { agent, server: _server, addr, lab } = Setup::start(&body("")).await?;
+    let rounds = 40;
+    let started = std::time::Instant::now();
+    let mut slowest = Duration::ZERO;
+    for i in 0..rounds {
+        let t = std::time::Instant::now();
+        let mut ws = ws_connect_with(&lab.client, lab.client_v4(11).into(), addr, "/ws", Some(GOOD_ORIGIN), 3 * SECOND).await?;
+        echo(&mut ws, &format!("{i}"), SECOND).await?;
+        slowest = slowest.max(t.elapsed());
+    }
+    let held = agent.counter(Reason::ResponseHeld).packets;
+    println!(
+        "handshake inspection: {rounds} upgrades in {:?} (slowest {slowest:?}); answers held back for the verdict: {held} ({:.0}%)",
+        started.elapsed(),
+        held as f64 * 100.0 / rounds as f64
+    );
+    Ok(())
+}

@@ -81,3 +81,23 @@ fn unlimited_rates_disable_their_bucket() {
     let config = parse(&format!("{MINIMAL}[limits.global]\nbytes = \"unlimited\"\n")).unwrap();
     assert!(config.settings.global_bytes.is_unlimited());
 }
+
+#[test]
+fn handshake_settings_are_validated_with_their_line() {
+    let base = "[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80, 8080]\n[handshake]\n";
+    let cases: &[(&str, &str)] = &[
+        ("inspect_ports = [9090]\n", ":6:18: handshake.inspect_ports: 9090 is not one of protect.ports"),
+        ("inspect_ports = [8080]\nallowed_origins = [\"example.com\"]\n", ":7:20: handshake.allowed_origins: \"example.com\" is not an origin"),
+        ("inspect_ports = [8080]\nallowed_paths = [\"ws\"]\n", "handshake.allowed_paths: path \"ws\" must start with /"),
+        ("inspect_ports = [8080]\nmax_request_bytes = \"10\"\n", "has no unit"),
+        ("inspect_ports = [8080]\nmissing_origin = \"maybe\"\n", "unknown variant `maybe`"),
+        ("inspect_ports = [8080]\n[handshake.ticket]\nrequired = true\nsecret_file = \"/nonexistent/key\"\n", ":9:15: handshake.ticket.secret_file: cannot read the ticket secret /nonexistent/key"),
+    ];
+    for (extra, expected) in cases {
+        let err = parse(&format!("{base}{extra}")).expect_err(extra).to_string();
+        assert!(err.contains(expected), "{extra}\nexpected: {expected}\ngot: {err}");
+    }
+    let ok = parse(&format!("{base}inspect_ports = [8080]\nallowed_origins = [\"https://*.example.com\"]\n")).unwrap();
+    assert_eq!(ok.handshake.ports, vec![8080]);
+    assert!(parse(base).unwrap().handshake.ports.is_empty(), "no inspect_ports: inspection off");
+}
