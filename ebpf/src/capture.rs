@@ -52,7 +52,7 @@ pub fn run(ctx: &SkBuffContext) -> i64 {
     // skb->protocol holds the EtherType in network byte order.
     let ether_type = ctx.skb.protocol() as u16;
     let Parsed::Tcp(segment) = parse_network(&SkbNetwork(ctx), ether_type, 0) else { return 0 };
-    if !is_inspected_port(segment.destination_port) {
+    if !is_inspected_port(segment.destination_port) || segment.incomplete_header {
         return 0;
     }
     // XDP runs before packet taps and starts a flow at each SYN it passes

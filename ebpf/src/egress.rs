@@ -21,7 +21,7 @@ pub fn run(ctx: &TcContext) -> i32 {
     let Some(handshake) = handshake_settings() else { return TC_ACT_OK };
     let frame = Frame { data: ctx.data(), end: ctx.data_end() };
     let Parsed::Tcp(segment) = parse(&frame) else { return TC_ACT_OK };
-    if !is_inspected_port(segment.source_port) {
+    if !is_inspected_port(segment.source_port) || segment.incomplete_header {
         return TC_ACT_OK;
     }
     let Some(flow) = FLOWS.get_ptr(&flow_from_server(&segment)) else { return TC_ACT_OK };

@@ -23,7 +23,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
     let reason = match parse(&frame) {
         Parsed::Other => return xdp_action::XDP_PASS,
         Parsed::Tcp(segment) if !is_protected_port(segment.destination_port) => return xdp_action::XDP_PASS,
-        Parsed::Tcp(segment) if segment.bad_data_offset => {
+        Parsed::Tcp(segment) if segment.incomplete_header => {
             if is_allow_listed(&segment.source, now_ns()) { Reason::AllowListed } else { Reason::Malformed }
         }
         Parsed::Tcp(segment) => {

@@ -8,10 +8,12 @@
 //!   kernel's own checks discard what is invalid).
 //! - A non-first IPv4 or IPv6 fragment: [`Parsed::Fragment`]; its ports are
 //!   unknown, so only source-based rules apply.
-//! - TCP whose 20-byte header is cut short (this includes a first fragment too
-//!   small to hold it, RFC 1858), a data offset below 5 or past the packet's
-//!   end on a protected port, or an IPv6 extension chain longer than
+//! - TCP cut short before its ports (this includes a first fragment too small
+//!   to hold them, RFC 1858), or an IPv6 extension chain longer than
 //!   [`MAX_IPV6_EXTENSIONS`]: [`Parsed::Malformed`].
+//! - TCP whose header is cut short after the ports, or whose data offset is
+//!   below 5 or past the packet's end: [`Parsed::Tcp`] with
+//!   `incomplete_header`; malformed if the port is protected, untouched if not.
 
 use core::mem::size_of;
 
@@ -52,8 +54,9 @@ pub struct TcpSegment {
     /// SYN without ACK: the start of a new connection.
     pub opens_connection: bool,
     pub rst: bool,
-    /// Data offset below 5, or a header running past the packet.
-    pub bad_data_offset: bool,
+    /// The header is cut short after the ports, its data offset is below 5,
+    /// or it runs past the packet (flags are then unknown, and zero here).
+    pub incomplete_header: bool,
     /// TCP payload bytes (from the IP length, so Ethernet padding is not counted).
     pub payload_len: usize,
 }
@@ -196,18 +199,33 @@ fn tcp<P: Packet>(packet: &P, offset: usize, ip_end: usize, source: SourceKey, d
     if offset > MAX_L4_OFFSET {
         return Parsed::Malformed(source);
     }
-    let Some(th) = packet.read::<TcpHdr>(offset) else { return Parsed::Malformed(source) };
+    // Without its ports a segment cannot be told apart: malformed.
+    let Some(ports) = packet.read::<[u8; 4]>(offset) else { return Parsed::Malformed(source) };
+    let source_port = u16::from_be_bytes([ports[0], ports[1]]);
+    let destination_port = u16::from_be_bytes([ports[2], ports[3]]);
+    let Some(th) = packet.read::<TcpHdr>(offset) else {
+        return Parsed::Tcp(TcpSegment {
+            source,
+            destination,
+            source_port,
+            destination_port,
+            opens_connection: false,
+            rst: false,
+            incomplete_header: true,
+            payload_len: 0,
+        });
+    };
     let header_len = th.doff() as usize * 4;
     let header_end = offset + header_len;
-    let bad_data_offset = header_len < TcpHdr::LEN || packet.read::<u8>(header_end - 1).is_none();
+    let incomplete_header = header_len < TcpHdr::LEN || packet.read::<u8>(header_end - 1).is_none();
     Parsed::Tcp(TcpSegment {
         source,
         destination,
-        source_port: u16::from_be_bytes(th.source),
-        destination_port: u16::from_be_bytes(th.dest),
-        opens_connection: th.syn() != 0 && th.ack() == 0,
-        rst: th.rst() != 0,
-        bad_data_offset,
-        payload_len: ip_end.saturating_sub(header_end),
+        source_port,
+        destination_port,
+        opens_connection: !incomplete_header && th.syn() != 0 && th.ack() == 0,
+        rst: !incomplete_header && th.rst() != 0,
+        incomplete_header,
+        payload_len: if incomplete_header { 0 } else { ip_end.saturating_sub(header_end) },
     })
 }

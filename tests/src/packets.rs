@@ -128,6 +128,28 @@ impl Packet {
         out
     }
 
+    /// Offset of the TCP (or UDP) header in the frame, as built.
+    pub fn l4_offset(&self) -> usize {
+        let l3 = 14 + 4 * self.vlan_tpids.len();
+        match self.src {
+            IpAddr::V4(_) => l3 + 20 + 4 * self.ipv4_option_words as usize,
+            IpAddr::V6(_) => {
+                l3 + 40
+                    + self
+                        .ipv6_ext
+                        .iter()
+                        .map(|e| match e {
+                            Ext::HopByHop | Ext::Routing | Ext::DestOpts => 16,
+                            Ext::Fragment { .. } => 8,
+                            Ext::Ah => 24,
+                            Ext::Esp => 16,
+                            Ext::NoNext => 0,
+                        })
+                        .sum::<usize>()
+            }
+        }
+    }
+
     pub fn bytes(&self) -> Vec<u8> {
         let mut frame = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
         for tpid in &self.vlan_tpids {

@@ -373,3 +373,17 @@ fn dry_run_counts_would_drop_and_passes_per_family() {
         [1, 1, 1]
     );
 }
+
+#[test]
+fn a_tcp_header_cut_after_its_ports_is_judged_by_its_port() {
+    let h = harness("", "");
+    let cut = |port| Packet::syn(v4(2), port).with(|p| p.truncate_to = Some(14 + 20 + 6)).bytes();
+    assert_eq!(h.run(&cut(UNPROTECTED_PORT)), XDP_PASS, "an unprotected port is never touched");
+    assert_eq!(h.nonzero(), vec![]);
+    assert_eq!(h.run(&cut(PORT)), XDP_DROP);
+    assert_eq!(h.nonzero(), vec![(Reason::Malformed, 1)]);
+    // Cut before the destination port: it cannot be told, so malformed.
+    assert_eq!(h.run(&Packet::syn(v4(2), UNPROTECTED_PORT).with(|p| p.truncate_to = Some(14 + 20 + 3)).bytes()), XDP_DROP);
+}
+
+const UNPROTECTED_PORT: u16 = 22;
