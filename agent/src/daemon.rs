@@ -47,11 +47,13 @@ pub async fn run(config_path: &Path) -> Result<()> {
     spawn_kernel_events(&mut kernel, sink.clone(), &config)?;
     let takeover = kernel.attach(&config)?;
     let (segments_tx, mut segments) = tokio::sync::mpsc::channel::<Segment>(CAPTURE_QUEUE);
+    let mut captures = std::collections::HashMap::new();
     if !config.handshake.ports.is_empty() {
         for interface in config.agent.interfaces.get_ref() {
-            spawn_capture(&kernel, interface, segments_tx.clone())?;
+            captures.insert(interface.clone(), spawn_capture(&kernel, interface, segments_tx.clone())?);
         }
     }
+    let mut missing: Vec<String> = Vec::new();
     let mut inspector = Inspector::new(config.handshake.policy.clone(), config.handshake.deadline, config.handshake.max_pending);
     let mut failures = Failures::default();
     if let Some(listen) = config.metrics_listen {
@@ -137,6 +139,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 if let Err(e) = housekeep(&mut kernel, &config, &sink, &mut ban_watch) {
                     warn!("housekeeping: {e:#}");
                 }
+                watch_interfaces(&mut kernel, &config, &sink, &mut missing, &segments_tx, &mut captures);
             }
         }
     }
@@ -234,10 +237,51 @@ fn enforce_all(
     }
 }
 
+/// Notices interfaces that went away and re-attaches to those that came back
+/// (a re-created veth, a re-plugged NIC): their programs died with the old
+/// device.
+fn watch_interfaces(
+    kernel: &mut Kernel,
+    config: &Config,
+    sink: &Sink,
+    missing: &mut Vec<String>,
+    segments: &tokio::sync::mpsc::Sender<Segment>,
+    captures: &mut std::collections::HashMap<String, tokio::task::JoinHandle<()>>,
+) {
+    for interface in Kernel::missing_interfaces(config) {
+        if !missing.contains(&interface) {
+            warn!("interface {interface} is gone; wsguard attaches again when it returns");
+            sink.lock().unwrap().emit("interface_gone", json!({"interface": interface}));
+            missing.push(interface);
+        }
+    }
+    match kernel.reattach_changed(config) {
+        Ok(back) => {
+            for interface in back {
+                info!("interface {interface} is back: attached again");
+                sink.lock().unwrap().emit("interface_reattached", json!({"interface": interface}));
+                missing.retain(|m| *m != interface);
+                if !config.handshake.ports.is_empty() {
+                    if let Some(old) = captures.remove(&interface) {
+                        old.abort();
+                    }
+                    match spawn_capture(kernel, &interface, segments.clone()) {
+                        Ok(task) => {
+                            captures.insert(interface, task);
+                        }
+                        Err(e) => warn!("cannot capture handshakes on {interface} again: {e:#}"),
+                    }
+                }
+            }
+        }
+        Err(e) => warn!("cannot attach again: {e:#}"),
+    }
+}
+
 /// Reads the capture socket of `interface` and queues its segments.
-fn spawn_capture(kernel: &Kernel, interface: &str, queue: tokio::sync::mpsc::Sender<Segment>) -> Result<()> {
+fn spawn_capture(kernel: &Kernel, interface: &str, queue: tokio::sync::mpsc::Sender<Segment>) -> Result<tokio::task::JoinHandle<()>> {
     let socket = capture::open(interface, |fd| kernel.attach_capture(fd))?;
-    tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         let mut buffer = vec![0u8; 65536];
         loop {
             let Ok(mut ready) = socket.readable().await else { break };
@@ -258,8 +302,7 @@ fn spawn_capture(kernel: &Kernel, interface: &str, queue: tokio::sync::mpsc::Sen
                 }
             }
         }
-    });
-    Ok(())
+    }))
 }
 
 /// Reads the kernel's event records (bans started) into the event sink.

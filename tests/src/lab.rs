@@ -101,6 +101,13 @@ impl Lab {
         let client = Netns::create(&format!("wsg-cli-{tag}"))?;
         let (server_if, client_if) = (format!("wsgs{tag}"), format!("wsgc{tag}"));
         let lab = Lab { id, server_if, client_if, server, client };
+        lab.wire()?;
+        Ok(lab)
+    }
+
+    /// Creates the veth pair between the namespaces, with every address.
+    fn wire(&self) -> Result<()> {
+        let (lab, id) = (self, self.id);
         ip(&["link", "add", &lab.server_if, "netns", &lab.server.name, "type", "veth", "peer", "name", &lab.client_if, "netns", &lab.client.name])?;
         let (s, c) = (&lab.server, &lab.client);
         s.ip(&["addr", "add", &format!("{}/24", lab.server_v4()), "dev", &lab.server_if])?;
@@ -114,7 +121,14 @@ impl Lab {
         c.ip(&["link", "set", &lab.client_if, "up"])?;
         // A second client /64, on-link, to tell IPv6 prefixes apart.
         s.ip(&["-6", "route", "add", &format!("2001:db8:{:x}:1::/64", id), "dev", &lab.server_if])?;
-        Ok(lab)
+        Ok(())
+    }
+
+    /// Deletes the veth pair and creates it again, same names, new devices
+    /// (what a container restart does to a host's interfaces).
+    pub fn rewire(&self) -> Result<()> {
+        self.server.ip(&["link", "del", &self.server_if])?;
+        self.wire()
     }
 
     pub fn server_v4(&self) -> Ipv4Addr {

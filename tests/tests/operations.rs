@@ -285,3 +285,23 @@ async fn systemd_hears_ready_after_attach() -> Result<()> {
     ensure!(saw_stopping, "no STOPPING=1");
     Ok(())
 }
+
+/// An interface deleted and created again (as a container restart does to
+/// veth pairs) gets the programs back without a restart of the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_and_re_added_interface_is_attached_again() -> Result<()> {
+    let Setup { agent, server: _server, addr, lab } =
+        Setup::start("[protect]\nports = [8080]\n[lists]\ndeny = [\"198.18.{id}.9\"]\n").await?;
+    ensure!(connect_from(&lab.client, lab.client_v4(9).into(), addr, DROPPED).await.is_err());
+    lab.rewire()?;
+    wait_until("the agent to attach again", 5 * SECOND, || {
+        agent.stderr().iter().any(|l| l.contains(&format!("interface {} is back", lab.server_if))).then_some(())
+    })
+    .await?;
+    let link = std::process::Command::new("ip").args(["-n", &lab.server.name, "link", "show", "dev", &lab.server_if]).output()?;
+    ensure!(String::from_utf8_lossy(&link.stdout).contains("xdp"), "no XDP on the new device");
+    ensure!(connect_from(&lab.client, lab.client_v4(9).into(), addr, DROPPED).await.is_err(), "the deny list no longer applies");
+    let mut ws = ws_connect(&lab.client, lab.client_v4(2).into(), addr, SECOND).await?;
+    echo(&mut ws, "after re-creation", SECOND).await?;
+    Ok(())
+}

@@ -54,6 +54,12 @@ pub struct Kernel {
     pins: Option<PathBuf>,
     /// Links this agent attached (or took over).
     links: Vec<Held>,
+    /// The interface index each interface had when attached.
+    ifindex: std::collections::HashMap<String, u32>,
+}
+
+fn ifindex(interface: &str) -> u32 {
+    std::ffi::CString::new(interface).map_or(0, |name| unsafe { libc::if_nametoindex(name.as_ptr()) })
 }
 
 /// A link held by the agent: pinned (under `pins/links`, so it outlives the
@@ -65,6 +71,12 @@ enum Held {
 }
 
 impl Held {
+    fn path(&self) -> &PathBuf {
+        match self {
+            Held::Pinned { path, .. } | Held::Owned { path, .. } => path,
+        }
+    }
+
     fn new(link: FdLink, path: PathBuf, pin: bool) -> Result<Held> {
         Ok(if pin {
             Held::Pinned { link: link.pin(&path).with_context(|| format!("cannot pin {}", path.display()))?, path }
@@ -127,7 +139,7 @@ impl Kernel {
             };
             loaded.with_context(|| format!("the kernel's verifier rejected program {name}"))?;
         }
-        let mut kernel = Kernel { ebpf, pins: pins.map(Path::to_owned), links: Vec::new() };
+        let mut kernel = Kernel { ebpf, pins: pins.map(Path::to_owned), links: Vec::new(), ifindex: Default::default() };
         kernel.apply(config)?;
         Ok(kernel)
     }
@@ -200,42 +212,11 @@ impl Kernel {
         };
         let mut wanted = Vec::new();
         for interface in config.agent.interfaces.get_ref() {
-            let name = format!("xdp-{interface}");
-            let path = link_path(&dir, &name);
-            let xdp: &mut Xdp = self.ebpf.program_mut(programs::INGRESS).context("xdp program")?.try_into()?;
-            let id = match PinnedLink::from_pin(&path) {
-                Ok(running) => {
-                    let link = XdpLink::try_from(FdLink::from(running)).context("pinned XDP link")?;
-                    let id = xdp.attach_to_link(link).with_context(|| format!("cannot take over the XDP link on {interface}"))?;
-                    std::fs::remove_file(&path)?; // pinned again below, now holding the new program
-                    takeover.interfaces.push(interface.clone());
-                    id
-                }
-                Err(_) => xdp.attach(interface, mode).map_err(|e| attach_error(interface, config.agent.xdp_mode, e))?,
-            };
-            let link: FdLink = xdp.take_link(id)?.try_into().context("XDP attached without a BPF link (kernel older than 5.9?)")?;
-            self.links.push(Held::new(link, path, pin)?);
-            wanted.push(name);
-
-            // The egress program (handshake hold-back; it passes everything
-            // while no port is inspected).
-            let name = format!("tc-{interface}");
-            let path = link_path(&dir, &name);
-            let tc: &mut SchedClassifier = self.ebpf.program_mut(programs::EGRESS).context("egress program")?.try_into()?;
-            let id = match PinnedLink::from_pin(&path) {
-                Ok(running) => {
-                    let link = SchedClassifierLink::try_from(FdLink::from(running)).context("pinned TC link")?;
-                    let id = tc.attach_to_link(link).with_context(|| format!("cannot take over the TC link on {interface}"))?;
-                    std::fs::remove_file(&path)?;
-                    id
-                }
-                Err(_) => tc
-                    .attach(interface, TcAttachType::Egress)
-                    .with_context(|| format!("cannot attach the egress program to {interface}"))?,
-            };
-            let link: FdLink = tc.take_link(id)?.try_into().context("TC attached without a BPF link (kernel older than 6.6?)")?;
-            self.links.push(Held::new(link, path, pin)?);
-            wanted.push(name);
+            if self.attach_interface(interface, mode, config.agent.xdp_mode, &dir, pin)? {
+                takeover.interfaces.push(interface.clone());
+            }
+            wanted.push(format!("xdp-{interface}"));
+            wanted.push(format!("tc-{interface}"));
         }
 
         let path = link_path(&dir, "sock_ops");
@@ -282,6 +263,76 @@ impl Kernel {
             }
         }
         Ok(takeover)
+    }
+
+    /// Attaches XDP and the egress program to one interface, taking over
+    /// links a previous run left running; returns whether it took over.
+    fn attach_interface(&mut self, interface: &str, mode: AyaXdpMode, setting: XdpMode, dir: &Path, pin: bool) -> Result<bool> {
+        let path = link_path(dir, &format!("xdp-{interface}"));
+        let xdp: &mut Xdp = self.ebpf.program_mut(programs::INGRESS).context("xdp program")?.try_into()?;
+        let taken = PinnedLink::from_pin(&path)
+            .ok()
+            .and_then(|running| XdpLink::try_from(FdLink::from(running)).ok())
+            .and_then(|link| xdp.attach_to_link(link).ok());
+        // A pin that could not be taken over (its interface is gone) is stale.
+        let _ = std::fs::remove_file(&path);
+        let took_over = taken.is_some();
+        let id = match taken {
+            Some(id) => id,
+            None => xdp.attach(interface, mode).map_err(|e| attach_error(interface, setting, e))?,
+        };
+        let link: FdLink = xdp.take_link(id)?.try_into().context("XDP attached without a BPF link (kernel older than 5.9?)")?;
+        self.links.push(Held::new(link, path, pin)?);
+
+        // The egress program (handshake hold-back; it passes everything while
+        // no port is inspected).
+        let path = link_path(dir, &format!("tc-{interface}"));
+        let tc: &mut SchedClassifier = self.ebpf.program_mut(programs::EGRESS).context("egress program")?.try_into()?;
+        let taken = PinnedLink::from_pin(&path)
+            .ok()
+            .and_then(|running| SchedClassifierLink::try_from(FdLink::from(running)).ok())
+            .and_then(|link| tc.attach_to_link(link).ok());
+        let _ = std::fs::remove_file(&path);
+        let id = match taken {
+            Some(id) => id,
+            None => tc
+                .attach(interface, TcAttachType::Egress)
+                .with_context(|| format!("cannot attach the egress program to {interface}"))?,
+        };
+        let link: FdLink = tc.take_link(id)?.try_into().context("TC attached without a BPF link (kernel older than 6.6?)")?;
+        self.links.push(Held::new(link, path, pin)?);
+        self.ifindex.insert(interface.to_string(), ifindex(interface));
+        Ok(took_over)
+    }
+
+    /// Interfaces that came back (or were re-created) since they were
+    /// attached: their links died with the old device, so attach again.
+    /// Returns the interfaces re-attached; an interface that is gone is left
+    /// for a later call.
+    pub fn reattach_changed(&mut self, config: &Config) -> Result<Vec<String>> {
+        let dir = self.pins.clone().context("attaching needs a pin directory")?;
+        let mode = match config.agent.xdp_mode {
+            XdpMode::Auto => AyaXdpMode::Default,
+            XdpMode::Native => AyaXdpMode::Driver,
+            XdpMode::Skb => AyaXdpMode::Skb,
+        };
+        let mut done = Vec::new();
+        for interface in config.agent.interfaces.get_ref() {
+            let now = ifindex(interface);
+            if now == 0 || self.ifindex.get(interface) == Some(&now) {
+                continue;
+            }
+            let stale = [link_path(&dir, &format!("xdp-{interface}")), link_path(&dir, &format!("tc-{interface}"))];
+            self.links.retain(|held| !stale.contains(held.path()));
+            self.attach_interface(interface, mode, config.agent.xdp_mode, &dir, config.agent.keep_enforcing_on_exit)?;
+            done.push(interface.clone());
+        }
+        Ok(done)
+    }
+
+    /// Configured interfaces that do not exist now.
+    pub fn missing_interfaces(config: &Config) -> Vec<String> {
+        config.agent.interfaces.get_ref().iter().filter(|i| ifindex(i) == 0).cloned().collect()
     }
 
     fn clear_connections(&mut self) -> Result<()> {
