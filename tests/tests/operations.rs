@@ -305,3 +305,55 @@ async fn a_removed_and_re_added_interface_is_attached_again() -> Result<()> {
     echo(&mut ws, "after re-creation", SECOND).await?;
     Ok(())
 }
+
+/// A pinned map that is not what this build expects (damaged, or left by
+/// another layout) is rebuilt with a log line naming it; the rest of the
+/// state carries over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_pinned_map_is_detected_and_rebuilt() -> Result<()> {
+    let lab = Lab::new()?;
+    let _server = EchoServer::start(&lab.server, 8080).await?;
+    let body = "[protect]\nports = [8080]\n";
+    let first = Agent::start(&lab, body)?;
+    let _guard = StateGuard(first.pin_path.clone());
+    let denied = lab.client_v4(9);
+    ensure!(first.cli(&["deny", "add", &denied.to_string()]).status.success());
+    let dir = wsguard::kernel::pin_dir(&first.pin_path);
+    first.kill()?;
+    // Put the counters map where the bans map belongs: wrong key and value sizes.
+    let bans = dir.join("WSG_BANS");
+    std::fs::remove_file(&bans)?;
+    aya::maps::MapData::from_pin(dir.join("WSG_COUNTERS"))?.pin(&bans)?;
+
+    let second = Agent::start(&lab, body)?;
+    let warning = format!("pinned map {} has key/value/entries", bans.display());
+    wait_until("the rebuild to be logged", SECOND, || second.stderr().iter().any(|l| l.contains(&warning) && l.contains("rebuilding it empty")).then_some(())).await?;
+    ensure!(second.state()?.bans().is_ok(), "the bans map was not rebuilt");
+    // The other maps carried over: the runtime deny still holds.
+    ensure!(connect_from(&lab.client, denied.into(), SocketAddr::new(lab.server_v4().into(), 8080), DROPPED).await.is_err());
+    Ok(())
+}
+
+/// Many legitimate clients behind one address (NAT) stay within limits sized
+/// for them, and none is banned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_behind_one_address_are_not_banned_within_their_limits() -> Result<()> {
+    let Setup { agent, server: _server, addr, lab } = Setup::start(
+        "[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"100/s\"\nnew_connections_burst = 200\nconcurrent_connections = 120\n[ban]\nafter_drops = 5\n",
+    )
+    .await?;
+    let nat: std::net::IpAddr = lab.client_v4(20).into();
+    let mut clients = Vec::new();
+    for i in 0..100 {
+        let mut ws = ws_connect(&lab.client, nat, addr, SECOND).await?;
+        echo(&mut ws, &format!("user {i}"), SECOND).await?;
+        clients.push(ws);
+    }
+    for (i, ws) in clients.iter_mut().enumerate() {
+        echo(ws, &format!("still {i}"), SECOND).await?;
+    }
+    for reason in [Reason::ConnectionRate, Reason::Concurrency, Reason::ByteRate, Reason::BanStarted] {
+        ensure!(agent.counter(reason).packets == 0, "NAT clients met {}", reason.name());
+    }
+    Ok(())
+}
