@@ -131,6 +131,15 @@ impl Lab {
         self.wire()
     }
 
+    /// The MAC address of the server's interface.
+    pub fn server_mac(&self) -> Result<[u8; 6]> {
+        let out = Command::new("ip").args(["-n", &self.server.name, "link", "show", "dev", &self.server_if]).output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mac = text.split("link/ether ").nth(1).and_then(|r| r.split_whitespace().next()).context("no MAC")?;
+        let bytes: Vec<u8> = mac.split(':').filter_map(|b| u8::from_str_radix(b, 16).ok()).collect();
+        bytes.try_into().map_err(|_| anyhow::anyhow!("odd MAC {mac}"))
+    }
+
     pub fn server_v4(&self) -> Ipv4Addr {
         Ipv4Addr::new(198, 18, self.id, 1)
     }
@@ -156,4 +165,31 @@ impl Lab {
     pub fn server_addr(&self, v6: bool) -> IpAddr {
         if v6 { self.server_v6().into() } else { self.server_v4().into() }
     }
+}
+
+/// Sends raw frames out of `interface` in the namespace at `netns_path`
+/// (spoofed sources included: the server's namespace routes nowhere but the
+/// lab, so no answer leaves it). Blocks until done; returns how many were sent.
+pub fn send_frames(netns_path: String, interface: String, frames: impl Iterator<Item = Vec<u8>> + Send + 'static) -> Result<u64> {
+    std::thread::spawn(move || -> Result<u64> {
+        enter_netns(&netns_path)?;
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        anyhow::ensure!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+        let name = std::ffi::CString::new(interface)?;
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
+        to.sll_halen = 6;
+        let mut sent = 0;
+        for frame in frames {
+            let rc = unsafe {
+                libc::sendto(fd, frame.as_ptr().cast(), frame.len(), 0, (&to as *const libc::sockaddr_ll).cast(), size_of::<libc::sockaddr_ll>() as u32)
+            };
+            sent += u64::from(rc > 0);
+        }
+        unsafe { libc::close(fd) };
+        Ok(sent)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("sender thread panicked"))?
 }

@@ -33,6 +33,8 @@ pub struct Packet {
     pub vlan_tpids: Vec<u16>,
     pub ether_type_override: Option<u16>,
     pub src: IpAddr,
+    /// Destination MAC; by default 02:00:00:00:00:01.
+    pub dst_mac: Option<[u8; 6]>,
     /// Destination address; by default 198.18.0.1 or 2001:db8::1.
     pub dst: Option<IpAddr>,
     pub src_port: u16,
@@ -59,6 +61,7 @@ impl Packet {
             vlan_tpids: vec![],
             ether_type_override: None,
             src,
+            dst_mac: None,
             dst: None,
             src_port: 40000,
             ipv4_option_words: 0,
@@ -151,7 +154,8 @@ impl Packet {
     }
 
     pub fn bytes(&self) -> Vec<u8> {
-        let mut frame = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
+        let mut frame = self.dst_mac.unwrap_or([0x02, 0, 0, 0, 0, 0x01]).to_vec();
+        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
         for tpid in &self.vlan_tpids {
             frame.extend_from_slice(&tpid.to_be_bytes());
             frame.extend_from_slice(&[0x00, 0x07]); // VLAN id 7
