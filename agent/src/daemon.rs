@@ -96,10 +96,12 @@ pub async fn run(config_path: &Path) -> Result<()> {
         tokio::select! {
             Some(segment) = segments.recv() => {
                 let verdicts = inspector.on_segment(segment, Instant::now(), agent_file::now_unix());
+                counters.pending_handshakes.store(inspector.pending() as u64, Ordering::Relaxed);
                 enforce_all(&mut kernel, &config, &sink, &counters, &mut failures, verdicts);
             }
             _ = deadlines.tick() => {
                 let verdicts = inspector.expire(Instant::now());
+                counters.pending_handshakes.store(inspector.pending() as u64, Ordering::Relaxed);
                 enforce_all(&mut kernel, &config, &sink, &counters, &mut failures, verdicts);
             }
             _ = terminate.recv() => { info!("SIGTERM: stopping"); break; }

@@ -39,6 +39,8 @@ pub struct AgentCounters {
     pub reloads_ok: AtomicU64,
     pub reloads_rejected: AtomicU64,
     pub events_suppressed: AtomicU64,
+    /// Request heads being assembled now.
+    pub pending_handshakes: AtomicU64,
     /// Handshakes judged, by (verdict, reason).
     pub handshakes: std::sync::Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
 }
@@ -170,6 +172,12 @@ impl Collector for KernelCollector {
             .map(|((verdict, reason), n)| (vec![("verdict", verdict.to_string()), ("reason", reason.to_string())], *n))
             .collect();
         counter(&mut encoder, "wsguard_handshakes", "Handshakes judged, by verdict and reason.", None, &handshakes)?;
+        gauge(
+            &mut encoder,
+            "wsguard_pending_handshakes",
+            "Request heads being assembled now (bounded by handshake.max_pending).",
+            &[(vec![], self.agent.pending_handshakes.load(Ordering::Relaxed) as f64)],
+        )?;
         counter(
             &mut encoder,
             "wsguard_events_suppressed",

@@ -212,3 +212,17 @@ pub fn tcp_sockets(ns: &Netns, source: IpAddr, n: usize) -> Result<Vec<TcpSocket
             .collect()
     })?)
 }
+
+/// GET `path` from the agent's metrics endpoint (127.0.0.1:9464) inside `ns`;
+/// returns (status line, lowercased headers, body).
+pub async fn http_get(ns: &Netns, path: &str) -> Result<(String, String, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = ns.run(TcpSocket::new_v4)?;
+    let mut stream = socket.connect(SocketAddr::from(([127, 0, 0, 1], 9464))).await.context("connecting to metrics")?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await??;
+    let (head, body) = response.split_once("\r\n\r\n").context("no header end")?;
+    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    Ok((status.to_string(), headers.to_lowercase(), body.to_string()))
+}

@@ -1,31 +1,18 @@
 //! Metrics and events as an operator's tooling sees them: Prometheus text
 //! scraped over HTTP, and JSON-lines event records.
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use anyhow::{Result, ensure};
 use wsguard_common::Reason;
 use wsguard_tests::{
     Setup,
     lab::Netns,
-    peers::{connect_from, connection_flood, echo, ws_connect},
+    peers::{connect_from, connection_flood, echo, http_get, ws_connect},
     wait_until,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
-
-/// GET `path` from 127.0.0.1:9464 inside `ns`; returns (status line, headers, body).
-async fn http_get(ns: &Netns, path: &str) -> Result<(String, String, String)> {
-    let socket = ns.run(|| tokio::net::TcpSocket::new_v4())?;
-    let mut stream = socket.connect(SocketAddr::from(([127, 0, 0, 1], 9464))).await.context("connecting to metrics")?;
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await?;
-    let mut response = String::new();
-    tokio::time::timeout(5 * SECOND, stream.read_to_string(&mut response)).await??;
-    let (head, body) = response.split_once("\r\n\r\n").context("no header end")?;
-    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
-    Ok((status.to_string(), headers.to_lowercase(), body.to_string()))
-}
 
 fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     scrape.samples.iter().find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))).map(|s| match s.value {
