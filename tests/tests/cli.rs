@@ -139,3 +139,27 @@ fn ticket_issue_mints_tickets_the_agent_accepts() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("\"nope\" is not an IP address"), "{}", stderr(&out));
 }
+
+/// Bad operator input, each with the exit code and the words a user sees.
+#[test]
+fn bad_cli_input_is_refused_with_exit_code_and_reason() {
+    let pins = "/sys/fs/bpf/wsguard-test-nobody-here";
+    let cases: &[(&[&str], i32, &str)] = &[
+        (&["deny", "add", "10.0.0.1/8", "--pin-path", pins], 2, "\"10.0.0.1/8\" has host bits set; did you mean 10.0.0.0/8?"),
+        (&["deny", "add", "not-a-cidr", "--pin-path", pins], 2, "\"not-a-cidr\" is not a CIDR"),
+        (&["allow", "add", "198.18.0.0/15", "--ttl", "10", "--pin-path", pins], 2, "--ttl: \"10\" has no unit"),
+        (&["allow", "add", "198.18.0.0/15", "--ttl", "1M", "--pin-path", pins], 2, "could mean minutes or months"),
+        (&["bans", "del", "nope", "--pin-path", pins], 2, "\"nope\" is not an IP address"),
+        (&["deny", "list", "--pin-path", pins], 1, "no wsguard state pinned at /sys/fs/bpf/wsguard-test-nobody-here/v1"),
+        (&["reload", "--pin-path", pins], 1, "no wsguard agent is running with its state at /sys/fs/bpf/wsguard-test-nobody-here/v1"),
+        (&["status", "--config", "/nonexistent.toml"], 2, "/nonexistent.toml: cannot read the config file"),
+        (&["ticket", "issue", "--secret-file", "/nonexistent.key", "--ip", "198.18.0.1"], 1, "cannot read the ticket secret /nonexistent.key"),
+        (&["top", "--interval", "fast", "--pin-path", pins], 2, "invalid value 'fast' for '--interval"),
+        (&["run", "--bogus"], 2, "unexpected argument '--bogus'"),
+    ];
+    for (args, code, expected) in cases {
+        let out = wsguard(args);
+        assert_eq!(out.status.code(), Some(*code), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(expected), "{args:?}\nexpected: {expected}\ngot: {}", stderr(&out));
+    }
+}

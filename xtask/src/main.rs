@@ -37,7 +37,19 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run the fuzz targets (fuzz/) for longer than the test run does.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        /// Only this target (handshake_judge, reassembly, config).
+        target: Option<String>,
+    },
 }
+
+const FUZZ_TARGETS: [&str; 3] = ["handshake_judge", "reassembly", "config"];
+/// Seconds per fuzz target within `cargo xtask test` (WSGUARD_FUZZ_SECONDS).
+const TEST_FUZZ_SECONDS: u64 = 20;
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
@@ -96,11 +108,55 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
             let status = child.wait()?;
+            // The fuzz targets, each for a bounded time, count as tests too.
+            let seconds = std::env::var("WSGUARD_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(TEST_FUZZ_SECONDS);
+            prerequisites::ensure_cargo_fuzz()?;
+            for target in FUZZ_TARGETS {
+                match fuzz(&root, target, seconds) {
+                    Ok(()) => passed += 1,
+                    Err(e) => {
+                        eprintln!("xtask: fuzz target {target} failed: {e:#}");
+                        failed += 1;
+                    }
+                }
+            }
             println!("tests: {passed} passed, {failed} failed");
-            if !status.success() {
-                bail!("tests failed ({status})");
+            if !status.success() || failed > 0 {
+                bail!("tests failed ({status}, {failed} failed)");
             }
         }
+        Task::Fuzz { seconds, target } => {
+            prerequisites::ensure_build_tools()?;
+            prerequisites::ensure_cargo_fuzz()?;
+            let targets: Vec<&str> = match &target {
+                Some(t) => vec![t.as_str()],
+                None => FUZZ_TARGETS.to_vec(),
+            };
+            for target in targets {
+                fuzz(&root, target, seconds)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs one fuzz target for `seconds`, starting from its committed corpus
+/// (new inputs go to a scratch directory, so the tree stays as it is).
+fn fuzz(root: &Path, target: &str, seconds: u64) -> Result<()> {
+    let scratch = std::env::temp_dir().join(format!("wsguard-fuzz-{target}-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    eprintln!("xtask: fuzzing {target} for {seconds} s");
+    let status = Command::new("cargo")
+        .current_dir(root)
+        .args(["+nightly", "fuzz", "run", "--fuzz-dir", "fuzz", "-O", target])
+        .arg(&scratch)
+        .arg(root.join("fuzz/corpus").join(target))
+        .args(["--", &format!("-max_total_time={seconds}"), "-rss_limit_mb=2048", "-print_final_stats=1"])
+        .status()
+        .context("cannot run cargo fuzz")?;
+    let _ = std::fs::remove_dir_all(&scratch);
+    if !status.success() {
+        bail!("{target}: {status} (the crashing input is under fuzz/artifacts/{target})");
     }
     Ok(())
 }

@@ -54,6 +54,20 @@ pub fn ensure_build_tools() -> Result<()> {
     Ok(())
 }
 
+/// cargo-fuzz, for the fuzz targets in fuzz/ (built with the nightly toolchain).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+pub fn ensure_cargo_fuzz() -> Result<()> {
+    let found = quiet(Command::new("cargo").args(["fuzz", "--version"])).unwrap_or_default();
+    if !found.contains(CARGO_FUZZ_VERSION) {
+        run_step(
+            &format!("installing cargo-fuzz {CARGO_FUZZ_VERSION} (for the fuzz targets); this takes about a minute"),
+            Command::new("cargo").args(["install", &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"), "--locked", "--force"]),
+        )?;
+    }
+    Ok(())
+}
+
 /// Programs the tests drive: `ip` (namespaces and veth pairs) and
 /// `systemd-analyze` (verifying the shipped unit).
 pub fn ensure_test_tools() -> Result<()> {
