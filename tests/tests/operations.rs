@@ -324,10 +324,15 @@ async fn a_corrupted_pinned_map_is_detected_and_rebuilt() -> Result<()> {
     let bans = dir.join("WSG_BANS");
     std::fs::remove_file(&bans)?;
     aya::maps::MapData::from_pin(dir.join("WSG_COUNTERS"))?.pin(&bans)?;
+    // And lose another one altogether.
+    let global = dir.join("WSG_GLOBAL");
+    std::fs::remove_file(&global)?;
 
     let second = Agent::start(&lab, body)?;
     let warning = format!("pinned map {} has key/value/entries", bans.display());
     wait_until("the rebuild to be logged", SECOND, || second.stderr().iter().any(|l| l.contains(&warning) && l.contains("rebuilding it empty")).then_some(())).await?;
+    let missing = format!("pinned map {} is missing: creating it empty", global.display());
+    ensure!(second.stderr().iter().any(|l| l.contains(&missing)), "no word about the missing map: {:?}", second.stderr());
     ensure!(second.state()?.bans().is_ok(), "the bans map was not rebuilt");
     // The other maps carried over: the runtime deny still holds.
     ensure!(connect_from(&lab.client, denied.into(), SocketAddr::new(lab.server_v4().into(), 8080), DROPPED).await.is_err());

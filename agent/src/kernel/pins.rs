@@ -63,9 +63,14 @@ fn expected_layouts(config: &Config) -> [(&'static str, u32, u32, u32); 13] {
 /// in the log, since its state is lost.
 pub fn prepare_map_pins(dir: &Path, config: &Config) -> Result<Vec<(&'static str, PathBuf)>> {
     std::fs::create_dir_all(dir.join("links")).with_context(|| format!("cannot create pin directory {}", dir.display()))?;
+    // State left by an earlier run: a map missing from it is worth a word.
+    let earlier_state = dir.join(names::COUNTERS).exists() || dir.join(names::BANS).exists();
     let mut out = Vec::new();
     for (name, key, value, max) in expected_layouts(config) {
         let path = dir.join(name);
+        if !path.exists() && earlier_state {
+            warn!("pinned map {} is missing: creating it empty", path.display());
+        }
         if path.exists() {
             let problem = match MapData::from_pin(&path) {
                 Err(e) => Some(format!("cannot be opened ({e})")),
