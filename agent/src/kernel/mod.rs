@@ -58,6 +58,14 @@ pub struct Kernel {
     ifindex: std::collections::HashMap<String, u32>,
 }
 
+fn aya_mode(mode: XdpMode) -> AyaXdpMode {
+    match mode {
+        XdpMode::Auto => AyaXdpMode::Default,
+        XdpMode::Native => AyaXdpMode::Driver,
+        XdpMode::Skb => AyaXdpMode::Skb,
+    }
+}
+
 fn ifindex(interface: &str) -> u32 {
     std::ffi::CString::new(interface).map_or(0, |name| unsafe { libc::if_nametoindex(name.as_ptr()) })
 }
@@ -205,11 +213,7 @@ impl Kernel {
         let pin = config.agent.keep_enforcing_on_exit;
         let dir = self.pins.clone().context("attaching needs a pin directory")?;
         let mut takeover = Takeover::default();
-        let mode = match config.agent.xdp_mode {
-            XdpMode::Auto => AyaXdpMode::Default,
-            XdpMode::Native => AyaXdpMode::Driver,
-            XdpMode::Skb => AyaXdpMode::Skb,
-        };
+        let mode = aya_mode(config.agent.xdp_mode);
         let mut wanted = Vec::new();
         for interface in config.agent.interfaces.get_ref() {
             if self.attach_interface(interface, mode, config.agent.xdp_mode, &dir, pin)? {
@@ -311,11 +315,7 @@ impl Kernel {
     /// for a later call.
     pub fn reattach_changed(&mut self, config: &Config) -> Result<Vec<String>> {
         let dir = self.pins.clone().context("attaching needs a pin directory")?;
-        let mode = match config.agent.xdp_mode {
-            XdpMode::Auto => AyaXdpMode::Default,
-            XdpMode::Native => AyaXdpMode::Driver,
-            XdpMode::Skb => AyaXdpMode::Skb,
-        };
+        let mode = aya_mode(config.agent.xdp_mode);
         let mut done = Vec::new();
         for interface in config.agent.interfaces.get_ref() {
             let now = ifindex(interface);
