@@ -3,6 +3,10 @@
 //! `include_bytes_aligned!`. `cargo xtask build` installs what this needs.
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-changed=../common/src");
-    let ebpf = aya_build::Package { name: "wsguard-ebpf", root_dir: "../ebpf", ..Default::default() };
+    let ebpf = aya_build::Package {
+        name: "wsguard-ebpf",
+        root_dir: "../ebpf",
+        ..Default::default()
+    };
     aya_build::build_ebpf([ebpf], aya_build::Toolchain::Nightly)
 }

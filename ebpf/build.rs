@@ -2,6 +2,8 @@
 //! (`cargo xtask` installs it).
 fn main() {
     if which::which("bpf-linker").is_err() {
-        panic!("bpf-linker not found in PATH: run `cargo xtask build`, which installs bpf-linker 0.10.0");
+        panic!(
+            "bpf-linker not found in PATH: run `cargo xtask build`, which installs bpf-linker 0.10.0"
+        );
     }
 }

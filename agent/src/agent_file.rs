@@ -29,12 +29,19 @@ pub struct AgentFile {
 }
 
 pub fn path_for(pin_dir: &Path) -> PathBuf {
-    let name: String = pin_dir.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    let name: String = pin_dir
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
     Path::new(RUN_DIR).join(format!("{}.json", name.trim_matches('_')))
 }
 
 pub fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl AgentFile {
@@ -49,7 +56,8 @@ impl AgentFile {
     /// The file of a running agent for this pin directory; `None` when there
     /// is none or its process is gone.
     pub fn read_running(pin_dir: &Path) -> Option<AgentFile> {
-        let file: AgentFile = serde_json::from_slice(&std::fs::read(path_for(pin_dir)).ok()?).ok()?;
+        let file: AgentFile =
+            serde_json::from_slice(&std::fs::read(path_for(pin_dir)).ok()?).ok()?;
         let alive = unsafe { libc::kill(file.pid as i32, 0) } == 0;
         alive.then_some(file)
     }

@@ -37,7 +37,12 @@ fn list_name(allow: bool) -> &'static str {
     if allow { "allow" } else { "deny" }
 }
 
-pub fn list_add(state: &PinnedState, allow: bool, net: &IpNet, ttl: Option<HumanDuration>) -> Result<()> {
+pub fn list_add(
+    state: &PinnedState,
+    allow: bool,
+    net: &IpNet,
+    ttl: Option<HumanDuration>,
+) -> Result<()> {
     let expires = ttl.map_or(0, |t| monotonic_ns() + t.nanos());
     lists::add_runtime(&mut state.list(allow)?, net, expires)?;
     match ttl {
@@ -67,7 +72,8 @@ pub fn list_print(state: &PinnedState, allow: bool, as_json: bool) -> Result<()>
             if e.origin & ListEntry::FROM_RUNTIME != 0 {
                 origin.push("runtime");
             }
-            let remaining = (e.expires_ns != 0 && e.origin & ListEntry::FROM_RUNTIME != 0).then(|| (e.expires_ns - now) as f64 / 1e9);
+            let remaining = (e.expires_ns != 0 && e.origin & ListEntry::FROM_RUNTIME != 0)
+                .then(|| (e.expires_ns - now) as f64 / 1e9);
             (net, origin.join("+"), remaining)
         })
         .collect();
@@ -90,21 +96,31 @@ pub fn list_print(state: &PinnedState, allow: bool, as_json: bool) -> Result<()>
 
 pub fn bans_print(state: &PinnedState, as_json: bool) -> Result<()> {
     let now = monotonic_ns();
-    let mut bans: Vec<_> = state.bans()?.into_iter().filter(|(_, b)| b.until_ns > now).collect();
+    let mut bans: Vec<_> = state
+        .bans()?
+        .into_iter()
+        .filter(|(_, b)| b.until_ns > now)
+        .collect();
     bans.sort_by_key(|(_, b)| b.until_ns);
     if as_json {
         let doc: Vec<_> = bans
             .iter()
-            .map(|(k, b)| json!({
-                "source": source_addr(k).to_string(),
-                "banned_for_seconds": (now.saturating_sub(b.since_ns)) as f64 / 1e9,
-                "remaining_seconds": (b.until_ns - now) as f64 / 1e9,
-            }))
+            .map(|(k, b)| {
+                json!({
+                    "source": source_addr(k).to_string(),
+                    "banned_for_seconds": (now.saturating_sub(b.since_ns)) as f64 / 1e9,
+                    "remaining_seconds": (b.until_ns - now) as f64 / 1e9,
+                })
+            })
             .collect();
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         for (k, b) in bans {
-            println!("{}\t{:.0}s left", source_addr(&k), (b.until_ns - now) as f64 / 1e9);
+            println!(
+                "{}\t{:.0}s left",
+                source_addr(&k),
+                (b.until_ns - now) as f64 / 1e9
+            );
         }
     }
     Ok(())
@@ -121,10 +137,14 @@ pub fn bans_del(state: &PinnedState, addr: IpAddr) -> Result<()> {
 /// Signals the running agent to reload and waits for its verdict.
 pub fn reload(pin_dir: &Path) -> Result<()> {
     let Some(before) = AgentFile::read_running(pin_dir) else {
-        bail!("no wsguard agent is running with its state at {}", pin_dir.display());
+        bail!(
+            "no wsguard agent is running with its state at {}",
+            pin_dir.display()
+        );
     };
     if unsafe { libc::kill(before.pid as i32, libc::SIGHUP) } != 0 {
-        return Err(std::io::Error::last_os_error()).context(format!("cannot signal the agent (pid {})", before.pid));
+        return Err(std::io::Error::last_os_error())
+            .context(format!("cannot signal the agent (pid {})", before.pid));
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::time::Instant::now() < deadline {
@@ -134,10 +154,16 @@ pub fn reload(pin_dir: &Path) -> Result<()> {
                     println!("reloaded {}", now.config.display());
                     Ok(())
                 }
-                Some(e) => Err(InputError(format!("reload rejected, the running config keeps enforcing: {e}")).into()),
+                Some(e) => Err(InputError(format!(
+                    "reload rejected, the running config keeps enforcing: {e}"
+                ))
+                .into()),
             };
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    bail!("the agent (pid {}) did not answer the reload within 10 s", before.pid)
+    bail!(
+        "the agent (pid {}) did not answer the reload within 10 s",
+        before.pid
+    )
 }

@@ -40,7 +40,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
     kernel::raise_memlock();
     let pins = kernel::pin_dir(&kernel::resolve_pin_path(&config.agent.pin_path, true)?);
     let counters = Arc::new(AgentCounters::default());
-    let sink: Sink = Arc::new(Mutex::new(EventSink::open(&config.events_output, counters.clone())?));
+    let sink: Sink = Arc::new(Mutex::new(EventSink::open(
+        &config.events_output,
+        counters.clone(),
+    )?));
 
     let mut kernel = Kernel::load(&config, Some(&pins))?;
     spawn_kernel_log_drain(&mut kernel)?;
@@ -50,11 +53,18 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let mut captures = std::collections::HashMap::new();
     if !config.handshake.ports.is_empty() {
         for interface in config.agent.interfaces.get_ref() {
-            captures.insert(interface.clone(), spawn_capture(&kernel, interface, segments_tx.clone())?);
+            captures.insert(
+                interface.clone(),
+                spawn_capture(&kernel, interface, segments_tx.clone())?,
+            );
         }
     }
     let mut missing: Vec<String> = Vec::new();
-    let mut inspector = Inspector::new(config.handshake.policy.clone(), config.handshake.deadline, config.handshake.max_pending);
+    let mut inspector = Inspector::new(
+        config.handshake.policy.clone(),
+        config.handshake.deadline,
+        config.handshake.max_pending,
+    );
     let mut failures = Failures::default();
     if let Some(listen) = config.metrics_listen {
         metrics::serve(listen, pins.clone(), counters.clone()).await?;
@@ -68,7 +78,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
         config.summary()
     );
     if !takeover.interfaces.is_empty() {
-        println!("  took over the programs left running on {} without a gap", takeover.interfaces.join(", "));
+        println!(
+            "  took over the programs left running on {} without a gap",
+            takeover.interfaces.join(", ")
+        );
     }
     info!(config = %config.file.display(), "attached and enforcing");
     let mut agent_file = AgentFile {
@@ -151,9 +164,18 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let counters = kernel.counters()?;
     let keep = config.agent.keep_enforcing_on_exit;
     kernel.release(keep)?;
-    sink.lock().unwrap().emit("agent_stopped", json!({"programs_stay_attached": keep}));
-    let how = if keep { "stopped; the programs stay attached (keep_enforcing_on_exit)" } else { "detached" };
-    println!("wsguard: {how}; counters at exit:\n{}", status::format_counters(&counters));
+    sink.lock()
+        .unwrap()
+        .emit("agent_stopped", json!({"programs_stay_attached": keep}));
+    let how = if keep {
+        "stopped; the programs stay attached (keep_enforcing_on_exit)"
+    } else {
+        "detached"
+    };
+    println!(
+        "wsguard: {how}; counters at exit:\n{}",
+        status::format_counters(&counters)
+    );
     Ok(())
 }
 
@@ -164,11 +186,19 @@ fn notify(state: &[NotifyState]) {
 
 /// Once a second: expire runtime list entries, notice bans that ended, and
 /// close the events window.
-fn housekeep(kernel: &mut Kernel, config: &Config, sink: &Sink, ban_watch: &mut BanWatch) -> Result<()> {
+fn housekeep(
+    kernel: &mut Kernel,
+    config: &Config,
+    sink: &Sink,
+    ban_watch: &mut BanWatch,
+) -> Result<()> {
     let now = kernel::monotonic_ns();
     let mut sink = sink.lock().unwrap();
     for (allow, net) in kernel.sweep_expired_lists(now)? {
-        sink.emit("list_entry_expired", json!({"list": if allow { "allow" } else { "deny" }, "cidr": net.to_string()}));
+        sink.emit(
+            "list_entry_expired",
+            json!({"list": if allow { "allow" } else { "deny" }, "cidr": net.to_string()}),
+        );
     }
     let (ended, expired) = ban_watch.update(&kernel.bans()?, now);
     for key in expired {
@@ -190,13 +220,28 @@ fn housekeep(kernel: &mut Kernel, config: &Config, sink: &Sink, ban_watch: &mut 
 fn reload(kernel: &mut Kernel, current: &Config) -> Result<Config> {
     let new = Config::load(&current.file)?;
     let fixed = [
-        ("agent.interfaces", current.agent.interfaces.get_ref() != new.agent.interfaces.get_ref()),
-        ("agent.xdp_mode", current.agent.xdp_mode != new.agent.xdp_mode),
-        ("agent.pin_path", current.agent.pin_path != new.agent.pin_path),
+        (
+            "agent.interfaces",
+            current.agent.interfaces.get_ref() != new.agent.interfaces.get_ref(),
+        ),
+        (
+            "agent.xdp_mode",
+            current.agent.xdp_mode != new.agent.xdp_mode,
+        ),
+        (
+            "agent.pin_path",
+            current.agent.pin_path != new.agent.pin_path,
+        ),
         ("agent.cgroup", current.agent.cgroup != new.agent.cgroup),
-        ("tracking.max_sources", current.max_sources != new.max_sources),
+        (
+            "tracking.max_sources",
+            current.max_sources != new.max_sources,
+        ),
         ("tracking.max_bans", current.max_bans != new.max_bans),
-        ("metrics.listen", current.metrics_listen != new.metrics_listen),
+        (
+            "metrics.listen",
+            current.metrics_listen != new.metrics_listen,
+        ),
         ("events.output", current.events_output != new.events_output),
         (
             "handshake.inspect_ports (turning inspection on or off)",
@@ -209,7 +254,10 @@ fn reload(kernel: &mut Kernel, current: &Config) -> Result<Config> {
     ];
     let changed: Vec<&str> = fixed.iter().filter(|(_, c)| *c).map(|(k, _)| *k).collect();
     if !changed.is_empty() {
-        anyhow::bail!("{} changed; these take effect only on restart", changed.join(", "));
+        anyhow::bail!(
+            "{} changed; these take effect only on restart",
+            changed.join(", ")
+        );
     }
     kernel.apply(&new)?;
     Ok(new)
@@ -231,10 +279,19 @@ fn enforce_all(
         return;
     }
     let mut sink = sink.lock().unwrap();
-    let mut cx = enforce::Context { kernel, config, sink: &mut sink, counters, failures };
+    let mut cx = enforce::Context {
+        kernel,
+        config,
+        sink: &mut sink,
+        counters,
+        failures,
+    };
     for (connection, outcome) in verdicts {
         if let Err(e) = enforce::apply(&mut cx, connection, outcome) {
-            warn!("cannot apply the verdict on {} -> {}: {e:#}", connection.0, connection.1);
+            warn!(
+                "cannot apply the verdict on {} -> {}: {e:#}",
+                connection.0, connection.1
+            );
         }
     }
 }
@@ -253,7 +310,9 @@ fn watch_interfaces(
     for interface in Kernel::missing_interfaces(config) {
         if !missing.contains(&interface) {
             warn!("interface {interface} is gone; wsguard attaches again when it returns");
-            sink.lock().unwrap().emit("interface_gone", json!({"interface": interface}));
+            sink.lock()
+                .unwrap()
+                .emit("interface_gone", json!({"interface": interface}));
             missing.push(interface);
         }
     }
@@ -261,7 +320,9 @@ fn watch_interfaces(
         Ok(back) => {
             for interface in back {
                 info!("interface {interface} is back: attached again");
-                sink.lock().unwrap().emit("interface_reattached", json!({"interface": interface}));
+                sink.lock()
+                    .unwrap()
+                    .emit("interface_reattached", json!({"interface": interface}));
                 missing.retain(|m| *m != interface);
                 if !config.handshake.ports.is_empty() {
                     if let Some(old) = captures.remove(&interface) {
@@ -281,12 +342,18 @@ fn watch_interfaces(
 }
 
 /// Reads the capture socket of `interface` and queues its segments.
-fn spawn_capture(kernel: &Kernel, interface: &str, queue: tokio::sync::mpsc::Sender<Segment>) -> Result<tokio::task::JoinHandle<()>> {
+fn spawn_capture(
+    kernel: &Kernel,
+    interface: &str,
+    queue: tokio::sync::mpsc::Sender<Segment>,
+) -> Result<tokio::task::JoinHandle<()>> {
     let socket = capture::open(interface, |fd| kernel.attach_capture(fd))?;
     Ok(tokio::spawn(async move {
         let mut buffer = vec![0u8; 65536];
         loop {
-            let Ok(mut ready) = socket.readable().await else { break };
+            let Ok(mut ready) = socket.readable().await else {
+                break;
+            };
             loop {
                 match capture::read_frame(socket.get_ref(), &mut buffer) {
                     Ok(Some(segment)) => {
@@ -317,7 +384,9 @@ fn spawn_kernel_events(kernel: &mut Kernel, sink: Sink, config: &Config) -> Resu
     let (v4, v6) = (config.ipv4_prefix, config.ipv6_prefix);
     tokio::spawn(async move {
         loop {
-            let Ok(mut ready) = ring.readable_mut().await else { break };
+            let Ok(mut ready) = ring.readable_mut().await else {
+                break;
+            };
             while let Some(item) = ready.get_inner_mut().next() {
                 if item.len() < std::mem::size_of::<Event>() {
                     continue;
@@ -325,7 +394,8 @@ fn spawn_kernel_events(kernel: &mut Kernel, sink: Sink, config: &Config) -> Resu
                 // SAFETY: the kernel wrote an Event; read it unaligned.
                 let event: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
                 if event.kind == Event::BAN_STARTED {
-                    let seconds = event.until_ns.saturating_sub(kernel::monotonic_ns()) as f64 / 1e9;
+                    let seconds =
+                        event.until_ns.saturating_sub(kernel::monotonic_ns()) as f64 / 1e9;
                     sink.lock().unwrap().emit(
                         "ban_started",
                         json!({"source": source_prefix(&event.source, v4, v6), "duration_seconds": seconds.round(), "dry_run": event.dry_run != 0}),
@@ -341,16 +411,20 @@ fn spawn_kernel_events(kernel: &mut Kernel, sink: Sink, config: &Config) -> Resu
 /// Forwards the kernel programs' aya-log records (ban started, ...) to the
 /// agent's log.
 fn spawn_kernel_log_drain(kernel: &mut Kernel) -> Result<()> {
-    let logger = aya_log::EbpfLogger::init(kernel.ebpf_mut()).context("cannot read the kernel programs' log")?;
+    let logger = aya_log::EbpfLogger::init(kernel.ebpf_mut())
+        .context("cannot read the kernel programs' log")?;
     let fd = logger.as_raw_fd();
     // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd
     // holds the logger, and as_raw_fd always returns that fd.
-    let mut logger = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
-        .map_err(std::io::Error::from)
-        .with_context(|| format!("cannot poll the kernel log ring buffer (fd {fd})"))?;
+    let mut logger =
+        unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+            .map_err(std::io::Error::from)
+            .with_context(|| format!("cannot poll the kernel log ring buffer (fd {fd})"))?;
     tokio::spawn(async move {
         loop {
-            let Ok(mut ready) = logger.readable_mut().await else { break };
+            let Ok(mut ready) = logger.readable_mut().await else {
+                break;
+            };
             ready.get_inner_mut().flush();
             ready.clear_ready();
         }

@@ -47,7 +47,13 @@ impl EventSink {
     }
 
     pub fn to_writer(out: Box<dyn Write + Send>, counters: Arc<AgentCounters>) -> EventSink {
-        EventSink { out, window_start: Instant::now(), written: HashMap::new(), suppressed: HashMap::new(), counters }
+        EventSink {
+            out,
+            window_start: Instant::now(),
+            written: HashMap::new(),
+            suppressed: HashMap::new(),
+            counters,
+        }
     }
 
     /// Writes `{"ts": …, "event": kind, …fields}` as one line, unless this
@@ -57,7 +63,9 @@ impl EventSink {
         let written = self.written.entry(kind.to_string()).or_default();
         if *written >= MAX_PER_KIND_PER_SECOND {
             *self.suppressed.entry(kind.to_string()).or_default() += 1;
-            self.counters.events_suppressed.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .events_suppressed
+                .fetch_add(1, Ordering::Relaxed);
             return;
         }
         *written += 1;
@@ -84,7 +92,10 @@ impl EventSink {
         self.window_start = Instant::now();
         self.written.clear();
         for (kind, count) in std::mem::take(&mut self.suppressed) {
-            self.write("summary", json!({"of": kind, "suppressed": count, "window_seconds": 1}));
+            self.write(
+                "summary",
+                json!({"of": kind, "suppressed": count, "window_seconds": 1}),
+            );
         }
     }
 }
@@ -112,7 +123,11 @@ pub enum BanEnd {
 impl BanWatch {
     /// Compares the bans in the map now with those seen last time; returns
     /// the ones that ended, and the keys of expired bans to remove.
-    pub fn update(&mut self, current: &[(SourceKey, Ban)], now_ns: u64) -> (Vec<(SourceKey, BanEnd)>, Vec<SourceKey>) {
+    pub fn update(
+        &mut self,
+        current: &[(SourceKey, Ban)],
+        now_ns: u64,
+    ) -> (Vec<(SourceKey, BanEnd)>, Vec<SourceKey>) {
         let mut ended = Vec::new();
         let mut expired = Vec::new();
         let mut live = HashMap::new();
@@ -126,7 +141,14 @@ impl BanWatch {
         }
         for (key, ban) in &self.known {
             if !live.contains_key(key) && !expired.contains(key) {
-                ended.push((*key, if ban.until_ns <= now_ns { BanEnd::Expired } else { BanEnd::Lifted }));
+                ended.push((
+                    *key,
+                    if ban.until_ns <= now_ns {
+                        BanEnd::Expired
+                    } else {
+                        BanEnd::Lifted
+                    },
+                ));
             }
         }
         self.known = live;
@@ -163,14 +185,25 @@ mod tests {
         sink.window_start -= std::time::Duration::from_secs(2);
         sink.roll_window();
         let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-        let records: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let records: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         let count = |kind: &str| records.iter().filter(|r| r["event"] == kind).count();
         assert_eq!(count("ban_started"), MAX_PER_KIND_PER_SECOND as usize);
-        assert_eq!(count("config_reloaded"), 1, "other kinds have their own share");
+        assert_eq!(
+            count("config_reloaded"),
+            1,
+            "other kinds have their own share"
+        );
         let summary = records.iter().find(|r| r["event"] == "summary").unwrap();
         assert_eq!(summary["of"], "ban_started");
         assert_eq!(summary["suppressed"], 70);
         assert_eq!(counters.events_suppressed.load(Ordering::Relaxed), 70);
-        assert!(records.iter().all(|r| r["ts"].as_str().is_some_and(|t| t.ends_with('Z'))));
+        assert!(
+            records
+                .iter()
+                .all(|r| r["ts"].as_str().is_some_and(|t| t.ends_with('Z')))
+        );
     }
 }

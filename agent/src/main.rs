@@ -41,7 +41,9 @@ impl Target {
             (None, Some(p)) => p.clone(),
             (None, None) => PathBuf::from("/sys/fs/bpf/wsguard"),
         };
-        Ok(kernel::pin_dir(&kernel::resolve_pin_path(&pin_path, false)?))
+        Ok(kernel::pin_dir(&kernel::resolve_pin_path(
+            &pin_path, false,
+        )?))
     }
 
     fn state(&self) -> anyhow::Result<PinnedState> {
@@ -183,7 +185,9 @@ fn list_command(allow: bool, action: ListAction) -> anyhow::Result<()> {
             let ttl = ttl.as_deref().map(control::ttl).transpose()?;
             control::list_add(&target.state()?, allow, &net, ttl)
         }
-        ListAction::Del { cidr, target } => control::list_del(&target.state()?, allow, &control::cidr(&cidr)?),
+        ListAction::Del { cidr, target } => {
+            control::list_del(&target.state()?, allow, &control::cidr(&cidr)?)
+        }
         ListAction::List { target, json } => control::list_print(&target.state()?, allow, json),
     }
 }
@@ -209,23 +213,46 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Top { target, interval, limit, once } => {
-            top::run(&target.state()?, Duration::from_nanos(interval.nanos().max(1_000_000)), limit, once)
-        }
+        Command::Top {
+            target,
+            interval,
+            limit,
+            once,
+        } => top::run(
+            &target.state()?,
+            Duration::from_nanos(interval.nanos().max(1_000_000)),
+            limit,
+            once,
+        ),
         Command::Deny { action } => list_command(false, action),
         Command::Allow { action } => list_command(true, action),
         Command::Bans { action } => match action {
             BansAction::List { target, json } => control::bans_print(&target.state()?, json),
             BansAction::Del { addr, target } => {
-                let addr: IpAddr = addr.trim().parse().map_err(|_| InputError(format!("\"{addr}\" is not an IP address")))?;
+                let addr: IpAddr = addr
+                    .trim()
+                    .parse()
+                    .map_err(|_| InputError(format!("\"{addr}\" is not an IP address")))?;
                 control::bans_del(&target.state()?, addr)
             }
         },
         Command::Reload { target } => control::reload(&target.pin_dir()?),
-        Command::Ticket { action: TicketAction::Issue { secret_file, ip, unbound: _, ttl } } => {
+        Command::Ticket {
+            action:
+                TicketAction::Issue {
+                    secret_file,
+                    ip,
+                    unbound: _,
+                    ttl,
+                },
+        } => {
             let ttl = control::ttl(&ttl)?;
             let address = ip
-                .map(|a| a.trim().parse::<IpAddr>().map_err(|_| InputError(format!("--ip: \"{a}\" is not an IP address"))))
+                .map(|a| {
+                    a.trim()
+                        .parse::<IpAddr>()
+                        .map_err(|_| InputError(format!("--ip: \"{a}\" is not an IP address")))
+                })
                 .transpose()?;
             let secret = handshake::ticket::read_secret(&secret_file)?;
             let expires_at = wsguard::agent_file::now_unix() + ttl.0.as_secs().max(1);
@@ -239,14 +266,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 /// nothing to remove), 2 invalid config or operator input.
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("WSGUARD_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER)))
+        .with_env_filter(
+            EnvFilter::try_from_env("WSGUARD_LOG")
+                .unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER)),
+        )
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("wsguard: error: {e:#}");
-            if e.downcast_ref::<ConfigError>().is_some() || e.downcast_ref::<InputError>().is_some() {
+            if e.downcast_ref::<ConfigError>().is_some() || e.downcast_ref::<InputError>().is_some()
+            {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE

@@ -19,11 +19,7 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{
-        MetricType,
-        counter::ConstCounter,
-        gauge::ConstGauge,
-    },
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::{Registry, Unit},
 };
 use tracing::{info, warn};
@@ -47,7 +43,12 @@ pub struct AgentCounters {
 
 impl AgentCounters {
     pub fn count_handshake(&self, verdict: &'static str, reason: &'static str) {
-        *self.handshakes.lock().unwrap().entry((verdict, reason)).or_default() += 1;
+        *self
+            .handshakes
+            .lock()
+            .unwrap()
+            .entry((verdict, reason))
+            .or_default() += 1;
     }
 }
 
@@ -71,7 +72,12 @@ fn counter(
     Ok(())
 }
 
-fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, samples: &[(Vec<(&str, String)>, f64)]) -> std::fmt::Result {
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[(Vec<(&str, String)>, f64)],
+) -> std::fmt::Result {
     let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
     for (labels, value) in samples {
         ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
@@ -85,63 +91,136 @@ impl Collector for KernelCollector {
             Ok(s) => s,
             Err(e) => {
                 warn!("metrics: cannot read the pinned maps: {e:#}");
-                return gauge(&mut encoder, "wsguard_up", "Whether the kernel state could be read.", &[(vec![], 0.0)]);
+                return gauge(
+                    &mut encoder,
+                    "wsguard_up",
+                    "Whether the kernel state could be read.",
+                    &[(vec![], 0.0)],
+                );
             }
         };
-        gauge(&mut encoder, "wsguard_up", "Whether the kernel state could be read.", &[(vec![], 1.0)])?;
-        let traffic: Vec<_> = snapshot.counters.iter().filter(|(r, _)| verdict(*r) != "event").collect();
-        let labelled = |r: &wsguard_common::Reason| vec![("reason", r.name().to_string()), ("verdict", verdict(*r).to_string())];
+        gauge(
+            &mut encoder,
+            "wsguard_up",
+            "Whether the kernel state could be read.",
+            &[(vec![], 1.0)],
+        )?;
+        let traffic: Vec<_> = snapshot
+            .counters
+            .iter()
+            .filter(|(r, _)| verdict(*r) != "event")
+            .collect();
+        let labelled = |r: &wsguard_common::Reason| {
+            vec![
+                ("reason", r.name().to_string()),
+                ("verdict", verdict(*r).to_string()),
+            ]
+        };
         counter(
             &mut encoder,
             "wsguard_packets",
             "Packets to protected ports, by the reason they were passed or dropped.",
             None,
-            &traffic.iter().map(|(r, c)| (labelled(r), c.packets)).collect::<Vec<_>>(),
+            &traffic
+                .iter()
+                .map(|(r, c)| (labelled(r), c.packets))
+                .collect::<Vec<_>>(),
         )?;
         counter(
             &mut encoder,
             "wsguard_frame",
             "Frame bytes (from the Ethernet header) to protected ports, by reason.",
             Some(&Unit::Bytes),
-            &traffic.iter().map(|(r, c)| (labelled(r), c.bytes)).collect::<Vec<_>>(),
+            &traffic
+                .iter()
+                .map(|(r, c)| (labelled(r), c.bytes))
+                .collect::<Vec<_>>(),
         )?;
-        let would: Vec<_> = snapshot.would_drop.iter().filter(|(r, _)| r.is_drop()).collect();
+        let would: Vec<_> = snapshot
+            .would_drop
+            .iter()
+            .filter(|(r, _)| r.is_drop())
+            .collect();
         counter(
             &mut encoder,
             "wsguard_would_drop_packets",
             "Packets a family in dry run would have dropped, by reason.",
             None,
-            &would.iter().map(|(r, c)| (vec![("reason", r.name().to_string())], c.packets)).collect::<Vec<_>>(),
+            &would
+                .iter()
+                .map(|(r, c)| (vec![("reason", r.name().to_string())], c.packets))
+                .collect::<Vec<_>>(),
         )?;
         counter(
             &mut encoder,
             "wsguard_would_drop_frame",
             "Frame bytes a family in dry run would have dropped, by reason.",
             Some(&Unit::Bytes),
-            &would.iter().map(|(r, c)| (vec![("reason", r.name().to_string())], c.bytes)).collect::<Vec<_>>(),
+            &would
+                .iter()
+                .map(|(r, c)| (vec![("reason", r.name().to_string())], c.bytes))
+                .collect::<Vec<_>>(),
         )?;
-        let events: Vec<_> = snapshot.counters.iter().filter(|(r, _)| verdict(*r) == "event").collect();
+        let events: Vec<_> = snapshot
+            .counters
+            .iter()
+            .filter(|(r, _)| verdict(*r) == "event")
+            .collect();
         counter(
             &mut encoder,
             "wsguard_kernel_events",
             "Events counted by the kernel programs (bans started, connections opened and closed, full maps).",
             None,
-            &events.iter().map(|(r, c)| (vec![("event", r.name().to_string())], c.packets)).collect::<Vec<_>>(),
+            &events
+                .iter()
+                .map(|(r, c)| (vec![("event", r.name().to_string())], c.packets))
+                .collect::<Vec<_>>(),
         )?;
-        let would_ban = snapshot.would_drop.iter().find(|(r, _)| *r == wsguard_common::Reason::BanStarted).map_or(0, |(_, c)| c.packets);
-        counter(&mut encoder, "wsguard_would_ban", "Bans dry run would have imposed.", None, &[(vec![], would_ban)])?;
-        gauge(&mut encoder, "wsguard_active_bans", "Sources banned now.", &[(vec![], snapshot.bans.len() as f64)])?;
-        gauge(&mut encoder, "wsguard_tracked_sources", "Sources with live buckets.", &[(vec![], snapshot.tracked_sources as f64)])?;
+        let would_ban = snapshot
+            .would_drop
+            .iter()
+            .find(|(r, _)| *r == wsguard_common::Reason::BanStarted)
+            .map_or(0, |(_, c)| c.packets);
+        counter(
+            &mut encoder,
+            "wsguard_would_ban",
+            "Bans dry run would have imposed.",
+            None,
+            &[(vec![], would_ban)],
+        )?;
+        gauge(
+            &mut encoder,
+            "wsguard_active_bans",
+            "Sources banned now.",
+            &[(vec![], snapshot.bans.len() as f64)],
+        )?;
+        gauge(
+            &mut encoder,
+            "wsguard_tracked_sources",
+            "Sources with live buckets.",
+            &[(vec![], snapshot.tracked_sources as f64)],
+        )?;
         let open: u64 = snapshot.open_connections.iter().map(|(_, n)| n).sum();
-        gauge(&mut encoder, "wsguard_open_connections", "Established connections to protected ports, from counted sources.", &[(vec![], open as f64)])?;
+        gauge(
+            &mut encoder,
+            "wsguard_open_connections",
+            "Established connections to protected ports, from counted sources.",
+            &[(vec![], open as f64)],
+        )?;
         let ratio = |n: usize, max: u32| if max == 0 { 0.0 } else { n as f64 / max as f64 };
         gauge(
             &mut encoder,
             "wsguard_map_fill_ratio",
             "How full a map is (entries / capacity).",
             &[
-                (vec![("map", "sources".to_string())], ratio(snapshot.tracked_sources, snapshot.max_sources)),
-                (vec![("map", "bans".to_string())], ratio(snapshot.bans.len(), snapshot.max_bans)),
+                (
+                    vec![("map", "sources".to_string())],
+                    ratio(snapshot.tracked_sources, snapshot.max_sources),
+                ),
+                (
+                    vec![("map", "bans".to_string())],
+                    ratio(snapshot.bans.len(), snapshot.max_bans),
+                ),
             ],
         )?;
         gauge(
@@ -149,8 +228,14 @@ impl Collector for KernelCollector {
             "wsguard_list_entries",
             "Allow and deny list entries in effect.",
             &[
-                (vec![("list", "allow".to_string())], snapshot.allow_entries as f64),
-                (vec![("list", "deny".to_string())], snapshot.deny_entries as f64),
+                (
+                    vec![("list", "allow".to_string())],
+                    snapshot.allow_entries as f64,
+                ),
+                (
+                    vec![("list", "deny".to_string())],
+                    snapshot.deny_entries as f64,
+                ),
             ],
         )?;
         counter(
@@ -159,8 +244,14 @@ impl Collector for KernelCollector {
             "Config reloads, by result.",
             None,
             &[
-                (vec![("result", "ok".to_string())], self.agent.reloads_ok.load(Ordering::Relaxed)),
-                (vec![("result", "rejected".to_string())], self.agent.reloads_rejected.load(Ordering::Relaxed)),
+                (
+                    vec![("result", "ok".to_string())],
+                    self.agent.reloads_ok.load(Ordering::Relaxed),
+                ),
+                (
+                    vec![("result", "rejected".to_string())],
+                    self.agent.reloads_rejected.load(Ordering::Relaxed),
+                ),
             ],
         )?;
         let handshakes: Vec<_> = self
@@ -169,14 +260,31 @@ impl Collector for KernelCollector {
             .lock()
             .unwrap()
             .iter()
-            .map(|((verdict, reason), n)| (vec![("verdict", verdict.to_string()), ("reason", reason.to_string())], *n))
+            .map(|((verdict, reason), n)| {
+                (
+                    vec![
+                        ("verdict", verdict.to_string()),
+                        ("reason", reason.to_string()),
+                    ],
+                    *n,
+                )
+            })
             .collect();
-        counter(&mut encoder, "wsguard_handshakes", "Handshakes judged, by verdict and reason.", None, &handshakes)?;
+        counter(
+            &mut encoder,
+            "wsguard_handshakes",
+            "Handshakes judged, by verdict and reason.",
+            None,
+            &handshakes,
+        )?;
         gauge(
             &mut encoder,
             "wsguard_pending_handshakes",
             "Request heads being assembled now (bounded by handshake.max_pending).",
-            &[(vec![], self.agent.pending_handshakes.load(Ordering::Relaxed) as f64)],
+            &[(
+                vec![],
+                self.agent.pending_handshakes.load(Ordering::Relaxed) as f64,
+            )],
         )?;
         counter(
             &mut encoder,
@@ -186,14 +294,21 @@ impl Collector for KernelCollector {
             &[(vec![], self.agent.events_suppressed.load(Ordering::Relaxed))],
         )?;
         // Program run time, when the kernel keeps it (sysctl kernel.bpf_stats_enabled=1).
-        let programs: Vec<_> = snapshot.programs.iter().filter(|p| p.run_count > 0).collect();
+        let programs: Vec<_> = snapshot
+            .programs
+            .iter()
+            .filter(|p| p.run_count > 0)
+            .collect();
         if !programs.is_empty() {
             counter(
                 &mut encoder,
                 "wsguard_program_runs",
                 "Runs of each attached program (kernel.bpf_stats_enabled).",
                 None,
-                &programs.iter().map(|p| (vec![("link", p.link.clone())], p.run_count)).collect::<Vec<_>>(),
+                &programs
+                    .iter()
+                    .map(|p| (vec![("link", p.link.clone())], p.run_count))
+                    .collect::<Vec<_>>(),
             )?;
             let mut family = encoder.encode_descriptor(
                 "wsguard_program_run_time",
@@ -202,7 +317,8 @@ impl Collector for KernelCollector {
                 MetricType::Counter,
             )?;
             for p in programs {
-                ConstCounter::new(p.run_time_ns as f64 / 1e9).encode(family.encode_family(&vec![("link", p.link.clone())])?)?;
+                ConstCounter::new(p.run_time_ns as f64 / 1e9)
+                    .encode(family.encode_family(&vec![("link", p.link.clone())])?)?;
             }
         }
         Ok(())
@@ -220,14 +336,18 @@ pub async fn serve(listen: SocketAddr, pin_dir: PathBuf, agent: Arc<AgentCounter
     info!("metrics at http://{listen}/metrics");
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let registry = registry.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |request: Request<hyper::body::Incoming>| {
                     let registry = registry.clone();
                     async move { Ok::<_, std::convert::Infallible>(respond(&request, &registry)) }
                 });
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
             });
         }
     });
@@ -236,14 +356,23 @@ pub async fn serve(listen: SocketAddr, pin_dir: PathBuf, agent: Arc<AgentCounter
 
 fn respond(request: &Request<hyper::body::Incoming>, registry: &Registry) -> Response<Full<Bytes>> {
     if request.uri().path() != "/metrics" {
-        return Response::builder().status(StatusCode::NOT_FOUND).body(Full::new(Bytes::from("see /metrics\n"))).unwrap();
+        return Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .body(Full::new(Bytes::from("see /metrics\n")))
+            .unwrap();
     }
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, registry) {
         Ok(()) => Response::builder()
-            .header("Content-Type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+            .header(
+                "Content-Type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
             .body(Full::new(Bytes::from(body)))
             .unwrap(),
-        Err(_) => Response::builder().status(StatusCode::INTERNAL_SERVER_ERROR).body(Full::new(Bytes::new())).unwrap(),
+        Err(_) => Response::builder()
+            .status(StatusCode::INTERNAL_SERVER_ERROR)
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
     }
 }

@@ -25,7 +25,10 @@ pub fn source_addr(key: &SourceKey) -> IpAddr {
 pub fn verdict(reason: Reason) -> &'static str {
     if reason.is_drop() {
         "dropped"
-    } else if matches!(reason, Reason::Passed | Reason::AllowListed | Reason::PassedFragment) {
+    } else if matches!(
+        reason,
+        Reason::Passed | Reason::AllowListed | Reason::PassedFragment
+    ) {
         "passed"
     } else {
         "event"
@@ -35,7 +38,13 @@ pub fn verdict(reason: Reason) -> &'static str {
 pub fn format_counters(counters: &[(Reason, Counter)]) -> String {
     let mut out = format!("  {:<24} {:>14} {:>16}\n", "reason", "packets", "bytes");
     for (reason, c) in counters {
-        out.push_str(&format!("  {:<24} {:>14} {:>16}   {}\n", reason.name(), c.packets, c.bytes, verdict(*reason)));
+        out.push_str(&format!(
+            "  {:<24} {:>14} {:>16}   {}\n",
+            reason.name(),
+            c.packets,
+            c.bytes,
+            verdict(*reason)
+        ));
     }
     out.pop();
     out
@@ -78,15 +87,35 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn take(state: &PinnedState) -> Result<Snapshot> {
         let now_ns = monotonic_ns();
-        let bans = state.bans()?.into_iter().filter(|(_, b)| b.until_ns > now_ns).collect();
-        let applies = |allow| -> Result<usize> { Ok(state.list_entries(allow)?.iter().filter(|(_, e)| e.applies(now_ns)).count()) };
-        let links: Vec<LinkStatus> = state.links().into_iter().map(|(name, program_id)| LinkStatus { name, program_id }).collect();
-        let infos: Vec<_> = aya::programs::loaded_programs().filter_map(|p| p.ok()).collect();
+        let bans = state
+            .bans()?
+            .into_iter()
+            .filter(|(_, b)| b.until_ns > now_ns)
+            .collect();
+        let applies = |allow| -> Result<usize> {
+            Ok(state
+                .list_entries(allow)?
+                .iter()
+                .filter(|(_, e)| e.applies(now_ns))
+                .count())
+        };
+        let links: Vec<LinkStatus> = state
+            .links()
+            .into_iter()
+            .map(|(name, program_id)| LinkStatus { name, program_id })
+            .collect();
+        let infos: Vec<_> = aya::programs::loaded_programs()
+            .filter_map(|p| p.ok())
+            .collect();
         let programs = links
             .iter()
             .filter_map(|l| {
                 let info = infos.iter().find(|i| Some(i.id()) == l.program_id)?;
-                Some(ProgramStats { link: l.name.clone(), run_count: info.run_count(), run_time_ns: info.run_time().as_nanos() as u64 })
+                Some(ProgramStats {
+                    link: l.name.clone(),
+                    run_count: info.run_count(),
+                    run_time_ns: info.run_time().as_nanos() as u64,
+                })
             })
             .collect();
         Ok(Snapshot {
@@ -108,7 +137,11 @@ impl Snapshot {
     }
 
     pub fn counter(&self, reason: Reason) -> Counter {
-        self.counters.iter().find(|(r, _)| *r == reason).map(|(_, c)| *c).unwrap_or_default()
+        self.counters
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map(|(_, c)| *c)
+            .unwrap_or_default()
     }
 
     pub fn to_json(&self) -> serde_json::Value {
@@ -145,11 +178,18 @@ impl Snapshot {
     }
 
     pub fn to_text(&self) -> String {
-        let mut out = format!("wsguard status (state pinned at {})\n", self.pin_dir.display());
+        let mut out = format!(
+            "wsguard status (state pinned at {})\n",
+            self.pin_dir.display()
+        );
         match &self.agent {
             Some(a) => {
-                let loaded = std::time::UNIX_EPOCH + std::time::Duration::from_secs(a.config_loaded_at);
-                let ago = std::time::SystemTime::now().duration_since(loaded).map(|d| d.as_secs()).unwrap_or(0);
+                let loaded =
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(a.config_loaded_at);
+                let ago = std::time::SystemTime::now()
+                    .duration_since(loaded)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
                 out += &format!(
                     "  agent: running (pid {}), config {} loaded {ago}s ago; interfaces {} (xdp mode {})\n",
                     a.pid,
@@ -180,7 +220,13 @@ impl Snapshot {
                 .collect();
             out += &format!("  attached: {}\n", links.join(", "));
         }
-        let pct = |n: usize, max: u32| if max == 0 { 0.0 } else { n as f64 * 100.0 / max as f64 };
+        let pct = |n: usize, max: u32| {
+            if max == 0 {
+                0.0
+            } else {
+                n as f64 * 100.0 / max as f64
+            }
+        };
         out += &format!(
             "  tracked sources: {}/{} ({:.1}%)   active bans: {}/{}   sources with open connections: {}   allow entries: {}   deny entries: {}\n",
             self.tracked_sources,
@@ -203,7 +249,11 @@ impl Snapshot {
             out += &format!("\n  dry run would have dropped: {}", dry.join(", "));
         }
         for (key, ban) in &self.bans {
-            out += &format!("\n  banned: {} for {:.0} s more", source_addr(key), (ban.until_ns - self.now_ns) as f64 / 1e9);
+            out += &format!(
+                "\n  banned: {} for {:.0} s more",
+                source_addr(key),
+                (ban.until_ns - self.now_ns) as f64 / 1e9
+            );
         }
         out
     }

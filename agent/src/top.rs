@@ -21,7 +21,11 @@ pub struct SourceRates {
     pub banned_for_s: Option<f64>,
 }
 
-fn rates(before: &HashMap<SourceKey, SourceState>, after: &[(SourceKey, SourceState)], seconds: f64) -> Vec<(SourceKey, [f64; 5])> {
+fn rates(
+    before: &HashMap<SourceKey, SourceState>,
+    after: &[(SourceKey, SourceState)],
+    seconds: f64,
+) -> Vec<(SourceKey, [f64; 5])> {
     after
         .iter()
         .map(|(key, now)| {
@@ -48,7 +52,11 @@ pub fn sample(state: &PinnedState, interval: Duration, limit: usize) -> Result<V
     std::thread::sleep(interval);
     let after = state.tracked_sources()?;
     let now = monotonic_ns();
-    let bans: HashMap<_, _> = state.bans()?.into_iter().filter(|(_, b)| b.until_ns > now).collect();
+    let bans: HashMap<_, _> = state
+        .bans()?
+        .into_iter()
+        .filter(|(_, b)| b.until_ns > now)
+        .collect();
     let open: HashMap<_, _> = state.connections()?.into_iter().collect();
     let mut rows: Vec<SourceRates> = rates(&before, &after, interval.as_secs_f64())
         .into_iter()
@@ -63,7 +71,10 @@ pub fn sample(state: &PinnedState, interval: Duration, limit: usize) -> Result<V
         .filter(|r| r.packets_per_s > 0.0 || r.banned_for_s.is_some() || r.open_connections > 0)
         .collect();
     rows.sort_by(|a, b| {
-        b.banned_for_s.is_some().cmp(&a.banned_for_s.is_some()).then(b.bytes_per_s.total_cmp(&a.bytes_per_s))
+        b.banned_for_s
+            .is_some()
+            .cmp(&a.banned_for_s.is_some())
+            .then(b.bytes_per_s.total_cmp(&a.bytes_per_s))
     });
     rows.truncate(limit);
     Ok(rows)
@@ -75,7 +86,9 @@ pub fn render(rows: &[SourceRates]) -> String {
         "source", "pkts/s", "bytes/s", "conn-drop", "byte-drop", "conc-drop", "open", "banned"
     );
     for r in rows {
-        let banned = r.banned_for_s.map_or("-".to_string(), |s| format!("{s:.0}s"));
+        let banned = r
+            .banned_for_s
+            .map_or("-".to_string(), |s| format!("{s:.0}s"));
         out += &format!(
             "{:<40} {:>10.0} {:>12.0} {:>10.0} {:>10.0} {:>10.0} {:>6} {:>10}\n",
             source_addr(&r.source).to_string(),
@@ -100,7 +113,12 @@ pub fn run(state: &PinnedState, interval: Duration, limit: usize, once: bool) ->
             return Ok(());
         }
         // Clear the screen and go home, then draw.
-        print!("\x1b[2J\x1b[H{} sources shown, refreshed every {:?}\n{}", rows.len(), interval, render(&rows));
+        print!(
+            "\x1b[2J\x1b[H{} sources shown, refreshed every {:?}\n{}",
+            rows.len(),
+            interval,
+            render(&rows)
+        );
         use std::io::Write;
         std::io::stdout().flush()?;
     }

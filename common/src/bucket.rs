@@ -30,7 +30,12 @@ assert_size!(BucketParams, 32);
 pub const MAX_SCALED_CAPACITY: u64 = 1 << 62;
 
 impl BucketParams {
-    pub const UNLIMITED: BucketParams = BucketParams { unit: 0, refill_per_ns: 0, capacity: 0, fill_ns: 0 };
+    pub const UNLIMITED: BucketParams = BucketParams {
+        unit: 0,
+        refill_per_ns: 0,
+        capacity: 0,
+        fill_ns: 0,
+    };
 
     /// Parameters for `count` tokens per `period_ns`, holding at most `burst`
     /// tokens. Returns `None` when the numbers are zero or would overflow the
@@ -48,7 +53,12 @@ impl BucketParams {
         if fill_ns.checked_mul(count)? > MAX_SCALED_CAPACITY + count {
             return None;
         }
-        Some(BucketParams { unit: period_ns, refill_per_ns: count, capacity, fill_ns })
+        Some(BucketParams {
+            unit: period_ns,
+            refill_per_ns: count,
+            capacity,
+            fill_ns,
+        })
     }
 
     pub fn is_unlimited(&self) -> bool {
@@ -57,7 +67,11 @@ impl BucketParams {
 
     /// Whole tokens the bucket holds when full.
     pub fn burst(&self) -> u64 {
-        if self.unit == 0 { 0 } else { self.capacity / self.unit }
+        if self.unit == 0 {
+            0
+        } else {
+            self.capacity / self.unit
+        }
     }
 }
 
@@ -92,8 +106,14 @@ impl TokenBucket {
             // elapsed ≤ fill_ns, so the product stays within capacity plus one
             // refill step (checked by BucketParams::new): no overflow, and no
             // 128-bit multiply, which BPF does not have.
-            let refilled = self.tokens.saturating_add(elapsed.wrapping_mul(params.refill_per_ns));
-            if refilled > params.capacity { params.capacity } else { refilled }
+            let refilled = self
+                .tokens
+                .saturating_add(elapsed.wrapping_mul(params.refill_per_ns));
+            if refilled > params.capacity {
+                params.capacity
+            } else {
+                refilled
+            }
         };
         if now_ns > self.last_ns {
             self.last_ns = now_ns;

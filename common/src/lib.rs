@@ -11,7 +11,9 @@ pub mod source;
 
 pub use bucket::{BucketParams, TokenBucket};
 pub use counters::{Counter, Reason};
-pub use maps::{Ban, Event, Flow, FlowKey, HandshakeSettings, ListEntry, LpmKey, Settings, SourceState};
+pub use maps::{
+    Ban, Event, Flow, FlowKey, HandshakeSettings, ListEntry, LpmKey, Settings, SourceState,
+};
 pub use source::SourceKey;
 
 /// Asserts at compile time that a shared type has exactly the expected size,

@@ -118,7 +118,11 @@ impl Settings {
     /// configured IPv4 or IPv6 prefix.
     #[inline(always)]
     pub fn tracking_key(&self, source: &crate::SourceKey) -> crate::SourceKey {
-        if source.is_v4() { source.masked(&self.ipv4_mask) } else { source.masked(&self.ipv6_mask) }
+        if source.is_v4() {
+            source.masked(&self.ipv4_mask)
+        } else {
+            source.masked(&self.ipv6_mask)
+        }
     }
 }
 

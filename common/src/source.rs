@@ -43,8 +43,14 @@ impl SourceKey {
     #[inline(always)]
     pub fn is_v4(&self) -> bool {
         u64::from_ne_bytes([
-            self.addr[0], self.addr[1], self.addr[2], self.addr[3],
-            self.addr[4], self.addr[5], self.addr[6], self.addr[7],
+            self.addr[0],
+            self.addr[1],
+            self.addr[2],
+            self.addr[3],
+            self.addr[4],
+            self.addr[5],
+            self.addr[6],
+            self.addr[7],
         ]) == 0
             && self.addr[8] == 0
             && self.addr[9] == 0
@@ -61,8 +67,8 @@ impl SourceKey {
         let lo = (a_lo & m_lo).to_ne_bytes();
         SourceKey {
             addr: [
-                hi[0], hi[1], hi[2], hi[3], hi[4], hi[5], hi[6], hi[7],
-                lo[0], lo[1], lo[2], lo[3], lo[4], lo[5], lo[6], lo[7],
+                hi[0], hi[1], hi[2], hi[3], hi[4], hi[5], hi[6], hi[7], lo[0], lo[1], lo[2], lo[3],
+                lo[4], lo[5], lo[6], lo[7],
             ],
         }
     }
@@ -106,7 +112,12 @@ mod tests {
     #[test]
     fn v6_masks_to_64() {
         let mut a = [0u8; 16];
-        a[0] = 0x20; a[1] = 0x01; a[2] = 0x0d; a[3] = 0xb8; a[15] = 7; a[8] = 1;
+        a[0] = 0x20;
+        a[1] = 0x01;
+        a[2] = 0x0d;
+        a[3] = 0xb8;
+        a[15] = 7;
+        a[8] = 1;
         let k = SourceKey::from_v6(a);
         assert!(!k.is_v4());
         let m = k.masked(&prefix_mask(64));

@@ -14,7 +14,8 @@ use core::{
 };
 
 use aya_ebpf::{
-    bindings::bpf_hdr_start_off::BPF_HDR_START_NET, helpers::bpf_skb_load_bytes_relative, programs::SkBuffContext,
+    bindings::bpf_hdr_start_off::BPF_HDR_START_NET, helpers::bpf_skb_load_bytes_relative,
+    programs::SkBuffContext,
 };
 use wsguard_common::Flow;
 
@@ -51,7 +52,9 @@ pub fn run(ctx: &SkBuffContext) -> i64 {
     }
     // skb->protocol holds the EtherType in network byte order.
     let ether_type = ctx.skb.protocol() as u16;
-    let Parsed::Tcp(segment) = parse_network(&SkbNetwork(ctx), ether_type, 0) else { return 0 };
+    let Parsed::Tcp(segment) = parse_network(&SkbNetwork(ctx), ether_type, 0) else {
+        return 0;
+    };
     if !is_inspected_port(segment.destination_port) || segment.incomplete_header {
         return 0;
     }

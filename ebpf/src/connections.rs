@@ -21,7 +21,9 @@ use aya_ebpf::{
 };
 use wsguard_common::{Reason, SourceKey};
 
-use crate::maps::{CONNECTIONS, count, is_allow_listed, is_protected_port, now_ns, settings, tracking_key};
+use crate::maps::{
+    CONNECTIONS, count, is_allow_listed, is_protected_port, now_ns, settings, tracking_key,
+};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -63,7 +65,8 @@ fn remote_source(ctx: &SockOpsContext) -> Option<SourceKey> {
     match family {
         AF_INET => Some(SourceKey::from_v4(v4)),
         AF_INET6 => Some(SourceKey::from_v6([
-            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3],
+            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+            d[2], d[3],
         ])),
         _ => None,
     }
@@ -76,7 +79,9 @@ fn opened(ctx: &SockOpsContext) {
     if !is_protected_port(ctx.local_port() as u16) {
         return;
     }
-    let Some(source) = remote_source(ctx) else { return };
+    let Some(source) = remote_source(ctx) else {
+        return;
+    };
     // Allow-listed sources are exempt from limits and need no entry.
     if is_allow_listed(&source, now_ns()) {
         return;
@@ -111,9 +116,13 @@ fn increment(key: &SourceKey) -> bool {
 fn closed(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     let Some(settings) = settings() else { return };
-    let Some(source) = remote_source(ctx) else { return };
+    let Some(source) = remote_source(ctx) else {
+        return;
+    };
     let key = tracking_key(settings, &source);
-    let Some(open) = CONNECTIONS.get_ptr_mut(&key) else { return };
+    let Some(open) = CONNECTIONS.get_ptr_mut(&key) else {
+        return;
+    };
     // Adding 2^64 - 1 is subtracting one, with the same atomic add.
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(open, u64::MAX) };
     count(Reason::ConnectionClosed, 0, false);

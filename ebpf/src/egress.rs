@@ -12,19 +12,30 @@ use aya_ebpf::{bindings::TC_ACT_OK, bindings::TC_ACT_SHOT, programs::TcContext};
 use wsguard_common::{Flow, Reason};
 
 use crate::{
-    maps::{FLOWS, count, flow_from_server, handshake_settings, is_inspected_port, now_ns, settings},
+    maps::{
+        FLOWS, count, flow_from_server, handshake_settings, is_inspected_port, now_ns, settings,
+    },
     parse::{Frame, Parsed, parse},
 };
 
 #[inline(always)]
 pub fn run(ctx: &TcContext) -> i32 {
-    let Some(handshake) = handshake_settings() else { return TC_ACT_OK };
-    let frame = Frame { data: ctx.data(), end: ctx.data_end() };
-    let Parsed::Tcp(segment) = parse(&frame) else { return TC_ACT_OK };
+    let Some(handshake) = handshake_settings() else {
+        return TC_ACT_OK;
+    };
+    let frame = Frame {
+        data: ctx.data(),
+        end: ctx.data_end(),
+    };
+    let Parsed::Tcp(segment) = parse(&frame) else {
+        return TC_ACT_OK;
+    };
     if !is_inspected_port(segment.source_port) || segment.incomplete_header {
         return TC_ACT_OK;
     }
-    let Some(flow) = FLOWS.get_ptr(&flow_from_server(&segment)) else { return TC_ACT_OK };
+    let Some(flow) = FLOWS.get_ptr(&flow_from_server(&segment)) else {
+        return TC_ACT_OK;
+    };
     // SAFETY: a map value pointer, valid for this run.
     let flow = unsafe { *flow };
     let reason = match flow.state {

@@ -7,9 +7,9 @@ use wsguard_common::{Ban, Event, Flow, Reason, Settings, SourceKey, SourceState}
 
 use crate::{
     maps::{
-        BANS, CONNECTIONS, FLOWS, GLOBAL, SOURCES, count, emit, flow_from_client, handshake_settings, is_allow_listed,
-        is_deny_listed, is_inspected_port, is_protected_port, now_ns, settings,
-        tracking_key,
+        BANS, CONNECTIONS, FLOWS, GLOBAL, SOURCES, count, emit, flow_from_client,
+        handshake_settings, is_allow_listed, is_deny_listed, is_inspected_port, is_protected_port,
+        now_ns, settings, tracking_key,
     },
     parse::{Frame, Parsed, TcpSegment, parse},
 };
@@ -18,13 +18,24 @@ const BPF_NOEXIST: u64 = 1;
 
 #[inline(always)]
 pub fn run(ctx: &XdpContext) -> u32 {
-    let Some(settings) = settings() else { return xdp_action::XDP_PASS };
-    let frame = Frame { data: ctx.data(), end: ctx.data_end() };
+    let Some(settings) = settings() else {
+        return xdp_action::XDP_PASS;
+    };
+    let frame = Frame {
+        data: ctx.data(),
+        end: ctx.data_end(),
+    };
     let reason = match parse(&frame) {
         Parsed::Other => return xdp_action::XDP_PASS,
-        Parsed::Tcp(segment) if !is_protected_port(segment.destination_port) => return xdp_action::XDP_PASS,
+        Parsed::Tcp(segment) if !is_protected_port(segment.destination_port) => {
+            return xdp_action::XDP_PASS;
+        }
         Parsed::Tcp(segment) if segment.incomplete_header => {
-            if is_allow_listed(&segment.source, now_ns()) { Reason::AllowListed } else { Reason::Malformed }
+            if is_allow_listed(&segment.source, now_ns()) {
+                Reason::AllowListed
+            } else {
+                Reason::Malformed
+            }
         }
         Parsed::Tcp(segment) => {
             let reason = judge_segment(ctx, settings, &segment, frame.len());
@@ -37,7 +48,11 @@ pub fn run(ctx: &XdpContext) -> u32 {
             source_rules(settings, &source, now_ns()).unwrap_or(Reason::PassedFragment)
         }
         Parsed::Malformed(source) => {
-            if is_allow_listed(&source, now_ns()) { Reason::AllowListed } else { Reason::Malformed }
+            if is_allow_listed(&source, now_ns()) {
+                Reason::AllowListed
+            } else {
+                Reason::Malformed
+            }
         }
     };
     if !reason.is_drop() {
@@ -47,7 +62,11 @@ pub fn run(ctx: &XdpContext) -> u32 {
     // A family in dry-run only counts what it would have dropped.
     let dry_run = settings.is_dry_run(reason);
     count(reason, frame.len(), dry_run);
-    if dry_run { xdp_action::XDP_PASS } else { xdp_action::XDP_DROP }
+    if dry_run {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    }
 }
 
 /// Rules that depend only on the source: allow list, deny list, ban.
@@ -69,7 +88,9 @@ fn source_rules(settings: &Settings, source: &SourceKey, now: u64) -> Option<Rea
 /// A ban holds until `until_ns`; the first packet after that lifts it.
 #[inline(always)]
 fn is_banned(key: &SourceKey, now: u64) -> bool {
-    let Some(ban) = BANS.get_ptr(key) else { return false };
+    let Some(ban) = BANS.get_ptr(key) else {
+        return false;
+    };
     if now < unsafe { (*ban).until_ns } {
         return true;
     }
@@ -124,7 +145,11 @@ fn track_handshake(segment: &TcpSegment) {
     if handshake_settings().is_none() || !is_inspected_port(segment.destination_port) {
         return;
     }
-    let flow = Flow { state: Flow::PENDING, _pad: 0, since_ns: now_ns() };
+    let flow = Flow {
+        state: Flow::PENDING,
+        _pad: 0,
+        since_ns: now_ns(),
+    };
     let _ = FLOWS.insert(&flow_from_client(segment), &flow, 0);
 }
 
@@ -173,7 +198,11 @@ fn global_limits(settings: &Settings, segment: &TcpSegment, now: u64, len: u64) 
     // SAFETY: array value pointer. Shared by all CPUs and updated without a
     // lock: a race can lose an update and let a packet or two through.
     let global = unsafe { &mut *global };
-    if segment.opens_connection && !global.connections.take(&settings.global_connections, now, 1) {
+    if segment.opens_connection
+        && !global
+            .connections
+            .take(&settings.global_connections, now, 1)
+    {
         return Some(Reason::GlobalConnectionRate);
     }
     if !global.bytes.take(&settings.global_bytes, now, len) {
@@ -185,7 +214,13 @@ fn global_limits(settings: &Settings, segment: &TcpSegment, now: u64, len: u64) 
 /// Counts a per-source limit drop in the source's window and bans the source
 /// once the window holds `ban_after_drops` drops.
 #[inline(always)]
-fn record_limit_drop(ctx: &XdpContext, settings: &Settings, key: &SourceKey, state: &mut SourceState, now: u64) {
+fn record_limit_drop(
+    ctx: &XdpContext,
+    settings: &Settings,
+    key: &SourceKey,
+    state: &mut SourceState,
+    now: u64,
+) {
     if settings.ban_after_drops == 0 {
         return;
     }
@@ -201,14 +236,27 @@ fn record_limit_drop(ctx: &XdpContext, settings: &Settings, key: &SourceKey, sta
     let until_ns = now + settings.ban_duration_ns;
     if settings.is_dry_run(Reason::Banned) {
         count(Reason::BanStarted, 0, true);
-        emit(&Event { kind: Event::BAN_STARTED, dry_run: 1, source: *key, until_ns });
+        emit(&Event {
+            kind: Event::BAN_STARTED,
+            dry_run: 1,
+            source: *key,
+            until_ns,
+        });
         return;
     }
-    let ban = Ban { since_ns: now, until_ns };
+    let ban = Ban {
+        since_ns: now,
+        until_ns,
+    };
     match BANS.insert(key, &ban, 0) {
         Ok(()) => {
             count(Reason::BanStarted, 0, false);
-            emit(&Event { kind: Event::BAN_STARTED, dry_run: 0, source: *key, until_ns });
+            emit(&Event {
+                kind: Event::BAN_STARTED,
+                dry_run: 0,
+                source: *key,
+                until_ns,
+            });
             info!(
                 ctx,
                 "ban started: source {:i} for {} s",

@@ -7,7 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use wsguard_common::{
-    Ban, Counter, Flow, FlowKey, HandshakeSettings, ListEntry, LpmKey, Reason, Settings, SourceKey, SourceState,
+    Ban, Counter, Flow, FlowKey, HandshakeSettings, ListEntry, LpmKey, Reason, Settings, SourceKey,
+    SourceState,
     counters::COUNTER_SLOTS,
     maps::{EVENTS_BYTES, GlobalState, LIST_CAPACITY, PORT_SLOTS},
 };
@@ -36,7 +37,8 @@ pub static BANS: HashMap<SourceKey, Ban> = HashMap::with_max_entries(1024, BPF_F
 
 /// Established connections per source, maintained by the sock_ops program.
 #[map(name = "WSG_CONNS")]
-pub static CONNECTIONS: HashMap<SourceKey, u64> = HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
+pub static CONNECTIONS: HashMap<SourceKey, u64> =
+    HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
 
 #[map(name = "WSG_GLOBAL")]
 pub static GLOBAL: Array<GlobalState> = Array::with_max_entries(1, 0);

@@ -25,7 +25,6 @@ use network_types::{
 };
 use wsguard_common::SourceKey;
 
-
 /// VLAN tags (802.1Q / 802.1ad) walked before the IP header.
 pub const MAX_VLAN_TAGS: usize = 2;
 /// IPv6 extension headers walked before giving up on finding TCP.
@@ -103,14 +102,18 @@ impl Packet for Frame {
 /// From the Ethernet header on (XDP, TC).
 #[inline(always)]
 pub fn parse<P: Packet>(packet: &P) -> Parsed {
-    let Some(eth) = packet.read::<EthHdr>(0) else { return Parsed::Other };
+    let Some(eth) = packet.read::<EthHdr>(0) else {
+        return Parsed::Other;
+    };
     let mut ether_type = eth.ether_type;
     let mut offset = EthHdr::LEN;
     for _ in 0..MAX_VLAN_TAGS {
         if ether_type != EtherType::Ieee8021q as u16 && ether_type != EtherType::Ieee8021ad as u16 {
             break;
         }
-        let Some(vlan) = packet.read::<VlanHdr>(offset) else { return Parsed::Other };
+        let Some(vlan) = packet.read::<VlanHdr>(offset) else {
+            return Parsed::Other;
+        };
         ether_type = vlan.ether_type;
         offset += VlanHdr::LEN;
     }
@@ -132,7 +135,9 @@ pub fn parse_network<P: Packet>(packet: &P, ether_type: u16, offset: usize) -> P
 
 #[inline(always)]
 fn ipv4<P: Packet>(packet: &P, offset: usize) -> Parsed {
-    let Some(ip) = packet.read::<Ipv4Hdr>(offset) else { return Parsed::Other };
+    let Some(ip) = packet.read::<Ipv4Hdr>(offset) else {
+        return Parsed::Other;
+    };
     let header_len = ip.ihl() as usize;
     if ip.version() != 4 || header_len < Ipv4Hdr::LEN || ip.proto != IPPROTO_TCP {
         return Parsed::Other;
@@ -142,12 +147,20 @@ fn ipv4<P: Packet>(packet: &P, offset: usize) -> Parsed {
         return Parsed::Fragment(source);
     }
     let end = offset + (u16::from_be_bytes(ip.tot_len) as usize & 0xffff);
-    tcp(packet, offset + header_len, end, source, SourceKey::from_v4(ip.dst_addr))
+    tcp(
+        packet,
+        offset + header_len,
+        end,
+        source,
+        SourceKey::from_v4(ip.dst_addr),
+    )
 }
 
 #[inline(always)]
 fn ipv6<P: Packet>(packet: &P, offset: usize) -> Parsed {
-    let Some(ip) = packet.read::<Ipv6Hdr>(offset) else { return Parsed::Other };
+    let Some(ip) = packet.read::<Ipv6Hdr>(offset) else {
+        return Parsed::Other;
+    };
     if ip.version() != 6 {
         return Parsed::Other;
     }
@@ -159,21 +172,27 @@ fn ipv6<P: Packet>(packet: &P, offset: usize) -> Parsed {
     for _ in 0..MAX_IPV6_EXTENSIONS {
         match next {
             IPPROTO_TCP => return tcp(packet, l4, end, source, destination),
-            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_MOBILITY | IPPROTO_HIP
-            | IPPROTO_SHIM6 => {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_MOBILITY
+            | IPPROTO_HIP | IPPROTO_SHIM6 => {
                 // Next header, then length in 8-octet units not counting the first.
-                let Some(ext) = packet.read::<[u8; 2]>(l4) else { return Parsed::Other };
+                let Some(ext) = packet.read::<[u8; 2]>(l4) else {
+                    return Parsed::Other;
+                };
                 next = ext[0];
                 l4 += (ext[1] as usize + 1) * 8;
             }
             IPPROTO_AH => {
                 // Length in 4-octet units minus 2 (RFC 4302).
-                let Some(ext) = packet.read::<[u8; 2]>(l4) else { return Parsed::Other };
+                let Some(ext) = packet.read::<[u8; 2]>(l4) else {
+                    return Parsed::Other;
+                };
                 next = ext[0];
                 l4 += (ext[1] as usize + 2) * 4;
             }
             IPPROTO_FRAGMENT => {
-                let Some(ext) = packet.read::<[u8; 8]>(l4) else { return Parsed::Other };
+                let Some(ext) = packet.read::<[u8; 8]>(l4) else {
+                    return Parsed::Other;
+                };
                 let fragment_offset = u16::from_be_bytes([ext[2], ext[3]]) >> 3;
                 if fragment_offset != 0 {
                     return Parsed::Fragment(source);
@@ -195,12 +214,20 @@ fn ipv6<P: Packet>(packet: &P, offset: usize) -> Parsed {
 }
 
 #[inline(always)]
-fn tcp<P: Packet>(packet: &P, offset: usize, ip_end: usize, source: SourceKey, destination: SourceKey) -> Parsed {
+fn tcp<P: Packet>(
+    packet: &P,
+    offset: usize,
+    ip_end: usize,
+    source: SourceKey,
+    destination: SourceKey,
+) -> Parsed {
     if offset > MAX_L4_OFFSET {
         return Parsed::Malformed(source);
     }
     // Without its ports a segment cannot be told apart: malformed.
-    let Some(ports) = packet.read::<[u8; 4]>(offset) else { return Parsed::Malformed(source) };
+    let Some(ports) = packet.read::<[u8; 4]>(offset) else {
+        return Parsed::Malformed(source);
+    };
     let source_port = u16::from_be_bytes([ports[0], ports[1]]);
     let destination_port = u16::from_be_bytes([ports[2], ports[3]]);
     let Some(th) = packet.read::<TcpHdr>(offset) else {
@@ -226,6 +253,10 @@ fn tcp<P: Packet>(packet: &P, offset: usize, ip_end: usize, source: SourceKey, d
         opens_connection: !incomplete_header && th.syn() != 0 && th.ack() == 0,
         rst: !incomplete_header && th.rst() != 0,
         incomplete_header,
-        payload_len: if incomplete_header { 0 } else { ip_end.saturating_sub(header_end) },
+        payload_len: if incomplete_header {
+            0
+        } else {
+            ip_end.saturating_sub(header_end)
+        },
     })
 }

@@ -19,9 +19,11 @@ use crate::{Lab, lab::enter_netns, wait_until};
 /// Path of the binary under test: `cargo xtask test` passes it in
 /// WSGUARD_BIN; otherwise the release build in this workspace.
 pub fn binary() -> PathBuf {
-    std::env::var_os("WSGUARD_BIN").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/wsguard")
-    })
+    std::env::var_os("WSGUARD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/wsguard")
+        })
 }
 
 enum Launch {
@@ -67,14 +69,27 @@ impl Agent {
         Agent::launch(lab, "", body, Launch::IpNetnsExec, &[])
     }
 
-    fn launch(lab: &Lab, agent_keys: &str, body: &str, how: Launch, env: &[(&str, &str)]) -> Result<Agent> {
-        let pin_path = PathBuf::from(format!("/sys/fs/bpf/wsguard-test-{}-{}", std::process::id(), lab.id));
+    fn launch(
+        lab: &Lab,
+        agent_keys: &str,
+        body: &str,
+        how: Launch,
+        env: &[(&str, &str)],
+    ) -> Result<Agent> {
+        let pin_path = PathBuf::from(format!(
+            "/sys/fs/bpf/wsguard-test-{}-{}",
+            std::process::id(),
+            lab.id
+        ));
         let config = format!(
             "[agent]\ninterfaces = [\"{}\"]\npin_path = \"{}\"\n{agent_keys}\n\n{body}",
             lab.server_if,
             pin_path.display()
         );
-        let mut config_file = tempfile::Builder::new().prefix("wsguard-test-").suffix(".toml").tempfile()?;
+        let mut config_file = tempfile::Builder::new()
+            .prefix("wsguard-test-")
+            .suffix(".toml")
+            .tempfile()?;
         config_file.write_all(config.as_bytes())?;
         let netns = lab.server.path();
         let mut command = match how {
@@ -100,7 +115,9 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = command.spawn().with_context(|| format!("starting {}", binary().display()))?;
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("starting {}", binary().display()))?;
 
         let (ready_tx, ready_rx) = mpsc::channel();
         let stdout = Arc::new(Mutex::new(Vec::new()));
@@ -109,7 +126,15 @@ impl Agent {
             forward(child.stdout.take().unwrap(), stdout.clone(), Some(ready_tx)),
             forward(child.stderr.take().unwrap(), stderr.clone(), None),
         ];
-        let mut agent = Agent { child: Some(child), pin_path, config_file, stdout, stderr, cleanup: true, readers };
+        let mut agent = Agent {
+            child: Some(child),
+            pin_path,
+            config_file,
+            stdout,
+            stderr,
+            cleanup: true,
+            readers,
+        };
         match ready_rx.recv_timeout(Duration::from_secs(20)) {
             Ok(()) => Ok(agent),
             Err(_) => {
@@ -127,15 +152,26 @@ impl Agent {
     }
 
     pub fn counter(&self, reason: Reason) -> Counter {
-        self.state().and_then(|s| s.counter(reason)).unwrap_or_default()
+        self.state()
+            .and_then(|s| s.counter(reason))
+            .unwrap_or_default()
     }
 
     /// Waits until the packets counted under `reason` reach `at_least`.
-    pub async fn wait_counter(&self, reason: Reason, at_least: u64, timeout: Duration) -> Result<u64> {
-        wait_until(&format!("counter {} >= {at_least}", reason.name()), timeout, || {
-            let n = self.counter(reason).packets;
-            (n >= at_least).then_some(n)
-        })
+    pub async fn wait_counter(
+        &self,
+        reason: Reason,
+        at_least: u64,
+        timeout: Duration,
+    ) -> Result<u64> {
+        wait_until(
+            &format!("counter {} >= {at_least}", reason.name()),
+            timeout,
+            || {
+                let n = self.counter(reason).packets;
+                (n >= at_least).then_some(n)
+            },
+        )
         .await
     }
 

@@ -26,7 +26,9 @@ impl Netns {
     pub fn create(name: &str) -> Result<Netns> {
         let _ = Command::new("ip").args(["netns", "del", name]).output();
         ip(&["netns", "add", name])?;
-        let ns = Netns { name: name.to_string() };
+        let ns = Netns {
+            name: name.to_string(),
+        };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -57,7 +59,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -73,9 +77,16 @@ pub fn enter_netns(path: &str) -> std::io::Result<()> {
 }
 
 pub fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
     if !out.status.success() {
-        bail!("ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -100,7 +111,13 @@ impl Lab {
         let server = Netns::create(&format!("wsg-srv-{tag}"))?;
         let client = Netns::create(&format!("wsg-cli-{tag}"))?;
         let (server_if, client_if) = (format!("wsgs{tag}"), format!("wsgc{tag}"));
-        let lab = Lab { id, server_if, client_if, server, client };
+        let lab = Lab {
+            id,
+            server_if,
+            client_if,
+            server,
+            client,
+        };
         lab.wire()?;
         Ok(lab)
     }
@@ -108,19 +125,72 @@ impl Lab {
     /// Creates the veth pair between the namespaces, with every address.
     fn wire(&self) -> Result<()> {
         let (lab, id) = (self, self.id);
-        ip(&["link", "add", &lab.server_if, "netns", &lab.server.name, "type", "veth", "peer", "name", &lab.client_if, "netns", &lab.client.name])?;
+        ip(&[
+            "link",
+            "add",
+            &lab.server_if,
+            "netns",
+            &lab.server.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &lab.client_if,
+            "netns",
+            &lab.client.name,
+        ])?;
         let (s, c) = (&lab.server, &lab.client);
-        s.ip(&["addr", "add", &format!("{}/24", lab.server_v4()), "dev", &lab.server_if])?;
-        s.ip(&["addr", "add", &format!("{}/64", lab.server_v6()), "dev", &lab.server_if, "nodad"])?;
+        s.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", lab.server_v4()),
+            "dev",
+            &lab.server_if,
+        ])?;
+        s.ip(&[
+            "addr",
+            "add",
+            &format!("{}/64", lab.server_v6()),
+            "dev",
+            &lab.server_if,
+            "nodad",
+        ])?;
         for host in 2..(2 + Self::CLIENT_HOSTS) {
-            c.ip(&["addr", "add", &format!("{}/24", lab.client_v4(host)), "dev", &lab.client_if])?;
-            c.ip(&["addr", "add", &format!("{}/64", lab.client_v6(host)), "dev", &lab.client_if, "nodad"])?;
-            c.ip(&["addr", "add", &format!("{}/64", lab.client_v6_other_prefix(host)), "dev", &lab.client_if, "nodad"])?;
+            c.ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", lab.client_v4(host)),
+                "dev",
+                &lab.client_if,
+            ])?;
+            c.ip(&[
+                "addr",
+                "add",
+                &format!("{}/64", lab.client_v6(host)),
+                "dev",
+                &lab.client_if,
+                "nodad",
+            ])?;
+            c.ip(&[
+                "addr",
+                "add",
+                &format!("{}/64", lab.client_v6_other_prefix(host)),
+                "dev",
+                &lab.client_if,
+                "nodad",
+            ])?;
         }
         s.ip(&["link", "set", &lab.server_if, "up"])?;
         c.ip(&["link", "set", &lab.client_if, "up"])?;
         // A second client /64, on-link, to tell IPv6 prefixes apart.
-        s.ip(&["-6", "route", "add", &format!("2001:db8:{:x}:1::/64", id), "dev", &lab.server_if])?;
+        s.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("2001:db8:{:x}:1::/64", id),
+            "dev",
+            &lab.server_if,
+        ])?;
         Ok(())
     }
 
@@ -133,11 +203,29 @@ impl Lab {
 
     /// The MAC address of the server's interface.
     pub fn server_mac(&self) -> Result<[u8; 6]> {
-        let out = Command::new("ip").args(["-n", &self.server.name, "link", "show", "dev", &self.server_if]).output()?;
+        let out = Command::new("ip")
+            .args([
+                "-n",
+                &self.server.name,
+                "link",
+                "show",
+                "dev",
+                &self.server_if,
+            ])
+            .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let mac = text.split("link/ether ").nth(1).and_then(|r| r.split_whitespace().next()).context("no MAC")?;
-        let bytes: Vec<u8> = mac.split(':').filter_map(|b| u8::from_str_radix(b, 16).ok()).collect();
-        bytes.try_into().map_err(|_| anyhow::anyhow!("odd MAC {mac}"))
+        let mac = text
+            .split("link/ether ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .context("no MAC")?;
+        let bytes: Vec<u8> = mac
+            .split(':')
+            .filter_map(|b| u8::from_str_radix(b, 16).ok())
+            .collect();
+        bytes
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("odd MAC {mac}"))
     }
 
     pub fn server_v4(&self) -> Ipv4Addr {
@@ -163,18 +251,30 @@ impl Lab {
     }
 
     pub fn server_addr(&self, v6: bool) -> IpAddr {
-        if v6 { self.server_v6().into() } else { self.server_v4().into() }
+        if v6 {
+            self.server_v6().into()
+        } else {
+            self.server_v4().into()
+        }
     }
 }
 
 /// Sends raw frames out of `interface` in the namespace at `netns_path`
 /// (spoofed sources included: the server's namespace routes nowhere but the
 /// lab, so no answer leaves it). Blocks until done; returns how many were sent.
-pub fn send_frames(netns_path: String, interface: String, frames: impl Iterator<Item = Vec<u8>> + Send + 'static) -> Result<u64> {
+pub fn send_frames(
+    netns_path: String,
+    interface: String,
+    frames: impl Iterator<Item = Vec<u8>> + Send + 'static,
+) -> Result<u64> {
     std::thread::spawn(move || -> Result<u64> {
         enter_netns(&netns_path)?;
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-        anyhow::ensure!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+        anyhow::ensure!(
+            fd >= 0,
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        );
         let name = std::ffi::CString::new(interface)?;
         let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         to.sll_family = libc::AF_PACKET as u16;
@@ -183,7 +283,14 @@ pub fn send_frames(netns_path: String, interface: String, frames: impl Iterator<
         let mut sent = 0;
         for frame in frames {
             let rc = unsafe {
-                libc::sendto(fd, frame.as_ptr().cast(), frame.len(), 0, (&to as *const libc::sockaddr_ll).cast(), size_of::<libc::sockaddr_ll>() as u32)
+                libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&to as *const libc::sockaddr_ll).cast(),
+                    size_of::<libc::sockaddr_ll>() as u32,
+                )
             };
             sent += u64::from(rc > 0);
         }

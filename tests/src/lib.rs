@@ -19,7 +19,11 @@ use std::time::{Duration, Instant};
 /// Polls `check` every 10 ms until it returns `Some`, or fails after `timeout`
 /// with `what` in the message. Tests wait on events (a counter reaching a
 /// value, a socket closing) through this, never on fixed sleeps.
-pub async fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+pub async fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = check() {
@@ -60,8 +64,18 @@ impl Setup {
     async fn start_on(body: &str, v6: bool) -> anyhow::Result<Setup> {
         let lab = Lab::new()?;
         let server = peers::EchoServer::start(&lab.server, Self::PORT).await?;
-        let agent = Agent::start(&lab, &body.replace("{id}", &lab.id.to_string()).replace("{id6}", &format!("{:x}", lab.id)))?;
+        let agent = Agent::start(
+            &lab,
+            &body
+                .replace("{id}", &lab.id.to_string())
+                .replace("{id6}", &format!("{:x}", lab.id)),
+        )?;
         let addr = std::net::SocketAddr::new(lab.server_addr(v6), Self::PORT);
-        Ok(Setup { agent, server, addr, lab })
+        Ok(Setup {
+            agent,
+            server,
+            addr,
+            lab,
+        })
     }
 }

@@ -84,11 +84,17 @@ impl Packet {
 
     /// A data segment of an established connection.
     pub fn data(src: IpAddr, dst_port: u16, payload: usize) -> Packet {
-        Packet { payload, ..Packet::tcp(src, dst_port, TCP_ACK | TCP_PSH) }
+        Packet {
+            payload,
+            ..Packet::tcp(src, dst_port, TCP_ACK | TCP_PSH)
+        }
     }
 
     pub fn udp(src: IpAddr, dst_port: u16) -> Packet {
-        Packet { protocol: 17, ..Packet::tcp(src, dst_port, 0) }
+        Packet {
+            protocol: 17,
+            ..Packet::tcp(src, dst_port, 0)
+        }
     }
 
     /// The server's answer on the same connection: addresses and ports swapped.
@@ -97,7 +103,15 @@ impl Packet {
             IpAddr::V4(_) => IpAddr::from([198, 18, 0, 1]),
             IpAddr::V6(_) => IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 1u16]),
         });
-        Packet { src: server, dst: Some(self.src), src_port: self.dst_port, dst_port: self.src_port, tcp_flags: flags, payload, ..self.clone() }
+        Packet {
+            src: server,
+            dst: Some(self.src),
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            tcp_flags: flags,
+            payload,
+            ..self.clone()
+        }
     }
 
     pub fn with(mut self, f: impl FnOnce(&mut Packet)) -> Packet {
@@ -191,14 +205,22 @@ impl Packet {
             Some(IpAddr::V4(d)) => h.extend_from_slice(&d.octets()),
             _ => h.extend_from_slice(&[198, 18, 0, 1]),
         }
-        h.extend(std::iter::repeat_n(1u8, self.ipv4_option_words as usize * 4)); // NOP options
+        h.extend(std::iter::repeat_n(
+            1u8,
+            self.ipv4_option_words as usize * 4,
+        )); // NOP options
         h.extend_from_slice(l4);
         h
     }
 
     fn ipv6(&self, src: [u8; 16], l4: &[u8]) -> Vec<u8> {
         let mut exts = Vec::new();
-        let types: Vec<u8> = self.ipv6_ext.iter().map(ext_type).chain([self.protocol]).collect();
+        let types: Vec<u8> = self
+            .ipv6_ext
+            .iter()
+            .map(ext_type)
+            .chain([self.protocol])
+            .collect();
         for (i, ext) in self.ipv6_ext.iter().enumerate() {
             let next = types[i + 1];
             match ext {

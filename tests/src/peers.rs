@@ -14,7 +14,9 @@ use std::{
 use anyhow::{Context, Result, bail};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, accept_async, client_async, tungstenite::Message};
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream, accept_async, client_async, tungstenite::Message,
+};
 
 use crate::lab::Netns;
 
@@ -53,15 +55,21 @@ impl EchoServer {
         let task_stats = stats.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                task_stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                task_stats
+                    .connections_accepted
+                    .fetch_add(1, Ordering::Relaxed);
                 let stats = task_stats.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
                     if let Ok(mut ws) = accept_async(stream).await {
                         while let Some(Ok(msg)) = ws.next().await {
                             if msg.is_binary() || msg.is_text() {
-                                stats.bytes_received.fetch_add(msg.len() as u64, Ordering::Relaxed);
+                                stats
+                                    .bytes_received
+                                    .fetch_add(msg.len() as u64, Ordering::Relaxed);
                                 // Echo only small messages: bulk senders measure ingress.
                                 if msg.len() <= 4096 && ws.send(msg).await.is_err() {
                                     break;
@@ -96,9 +104,18 @@ impl Drop for EchoServer {
 
 /// Opens a TCP connection from `source` (an address of the client namespace)
 /// to `server:port`, failing after `timeout` (a dropped SYN shows up as that).
-pub async fn connect_from(ns: &Netns, source: IpAddr, server: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+pub async fn connect_from(
+    ns: &Netns,
+    source: IpAddr,
+    server: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream> {
     let socket = ns.run(move || -> std::io::Result<TcpSocket> {
-        let s = if source.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        let s = if source.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
         s.bind(SocketAddr::new(source, 0))?;
         Ok(s)
     })?;
@@ -110,7 +127,12 @@ pub async fn connect_from(ns: &Netns, source: IpAddr, server: SocketAddr, timeou
 }
 
 /// A WebSocket client from `source`, upgraded and ready.
-pub async fn ws_connect(ns: &Netns, source: IpAddr, server: SocketAddr, timeout: Duration) -> Result<WsClient> {
+pub async fn ws_connect(
+    ns: &Netns,
+    source: IpAddr,
+    server: SocketAddr,
+    timeout: Duration,
+) -> Result<WsClient> {
     let stream = connect_from(ns, source, server, timeout).await?;
     let url = format!("ws://{}/ws", server);
     let (ws, _) = tokio::time::timeout(timeout, client_async(url, MaybeTlsStream::Plain(stream)))
@@ -135,9 +157,12 @@ pub async fn ws_connect_with(
     if let Some(origin) = origin {
         request.headers_mut().insert("Origin", origin.parse()?);
     }
-    let (ws, _) = tokio::time::timeout(timeout, client_async(request, MaybeTlsStream::Plain(stream)))
-        .await
-        .context("upgrade timed out")??;
+    let (ws, _) = tokio::time::timeout(
+        timeout,
+        client_async(request, MaybeTlsStream::Plain(stream)),
+    )
+    .await
+    .context("upgrade timed out")??;
     Ok(ws)
 }
 
@@ -188,7 +213,12 @@ pub async fn connection_flood(
             }
             let socket = sockets.pop().unwrap();
             report.attempts += 1;
-            pending.spawn(async move { matches!(tokio::time::timeout(attempt_timeout, socket.connect(server)).await, Ok(Ok(_))) });
+            pending.spawn(async move {
+                matches!(
+                    tokio::time::timeout(attempt_timeout, socket.connect(server)).await,
+                    Ok(Ok(_))
+                )
+            });
         }
         if let Some(done) = pending.join_next().await {
             report.connected += u64::from(done?);
@@ -205,7 +235,11 @@ pub fn tcp_sockets(ns: &Netns, source: IpAddr, n: usize) -> Result<Vec<TcpSocket
     Ok(ns.run(move || -> std::io::Result<Vec<TcpSocket>> {
         (0..n)
             .map(|_| {
-                let s = if source.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+                let s = if source.is_ipv4() {
+                    TcpSocket::new_v4()?
+                } else {
+                    TcpSocket::new_v6()?
+                };
                 s.bind(SocketAddr::new(source, 0))?;
                 Ok(s)
             })
@@ -218,8 +252,16 @@ pub fn tcp_sockets(ns: &Netns, source: IpAddr, n: usize) -> Result<Vec<TcpSocket
 pub async fn http_get(ns: &Netns, path: &str) -> Result<(String, String, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let socket = ns.run(TcpSocket::new_v4)?;
-    let mut stream = socket.connect(SocketAddr::from(([127, 0, 0, 1], 9464))).await.context("connecting to metrics")?;
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut stream = socket
+        .connect(SocketAddr::from(([127, 0, 0, 1], 9464)))
+        .await
+        .context("connecting to metrics")?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
     let mut response = String::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await??;
     let (head, body) = response.split_once("\r\n\r\n").context("no header end")?;

@@ -35,11 +35,17 @@ impl XdpHarness {
     pub fn with_agent_keys(agent_keys: &str, body: &str) -> Result<XdpHarness> {
         let text = format!("[agent]\ninterfaces = [\"lo\"]\n{agent_keys}\n\n{body}");
         let config = Config::parse(Path::new("test.toml"), &text)?;
-        Ok(XdpHarness { kernel: Kernel::load(&config, None)? })
+        Ok(XdpHarness {
+            kernel: Kernel::load(&config, None)?,
+        })
     }
 
     fn program(&self) -> Result<&Xdp> {
-        let p = self.kernel.ebpf().program(programs::INGRESS).context("xdp program")?;
+        let p = self
+            .kernel
+            .ebpf()
+            .program(programs::INGRESS)
+            .context("xdp program")?;
         Ok(p.try_into()?)
     }
 
@@ -51,38 +57,74 @@ impl XdpHarness {
     /// Runs one frame `repeat` times; returns the verdict and the kernel's
     /// mean time per run.
     pub fn run_repeat(&self, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
-        let opts = TestRunOptions { data_in: Some(frame), repeat, ..Default::default() };
-        let result = self.program()?.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..Default::default()
+        };
+        let result = self
+            .program()?
+            .test_run(opts)
+            .context("BPF_PROG_TEST_RUN")?;
         Ok((result.return_value, result.duration))
     }
 
     /// Runs a frame through the TC egress program.
     pub fn run_egress(&self, frame: &[u8]) -> u32 {
-        let p: &SchedClassifier = self.kernel.ebpf().program(programs::EGRESS).unwrap().try_into().unwrap();
-        let opts = TestRunOptions { data_in: Some(frame), ..Default::default() };
+        let p: &SchedClassifier = self
+            .kernel
+            .ebpf()
+            .program(programs::EGRESS)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ..Default::default()
+        };
         p.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
     }
 
     /// Runs a frame through the capture socket filter; returns the bytes it
     /// would hand to user space (0: filtered out).
     pub fn run_capture(&self, frame: &[u8]) -> u32 {
-        let p: &SocketFilter = self.kernel.ebpf().program(programs::CAPTURE).unwrap().try_into().unwrap();
-        let opts = TestRunOptions { data_in: Some(frame), ..Default::default() };
+        let p: &SocketFilter = self
+            .kernel
+            .ebpf()
+            .program(programs::CAPTURE)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ..Default::default()
+        };
         p.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
     }
 
     /// Turns handshake inspection on for `port` (the agent's config will do
     /// this; here the maps are written directly).
     pub fn inspect(&mut self, port: u16, verdict_timeout_ns: u64, fail_closed: bool) {
-        let mut ports: Array<&mut MapData, u8> = Array::try_from(self.kernel.ebpf_mut().map_mut(names::INSPECT).unwrap()).unwrap();
+        let mut ports: Array<&mut MapData, u8> =
+            Array::try_from(self.kernel.ebpf_mut().map_mut(names::INSPECT).unwrap()).unwrap();
         ports.set(port as u32, 1, 0).unwrap();
         let mut hs: Array<&mut MapData, HandshakeSettings> =
             Array::try_from(self.kernel.ebpf_mut().map_mut(names::HANDSHAKE).unwrap()).unwrap();
-        hs.set(0, HandshakeSettings { enabled: 1, fail_closed: u32::from(fail_closed), verdict_timeout_ns }, 0).unwrap();
+        hs.set(
+            0,
+            HandshakeSettings {
+                enabled: 1,
+                fail_closed: u32::from(fail_closed),
+                verdict_timeout_ns,
+            },
+            0,
+        )
+        .unwrap();
     }
 
     pub fn flow(&self, key: &FlowKey) -> Option<Flow> {
-        let map: HashMap<&MapData, FlowKey, Flow> = HashMap::try_from(self.kernel.ebpf().map(names::FLOWS).unwrap()).unwrap();
+        let map: HashMap<&MapData, FlowKey, Flow> =
+            HashMap::try_from(self.kernel.ebpf().map(names::FLOWS).unwrap()).unwrap();
         map.get(key, 0).ok()
     }
 
@@ -93,7 +135,11 @@ impl XdpHarness {
     }
 
     pub fn counters(&self) -> StdHashMap<Reason, Counter> {
-        self.kernel.counters().expect("reading counters").into_iter().collect()
+        self.kernel
+            .counters()
+            .expect("reading counters")
+            .into_iter()
+            .collect()
     }
 
     pub fn packets(&self, reason: Reason) -> u64 {
@@ -102,13 +148,22 @@ impl XdpHarness {
 
     /// Packets dry-run counted as would-drop under `reason`.
     pub fn would_drop(&self, reason: Reason) -> u64 {
-        self.kernel.would_drop().expect("reading counters").into_iter().find(|(r, _)| *r == reason).map_or(0, |(_, c)| c.packets)
+        self.kernel
+            .would_drop()
+            .expect("reading counters")
+            .into_iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, c)| c.packets)
     }
 
     /// Every counter that is not zero, for exact assertions.
     pub fn nonzero(&self) -> Vec<(Reason, u64)> {
-        let mut v: Vec<(Reason, u64)> =
-            self.counters().into_iter().filter(|(_, c)| c.packets != 0).map(|(r, c)| (r, c.packets)).collect();
+        let mut v: Vec<(Reason, u64)> = self
+            .counters()
+            .into_iter()
+            .filter(|(_, c)| c.packets != 0)
+            .map(|(r, c)| (r, c.packets))
+            .collect();
         v.sort_by_key(|(r, _)| *r as u32);
         v
     }
@@ -124,7 +179,10 @@ impl XdpHarness {
     }
 
     pub fn tracked_sources(&self) -> Vec<SourceKey> {
-        self.hash::<SourceState>(names::SOURCES).keys().filter_map(|k| k.ok()).collect()
+        self.hash::<SourceState>(names::SOURCES)
+            .keys()
+            .filter_map(|k| k.ok())
+            .collect()
     }
 
     pub fn ban(&self, key: &SourceKey) -> Option<Ban> {
@@ -132,10 +190,14 @@ impl XdpHarness {
     }
 
     pub fn set_ban(&mut self, key: &SourceKey, ban: Ban) {
-        self.hash_mut::<Ban>(names::BANS).insert(key, ban, 0).expect("writing ban");
+        self.hash_mut::<Ban>(names::BANS)
+            .insert(key, ban, 0)
+            .expect("writing ban");
     }
 
     pub fn set_open_connections(&mut self, key: &SourceKey, open: u64) {
-        self.hash_mut::<u64>(names::CONNECTIONS).insert(key, open, 0).expect("writing connection count");
+        self.hash_mut::<u64>(names::CONNECTIONS)
+            .insert(key, open, 0)
+            .expect("writing connection count");
     }
 }

@@ -10,7 +10,11 @@ use std::{
 use wsguard_tests::agent::binary;
 
 fn wsguard(args: &[&str]) -> Output {
-    Command::new(binary()).args(args).env("NO_COLOR", "1").output().expect("running wsguard")
+    Command::new(binary())
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("running wsguard")
 }
 
 fn config_file(text: &str) -> tempfile::NamedTempFile {
@@ -25,17 +29,25 @@ fn stderr(o: &Output) -> String {
 
 #[test]
 fn check_config_accepts_the_shipped_configs() {
-    for file in ["../packaging/wsguard.example.toml", "../packaging/wsguard.loopback.toml"] {
+    for file in [
+        "../packaging/wsguard.example.toml",
+        "../packaging/wsguard.loopback.toml",
+    ] {
         let out = wsguard(&["check-config", file]);
         assert!(out.status.success(), "{file}: {}", stderr(&out));
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(stdout.contains(": ok") && stdout.contains("tcp ports: 80, 8080"), "{stdout}");
+        assert!(
+            stdout.contains(": ok") && stdout.contains("tcp ports: 80, 8080"),
+            "{stdout}"
+        );
     }
 }
 
 #[test]
 fn check_config_rejects_with_file_line_and_reason_and_exit_code_2() {
-    let f = config_file("[agent]\ninterfaces = [\"eth0\"]\n\n[protect]\nports = [80]\n\n[limits.per_source]\nnew_connections = \"20/s\"\nnew_connections_burst = 5\n");
+    let f = config_file(
+        "[agent]\ninterfaces = [\"eth0\"]\n\n[protect]\nports = [80]\n\n[limits.per_source]\nnew_connections = \"20/s\"\nnew_connections_burst = 5\n",
+    );
     let out = wsguard(&["check-config", f.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     let expected = format!(
@@ -46,7 +58,11 @@ fn check_config_rejects_with_file_line_and_reason_and_exit_code_2() {
 
     let out = wsguard(&["check-config", "/nonexistent/wsguard.toml"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("/nonexistent/wsguard.toml: cannot read the config file"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/nonexistent/wsguard.toml: cannot read the config file"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -54,22 +70,36 @@ fn run_refuses_a_bad_config_before_touching_the_kernel() {
     let f = config_file("[agent]\ninterfaces = [\"lo\"]\n[protect]\nports = [80]\nbogus = true\n");
     let out = wsguard(&["run", "--config", f.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains(":5:1: unknown field `bogus`"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(":5:1: unknown field `bogus`"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn run_names_a_missing_interface() {
-    let f = config_file("[agent]\ninterfaces = [\"wsg-missing0\"]\npin_path = \"/sys/fs/bpf/wsguard-test-missing-if\"\n[protect]\nports = [80]\n");
+    let f = config_file(
+        "[agent]\ninterfaces = [\"wsg-missing0\"]\npin_path = \"/sys/fs/bpf/wsguard-test-missing-if\"\n[protect]\nports = [80]\n",
+    );
     let out = wsguard(&["run", "--config", f.path().to_str().unwrap()]);
     wsguard_tests::agent::remove_state(std::path::Path::new("/sys/fs/bpf/wsguard-test-missing-if"));
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("cannot attach XDP (auto) to interface wsg-missing0"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot attach XDP (auto) to interface wsg-missing0"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn run_without_privileges_says_which_are_missing() {
     let f = config_file("[agent]\ninterfaces = [\"lo\"]\n[protect]\nports = [80]\n");
-    std::fs::set_permissions(f.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(
+        f.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
     let out = Command::new(binary())
         .args(["run", "--config", f.path().to_str().unwrap()])
         .uid(65534)
@@ -82,9 +112,17 @@ fn run_without_privileges_says_which_are_missing() {
 
 #[test]
 fn status_without_an_agent_fails_clearly() {
-    let out = wsguard(&["status", "--pin-path", "/sys/fs/bpf/wsguard-test-nobody-here"]);
+    let out = wsguard(&[
+        "status",
+        "--pin-path",
+        "/sys/fs/bpf/wsguard-test-nobody-here",
+    ]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("no wsguard state pinned at /sys/fs/bpf/wsguard-test-nobody-here/v1"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no wsguard state pinned at /sys/fs/bpf/wsguard-test-nobody-here/v1"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// `ip netns exec` gives each command its own /sys, without the host's bpffs
@@ -93,29 +131,70 @@ fn status_without_an_agent_fails_clearly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_under_ip_netns_exec() -> anyhow::Result<()> {
     use std::{net::SocketAddr, time::Duration};
-    use wsguard_tests::{Agent, Lab, peers::{EchoServer, connect_from, echo, ws_connect}};
+    use wsguard_tests::{
+        Agent, Lab,
+        peers::{EchoServer, connect_from, echo, ws_connect},
+    };
 
     let lab = Lab::new()?;
     let _server = EchoServer::start(&lab.server, 8080).await?;
     let agent = Agent::start_with_ip_netns_exec(
         &lab,
-        &format!("[protect]\nports = [8080]\n[limits.per_source]\nconcurrent_connections = 1\n[lists]\ndeny = [\"{}\"]\n", lab.client_v4(9)),
+        &format!(
+            "[protect]\nports = [8080]\n[limits.per_source]\nconcurrent_connections = 1\n[lists]\ndeny = [\"{}\"]\n",
+            lab.client_v4(9)
+        ),
     )?;
     let addr = SocketAddr::new(lab.server_v4().into(), 8080);
-    let mut ws = ws_connect(&lab.client, lab.client_v4(2).into(), addr, Duration::from_secs(1)).await?;
+    let mut ws = ws_connect(
+        &lab.client,
+        lab.client_v4(2).into(),
+        addr,
+        Duration::from_secs(1),
+    )
+    .await?;
     echo(&mut ws, "hello", Duration::from_secs(1)).await?;
-    anyhow::ensure!(connect_from(&lab.client, lab.client_v4(9).into(), addr, Duration::from_millis(900)).await.is_err(), "denied source connected");
+    anyhow::ensure!(
+        connect_from(
+            &lab.client,
+            lab.client_v4(9).into(),
+            addr,
+            Duration::from_millis(900)
+        )
+        .await
+        .is_err(),
+        "denied source connected"
+    );
     // The connection counter works there too: the echo above proves the
     // first connection established, so a second one is over the limit of 1.
     anyhow::ensure!(
-        connect_from(&lab.client, lab.client_v4(2).into(), addr, Duration::from_millis(900)).await.is_err(),
+        connect_from(
+            &lab.client,
+            lab.client_v4(2).into(),
+            addr,
+            Duration::from_millis(900)
+        )
+        .await
+        .is_err(),
         "the concurrency limit of 1 did not hold"
     );
     let (status, stdout) = agent.stop()?;
     anyhow::ensure!(status.success(), "exit {status}");
-    let line = |name: &str| stdout.iter().find(|l| l.split_whitespace().next() == Some(name)).cloned().unwrap_or_default();
-    anyhow::ensure!(line("deny_list").split_whitespace().nth(1).unwrap_or("0") != "0", "{stdout:?}");
-    anyhow::ensure!(line("concurrency").split_whitespace().nth(1).unwrap_or("0") != "0", "{stdout:?}");
+    let line = |name: &str| {
+        stdout
+            .iter()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .cloned()
+            .unwrap_or_default()
+    };
+    anyhow::ensure!(
+        line("deny_list").split_whitespace().nth(1).unwrap_or("0") != "0",
+        "{stdout:?}"
+    );
+    anyhow::ensure!(
+        line("concurrency").split_whitespace().nth(1).unwrap_or("0") != "0",
+        "{stdout:?}"
+    );
     Ok(())
 }
 
@@ -123,21 +202,60 @@ async fn run_under_ip_netns_exec() -> anyhow::Result<()> {
 fn ticket_issue_mints_tickets_the_agent_accepts() {
     use wsguard::handshake::ticket;
     let secret = config_file("0123456789abcdef0123456789abcdef-a shared secret\n");
-    let out = wsguard(&["ticket", "issue", "--secret-file", secret.path().to_str().unwrap(), "--ip", "198.18.0.7", "--ttl", "60s"]);
+    let out = wsguard(&[
+        "ticket",
+        "issue",
+        "--secret-file",
+        secret.path().to_str().unwrap(),
+        "--ip",
+        "198.18.0.7",
+        "--ttl",
+        "60s",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let minted = String::from_utf8(out.stdout).unwrap();
     let key = ticket::read_secret(secret.path()).unwrap();
     let now = wsguard::agent_file::now_unix();
-    let opened = ticket::verify(&key, minted.trim(), "198.18.0.7".parse().unwrap(), now, 61, true).expect("valid ticket");
+    let opened = ticket::verify(
+        &key,
+        minted.trim(),
+        "198.18.0.7".parse().unwrap(),
+        now,
+        61,
+        true,
+    )
+    .expect("valid ticket");
     assert!((now + 59..=now + 60).contains(&opened.expires_at));
 
     let short = config_file("too short");
-    let out = wsguard(&["ticket", "issue", "--secret-file", short.path().to_str().unwrap(), "--ip", "198.18.0.7"]);
+    let out = wsguard(&[
+        "ticket",
+        "issue",
+        "--secret-file",
+        short.path().to_str().unwrap(),
+        "--ip",
+        "198.18.0.7",
+    ]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("at least 32 are needed"), "{}", stderr(&out));
-    let out = wsguard(&["ticket", "issue", "--secret-file", secret.path().to_str().unwrap(), "--ip", "nope"]);
+    assert!(
+        stderr(&out).contains("at least 32 are needed"),
+        "{}",
+        stderr(&out)
+    );
+    let out = wsguard(&[
+        "ticket",
+        "issue",
+        "--secret-file",
+        secret.path().to_str().unwrap(),
+        "--ip",
+        "nope",
+    ]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("\"nope\" is not an IP address"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("\"nope\" is not an IP address"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// Bad operator input, each with the exit code and the words a user sees.
@@ -145,21 +263,88 @@ fn ticket_issue_mints_tickets_the_agent_accepts() {
 fn bad_cli_input_is_refused_with_exit_code_and_reason() {
     let pins = "/sys/fs/bpf/wsguard-test-nobody-here";
     let cases: &[(&[&str], i32, &str)] = &[
-        (&["deny", "add", "10.0.0.1/8", "--pin-path", pins], 2, "\"10.0.0.1/8\" has host bits set; did you mean 10.0.0.0/8?"),
-        (&["deny", "add", "not-a-cidr", "--pin-path", pins], 2, "\"not-a-cidr\" is not a CIDR"),
-        (&["allow", "add", "198.18.0.0/15", "--ttl", "10", "--pin-path", pins], 2, "--ttl: \"10\" has no unit"),
-        (&["allow", "add", "198.18.0.0/15", "--ttl", "1M", "--pin-path", pins], 2, "could mean minutes or months"),
-        (&["bans", "del", "nope", "--pin-path", pins], 2, "\"nope\" is not an IP address"),
-        (&["deny", "list", "--pin-path", pins], 1, "no wsguard state pinned at /sys/fs/bpf/wsguard-test-nobody-here/v1"),
-        (&["reload", "--pin-path", pins], 1, "no wsguard agent is running with its state at /sys/fs/bpf/wsguard-test-nobody-here/v1"),
-        (&["status", "--config", "/nonexistent.toml"], 2, "/nonexistent.toml: cannot read the config file"),
-        (&["ticket", "issue", "--secret-file", "/nonexistent.key", "--ip", "198.18.0.1"], 1, "cannot read the ticket secret /nonexistent.key"),
-        (&["top", "--interval", "fast", "--pin-path", pins], 2, "invalid value 'fast' for '--interval"),
+        (
+            &["deny", "add", "10.0.0.1/8", "--pin-path", pins],
+            2,
+            "\"10.0.0.1/8\" has host bits set; did you mean 10.0.0.0/8?",
+        ),
+        (
+            &["deny", "add", "not-a-cidr", "--pin-path", pins],
+            2,
+            "\"not-a-cidr\" is not a CIDR",
+        ),
+        (
+            &[
+                "allow",
+                "add",
+                "198.18.0.0/15",
+                "--ttl",
+                "10",
+                "--pin-path",
+                pins,
+            ],
+            2,
+            "--ttl: \"10\" has no unit",
+        ),
+        (
+            &[
+                "allow",
+                "add",
+                "198.18.0.0/15",
+                "--ttl",
+                "1M",
+                "--pin-path",
+                pins,
+            ],
+            2,
+            "could mean minutes or months",
+        ),
+        (
+            &["bans", "del", "nope", "--pin-path", pins],
+            2,
+            "\"nope\" is not an IP address",
+        ),
+        (
+            &["deny", "list", "--pin-path", pins],
+            1,
+            "no wsguard state pinned at /sys/fs/bpf/wsguard-test-nobody-here/v1",
+        ),
+        (
+            &["reload", "--pin-path", pins],
+            1,
+            "no wsguard agent is running with its state at /sys/fs/bpf/wsguard-test-nobody-here/v1",
+        ),
+        (
+            &["status", "--config", "/nonexistent.toml"],
+            2,
+            "/nonexistent.toml: cannot read the config file",
+        ),
+        (
+            &[
+                "ticket",
+                "issue",
+                "--secret-file",
+                "/nonexistent.key",
+                "--ip",
+                "198.18.0.1",
+            ],
+            1,
+            "cannot read the ticket secret /nonexistent.key",
+        ),
+        (
+            &["top", "--interval", "fast", "--pin-path", pins],
+            2,
+            "invalid value 'fast' for '--interval",
+        ),
         (&["run", "--bogus"], 2, "unexpected argument '--bogus'"),
     ];
     for (args, code, expected) in cases {
         let out = wsguard(args);
         assert_eq!(out.status.code(), Some(*code), "{args:?}: {}", stderr(&out));
-        assert!(stderr(&out).contains(expected), "{args:?}\nexpected: {expected}\ngot: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(expected),
+            "{args:?}\nexpected: {expected}\ngot: {}",
+            stderr(&out)
+        );
     }
 }

@@ -26,22 +26,33 @@ const MAX_SOURCES: usize = 1024;
 
 /// `n` SYNs to the server from distinct spoofed sources in 198.19.0.0/16 and
 /// 2001:db8:ffff::/48 (outside the lab's own subnets).
-fn spoofed_syns(lab: &Lab, n: u32, seed: u32) -> Result<impl Iterator<Item = Vec<u8>> + Send + 'static> {
+fn spoofed_syns(
+    lab: &Lab,
+    n: u32,
+    seed: u32,
+) -> Result<impl Iterator<Item = Vec<u8>> + Send + 'static> {
     let mac = lab.server_mac()?;
     let (v4, v6) = (lab.server_v4(), lab.server_v6());
     Ok((0..n).map(move |i| {
         let k = i.wrapping_mul(2_654_435_761).wrapping_add(seed);
         let (src, dst): (IpAddr, IpAddr) = if i % 4 == 0 {
-            (Ipv6Addr::new(0x2001, 0xdb8, 0xffff, (k >> 16) as u16, 0, 0, 0, k as u16).into(), v6.into())
+            (
+                Ipv6Addr::new(0x2001, 0xdb8, 0xffff, (k >> 16) as u16, 0, 0, 0, k as u16).into(),
+                v6.into(),
+            )
         } else {
-            (Ipv4Addr::new(198, 19, (k >> 8) as u8, k as u8).into(), v4.into())
+            (
+                Ipv4Addr::new(198, 19, (k >> 8) as u8, k as u8).into(),
+                v4.into(),
+            )
         };
-        Packet::syn(src, 8080).with(|p| {
-            p.dst = Some(dst);
-            p.dst_mac = Some(mac);
-            p.src_port = (k >> 3) as u16 | 1024;
-        })
-        .bytes()
+        Packet::syn(src, 8080)
+            .with(|p| {
+                p.dst = Some(dst);
+                p.dst_mac = Some(mac);
+                p.src_port = (k >> 3) as u16 | 1024;
+            })
+            .bytes()
     }))
 }
 
@@ -67,7 +78,15 @@ async fn a_spoofed_flood_past_the_source_map_and_a_kill_9_lose_nothing() -> Resu
 
     // A ban earned before the flood, and a long-lived client.
     let banned: IpAddr = lab.client_v4(10).into();
-    connection_flood(&lab.client, banned, addr, SECOND, 16, Duration::from_millis(200)).await?;
+    connection_flood(
+        &lab.client,
+        banned,
+        addr,
+        SECOND,
+        16,
+        Duration::from_millis(200),
+    )
+    .await?;
     agent.wait_counter(Reason::BanStarted, 1, SECOND).await?;
     let mut long_lived = ws_connect(&lab.client, lab.client_v4(3).into(), addr, SECOND).await?;
     echo(&mut long_lived, "before", SECOND).await?;
@@ -76,7 +95,9 @@ async fn a_spoofed_flood_past_the_source_map_and_a_kill_9_lose_nothing() -> Resu
     let flood = |seed| -> Result<_> {
         let frames = spoofed_syns(&lab, 30_000, seed)?;
         let (ns, interface) = (lab.client.path(), lab.client_if.clone());
-        Ok(tokio::task::spawn_blocking(move || send_frames(ns, interface, frames)))
+        Ok(tokio::task::spawn_blocking(move || {
+            send_frames(ns, interface, frames)
+        }))
     };
     let first_half = flood(1)?;
     echo(&mut long_lived, "during", SECOND).await?;
@@ -86,7 +107,12 @@ async fn a_spoofed_flood_past_the_source_map_and_a_kill_9_lose_nothing() -> Resu
     // kill -9 in the middle of the flood; the programs keep enforcing.
     agent.kill()?;
     let second_half = flood(2)?;
-    ensure!(connect_from(&lab.client, banned, addr, DROPPED).await.is_err(), "a banned source got in while the agent was down");
+    ensure!(
+        connect_from(&lab.client, banned, addr, DROPPED)
+            .await
+            .is_err(),
+        "a banned source got in while the agent was down"
+    );
     echo(&mut long_lived, "while down", SECOND).await?;
     let sent = first_half + second_half.await??;
     // (A few sends may fail for want of buffer space; what was sent counts.)
@@ -95,18 +121,47 @@ async fn a_spoofed_flood_past_the_source_map_and_a_kill_9_lose_nothing() -> Resu
     let agent = Agent::start_with_agent_keys(&lab, "keep_enforcing_on_exit = true", &body)?;
     let state = agent.state()?;
     let tracked = state.tracked_sources()?.len();
-    ensure!(tracked <= MAX_SOURCES, "{tracked} sources tracked with room for {MAX_SOURCES}");
-    ensure!(tracked >= MAX_SOURCES / 2, "only {tracked} sources tracked: the flood did not fill the map");
     ensure!(
-        state.bans()?.iter().any(|(k, _)| wsguard::status::source_addr(k) == banned),
+        tracked <= MAX_SOURCES,
+        "{tracked} sources tracked with room for {MAX_SOURCES}"
+    );
+    ensure!(
+        tracked >= MAX_SOURCES / 2,
+        "only {tracked} sources tracked: the flood did not fill the map"
+    );
+    ensure!(
+        state
+            .bans()?
+            .iter()
+            .any(|(k, _)| wsguard::status::source_addr(k) == banned),
         "the ban was evicted by the flood or lost across the kill"
     );
     // Every spoofed SYN was judged and counted, before and after the kill
     // (most fall to the global connection rate).
-    let counted: u64 = state.counters()?.iter().filter(|(r, _)| wsguard::status::verdict(*r) != "event").map(|(_, c)| c.packets).sum();
-    ensure!(counted >= sent, "{counted} packets counted for {sent} spoofed SYNs: the kernel stopped counting while the agent was down");
-    ensure!(connect_from(&lab.client, banned, addr, DROPPED).await.is_err(), "the ban stopped holding");
+    let counted: u64 = state
+        .counters()?
+        .iter()
+        .filter(|(r, _)| wsguard::status::verdict(*r) != "event")
+        .map(|(_, c)| c.packets)
+        .sum();
+    ensure!(
+        counted >= sent,
+        "{counted} packets counted for {sent} spoofed SYNs: the kernel stopped counting while the agent was down"
+    );
+    ensure!(
+        connect_from(&lab.client, banned, addr, DROPPED)
+            .await
+            .is_err(),
+        "the ban stopped holding"
+    );
     echo(&mut long_lived, "after", SECOND).await?;
-    wait_until("the takeover to be reported", SECOND, || agent.stdout().iter().any(|l| l.contains("took over")).then_some(())).await?;
+    wait_until("the takeover to be reported", SECOND, || {
+        agent
+            .stdout()
+            .iter()
+            .any(|l| l.contains("took over"))
+            .then_some(())
+    })
+    .await?;
     Ok(())
 }

@@ -20,7 +20,10 @@ const PROTECTED: u16 = 8080;
 const UNPROTECTED: u16 = 22;
 
 fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// The allow list of the fuzzed config.
@@ -36,9 +39,23 @@ fn address(rng: &mut fastrand::Rng, allowed: bool) -> IpAddr {
         return ALLOWED[rng.usize(..ALLOWED.len())];
     }
     if rng.bool() {
-        IpAddr::V4(Ipv4Addr::new(198, 18 + rng.u8(0..2), rng.u8(..), rng.u8(1..200)))
+        IpAddr::V4(Ipv4Addr::new(
+            198,
+            18 + rng.u8(0..2),
+            rng.u8(..),
+            rng.u8(1..200),
+        ))
     } else {
-        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, rng.u16(..), 0, 0, 0, 0, rng.u16(1..0xa00)))
+        IpAddr::V6(Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            rng.u16(..),
+            0,
+            0,
+            0,
+            0,
+            rng.u16(1..0xa00),
+        ))
     }
 }
 
@@ -47,7 +64,10 @@ fn ext(rng: &mut fastrand::Rng) -> Ext {
         0 => Ext::HopByHop,
         1 => Ext::Routing,
         2 => Ext::DestOpts,
-        3 => Ext::Fragment { offset: if rng.bool() { 0 } else { rng.u16(..0x1fff) }, more: rng.bool() },
+        3 => Ext::Fragment {
+            offset: if rng.bool() { 0 } else { rng.u16(..0x1fff) },
+            more: rng.bool(),
+        },
         4 => Ext::Ah,
         5 => Ext::Esp,
         _ => Ext::NoNext,
@@ -73,18 +93,39 @@ fn structured(rng: &mut fastrand::Rng, port: u16, allowed: bool, shape: Shape) -
         // Stay clear of the deny list (198.19.0.0/16, 2001:db8:ff00::/40).
         source = match source {
             IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::new(198, 18, a.octets()[2], a.octets()[3])),
-            IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, a.segments()[2] & 0x7fff, 0, 0, 0, 0, a.segments()[7])),
+            IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::new(
+                0x2001,
+                0xdb8,
+                a.segments()[2] & 0x7fff,
+                0,
+                0,
+                0,
+                0,
+                a.segments()[7],
+            )),
         };
     }
     let mut p = Packet::tcp(source, port, rng.u8(..));
     p.src_port = rng.u16(..);
-    p.vlan_tpids = (0..rng.usize(0..if hostile { 4 } else { 3 })).map(|_| if rng.bool() { ETH_P_8021Q } else { ETH_P_8021AD }).collect();
+    p.vlan_tpids = (0..rng.usize(0..if hostile { 4 } else { 3 }))
+        .map(|_| {
+            if rng.bool() {
+                ETH_P_8021Q
+            } else {
+                ETH_P_8021AD
+            }
+        })
+        .collect();
     p.ipv4_option_words = rng.u8(0..11);
     if hostile && rng.u8(..) < 20 {
         p.ipv4_ihl_override = Some(rng.u8(0..16));
     }
     if rng.u8(..) < 30 {
-        let offset = if hostile { rng.u16(..0x1fff) * u16::from(rng.bool()) } else { 0 };
+        let offset = if hostile {
+            rng.u16(..0x1fff) * u16::from(rng.bool())
+        } else {
+            0
+        };
         p.ipv4_fragment = Some((offset, rng.bool()));
     }
     p.ipv6_ext = (0..rng.usize(0..if hostile { 11 } else { 8 }))
@@ -93,14 +134,22 @@ fn structured(rng: &mut fastrand::Rng, port: u16, allowed: bool, shape: Shape) -
             other => other,
         })
         .collect();
-    p.tcp_doff = if rng.u8(..) < 30 { rng.u8(0..16) } else { 5 + rng.u8(0..3) };
+    p.tcp_doff = if rng.u8(..) < 30 {
+        rng.u8(0..16)
+    } else {
+        5 + rng.u8(0..3)
+    };
     p.payload = rng.usize(0..600);
     if rng.u8(..) < 40 {
         p.protocol = [6, 17, 1, 58, 132][rng.usize(0..5)];
     }
     let mut bytes = p.bytes();
     if rng.u8(..) < 60 {
-        let shortest = if hostile { 14 } else { (p.l4_offset() + 4).min(bytes.len()) };
+        let shortest = if hostile {
+            14
+        } else {
+            (p.l4_offset() + 4).min(bytes.len())
+        };
         bytes.truncate(rng.usize(shortest..bytes.len().max(shortest + 1)));
     }
     bytes
@@ -123,7 +172,9 @@ fn mutated(rng: &mut fastrand::Rng) -> Vec<u8> {
 fn a_million_hostile_frames_keep_every_invariant() {
     let seed = env_or("WSGUARD_FUZZ_SEED", fastrand::u64(..));
     let total = env_or("WSGUARD_FUZZ_PACKETS", 1_000_000);
-    println!("fuzz seed {seed}, {total} frames (WSGUARD_FUZZ_SEED / WSGUARD_FUZZ_PACKETS replay or lengthen)");
+    println!(
+        "fuzz seed {seed}, {total} frames (WSGUARD_FUZZ_SEED / WSGUARD_FUZZ_PACKETS replay or lengthen)"
+    );
     let mut rng = fastrand::Rng::with_seed(seed);
     let allow: Vec<String> = ALLOWED.iter().map(|a| format!("\"{a}\"")).collect();
     let mut h = XdpHarness::new(&format!(
@@ -138,35 +189,76 @@ fn a_million_hostile_frames_keep_every_invariant() {
     let mut drops = 0u64;
     for i in 0..total {
         let (frame, kind) = match i % 4 {
-            0 => (structured(&mut rng, UNPROTECTED, false, Shape::PortVisible), "unprotected"),
-            1 => (structured(&mut rng, PROTECTED, true, Shape::Hostile), "allow-listed"),
-            2 => (structured(&mut rng, PROTECTED, false, Shape::Hostile), "protected"),
+            0 => (
+                structured(&mut rng, UNPROTECTED, false, Shape::PortVisible),
+                "unprotected",
+            ),
+            1 => (
+                structured(&mut rng, PROTECTED, true, Shape::Hostile),
+                "allow-listed",
+            ),
+            2 => (
+                structured(&mut rng, PROTECTED, false, Shape::Hostile),
+                "protected",
+            ),
             _ => (mutated(&mut rng), "mutated"),
         };
         let verdict = h.run(&frame);
-        assert!(verdict == XDP_PASS || verdict == XDP_DROP, "seed {seed} frame {i}: XDP verdict {verdict}");
+        assert!(
+            verdict == XDP_PASS || verdict == XDP_DROP,
+            "seed {seed} frame {i}: XDP verdict {verdict}"
+        );
         if matches!(kind, "unprotected" | "allow-listed") {
-            assert_eq!(verdict, XDP_PASS, "seed {seed} frame {i} ({kind}) dropped: {frame:02x?}");
+            assert_eq!(
+                verdict, XDP_PASS,
+                "seed {seed} frame {i} ({kind}) dropped: {frame:02x?}"
+            );
         }
         drops += u64::from(verdict == XDP_DROP);
         // The other programs see the same frames every eighth round.
         if i % 8 == 0 {
             let tc = h.run_egress(&frame);
-            assert!(tc == TC_ACT_OK || tc == TC_ACT_SHOT, "seed {seed} frame {i}: TC verdict {tc}");
+            assert!(
+                tc == TC_ACT_OK || tc == TC_ACT_SHOT,
+                "seed {seed} frame {i}: TC verdict {tc}"
+            );
             let kept = h.run_capture(&frame);
-            assert!(kept as usize <= frame.len(), "seed {seed} frame {i}: capture kept {kept} of {}", frame.len());
+            assert!(
+                kept as usize <= frame.len(),
+                "seed {seed} frame {i}: capture kept {kept} of {}",
+                frame.len()
+            );
         }
     }
-    let counted: u64 = h.counters().iter().filter(|(r, _)| r.is_drop()).map(|(_, c)| c.packets).sum();
+    let counted: u64 = h
+        .counters()
+        .iter()
+        .filter(|(r, _)| r.is_drop())
+        .map(|(_, c)| c.packets)
+        .sum();
     // TC drops are counted too; they only come from handshake reasons, which
     // XDP never counts, so subtract them out.
-    let tc_drops: u64 = [wsguard_common::Reason::ResponseHeld, wsguard_common::Reason::VerdictTimeout]
-        .iter()
-        .map(|r| h.packets(*r))
-        .sum::<u64>();
+    let tc_drops: u64 = [
+        wsguard_common::Reason::ResponseHeld,
+        wsguard_common::Reason::VerdictTimeout,
+    ]
+    .iter()
+    .map(|r| h.packets(*r))
+    .sum::<u64>();
     let flow_rejected = h.packets(wsguard_common::Reason::FlowRejected);
-    assert_eq!(flow_rejected, 0, "no verdicts were given, so no flow can be rejected");
-    assert_eq!(counted - tc_drops, drops, "seed {seed}: XDP dropped {drops} frames but counted {}", counted - tc_drops);
-    assert!(drops > 0, "the limits were never reached: the generator is too tame");
+    assert_eq!(
+        flow_rejected, 0,
+        "no verdicts were given, so no flow can be rejected"
+    );
+    assert_eq!(
+        counted - tc_drops,
+        drops,
+        "seed {seed}: XDP dropped {drops} frames but counted {}",
+        counted - tc_drops
+    );
+    assert!(
+        drops > 0,
+        "the limits were never reached: the generator is too tame"
+    );
     println!("{total} frames: {drops} dropped by XDP, all counted");
 }

@@ -26,9 +26,22 @@ fn body(extra: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_allowed_origin_upgrades_and_a_hijack_never_gets_an_echo() -> Result<()> {
-    let Setup { agent, server, addr, lab } = Setup::start(&body("")).await?;
+    let Setup {
+        agent,
+        server,
+        addr,
+        lab,
+    } = Setup::start(&body("")).await?;
     let client: IpAddr = lab.client_v4(3).into();
-    let mut ws = ws_connect_with(&lab.client, client, addr, "/ws", Some(GOOD_ORIGIN), 2 * SECOND).await?;
+    let mut ws = ws_connect_with(
+        &lab.client,
+        client,
+        addr,
+        "/ws",
+        Some(GOOD_ORIGIN),
+        2 * SECOND,
+    )
+    .await?;
     echo(&mut ws, "hello", SECOND).await?;
     echo(&mut ws, "again", SECOND).await?;
 
@@ -38,15 +51,30 @@ async fn an_allowed_origin_upgrades_and_a_hijack_never_gets_an_echo() -> Result<
         ("/ws", Some("https://evil-example.com")),
         ("/admin", Some(GOOD_ORIGIN)),
     ] {
-        let closed_before = server.stats.connections_closed.load(std::sync::atomic::Ordering::Relaxed);
+        let closed_before = server
+            .stats
+            .connections_closed
+            .load(std::sync::atomic::Ordering::Relaxed);
         let attempt = ws_connect_with(&lab.client, client, addr, path, origin, 2 * SECOND).await;
         if let Ok(mut ws) = attempt {
-            ensure!(echo(&mut ws, "hijack", SECOND).await.is_err(), "{path} {origin:?}: an echo got through");
+            ensure!(
+                echo(&mut ws, "hijack", SECOND).await.is_err(),
+                "{path} {origin:?}: an echo got through"
+            );
         }
         // The server sees the connection close: the application stops serving it.
-        wait_until("the server to see the rejected connection close", 2 * SECOND, || {
-            (server.stats.connections_closed.load(std::sync::atomic::Ordering::Relaxed) > closed_before).then_some(())
-        })
+        wait_until(
+            "the server to see the rejected connection close",
+            2 * SECOND,
+            || {
+                (server
+                    .stats
+                    .connections_closed
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > closed_before)
+                    .then_some(())
+            },
+        )
         .await?;
     }
     // Whether an answer had to be held back depends on who won the race (the
@@ -59,17 +87,46 @@ async fn an_allowed_origin_upgrades_and_a_hijack_never_gets_an_echo() -> Result<
 async fn a_slow_server_is_protected_the_same_way() -> Result<()> {
     use wsguard_tests::{Agent, Lab, peers::EchoServer};
     let lab = Lab::new()?;
-    let server = EchoServer::start_with_delay(&lab.server, 8080, Duration::from_millis(300)).await?;
+    let server =
+        EchoServer::start_with_delay(&lab.server, 8080, Duration::from_millis(300)).await?;
     let _agent = Agent::start(&lab, &body(""))?;
     let addr = std::net::SocketAddr::new(lab.server_v4().into(), 8080);
-    let mut ws = ws_connect_with(&lab.client, lab.client_v4(3).into(), addr, "/live/prices", Some("https://eu.example.com"), 3 * SECOND).await?;
+    let mut ws = ws_connect_with(
+        &lab.client,
+        lab.client_v4(3).into(),
+        addr,
+        "/live/prices",
+        Some("https://eu.example.com"),
+        3 * SECOND,
+    )
+    .await?;
     echo(&mut ws, "slow but fine", SECOND).await?;
-    let closed_before = server.stats.connections_closed.load(std::sync::atomic::Ordering::Relaxed);
-    if let Ok(mut ws) = ws_connect_with(&lab.client, lab.client_v4(3).into(), addr, "/ws", Some("https://evil.net"), 3 * SECOND).await {
-        ensure!(echo(&mut ws, "hijack", SECOND).await.is_err(), "an echo got through a slow server");
+    let closed_before = server
+        .stats
+        .connections_closed
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if let Ok(mut ws) = ws_connect_with(
+        &lab.client,
+        lab.client_v4(3).into(),
+        addr,
+        "/ws",
+        Some("https://evil.net"),
+        3 * SECOND,
+    )
+    .await
+    {
+        ensure!(
+            echo(&mut ws, "hijack", SECOND).await.is_err(),
+            "an echo got through a slow server"
+        );
     }
     wait_until("the server to see the close", 3 * SECOND, || {
-        (server.stats.connections_closed.load(std::sync::atomic::Ordering::Relaxed) > closed_before).then_some(())
+        (server
+            .stats
+            .connections_closed
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > closed_before)
+            .then_some(())
     })
     .await?;
     Ok(())
@@ -79,7 +136,10 @@ async fn a_slow_server_is_protected_the_same_way() -> Result<()> {
 async fn tickets_missing_expired_for_another_ip_or_tampered_are_rejected() -> Result<()> {
     use wsguard::handshake::ticket;
     let secret_file = tempfile::NamedTempFile::new()?;
-    std::fs::write(secret_file.path(), "this is a shared secret of sufficient length 0123")?;
+    std::fs::write(
+        secret_file.path(),
+        "this is a shared secret of sufficient length 0123",
+    )?;
     let secret = ticket::read_secret(secret_file.path())?;
     let Setup { agent: _agent, server: _server, addr, lab } = Setup::start(&body(&format!(
         "[handshake.ticket]\nrequired = true\nsecret_file = \"{}\"\nquery_param = \"ticket\"\nmax_age = \"60s\"\nbind_to_source_ip = true\n",
@@ -99,18 +159,40 @@ async fn tickets_missing_expired_for_another_ip_or_tampered_are_rejected() -> Re
         }
     };
     let valid = ticket::mint(&secret, now + 30, Some(client));
-    ensure!(try_ticket(Some(valid.clone())).await, "a valid ticket was refused");
+    ensure!(
+        try_ticket(Some(valid.clone())).await,
+        "a valid ticket was refused"
+    );
     ensure!(!try_ticket(None).await, "no ticket accepted");
-    ensure!(!try_ticket(Some(ticket::mint(&secret, now - 5, Some(client)))).await, "an expired ticket accepted");
-    ensure!(!try_ticket(Some(ticket::mint(&secret, now + 30, Some(lab.client_v4(5).into())))).await, "another IP's ticket accepted");
+    ensure!(
+        !try_ticket(Some(ticket::mint(&secret, now - 5, Some(client)))).await,
+        "an expired ticket accepted"
+    );
+    ensure!(
+        !try_ticket(Some(ticket::mint(
+            &secret,
+            now + 30,
+            Some(lab.client_v4(5).into())
+        )))
+        .await,
+        "another IP's ticket accepted"
+    );
     let mut tampered = valid.into_bytes();
     tampered[4] = if tampered[4] == b'A' { b'B' } else { b'A' };
-    ensure!(!try_ticket(Some(String::from_utf8(tampered)?)).await, "a tampered ticket accepted");
+    ensure!(
+        !try_ticket(Some(String::from_utf8(tampered)?)).await,
+        "a tampered ticket accepted"
+    );
     Ok(())
 }
 
 /// Writes a request head in pieces with pauses, then reads the answer.
-async fn raw_handshake(stream: &mut tokio::net::TcpStream, head: &[u8], pieces: usize, pause: Duration) -> Result<String> {
+async fn raw_handshake(
+    stream: &mut tokio::net::TcpStream,
+    head: &[u8],
+    pieces: usize,
+    pause: Duration,
+) -> Result<String> {
     stream.set_nodelay(true)?;
     let step = head.len().div_ceil(pieces);
     for chunk in head.chunks(step) {
@@ -133,74 +215,180 @@ fn head(path: &str, origin: &str, pad: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_split_over_segments_with_pauses_is_rebuilt_and_judged() -> Result<()> {
-    let Setup { agent: _agent, server: _server, addr, lab } = Setup::start(&body("")).await?;
+    let Setup {
+        agent: _agent,
+        server: _server,
+        addr,
+        lab,
+    } = Setup::start(&body("")).await?;
     let mut good = connect_from(&lab.client, lab.client_v4(6).into(), addr, SECOND).await?;
-    let answer = raw_handshake(&mut good, &head("/ws", GOOD_ORIGIN, 200), 5, Duration::from_millis(60)).await?;
-    ensure!(answer.starts_with("HTTP/1.1 101"), "a good split head got: {answer:?}");
+    let answer = raw_handshake(
+        &mut good,
+        &head("/ws", GOOD_ORIGIN, 200),
+        5,
+        Duration::from_millis(60),
+    )
+    .await?;
+    ensure!(
+        answer.starts_with("HTTP/1.1 101"),
+        "a good split head got: {answer:?}"
+    );
     let mut bad = connect_from(&lab.client, lab.client_v4(6).into(), addr, SECOND).await?;
-    let answer = raw_handshake(&mut bad, &head("/ws", "https://evil.net", 200), 5, Duration::from_millis(60)).await;
-    ensure!(!answer.as_deref().unwrap_or("").contains("101"), "a bad split head got: {answer:?}");
+    let answer = raw_handshake(
+        &mut bad,
+        &head("/ws", "https://evil.net", 200),
+        5,
+        Duration::from_millis(60),
+    )
+    .await;
+    ensure!(
+        !answer.as_deref().unwrap_or("").contains("101"),
+        "a bad split head got: {answer:?}"
+    );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slowloris_client_is_cut_after_the_deadline() -> Result<()> {
-    let Setup { agent, server, addr, lab } = Setup::start(&body("")).await?;
+    let Setup {
+        agent,
+        server,
+        addr,
+        lab,
+    } = Setup::start(&body("")).await?;
     let mut slow = connect_from(&lab.client, lab.client_v4(7).into(), addr, SECOND).await?;
-    slow.write_all(b"GET /ws HTTP/1.1\r\nHost: chat.example.com\r\n").await?;
+    slow.write_all(b"GET /ws HTTP/1.1\r\nHost: chat.example.com\r\n")
+        .await?;
     let started = std::time::Instant::now();
-    let closed_before = server.stats.connections_closed.load(std::sync::atomic::Ordering::Relaxed);
+    let closed_before = server
+        .stats
+        .connections_closed
+        .load(std::sync::atomic::Ordering::Relaxed);
     // Keep trickling a header line; the deadline (1 s from the SYN) cuts it.
     wait_until("the server to drop the slow connection", 4 * SECOND, || {
-        (server.stats.connections_closed.load(std::sync::atomic::Ordering::Relaxed) > closed_before).then_some(())
+        (server
+            .stats
+            .connections_closed
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > closed_before)
+            .then_some(())
     })
     .await?;
     let waited = started.elapsed();
-    ensure!(waited >= Duration::from_millis(800), "cut before the deadline: {waited:?}");
+    ensure!(
+        waited >= Duration::from_millis(800),
+        "cut before the deadline: {waited:?}"
+    );
     let mut buf = [0u8; 64];
     let read = tokio::time::timeout(2 * SECOND, slow.read(&mut buf)).await;
-    ensure!(!matches!(read, Ok(Ok(n)) if n > 0), "the slow client still gets data");
+    ensure!(
+        !matches!(read, Ok(Ok(n)) if n > 0),
+        "the slow client still gets data"
+    );
     let _ = agent;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_head_is_rejected_without_growing_the_agent() -> Result<()> {
-    let Setup { agent, server: _server, addr, lab } = Setup::start(&body("max_request_bytes = \"2KiB\"\nfailures_before_ban = 0\n")).await?;
+    let Setup {
+        agent,
+        server: _server,
+        addr,
+        lab,
+    } = Setup::start(&body(
+        "max_request_bytes = \"2KiB\"\nfailures_before_ban = 0\n",
+    ))
+    .await?;
     let rss = |pid: u32| -> u64 {
-        std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default().lines()
-            .find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok()).unwrap_or(0)
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .unwrap_or(0)
     };
     let pid = agent.pid();
     let before = rss(pid);
     for _ in 0..40 {
         let mut s = connect_from(&lab.client, lab.client_v4(8).into(), addr, SECOND).await?;
-        let answer = raw_handshake(&mut s, &head("/ws", GOOD_ORIGIN, 6000), 2, Duration::from_millis(5)).await;
-        ensure!(!answer.as_deref().unwrap_or("").contains("101"), "an oversized head was answered: {answer:?}");
+        let answer = raw_handshake(
+            &mut s,
+            &head("/ws", GOOD_ORIGIN, 6000),
+            2,
+            Duration::from_millis(5),
+        )
+        .await;
+        ensure!(
+            !answer.as_deref().unwrap_or("").contains("101"),
+            "an oversized head was answered: {answer:?}"
+        );
     }
     let after = rss(pid);
-    ensure!(after < before + 8 * 1024, "agent RSS grew from {before} kB to {after} kB");
+    ensure!(
+        after < before + 8 * 1024,
+        "agent RSS grew from {before} kB to {after} kB"
+    );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_failures_ban_a_source_and_allow_listed_sources_are_never_cut() -> Result<()> {
-    let Setup { agent, server: _server, addr, lab } = Setup::start(&format!(
-        "{}failures_before_ban = 3\n[lists]\nallow = [\"198.18.{{id}}.9\"]\n",
-        body("")
-    ).replace("[ban]\nafter_drops = 0\n", "[ban]\nafter_drops = 0\nduration = \"1h\"\n"))
+    let Setup {
+        agent,
+        server: _server,
+        addr,
+        lab,
+    } = Setup::start(
+        &format!(
+            "{}failures_before_ban = 3\n[lists]\nallow = [\"198.18.{{id}}.9\"]\n",
+            body("")
+        )
+        .replace(
+            "[ban]\nafter_drops = 0\n",
+            "[ban]\nafter_drops = 0\nduration = \"1h\"\n",
+        ),
+    )
     .await?;
     let offender: IpAddr = lab.client_v4(10).into();
     for _ in 0..3 {
-        let _ = ws_connect_with(&lab.client, offender, addr, "/ws", Some("https://evil.net"), SECOND).await;
+        let _ = ws_connect_with(
+            &lab.client,
+            offender,
+            addr,
+            "/ws",
+            Some("https://evil.net"),
+            SECOND,
+        )
+        .await;
     }
     wait_until("the ban", 2 * SECOND, || {
-        agent.state().ok()?.bans().ok()?.iter().any(|(k, _)| wsguard::status::source_addr(k) == offender).then_some(())
+        agent
+            .state()
+            .ok()?
+            .bans()
+            .ok()?
+            .iter()
+            .any(|(k, _)| wsguard::status::source_addr(k) == offender)
+            .then_some(())
     })
     .await?;
-    ensure!(connect_from(&lab.client, offender, addr, Duration::from_millis(900)).await.is_err(), "banned source connected");
+    ensure!(
+        connect_from(&lab.client, offender, addr, Duration::from_millis(900))
+            .await
+            .is_err(),
+        "banned source connected"
+    );
     // Allow-listed: never inspected, never cut, even with a bad origin.
-    let mut ws = ws_connect_with(&lab.client, lab.client_v4(9).into(), addr, "/admin", Some("https://evil.net"), 2 * SECOND).await?;
+    let mut ws = ws_connect_with(
+        &lab.client,
+        lab.client_v4(9).into(),
+        addr,
+        "/admin",
+        Some("https://evil.net"),
+        2 * SECOND,
+    )
+    .await?;
     echo(&mut ws, "trusted", SECOND).await?;
     Ok(())
 }
@@ -210,13 +398,26 @@ async fn repeated_failures_ban_a_source_and_allow_listed_sources_are_never_cut()
 /// is printed, not asserted: it depends on the machine's load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legitimate_handshakes_all_complete_and_held_answers_are_counted() -> Result<()> {
-    let Setup { agent, server: _server, addr, lab } = Setup::start(&body("")).await?;
+    let Setup {
+        agent,
+        server: _server,
+        addr,
+        lab,
+    } = Setup::start(&body("")).await?;
     let rounds = 40;
     let started = std::time::Instant::now();
     let mut slowest = Duration::ZERO;
     for i in 0..rounds {
         let t = std::time::Instant::now();
-        let mut ws = ws_connect_with(&lab.client, lab.client_v4(11).into(), addr, "/ws", Some(GOOD_ORIGIN), 3 * SECOND).await?;
+        let mut ws = ws_connect_with(
+            &lab.client,
+            lab.client_v4(11).into(),
+            addr,
+            "/ws",
+            Some(GOOD_ORIGIN),
+            3 * SECOND,
+        )
+        .await?;
         echo(&mut ws, &format!("{i}"), SECOND).await?;
         slowest = slowest.max(t.elapsed());
     }

@@ -37,7 +37,13 @@ fn key(p: &Packet) -> FlowKey {
         IpAddr::V4(v4) => SourceKey::from_v4(v4.octets()).addr,
         IpAddr::V6(v6) => v6.octets(),
     };
-    FlowKey { client: full(p.src), server: full(server), client_port: p.src_port, server_port: p.dst_port, _pad: 0 }
+    FlowKey {
+        client: full(p.src),
+        server: full(server),
+        client_port: p.src_port,
+        server_port: p.dst_port,
+        _pad: 0,
+    }
 }
 
 #[test]
@@ -52,9 +58,15 @@ fn a_syn_to_an_inspected_port_starts_a_pending_flow() {
     assert!(h.flow(&key(&plain)).is_none());
     let allowed = Packet::syn(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 200)), INSPECTED);
     assert_eq!(h.run(&allowed.bytes()), XDP_PASS);
-    assert!(h.flow(&key(&allowed)).is_none(), "allow-listed sources are never inspected");
+    assert!(
+        h.flow(&key(&allowed)).is_none(),
+        "allow-listed sources are never inspected"
+    );
     // IPv6 too.
-    let six = Packet::syn(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7)), INSPECTED);
+    let six = Packet::syn(
+        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7)),
+        INSPECTED,
+    );
     assert_eq!(h.run(&six.bytes()), XDP_PASS);
     assert_eq!(h.flow(&key(&six)).map(|f| f.state), Some(Flow::PENDING));
 }
@@ -70,18 +82,47 @@ fn the_capture_filter_passes_only_what_the_inspector_needs() {
     assert_eq!(h.run_capture(&syn.bytes()), 0);
     assert_eq!(h.run_capture(&head.bytes()), 0);
     assert_eq!(h.run(&syn.bytes()), XDP_PASS); // XDP, which runs first, starts the flow
-    assert_eq!(h.run_capture(&syn.bytes()), full_len(&syn), "the SYN, which starts the deadline");
-    assert_eq!(h.run_capture(&head.bytes()), full_len(&head), "the request head of a pending flow");
+    assert_eq!(
+        h.run_capture(&syn.bytes()),
+        full_len(&syn),
+        "the SYN, which starts the deadline"
+    );
+    assert_eq!(
+        h.run_capture(&head.bytes()),
+        full_len(&head),
+        "the request head of a pending flow"
+    );
     let fin = Packet::tcp(client(), INSPECTED, TCP_FIN | TCP_ACK);
-    assert_eq!(h.run_capture(&fin.bytes()), full_len(&fin), "its end, so the agent forgets it");
+    assert_eq!(
+        h.run_capture(&fin.bytes()),
+        full_len(&fin),
+        "its end, so the agent forgets it"
+    );
     // The server's side, other ports, other protocols: never.
     assert_eq!(h.run_capture(&syn.reply(TCP_ACK | TCP_PSH, 100).bytes()), 0);
-    assert_eq!(h.run_capture(&Packet::data(client(), PROTECTED_ONLY, 300).bytes()), 0);
+    assert_eq!(
+        h.run_capture(&Packet::data(client(), PROTECTED_ONLY, 300).bytes()),
+        0
+    );
     assert_eq!(h.run_capture(&Packet::udp(client(), INSPECTED).bytes()), 0);
     // Once judged, bulk traffic stays in the kernel.
-    h.set_flow(&key(&syn), Flow { state: Flow::ACCEPTED, _pad: 0, since_ns: 1 });
+    h.set_flow(
+        &key(&syn),
+        Flow {
+            state: Flow::ACCEPTED,
+            _pad: 0,
+            since_ns: 1,
+        },
+    );
     assert_eq!(h.run_capture(&head.bytes()), 0);
-    h.set_flow(&key(&syn), Flow { state: Flow::REJECTED, _pad: 0, since_ns: 1 });
+    h.set_flow(
+        &key(&syn),
+        Flow {
+            state: Flow::REJECTED,
+            _pad: 0,
+            since_ns: 1,
+        },
+    );
     assert_eq!(h.run_capture(&head.bytes()), 0);
 }
 
@@ -92,18 +133,41 @@ fn the_servers_answer_waits_for_the_verdict() {
     assert_eq!(h.run(&syn.bytes()), XDP_PASS);
     let syn_ack = syn.reply(TCP_SYN | TCP_ACK, 0);
     let answer = syn.reply(TCP_ACK | TCP_PSH, 129); // "HTTP/1.1 101 Switching Protocols…"
-    assert_eq!(h.run_egress(&syn_ack.bytes()), TC_ACT_OK, "the handshake itself is not held");
-    assert_eq!(h.run_egress(&answer.bytes()), TC_ACT_SHOT, "held back while pending");
+    assert_eq!(
+        h.run_egress(&syn_ack.bytes()),
+        TC_ACT_OK,
+        "the handshake itself is not held"
+    );
+    assert_eq!(
+        h.run_egress(&answer.bytes()),
+        TC_ACT_SHOT,
+        "held back while pending"
+    );
     assert_eq!(h.packets(Reason::ResponseHeld), 1);
-    h.set_flow(&key(&syn), Flow { state: Flow::ACCEPTED, _pad: 0, since_ns: 1 });
-    assert_eq!(h.run_egress(&answer.bytes()), TC_ACT_OK, "accepted: the (retransmitted) answer goes out");
+    h.set_flow(
+        &key(&syn),
+        Flow {
+            state: Flow::ACCEPTED,
+            _pad: 0,
+            since_ns: 1,
+        },
+    );
+    assert_eq!(
+        h.run_egress(&answer.bytes()),
+        TC_ACT_OK,
+        "accepted: the (retransmitted) answer goes out"
+    );
     // Connections the kernel knows nothing of are untouched.
-    let other = Packet::syn(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 8)), INSPECTED).reply(TCP_ACK | TCP_PSH, 50);
+    let other = Packet::syn(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 8)), INSPECTED)
+        .reply(TCP_ACK | TCP_PSH, 50);
     assert_eq!(h.run_egress(&other.bytes()), TC_ACT_OK);
     // Not an inspected port: untouched.
     let plain = Packet::syn(client(), PROTECTED_ONLY);
     assert_eq!(h.run(&plain.bytes()), XDP_PASS);
-    assert_eq!(h.run_egress(&plain.reply(TCP_ACK | TCP_PSH, 50).bytes()), TC_ACT_OK);
+    assert_eq!(
+        h.run_egress(&plain.reply(TCP_ACK | TCP_PSH, 50).bytes()),
+        TC_ACT_OK
+    );
 }
 
 #[test]
@@ -111,7 +175,14 @@ fn past_the_verdict_timeout_fail_open_passes_and_fail_closed_drops() {
     for fail_closed in [false, true] {
         let mut h = harness(SECOND, fail_closed);
         let syn = Packet::syn(client(), INSPECTED);
-        h.set_flow(&key(&syn), Flow { state: Flow::PENDING, _pad: 0, since_ns: 1 }); // long ago
+        h.set_flow(
+            &key(&syn),
+            Flow {
+                state: Flow::PENDING,
+                _pad: 0,
+                since_ns: 1,
+            },
+        ); // long ago
         let verdict = h.run_egress(&syn.reply(TCP_ACK | TCP_PSH, 129).bytes());
         if fail_closed {
             assert_eq!(verdict, TC_ACT_SHOT);
@@ -128,10 +199,29 @@ fn a_rejected_connection_is_dropped_both_ways_but_the_servers_rst_passes() {
     let mut h = harness(SECOND, false);
     let syn = Packet::syn(client(), INSPECTED);
     assert_eq!(h.run(&syn.bytes()), XDP_PASS);
-    h.set_flow(&key(&syn), Flow { state: Flow::REJECTED, _pad: 0, since_ns: 1 });
-    assert_eq!(h.run(&Packet::data(client(), INSPECTED, 40).bytes()), XDP_DROP, "the client's frames");
-    assert_eq!(h.run_egress(&syn.reply(TCP_ACK | TCP_PSH, 129).bytes()), TC_ACT_SHOT, "the server's answer");
-    assert_eq!(h.run_egress(&syn.reply(TCP_RST | TCP_ACK, 0).bytes()), TC_ACT_OK, "the server's reset");
+    h.set_flow(
+        &key(&syn),
+        Flow {
+            state: Flow::REJECTED,
+            _pad: 0,
+            since_ns: 1,
+        },
+    );
+    assert_eq!(
+        h.run(&Packet::data(client(), INSPECTED, 40).bytes()),
+        XDP_DROP,
+        "the client's frames"
+    );
+    assert_eq!(
+        h.run_egress(&syn.reply(TCP_ACK | TCP_PSH, 129).bytes()),
+        TC_ACT_SHOT,
+        "the server's answer"
+    );
+    assert_eq!(
+        h.run_egress(&syn.reply(TCP_RST | TCP_ACK, 0).bytes()),
+        TC_ACT_OK,
+        "the server's reset"
+    );
     assert_eq!(h.packets(Reason::FlowRejected), 2);
     // The same client's other connections are judged on their own.
     let other = Packet::data(client(), INSPECTED, 40).with(|p| p.src_port = 40001);

@@ -18,7 +18,11 @@ const SECOND: Duration = Duration::from_secs(1);
 const DROPPED: Duration = Duration::from_millis(900);
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// Removes an agent's pins when a restart test ends, however it ends.
@@ -42,22 +46,47 @@ async fn status_and_top_match_the_traffic_sent() -> Result<()> {
         echo(&mut ws, &format!("{i}"), SECOND).await?;
     }
     for _ in 0..5 {
-        ensure!(connect_from(&lab.client, lab.client_v4(6).into(), addr, Duration::from_millis(300)).await.is_err());
+        ensure!(
+            connect_from(
+                &lab.client,
+                lab.client_v4(6).into(),
+                addr,
+                Duration::from_millis(300)
+            )
+            .await
+            .is_err()
+        );
     }
     let out = agent.cli(&["status", "--json"]);
     ensure!(out.status.success(), "{}", text(&out));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     ensure!(doc["counters"]["connection_rate"]["packets"] == 5, "{doc}");
     ensure!(doc["counters"]["connection_rate"]["verdict"] == "dropped");
-    ensure!(doc["counters"]["passed"]["packets"].as_u64() >= Some(5 * 3), "{doc}");
+    ensure!(
+        doc["counters"]["passed"]["packets"].as_u64() >= Some(5 * 3),
+        "{doc}"
+    );
     ensure!(doc["maps"]["tracked_sources"] == 1, "{doc}");
-    ensure!(doc["agent"]["running"] == true && doc["agent"]["interfaces"][0] == lab.server_if.as_str(), "{doc}");
+    ensure!(
+        doc["agent"]["running"] == true && doc["agent"]["interfaces"][0] == lab.server_if.as_str(),
+        "{doc}"
+    );
     ensure!(doc["agent"]["xdp_mode"] == "auto", "{doc}");
     let human = text(&agent.cli(&["status"]));
-    ensure!(human.contains("connection_rate") && human.contains("agent: running"), "{human}");
+    ensure!(
+        human.contains("connection_rate") && human.contains("agent: running"),
+        "{human}"
+    );
 
     // top, during a flood, puts the flooding source first.
-    let flood = connection_flood(&lab.client, lab.client_v4(20).into(), addr, 2 * SECOND, 32, Duration::from_millis(200));
+    let flood = connection_flood(
+        &lab.client,
+        lab.client_v4(20).into(),
+        addr,
+        2 * SECOND,
+        32,
+        Duration::from_millis(200),
+    );
     let top = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let pin = agent.pin_path.clone();
@@ -71,8 +100,16 @@ async fn status_and_top_match_the_traffic_sent() -> Result<()> {
     };
     let (_, top) = tokio::join!(flood, top);
     let top = top??;
-    let first = String::from_utf8_lossy(&top.stdout).lines().nth(1).unwrap_or_default().to_string();
-    ensure!(first.starts_with(&lab.client_v4(20).to_string()), "top:\n{}", text(&top));
+    let first = String::from_utf8_lossy(&top.stdout)
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    ensure!(
+        first.starts_with(&lab.client_v4(20).to_string()),
+        "top:\n{}",
+        text(&top)
+    );
     Ok(())
 }
 
@@ -90,9 +127,17 @@ async fn runtime_deny_and_allow_take_effect_at_once_and_expire() -> Result<()> {
     // established connection.
     let out = agent.cli(&["deny", "add", &format!("{source}/32"), "--ttl", "2s"]);
     ensure!(out.status.success(), "{}", text(&out));
-    ensure!(echo(&mut ws, "after deny", Duration::from_millis(500)).await.is_err(), "echo through a deny");
+    ensure!(
+        echo(&mut ws, "after deny", Duration::from_millis(500))
+            .await
+            .is_err(),
+        "echo through a deny"
+    );
     let list = text(&agent.cli(&["deny", "list"]));
-    ensure!(list.contains(&format!("{source}/32\truntime\texpires in")), "{list}");
+    ensure!(
+        list.contains(&format!("{source}/32\truntime\texpires in")),
+        "{list}"
+    );
     // The TTL runs out in the kernel: the connection resumes by itself.
     wait_until("the deny to expire", 4 * SECOND, || {
         (!text(&agent.cli(&["deny", "list"])).contains(&source.to_string())).then_some(())
@@ -100,49 +145,121 @@ async fn runtime_deny_and_allow_take_effect_at_once_and_expire() -> Result<()> {
     .await?;
 
     // A runtime allow exempts a source from its (exhausted) rate at once.
-    ensure!(connect_from(&lab.client, source.into(), addr, DROPPED).await.is_err(), "rate of 1/m should hold");
-    ensure!(agent.cli(&["allow", "add", &source.to_string()]).status.success());
+    ensure!(
+        connect_from(&lab.client, source.into(), addr, DROPPED)
+            .await
+            .is_err(),
+        "rate of 1/m should hold"
+    );
+    ensure!(
+        agent
+            .cli(&["allow", "add", &source.to_string()])
+            .status
+            .success()
+    );
     connect_from(&lab.client, source.into(), addr, SECOND).await?;
     let out = agent.cli(&["allow", "del", &source.to_string()]);
     ensure!(out.status.success(), "{}", text(&out));
-    ensure!(connect_from(&lab.client, source.into(), addr, DROPPED).await.is_err(), "allow removed, rate applies again");
+    ensure!(
+        connect_from(&lab.client, source.into(), addr, DROPPED)
+            .await
+            .is_err(),
+        "allow removed, rate applies again"
+    );
 
     // Bad input: exit code 2 and the reason; removing what is not there: 1.
     let out = agent.cli(&["deny", "add", "198.18.0.1/8"]);
-    ensure!(out.status.code() == Some(2) && text(&out).contains("did you mean 198.0.0.0/8?"), "{}", text(&out));
+    ensure!(
+        out.status.code() == Some(2) && text(&out).contains("did you mean 198.0.0.0/8?"),
+        "{}",
+        text(&out)
+    );
     let out = agent.cli(&["deny", "add", "198.18.0.0/24", "--ttl", "5"]);
-    ensure!(out.status.code() == Some(2) && text(&out).contains("has no unit"), "{}", text(&out));
+    ensure!(
+        out.status.code() == Some(2) && text(&out).contains("has no unit"),
+        "{}",
+        text(&out)
+    );
     let out = agent.cli(&["deny", "del", "198.51.100.0/24"]);
-    ensure!(out.status.code() == Some(1) && text(&out).contains("not in the list"), "{}", text(&out));
+    ensure!(
+        out.status.code() == Some(1) && text(&out).contains("not in the list"),
+        "{}",
+        text(&out)
+    );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_through_the_cli_keeps_bans_and_state_and_refuses_bad_configs() -> Result<()> {
     let body = |rate: &str| {
-        format!("[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"{rate}\"\nnew_connections_burst = 3\n[ban]\nafter_drops = 3\nduration = \"1h\"\n")
+        format!(
+            "[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"{rate}\"\nnew_connections_burst = 3\n[ban]\nafter_drops = 3\nduration = \"1h\"\n"
+        )
     };
-    let Setup { agent, server: _server, addr, lab } = Setup::start(&body("3/m")).await?;
+    let Setup {
+        agent,
+        server: _server,
+        addr,
+        lab,
+    } = Setup::start(&body("3/m")).await?;
     let banned = lab.client_v4(8);
-    connection_flood(&lab.client, banned.into(), addr, SECOND, 16, Duration::from_millis(200)).await?;
+    connection_flood(
+        &lab.client,
+        banned.into(),
+        addr,
+        SECOND,
+        16,
+        Duration::from_millis(200),
+    )
+    .await?;
     agent.wait_counter(Reason::BanStarted, 1, SECOND).await?;
     let tracked_before = agent.state()?.tracked_sources()?.len();
 
     let header = std::fs::read_to_string(agent.config_file.path())?;
     let header = header[..header.find("[protect]").unwrap()].to_string();
-    std::fs::write(agent.config_file.path(), format!("{header}{}", body("30/m")))?;
+    std::fs::write(
+        agent.config_file.path(),
+        format!("{header}{}", body("30/m")),
+    )?;
     let out = agent.cli(&["reload"]);
-    ensure!(out.status.success() && text(&out).contains("reloaded"), "{}", text(&out));
+    ensure!(
+        out.status.success() && text(&out).contains("reloaded"),
+        "{}",
+        text(&out)
+    );
     let bans = text(&agent.cli(&["bans", "list"]));
-    ensure!(bans.contains(&banned.to_string()), "the ban did not survive the reload: {bans}");
-    ensure!(agent.state()?.tracked_sources()?.len() >= tracked_before, "per-source state was reset");
-    ensure!(connect_from(&lab.client, banned.into(), addr, DROPPED).await.is_err(), "banned source connected after reload");
+    ensure!(
+        bans.contains(&banned.to_string()),
+        "the ban did not survive the reload: {bans}"
+    );
+    ensure!(
+        agent.state()?.tracked_sources()?.len() >= tracked_before,
+        "per-source state was reset"
+    );
+    ensure!(
+        connect_from(&lab.client, banned.into(), addr, DROPPED)
+            .await
+            .is_err(),
+        "banned source connected after reload"
+    );
 
-    std::fs::write(agent.config_file.path(), format!("{header}[protect]\nports = [80, 80]\n"))?;
+    std::fs::write(
+        agent.config_file.path(),
+        format!("{header}[protect]\nports = [80, 80]\n"),
+    )?;
     let out = agent.cli(&["reload"]);
     ensure!(out.status.code() == Some(2), "{}", text(&out));
-    ensure!(text(&out).contains("port 80 is listed twice"), "{}", text(&out));
-    ensure!(connect_from(&lab.client, banned.into(), addr, DROPPED).await.is_err(), "the old config stopped enforcing");
+    ensure!(
+        text(&out).contains("port 80 is listed twice"),
+        "{}",
+        text(&out)
+    );
+    ensure!(
+        connect_from(&lab.client, banned.into(), addr, DROPPED)
+            .await
+            .is_err(),
+        "the old config stopped enforcing"
+    );
 
     // Lifting the ban by hand lets the source back in.
     let out = agent.cli(&["bans", "del", &banned.to_string()]);
@@ -163,20 +280,54 @@ async fn kill_9_then_run_keeps_bans_lists_and_counters() -> Result<()> {
     let _guard = StateGuard(first.pin_path.clone());
     let banned = lab.client_v4(8);
     let denied = lab.client_v4(9);
-    connection_flood(&lab.client, banned.into(), addr, SECOND, 16, Duration::from_millis(200)).await?;
+    connection_flood(
+        &lab.client,
+        banned.into(),
+        addr,
+        SECOND,
+        16,
+        Duration::from_millis(200),
+    )
+    .await?;
     first.wait_counter(Reason::BanStarted, 1, SECOND).await?;
-    ensure!(first.cli(&["deny", "add", &denied.to_string()]).status.success());
+    ensure!(
+        first
+            .cli(&["deny", "add", &denied.to_string()])
+            .status
+            .success()
+    );
     let dropped_before = first.counter(Reason::ConnectionRate).packets;
     first.kill()?;
     // Fail-open (the default): a crash leaves nothing attached.
-    connect_from(&lab.client, denied.into(), addr, SECOND).await.context("fail-open agent killed, yet still enforcing")?;
+    connect_from(&lab.client, denied.into(), addr, SECOND)
+        .await
+        .context("fail-open agent killed, yet still enforcing")?;
 
     let second = Agent::start(&lab, body)?;
-    ensure!(text(&second.cli(&["bans", "list"])).contains(&banned.to_string()), "ban lost across kill -9");
-    ensure!(text(&second.cli(&["deny", "list"])).contains(&denied.to_string()), "runtime deny lost across kill -9");
-    ensure!(second.counter(Reason::ConnectionRate).packets == dropped_before, "counters lost across kill -9");
-    ensure!(connect_from(&lab.client, banned.into(), addr, DROPPED).await.is_err(), "ban not enforced after restart");
-    ensure!(connect_from(&lab.client, denied.into(), addr, DROPPED).await.is_err(), "deny not enforced after restart");
+    ensure!(
+        text(&second.cli(&["bans", "list"])).contains(&banned.to_string()),
+        "ban lost across kill -9"
+    );
+    ensure!(
+        text(&second.cli(&["deny", "list"])).contains(&denied.to_string()),
+        "runtime deny lost across kill -9"
+    );
+    ensure!(
+        second.counter(Reason::ConnectionRate).packets == dropped_before,
+        "counters lost across kill -9"
+    );
+    ensure!(
+        connect_from(&lab.client, banned.into(), addr, DROPPED)
+            .await
+            .is_err(),
+        "ban not enforced after restart"
+    );
+    ensure!(
+        connect_from(&lab.client, denied.into(), addr, DROPPED)
+            .await
+            .is_err(),
+        "deny not enforced after restart"
+    );
     let mut ws = ws_connect(&lab.client, lab.client_v4(2).into(), addr, SECOND).await?;
     echo(&mut ws, "after restart", SECOND).await?;
     Ok(())
@@ -195,7 +346,13 @@ async fn fail_closed_keeps_dropping_while_no_agent_runs_and_fail_open_does_not()
     let pin_path = agent.pin_path.clone();
     let mut ws = ws_connect(&lab.client, lab.client_v4(2).into(), addr, SECOND).await?;
     let (status, stdout) = agent.stop_keeping_state()?;
-    ensure!(status.success() && stdout.iter().any(|l| l.contains("the programs stay attached")), "{stdout:?}");
+    ensure!(
+        status.success()
+            && stdout
+                .iter()
+                .any(|l| l.contains("the programs stay attached")),
+        "{stdout:?}"
+    );
     // No agent runs: the kernel still drops the denied source, still counts,
     // and other clients carry on.
     let status_out = std::process::Command::new(wsguard_tests::agent::binary())
@@ -204,17 +361,40 @@ async fn fail_closed_keeps_dropping_while_no_agent_runs_and_fail_open_does_not()
         .output()?;
     let doc: serde_json::Value = serde_json::from_slice(&status_out.stdout)?;
     ensure!(doc["agent"]["running"] == false, "{doc}");
-    let before = doc["counters"]["deny_list"]["packets"].as_u64().unwrap_or(0);
-    ensure!(connect_from(&lab.client, denied.into(), addr, DROPPED).await.is_err(), "fail-closed let a denied source in");
+    let before = doc["counters"]["deny_list"]["packets"]
+        .as_u64()
+        .unwrap_or(0);
+    ensure!(
+        connect_from(&lab.client, denied.into(), addr, DROPPED)
+            .await
+            .is_err(),
+        "fail-closed let a denied source in"
+    );
     echo(&mut ws, "while the agent is down", SECOND).await?;
-    let after = wsguard::kernel::PinnedState::open(&wsguard::kernel::pin_dir(&pin_path))?.counter(Reason::DenyList)?.packets;
-    ensure!(after > before, "the kernel stopped counting while the agent was down");
+    let after = wsguard::kernel::PinnedState::open(&wsguard::kernel::pin_dir(&pin_path))?
+        .counter(Reason::DenyList)?
+        .packets;
+    ensure!(
+        after > before,
+        "the kernel stopped counting while the agent was down"
+    );
 
     // The next agent takes the running programs over; with fail-open it
     // detaches them on exit.
     let agent = Agent::start(&lab, &body)?;
-    wait_until("the takeover to be reported", SECOND, || agent.stdout().iter().any(|l| l.contains("took over")).then_some(())).await?;
-    ensure!(connect_from(&lab.client, denied.into(), addr, DROPPED).await.is_err());
+    wait_until("the takeover to be reported", SECOND, || {
+        agent
+            .stdout()
+            .iter()
+            .any(|l| l.contains("took over"))
+            .then_some(())
+    })
+    .await?;
+    ensure!(
+        connect_from(&lab.client, denied.into(), addr, DROPPED)
+            .await
+            .is_err()
+    );
     let (status, _) = agent.stop_keeping_state()?;
     ensure!(status.success());
     connect_from(&lab.client, denied.into(), addr, SECOND).await?;
@@ -234,23 +414,55 @@ async fn dry_run_drops_nothing_and_counts_what_enforcing_drops() -> Result<()> {
         let mut connected = 0;
         for _ in 0..30 {
             // One SYN per attempt: the timeout comes before any retransmission.
-            connected += u32::from(connect_from(&lab.client, lab.client_v4(5).into(), addr, Duration::from_millis(300)).await.is_ok());
+            connected += u32::from(
+                connect_from(
+                    &lab.client,
+                    lab.client_v4(5).into(),
+                    addr,
+                    Duration::from_millis(300),
+                )
+                .await
+                .is_ok(),
+            );
         }
         let state = agent.state()?;
-        let counted = |set: Vec<(Reason, wsguard_common::Counter)>| set.into_iter().find(|(r, _)| *r == Reason::ConnectionRate).unwrap().1.packets;
+        let counted = |set: Vec<(Reason, wsguard_common::Counter)>| {
+            set.into_iter()
+                .find(|(r, _)| *r == Reason::ConnectionRate)
+                .unwrap()
+                .1
+                .packets
+        };
         let (done, would) = (counted(state.counters()?), counted(state.would_drop()?));
         if dry_run {
-            ensure!(connected == 30 && done == 0, "dry run dropped: {connected} connected, {done} dropped");
-            wait_until("every connection accepted", SECOND, || (server.accepted() >= 30).then_some(())).await?;
+            ensure!(
+                connected == 30 && done == 0,
+                "dry run dropped: {connected} connected, {done} dropped"
+            );
+            wait_until("every connection accepted", SECOND, || {
+                (server.accepted() >= 30).then_some(())
+            })
+            .await?;
             let status = text(&agent.cli(&["status"]));
-            ensure!(status.contains("dry run would have dropped: connection_rate 25 packets"), "{status}");
+            ensure!(
+                status.contains("dry run would have dropped: connection_rate 25 packets"),
+                "{status}"
+            );
             dropped.push(would);
         } else {
-            ensure!(connected == 5 && would == 0, "enforcing: {connected} connected, {would} would-drop");
+            ensure!(
+                connected == 5 && would == 0,
+                "enforcing: {connected} connected, {would} would-drop"
+            );
             dropped.push(done);
         }
     }
-    ensure!(dropped[0] == 25 && dropped[1] == dropped[0], "enforced drops {} vs dry-run would-drops {}", dropped[0], dropped[1]);
+    ensure!(
+        dropped[0] == 25 && dropped[1] == dropped[0],
+        "enforced drops {} vs dry-run would-drops {}",
+        dropped[0],
+        dropped[1]
+    );
     Ok(())
 }
 
@@ -263,13 +475,34 @@ async fn systemd_hears_ready_after_attach() -> Result<()> {
     let path = dir.path().join("notify.sock");
     let socket = std::os::unix::net::UnixDatagram::bind(&path)?;
     socket.set_read_timeout(Some(5 * SECOND))?;
-    let agent = Agent::start_with_env(&lab, "[protect]\nports = [8080]\n", &[("NOTIFY_SOCKET", path.to_str().unwrap())])?;
+    let agent = Agent::start_with_env(
+        &lab,
+        "[protect]\nports = [8080]\n",
+        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
+    )?;
     let mut buf = [0u8; 256];
     let n = socket.recv(&mut buf)?;
-    ensure!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"), "{:?}", String::from_utf8_lossy(&buf[..n]));
+    ensure!(
+        String::from_utf8_lossy(&buf[..n]).contains("READY=1"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
     // Ready comes after the XDP program is on the interface.
-    let link = std::process::Command::new("ip").args(["-n", &lab.server.name, "link", "show", "dev", &lab.server_if]).output()?;
-    ensure!(String::from_utf8_lossy(&link.stdout).contains("xdp"), "{}", String::from_utf8_lossy(&link.stdout));
+    let link = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &lab.server.name,
+            "link",
+            "show",
+            "dev",
+            &lab.server_if,
+        ])
+        .output()?;
+    ensure!(
+        String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "{}",
+        String::from_utf8_lossy(&link.stdout)
+    );
     agent.signal(libc::SIGHUP);
     let n = socket.recv(&mut buf)?;
     ensure!(String::from_utf8_lossy(&buf[..n]).contains("RELOADING=1"));
@@ -290,17 +523,46 @@ async fn systemd_hears_ready_after_attach() -> Result<()> {
 /// veth pairs) gets the programs back without a restart of the agent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_and_re_added_interface_is_attached_again() -> Result<()> {
-    let Setup { agent, server: _server, addr, lab } =
-        Setup::start("[protect]\nports = [8080]\n[lists]\ndeny = [\"198.18.{id}.9\"]\n").await?;
-    ensure!(connect_from(&lab.client, lab.client_v4(9).into(), addr, DROPPED).await.is_err());
+    let Setup {
+        agent,
+        server: _server,
+        addr,
+        lab,
+    } = Setup::start("[protect]\nports = [8080]\n[lists]\ndeny = [\"198.18.{id}.9\"]\n").await?;
+    ensure!(
+        connect_from(&lab.client, lab.client_v4(9).into(), addr, DROPPED)
+            .await
+            .is_err()
+    );
     lab.rewire()?;
     wait_until("the agent to attach again", 5 * SECOND, || {
-        agent.stderr().iter().any(|l| l.contains(&format!("interface {} is back", lab.server_if))).then_some(())
+        agent
+            .stderr()
+            .iter()
+            .any(|l| l.contains(&format!("interface {} is back", lab.server_if)))
+            .then_some(())
     })
     .await?;
-    let link = std::process::Command::new("ip").args(["-n", &lab.server.name, "link", "show", "dev", &lab.server_if]).output()?;
-    ensure!(String::from_utf8_lossy(&link.stdout).contains("xdp"), "no XDP on the new device");
-    ensure!(connect_from(&lab.client, lab.client_v4(9).into(), addr, DROPPED).await.is_err(), "the deny list no longer applies");
+    let link = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &lab.server.name,
+            "link",
+            "show",
+            "dev",
+            &lab.server_if,
+        ])
+        .output()?;
+    ensure!(
+        String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "no XDP on the new device"
+    );
+    ensure!(
+        connect_from(&lab.client, lab.client_v4(9).into(), addr, DROPPED)
+            .await
+            .is_err(),
+        "the deny list no longer applies"
+    );
     let mut ws = ws_connect(&lab.client, lab.client_v4(2).into(), addr, SECOND).await?;
     echo(&mut ws, "after re-creation", SECOND).await?;
     Ok(())
@@ -317,7 +579,12 @@ async fn a_corrupted_pinned_map_is_detected_and_rebuilt() -> Result<()> {
     let first = Agent::start(&lab, body)?;
     let _guard = StateGuard(first.pin_path.clone());
     let denied = lab.client_v4(9);
-    ensure!(first.cli(&["deny", "add", &denied.to_string()]).status.success());
+    ensure!(
+        first
+            .cli(&["deny", "add", &denied.to_string()])
+            .status
+            .success()
+    );
     let dir = wsguard::kernel::pin_dir(&first.pin_path);
     first.kill()?;
     // Put the counters map where the bans map belongs: wrong key and value sizes.
@@ -330,12 +597,38 @@ async fn a_corrupted_pinned_map_is_detected_and_rebuilt() -> Result<()> {
 
     let second = Agent::start(&lab, body)?;
     let warning = format!("pinned map {} has key/value/entries", bans.display());
-    wait_until("the rebuild to be logged", SECOND, || second.stderr().iter().any(|l| l.contains(&warning) && l.contains("rebuilding it empty")).then_some(())).await?;
-    let missing = format!("pinned map {} is missing: creating it empty", global.display());
-    ensure!(second.stderr().iter().any(|l| l.contains(&missing)), "no word about the missing map: {:?}", second.stderr());
-    ensure!(second.state()?.bans().is_ok(), "the bans map was not rebuilt");
+    wait_until("the rebuild to be logged", SECOND, || {
+        second
+            .stderr()
+            .iter()
+            .any(|l| l.contains(&warning) && l.contains("rebuilding it empty"))
+            .then_some(())
+    })
+    .await?;
+    let missing = format!(
+        "pinned map {} is missing: creating it empty",
+        global.display()
+    );
+    ensure!(
+        second.stderr().iter().any(|l| l.contains(&missing)),
+        "no word about the missing map: {:?}",
+        second.stderr()
+    );
+    ensure!(
+        second.state()?.bans().is_ok(),
+        "the bans map was not rebuilt"
+    );
     // The other maps carried over: the runtime deny still holds.
-    ensure!(connect_from(&lab.client, denied.into(), SocketAddr::new(lab.server_v4().into(), 8080), DROPPED).await.is_err());
+    ensure!(
+        connect_from(
+            &lab.client,
+            denied.into(),
+            SocketAddr::new(lab.server_v4().into(), 8080),
+            DROPPED
+        )
+        .await
+        .is_err()
+    );
     Ok(())
 }
 
@@ -357,8 +650,17 @@ async fn many_clients_behind_one_address_are_not_banned_within_their_limits() ->
     for (i, ws) in clients.iter_mut().enumerate() {
         echo(ws, &format!("still {i}"), SECOND).await?;
     }
-    for reason in [Reason::ConnectionRate, Reason::Concurrency, Reason::ByteRate, Reason::BanStarted] {
-        ensure!(agent.counter(reason).packets == 0, "NAT clients met {}", reason.name());
+    for reason in [
+        Reason::ConnectionRate,
+        Reason::Concurrency,
+        Reason::ByteRate,
+        Reason::BanStarted,
+    ] {
+        ensure!(
+            agent.counter(reason).packets == 0,
+            "NAT clients met {}",
+            reason.name()
+        );
     }
     Ok(())
 }

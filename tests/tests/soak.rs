@@ -33,7 +33,10 @@ fn rss_kb(pid: u32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_traffic_keeps_sessions_intact_and_memory_bounded() -> Result<()> {
-    let seconds: u64 = std::env::var("WSGUARD_SOAK_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let seconds: u64 = std::env::var("WSGUARD_SOAK_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
     let Setup { agent, server: _server, addr, lab } = Setup::start(&format!(
         "[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"20/s\"\nnew_connections_burst = 20\n[ban]\nafter_drops = 50\nduration = \"2s\"\n\
          [handshake]\ninspect_ports = [8080]\nallowed_origins = [\"{ORIGIN}\"]\ndeadline = \"1s\"\nmax_pending = 64\nfailures_before_ban = 0\n"
@@ -48,7 +51,15 @@ async fn mixed_traffic_keeps_sessions_intact_and_memory_bounded() -> Result<()> 
     let echoes = Arc::new(AtomicU64::new(0));
     let mut sessions = Vec::new();
     for host in 2..12u8 {
-        let mut ws = ws_connect_with(&lab.client, lab.client_v4(host).into(), addr, "/ws", Some(ORIGIN), 2 * SECOND).await?;
+        let mut ws = ws_connect_with(
+            &lab.client,
+            lab.client_v4(host).into(),
+            addr,
+            "/ws",
+            Some(ORIGIN),
+            2 * SECOND,
+        )
+        .await?;
         let (echoes, stop) = (echoes.clone(), stop.clone());
         sessions.push(tokio::spawn(async move {
             let mut n = 0u64;
@@ -69,16 +80,38 @@ async fn mixed_traffic_keeps_sessions_intact_and_memory_bounded() -> Result<()> 
     while Instant::now() < until {
         rounds += 1;
         let flooder: IpAddr = lab.client_v4(20 + (rounds % 10) as u8).into();
-        let flood = connection_flood(&lab.client, flooder, addr, Duration::from_millis(300), 32, Duration::from_millis(150));
+        let flood = connection_flood(
+            &lab.client,
+            flooder,
+            addr,
+            Duration::from_millis(300),
+            32,
+            Duration::from_millis(150),
+        );
         let hijacks = async {
             for _ in 0..5 {
-                let _ = ws_connect_with(&lab.client, lab.client_v4(30).into(), addr, "/ws", Some("https://evil.net"), Duration::from_millis(500)).await;
+                let _ = ws_connect_with(
+                    &lab.client,
+                    lab.client_v4(30).into(),
+                    addr,
+                    "/ws",
+                    Some("https://evil.net"),
+                    Duration::from_millis(500),
+                )
+                .await;
             }
         };
         let slowloris = async {
             let mut held = Vec::new();
             for _ in 0..10 {
-                if let Ok(mut s) = connect_from(&lab.client, lab.client_v4(31).into(), addr, Duration::from_millis(300)).await {
+                if let Ok(mut s) = connect_from(
+                    &lab.client,
+                    lab.client_v4(31).into(),
+                    addr,
+                    Duration::from_millis(300),
+                )
+                .await
+                {
                     let _ = s.write_all(b"GET /ws HTTP/1.1\r\n").await;
                     held.push(s);
                 }
@@ -89,7 +122,11 @@ async fn mixed_traffic_keeps_sessions_intact_and_memory_bounded() -> Result<()> 
         let (_, _, _) = tokio::join!(flood, hijacks, slowloris);
         peak_rss = peak_rss.max(rss_kb(pid));
         if let Ok((_, _, body)) = http_get(&lab.server, "/metrics").await {
-            if let Some(v) = body.lines().find_map(|l| l.strip_prefix("wsguard_pending_handshakes ")).and_then(|v| v.parse::<f64>().ok()) {
+            if let Some(v) = body
+                .lines()
+                .find_map(|l| l.strip_prefix("wsguard_pending_handshakes "))
+                .and_then(|v| v.parse::<f64>().ok())
+            {
                 peak_pending = peak_pending.max(v);
             }
         }
@@ -103,8 +140,17 @@ async fn mixed_traffic_keeps_sessions_intact_and_memory_bounded() -> Result<()> 
     println!(
         "soak: {seconds} s, {rounds} rounds of floods/hijacks/slowloris, {total} echoes over 10 sessions, RSS {start_rss} -> peak {peak_rss} kB, peak pending heads {peak_pending}"
     );
-    ensure!(per_session.iter().all(|n| *n >= seconds * 3), "a session stalled: {per_session:?}");
-    ensure!(peak_pending <= 64.0, "pending heads went past max_pending: {peak_pending}");
-    ensure!(peak_rss < start_rss + 32 * 1024, "agent RSS grew from {start_rss} kB to {peak_rss} kB");
+    ensure!(
+        per_session.iter().all(|n| *n >= seconds * 3),
+        "a session stalled: {per_session:?}"
+    );
+    ensure!(
+        peak_pending <= 64.0,
+        "pending heads went past max_pending: {peak_pending}"
+    );
+    ensure!(
+        peak_rss < start_rss + 32 * 1024,
+        "agent RSS grew from {start_rss} kB to {peak_rss} kB"
+    );
     Ok(())
 }

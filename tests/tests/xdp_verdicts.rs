@@ -28,7 +28,11 @@ fn config(per_source: &str, rest: &str) -> String {
     } else {
         per_source
     };
-    let ban = if rest.contains("[ban]") { "" } else { "[ban]\nafter_drops = 0\n" };
+    let ban = if rest.contains("[ban]") {
+        ""
+    } else {
+        "[ban]\nafter_drops = 0\n"
+    };
     format!("[protect]\nports = [{PORT}]\n\n[limits.per_source]\n{per_source}\n\n{ban}{rest}\n")
 }
 
@@ -40,10 +44,21 @@ fn harness(per_source: &str, rest: &str) -> XdpHarness {
 fn traffic_that_is_not_tcp_to_a_protected_port_passes_uncounted() {
     let h = harness("", "");
     let src = v4(2);
-    assert_eq!(h.run(&Packet::syn(src, 22).bytes()), XDP_PASS, "unprotected port");
-    assert_eq!(h.run(&Packet::udp(src, PORT).bytes()), XDP_PASS, "UDP to the protected port");
+    assert_eq!(
+        h.run(&Packet::syn(src, 22).bytes()),
+        XDP_PASS,
+        "unprotected port"
+    );
+    assert_eq!(
+        h.run(&Packet::udp(src, PORT).bytes()),
+        XDP_PASS,
+        "UDP to the protected port"
+    );
     assert_eq!(h.run(&arp()), XDP_PASS, "ARP");
-    assert_eq!(h.run(&Packet::syn(v6([0x2001, 0xdb8, 0, 0, 0, 0, 0, 2]), 443).bytes()), XDP_PASS);
+    assert_eq!(
+        h.run(&Packet::syn(v6([0x2001, 0xdb8, 0, 0, 0, 0, 0, 2]), 443).bytes()),
+        XDP_PASS
+    );
     assert_eq!(h.nonzero(), vec![], "the cheap path counts nothing");
     assert!(h.tracked_sources().is_empty(), "and tracks nothing");
 }
@@ -56,7 +71,10 @@ fn protected_tcp_is_counted_and_tracked() {
     let c = h.counters()[&Reason::Passed];
     assert_eq!(c.packets, 2);
     assert_eq!(c.bytes, (14 + 20 + 20) * 2 + 100);
-    assert_eq!(h.tracked_sources(), vec![SourceKey::from_v4([198, 18, 0, 2])]);
+    assert_eq!(
+        h.tracked_sources(),
+        vec![SourceKey::from_v4([198, 18, 0, 2])]
+    );
 }
 
 #[test]
@@ -67,11 +85,21 @@ fn connection_rate_allows_the_burst_then_drops() {
     );
     let syn = Packet::syn(v4(2), PORT).bytes();
     let verdicts: Vec<u32> = (0..5).map(|_| h.run(&syn)).collect();
-    assert_eq!(verdicts, vec![XDP_PASS, XDP_PASS, XDP_PASS, XDP_DROP, XDP_DROP]);
-    assert_eq!(h.nonzero(), vec![(Reason::Passed, 3), (Reason::ConnectionRate, 2)]);
+    assert_eq!(
+        verdicts,
+        vec![XDP_PASS, XDP_PASS, XDP_PASS, XDP_DROP, XDP_DROP]
+    );
+    assert_eq!(
+        h.nonzero(),
+        vec![(Reason::Passed, 3), (Reason::ConnectionRate, 2)]
+    );
     // Segments of established connections do not spend connection tokens.
     assert_eq!(h.run(&Packet::data(v4(2), PORT, 10).bytes()), XDP_PASS);
-    assert_eq!(h.run(&Packet::tcp(v4(2), PORT, TCP_SYN | TCP_ACK).bytes()), XDP_PASS, "SYN-ACK is not a new connection");
+    assert_eq!(
+        h.run(&Packet::tcp(v4(2), PORT, TCP_SYN | TCP_ACK).bytes()),
+        XDP_PASS,
+        "SYN-ACK is not a new connection"
+    );
     // Another source has its own bucket.
     assert_eq!(h.run(&Packet::syn(v4(3), PORT).bytes()), XDP_PASS);
 }
@@ -97,12 +125,28 @@ fn allow_list_wins_over_deny_list_and_limits() {
     );
     for _ in 0..10 {
         assert_eq!(h.run(&Packet::syn(v4(5), PORT).bytes()), XDP_PASS);
-        assert_eq!(h.run(&Packet::syn(v6([0x2001, 0xdb8, 0xa, 1, 0, 0, 0, 9]), PORT).bytes()), XDP_PASS);
+        assert_eq!(
+            h.run(&Packet::syn(v6([0x2001, 0xdb8, 0xa, 1, 0, 0, 0, 9]), PORT).bytes()),
+            XDP_PASS
+        );
     }
-    assert_eq!(h.run(&Packet::syn(v4(200), PORT).bytes()), XDP_DROP, "denied, not allowed");
-    assert_eq!(h.run(&Packet::syn(v6([0x2001, 0xdb8, 0xb, 0, 0, 0, 0, 9]), PORT).bytes()), XDP_DROP);
-    assert_eq!(h.nonzero(), vec![(Reason::AllowListed, 20), (Reason::DenyList, 2)]);
-    assert!(h.tracked_sources().is_empty(), "allow-listed and denied sources need no entry");
+    assert_eq!(
+        h.run(&Packet::syn(v4(200), PORT).bytes()),
+        XDP_DROP,
+        "denied, not allowed"
+    );
+    assert_eq!(
+        h.run(&Packet::syn(v6([0x2001, 0xdb8, 0xb, 0, 0, 0, 0, 9]), PORT).bytes()),
+        XDP_DROP
+    );
+    assert_eq!(
+        h.nonzero(),
+        vec![(Reason::AllowListed, 20), (Reason::DenyList, 2)]
+    );
+    assert!(
+        h.tracked_sources().is_empty(),
+        "allow-listed and denied sources need no entry"
+    );
 }
 
 #[test]
@@ -124,7 +168,13 @@ fn repeated_limit_drops_earn_a_ban_that_expires_in_the_kernel() {
     assert_eq!(h.run(&Packet::data(v4(7), PORT, 1).bytes()), XDP_DROP);
     assert_eq!(h.packets(Reason::Banned), 1);
     // Expire the ban: the next packet lifts it in the kernel.
-    h.set_ban(&key, Ban { since_ns: 1, until_ns: 2 });
+    h.set_ban(
+        &key,
+        Ban {
+            since_ns: 1,
+            until_ns: 2,
+        },
+    );
     assert_eq!(h.run(&Packet::data(v4(7), PORT, 1).bytes()), XDP_PASS);
     assert!(h.ban(&key).is_none(), "expired ban removed by the kernel");
     // Global-limit drops never count towards a source's ban.
@@ -141,21 +191,42 @@ fn the_concurrency_limit_drops_new_connections_only() {
     assert_eq!(h.run(&Packet::syn(v4(9), PORT).bytes()), XDP_PASS);
     h.set_open_connections(&key, 2);
     assert_eq!(h.run(&Packet::syn(v4(9), PORT).bytes()), XDP_DROP);
-    assert_eq!(h.run(&Packet::data(v4(9), PORT, 10).bytes()), XDP_PASS, "open connections keep flowing");
-    assert_eq!(h.run(&Packet::tcp(v4(9), PORT, TCP_FIN | TCP_ACK).bytes()), XDP_PASS);
+    assert_eq!(
+        h.run(&Packet::data(v4(9), PORT, 10).bytes()),
+        XDP_PASS,
+        "open connections keep flowing"
+    );
+    assert_eq!(
+        h.run(&Packet::tcp(v4(9), PORT, TCP_FIN | TCP_ACK).bytes()),
+        XDP_PASS
+    );
     assert_eq!(h.packets(Reason::Concurrency), 1);
 }
 
 #[test]
 fn global_limits_cap_all_sources_together() {
-    let h = harness("", "[limits.global]\nnew_connections = \"4/m\"\nnew_connections_burst = 4\nbytes = \"unlimited\"\n");
-    let verdicts: Vec<u32> = (10..16).map(|host| h.run(&Packet::syn(v4(host), PORT).bytes())).collect();
-    assert_eq!(verdicts, vec![XDP_PASS, XDP_PASS, XDP_PASS, XDP_PASS, XDP_DROP, XDP_DROP]);
+    let h = harness(
+        "",
+        "[limits.global]\nnew_connections = \"4/m\"\nnew_connections_burst = 4\nbytes = \"unlimited\"\n",
+    );
+    let verdicts: Vec<u32> = (10..16)
+        .map(|host| h.run(&Packet::syn(v4(host), PORT).bytes()))
+        .collect();
+    assert_eq!(
+        verdicts,
+        vec![XDP_PASS, XDP_PASS, XDP_PASS, XDP_PASS, XDP_DROP, XDP_DROP]
+    );
     assert_eq!(h.packets(Reason::GlobalConnectionRate), 2);
 
-    let h = harness("", "[limits.global]\nbytes = \"2000B/m\"\nbytes_burst = \"2000B\"\n");
+    let h = harness(
+        "",
+        "[limits.global]\nbytes = \"2000B/m\"\nbytes_burst = \"2000B\"\n",
+    );
     let frame = |host| Packet::data(v4(host), PORT, 946).bytes();
-    assert_eq!([h.run(&frame(20)), h.run(&frame(21)), h.run(&frame(22))], [XDP_PASS, XDP_PASS, XDP_DROP]);
+    assert_eq!(
+        [h.run(&frame(20)), h.run(&frame(21)), h.run(&frame(22))],
+        [XDP_PASS, XDP_PASS, XDP_DROP]
+    );
     assert_eq!(h.packets(Reason::GlobalByteRate), 1);
 }
 
@@ -168,17 +239,29 @@ fn ipv4_options_are_skipped_by_header_length() {
         let unprotected = Packet::syn(v4(2), 22).with(|p| p.ipv4_option_words = words);
         assert_eq!(h.run(&unprotected.bytes()), XDP_PASS);
     }
-    assert_eq!(h.nonzero(), vec![(Reason::Passed, 11)], "each protected SYN found its port behind the options");
+    assert_eq!(
+        h.nonzero(),
+        vec![(Reason::Passed, 11)],
+        "each protected SYN found its port behind the options"
+    );
 }
 
 #[test]
 fn vlan_tags_are_walked_up_to_two() {
     let h = harness("", "");
-    let tagged = |tpids: Vec<u16>| Packet::syn(v4(2), PORT).with(|p| p.vlan_tpids = tpids).bytes();
+    let tagged = |tpids: Vec<u16>| {
+        Packet::syn(v4(2), PORT)
+            .with(|p| p.vlan_tpids = tpids)
+            .bytes()
+    };
     assert_eq!(h.run(&tagged(vec![ETH_P_8021Q])), XDP_PASS);
     assert_eq!(h.run(&tagged(vec![ETH_P_8021AD, ETH_P_8021Q])), XDP_PASS);
     assert_eq!(h.packets(Reason::Passed), 2);
-    assert_eq!(h.run(&tagged(vec![ETH_P_8021AD, ETH_P_8021Q, ETH_P_8021Q])), XDP_PASS, "three tags: not parsed");
+    assert_eq!(
+        h.run(&tagged(vec![ETH_P_8021AD, ETH_P_8021Q, ETH_P_8021Q])),
+        XDP_PASS,
+        "three tags: not parsed"
+    );
     assert_eq!(h.packets(Reason::Passed), 2);
     // A VLAN-tagged flood is limited like an untagged one.
     let h = harness("", "[lists]\ndeny = [\"198.18.0.0/24\"]\n");
@@ -191,16 +274,31 @@ fn truncated_and_inconsistent_headers_follow_the_packet_rules() {
     let syn = Packet::syn(v4(2), PORT);
     // Cut inside the Ethernet, IPv4 header: passed uncounted (the kernel drops them).
     for cut in [14, 20, 33] {
-        assert_eq!(h.run(&syn.clone().with(|p| p.truncate_to = Some(cut)).bytes()), XDP_PASS, "cut at {cut}");
+        assert_eq!(
+            h.run(&syn.clone().with(|p| p.truncate_to = Some(cut)).bytes()),
+            XDP_PASS,
+            "cut at {cut}"
+        );
     }
-    assert_eq!(h.run(&syn.clone().with(|p| p.ipv4_ihl_override = Some(4)).bytes()), XDP_PASS, "IHL < 5");
+    assert_eq!(
+        h.run(&syn.clone().with(|p| p.ipv4_ihl_override = Some(4)).bytes()),
+        XDP_PASS,
+        "IHL < 5"
+    );
     assert_eq!(h.nonzero(), vec![]);
     // TCP header cut short: dropped as malformed.
     for cut in [34, 37, 53] {
-        assert_eq!(h.run(&syn.clone().with(|p| p.truncate_to = Some(cut)).bytes()), XDP_DROP, "cut at {cut}");
+        assert_eq!(
+            h.run(&syn.clone().with(|p| p.truncate_to = Some(cut)).bytes()),
+            XDP_DROP,
+            "cut at {cut}"
+        );
     }
     // Data offset below 5, or past the end, on a protected port.
-    assert_eq!(h.run(&syn.clone().with(|p| p.tcp_doff = 4).bytes()), XDP_DROP);
+    assert_eq!(
+        h.run(&syn.clone().with(|p| p.tcp_doff = 4).bytes()),
+        XDP_DROP
+    );
     let past_end = syn.clone().with(|p| {
         p.tcp_doff = 15;
         p.truncate_to = Some(14 + 20 + 40);
@@ -208,16 +306,36 @@ fn truncated_and_inconsistent_headers_follow_the_packet_rules() {
     assert_eq!(h.run(&past_end.bytes()), XDP_DROP);
     assert_eq!(h.nonzero(), vec![(Reason::Malformed, 5)]);
     // A valid data offset with options passes.
-    assert_eq!(h.run(&syn.clone().with(|p| p.tcp_doff = 15).bytes()), XDP_PASS);
+    assert_eq!(
+        h.run(&syn.clone().with(|p| p.tcp_doff = 15).bytes()),
+        XDP_PASS
+    );
     // IPv6 header cut short: passed uncounted.
     let six = Packet::syn(v6([0x2001, 0xdb8, 0, 0, 0, 0, 0, 2]), PORT);
-    assert_eq!(h.run(&six.clone().with(|p| p.truncate_to = Some(40)).bytes()), XDP_PASS);
-    assert_eq!(h.run(&six.clone().with(|p| p.truncate_to = Some(60)).bytes()), XDP_DROP, "TCP cut short");
+    assert_eq!(
+        h.run(&six.clone().with(|p| p.truncate_to = Some(40)).bytes()),
+        XDP_PASS
+    );
+    assert_eq!(
+        h.run(&six.clone().with(|p| p.truncate_to = Some(60)).bytes()),
+        XDP_DROP,
+        "TCP cut short"
+    );
     // An EtherType that disagrees with the IP version.
-    assert_eq!(h.run(&six.clone().with(|p| p.ether_type_override = Some(0x0800)).bytes()), XDP_PASS);
+    assert_eq!(
+        h.run(
+            &six.clone()
+                .with(|p| p.ether_type_override = Some(0x0800))
+                .bytes()
+        ),
+        XDP_PASS
+    );
     // A malformed segment from an allow-listed source is never dropped.
     let h = harness("", "[lists]\nallow = [\"198.18.0.2\"]\n");
-    assert_eq!(h.run(&syn.clone().with(|p| p.truncate_to = Some(40)).bytes()), XDP_PASS);
+    assert_eq!(
+        h.run(&syn.clone().with(|p| p.truncate_to = Some(40)).bytes()),
+        XDP_PASS
+    );
     assert_eq!(h.nonzero(), vec![(Reason::AllowListed, 1)]);
 }
 
@@ -232,20 +350,46 @@ fn ipv4_fragments_follow_the_packet_rules() {
     let tiny = first.clone().with(|p| p.truncate_to = Some(14 + 20 + 8));
     assert_eq!(h.run(&tiny.bytes()), XDP_DROP);
     // Later fragments carry no ports: only source rules apply.
-    let later = |host| Packet::data(v4(host), PORT, 100).with(|p| p.ipv4_fragment = Some((185, false))).bytes();
+    let later = |host| {
+        Packet::data(v4(host), PORT, 100)
+            .with(|p| p.ipv4_fragment = Some((185, false)))
+            .bytes()
+    };
     assert_eq!(h.run(&later(2)), XDP_PASS);
     assert_eq!(h.run(&later(66)), XDP_DROP);
-    assert_eq!(h.nonzero(), vec![(Reason::Passed, 1), (Reason::PassedFragment, 1), (Reason::DenyList, 1), (Reason::Malformed, 1)]);
+    assert_eq!(
+        h.nonzero(),
+        vec![
+            (Reason::Passed, 1),
+            (Reason::PassedFragment, 1),
+            (Reason::DenyList, 1),
+            (Reason::Malformed, 1)
+        ]
+    );
 }
 
 #[test]
 fn ipv6_extension_headers_are_walked() {
     let h = harness("", "[lists]\ndeny = [\"2001:db8:dead::/48\"]\n");
     let src = v6([0x2001, 0xdb8, 0, 0, 0, 0, 0, 2]);
-    let chain = vec![Ext::HopByHop, Ext::DestOpts, Ext::Routing, Ext::Fragment { offset: 0, more: true }, Ext::Ah, Ext::DestOpts];
+    let chain = vec![
+        Ext::HopByHop,
+        Ext::DestOpts,
+        Ext::Routing,
+        Ext::Fragment {
+            offset: 0,
+            more: true,
+        },
+        Ext::Ah,
+        Ext::DestOpts,
+    ];
     let p = Packet::syn(src, PORT).with(|p| p.ipv6_ext = chain.clone());
     assert_eq!(h.run(&p.bytes()), XDP_PASS);
-    assert_eq!(h.packets(Reason::Passed), 1, "TCP found behind six extension headers");
+    assert_eq!(
+        h.packets(Reason::Passed),
+        1,
+        "TCP found behind six extension headers"
+    );
     // Eight extension headers is the walk's limit; nine is malformed.
     let eight = Packet::syn(src, PORT).with(|p| p.ipv6_ext = vec![Ext::DestOpts; 8]);
     assert_eq!(h.run(&eight.bytes()), XDP_PASS);
@@ -254,19 +398,47 @@ fn ipv6_extension_headers_are_walked() {
     assert_eq!(h.run(&nine.bytes()), XDP_DROP);
     assert_eq!(h.packets(Reason::Malformed), 1);
     // Non-first fragments: source rules only.
-    let frag = |src| Packet::data(src, PORT, 64).with(|p| p.ipv6_ext = vec![Ext::Fragment { offset: 100, more: false }]).bytes();
+    let frag = |src| {
+        Packet::data(src, PORT, 64)
+            .with(|p| {
+                p.ipv6_ext = vec![Ext::Fragment {
+                    offset: 100,
+                    more: false,
+                }]
+            })
+            .bytes()
+    };
     assert_eq!(h.run(&frag(src)), XDP_PASS);
-    assert_eq!(h.run(&frag(v6([0x2001, 0xdb8, 0xdead, 0, 0, 0, 0, 1]))), XDP_DROP);
+    assert_eq!(
+        h.run(&frag(v6([0x2001, 0xdb8, 0xdead, 0, 0, 0, 0, 1]))),
+        XDP_DROP
+    );
     assert_eq!(h.packets(Reason::PassedFragment), 1);
     // ESP and No Next Header hide or end the chain: passed uncounted.
     let before = h.nonzero();
-    assert_eq!(h.run(&Packet::syn(src, PORT).with(|p| p.ipv6_ext = vec![Ext::Esp]).bytes()), XDP_PASS);
-    assert_eq!(h.run(&Packet::syn(src, PORT).with(|p| p.ipv6_ext = vec![Ext::HopByHop, Ext::NoNext]).bytes()), XDP_PASS);
+    assert_eq!(
+        h.run(
+            &Packet::syn(src, PORT)
+                .with(|p| p.ipv6_ext = vec![Ext::Esp])
+                .bytes()
+        ),
+        XDP_PASS
+    );
+    assert_eq!(
+        h.run(
+            &Packet::syn(src, PORT)
+                .with(|p| p.ipv6_ext = vec![Ext::HopByHop, Ext::NoNext])
+                .bytes()
+        ),
+        XDP_PASS
+    );
     // An extension header cut short: passed uncounted (the kernel drops it).
-    let cut = |at| Packet::syn(src, PORT).with(|p| {
-        p.ipv6_ext = vec![Ext::HopByHop];
-        p.truncate_to = Some(at);
-    });
+    let cut = |at| {
+        Packet::syn(src, PORT).with(|p| {
+            p.ipv6_ext = vec![Ext::HopByHop];
+            p.truncate_to = Some(at);
+        })
+    };
     assert_eq!(h.run(&cut(14 + 40 + 1).bytes()), XDP_PASS);
     assert_eq!(h.nonzero(), before);
     // The chain names TCP but the segment is cut short: malformed.
@@ -284,19 +456,30 @@ fn sources_are_aggregated_to_the_configured_prefixes() {
     assert_eq!(h.run(&Packet::syn(v4(2), PORT).bytes()), XDP_PASS);
     assert_eq!(h.run(&Packet::syn(v4(3), PORT).bytes()), XDP_PASS);
     assert_eq!(h.run(&Packet::syn(v4(4), PORT).bytes()), XDP_DROP);
-    assert_eq!(h.run(&Packet::syn(IpAddr::V4(Ipv4Addr::new(198, 18, 1, 4)), PORT).bytes()), XDP_PASS);
+    assert_eq!(
+        h.run(&Packet::syn(IpAddr::V4(Ipv4Addr::new(198, 18, 1, 4)), PORT).bytes()),
+        XDP_PASS
+    );
     // Two addresses in one /64 share a bucket.
     let a = v6([0x2001, 0xdb8, 1, 2, 0, 0, 0, 1]);
     let b = v6([0x2001, 0xdb8, 1, 2, 0xffff, 0, 0, 7]);
     let c = v6([0x2001, 0xdb8, 1, 3, 0, 0, 0, 1]);
-    assert_eq!([h.run(&Packet::syn(a, PORT).bytes()), h.run(&Packet::syn(b, PORT).bytes())], [XDP_PASS, XDP_PASS]);
+    assert_eq!(
+        [
+            h.run(&Packet::syn(a, PORT).bytes()),
+            h.run(&Packet::syn(b, PORT).bytes())
+        ],
+        [XDP_PASS, XDP_PASS]
+    );
     assert_eq!(h.run(&Packet::syn(a, PORT).bytes()), XDP_DROP);
     assert_eq!(h.run(&Packet::syn(c, PORT).bytes()), XDP_PASS);
     let mut keys = h.tracked_sources();
     keys.sort();
     assert_eq!(keys.len(), 4);
     assert!(keys.contains(&SourceKey::from_v4([198, 18, 0, 0])));
-    assert!(keys.contains(&SourceKey::from_v6(Ipv6Addr::new(0x2001, 0xdb8, 1, 2, 0, 0, 0, 0).octets())));
+    assert!(keys.contains(&SourceKey::from_v6(
+        Ipv6Addr::new(0x2001, 0xdb8, 1, 2, 0, 0, 0, 0).octets()
+    )));
 }
 
 #[test]
@@ -306,13 +489,31 @@ fn a_full_source_map_forgets_old_sources_but_keeps_bans() {
     ))
     .unwrap();
     let banned = SourceKey::from_v4([198, 18, 0, 250]);
-    h.set_ban(&banned, Ban { since_ns: 1, until_ns: u64::MAX });
+    h.set_ban(
+        &banned,
+        Ban {
+            since_ns: 1,
+            until_ns: u64::MAX,
+        },
+    );
     // Far more distinct sources than the map holds.
     for i in 0..2000u32 {
-        let src = IpAddr::V4(Ipv4Addr::new(198, 18, 10 + (i / 250) as u8, (i % 250) as u8 + 1));
-        assert_eq!(h.run(&Packet::syn(src, PORT).bytes()), XDP_PASS, "a new source starts with its full burst");
+        let src = IpAddr::V4(Ipv4Addr::new(
+            198,
+            18,
+            10 + (i / 250) as u8,
+            (i % 250) as u8 + 1,
+        ));
+        assert_eq!(
+            h.run(&Packet::syn(src, PORT).bytes()),
+            XDP_PASS,
+            "a new source starts with its full burst"
+        );
     }
-    assert!(h.tracked_sources().len() <= 16, "LRU keeps the map at its size");
+    assert!(
+        h.tracked_sources().len() <= 16,
+        "LRU keeps the map at its size"
+    );
     assert_eq!(h.packets(Reason::Passed), 2000);
     // The ban lives outside the LRU map: the flood did not evict it.
     assert_eq!(h.run(&Packet::syn(v4(250), PORT).bytes()), XDP_DROP);
@@ -328,7 +529,11 @@ fn rst_and_ack_segments_are_byte_counted_but_open_nothing() {
     for flags in [TCP_ACK, TCP_RST, TCP_RST | TCP_ACK, TCP_FIN | TCP_ACK] {
         assert_eq!(h.run(&Packet::tcp(v4(2), PORT, flags).bytes()), XDP_PASS);
     }
-    assert_eq!(h.run(&Packet::syn(v4(2), PORT).bytes()), XDP_PASS, "the one connection token is still there");
+    assert_eq!(
+        h.run(&Packet::syn(v4(2), PORT).bytes()),
+        XDP_PASS,
+        "the one connection token is still there"
+    );
     assert_eq!(h.packets(Reason::Passed), 5);
 }
 
@@ -344,9 +549,20 @@ fn dry_run_counts_would_drop_and_passes_per_family() {
     assert_eq!([h.run(&syn), h.run(&syn), h.run(&syn)], [XDP_PASS; 3]);
     assert_eq!(h.would_drop(Reason::ConnectionRate), 2);
     assert_eq!(h.packets(Reason::ConnectionRate), 0, "nothing dropped");
-    assert_eq!(h.would_drop(Reason::BanStarted), 1, "the ban it would have earned is counted");
-    assert!(h.ban(&SourceKey::from_v4([198, 18, 0, 2])).is_none(), "but not imposed");
-    assert_eq!(h.run(&Packet::syn(v4(66), PORT).bytes()), XDP_DROP, "the deny list still enforces");
+    assert_eq!(
+        h.would_drop(Reason::BanStarted),
+        1,
+        "the ban it would have earned is counted"
+    );
+    assert!(
+        h.ban(&SourceKey::from_v4([198, 18, 0, 2])).is_none(),
+        "but not imposed"
+    );
+    assert_eq!(
+        h.run(&Packet::syn(v4(66), PORT).bytes()),
+        XDP_DROP,
+        "the deny list still enforces"
+    );
 
     // Lists in dry run, limits enforced.
     let h = XdpHarness::new(&format!(
@@ -355,7 +571,11 @@ fn dry_run_counts_would_drop_and_passes_per_family() {
     .unwrap();
     assert_eq!(h.run(&Packet::syn(v4(66), PORT).bytes()), XDP_PASS);
     assert_eq!(h.would_drop(Reason::DenyList), 1);
-    assert_eq!([h.run(&syn), h.run(&syn)], [XDP_PASS, XDP_DROP], "limits still enforce");
+    assert_eq!(
+        [h.run(&syn), h.run(&syn)],
+        [XDP_PASS, XDP_DROP],
+        "limits still enforce"
+    );
 
     // agent.dry_run: everything, malformed segments included.
     let h = XdpHarness::with_agent_keys(
@@ -369,7 +589,11 @@ fn dry_run_counts_would_drop_and_passes_per_family() {
     }
     assert_eq!(h.nonzero(), vec![(Reason::Passed, 1)]);
     assert_eq!(
-        [h.would_drop(Reason::ConnectionRate), h.would_drop(Reason::DenyList), h.would_drop(Reason::Malformed)],
+        [
+            h.would_drop(Reason::ConnectionRate),
+            h.would_drop(Reason::DenyList),
+            h.would_drop(Reason::Malformed)
+        ],
         [1, 1, 1]
     );
 }
@@ -377,13 +601,28 @@ fn dry_run_counts_would_drop_and_passes_per_family() {
 #[test]
 fn a_tcp_header_cut_after_its_ports_is_judged_by_its_port() {
     let h = harness("", "");
-    let cut = |port| Packet::syn(v4(2), port).with(|p| p.truncate_to = Some(14 + 20 + 6)).bytes();
-    assert_eq!(h.run(&cut(UNPROTECTED_PORT)), XDP_PASS, "an unprotected port is never touched");
+    let cut = |port| {
+        Packet::syn(v4(2), port)
+            .with(|p| p.truncate_to = Some(14 + 20 + 6))
+            .bytes()
+    };
+    assert_eq!(
+        h.run(&cut(UNPROTECTED_PORT)),
+        XDP_PASS,
+        "an unprotected port is never touched"
+    );
     assert_eq!(h.nonzero(), vec![]);
     assert_eq!(h.run(&cut(PORT)), XDP_DROP);
     assert_eq!(h.nonzero(), vec![(Reason::Malformed, 1)]);
     // Cut before the destination port: it cannot be told, so malformed.
-    assert_eq!(h.run(&Packet::syn(v4(2), UNPROTECTED_PORT).with(|p| p.truncate_to = Some(14 + 20 + 3)).bytes()), XDP_DROP);
+    assert_eq!(
+        h.run(
+            &Packet::syn(v4(2), UNPROTECTED_PORT)
+                .with(|p| p.truncate_to = Some(14 + 20 + 3))
+                .bytes()
+        ),
+        XDP_DROP
+    );
 }
 
 const UNPROTECTED_PORT: u16 = 22;

@@ -62,7 +62,10 @@ fn main() -> ExitCode {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -75,7 +78,12 @@ fn run(cli: Cli) -> Result<()> {
             let binary = build(&root)?;
             require_root("cargo xtask run")?;
             let args = if args.is_empty() {
-                vec!["--config".to_string(), root.join("packaging/wsguard.loopback.toml").display().to_string()]
+                vec![
+                    "--config".to_string(),
+                    root.join("packaging/wsguard.loopback.toml")
+                        .display()
+                        .to_string(),
+                ]
             } else {
                 args
             };
@@ -109,7 +117,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             let status = child.wait()?;
             // The fuzz targets, each for a bounded time, count as tests too.
-            let seconds = std::env::var("WSGUARD_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(TEST_FUZZ_SECONDS);
+            let seconds = std::env::var("WSGUARD_FUZZ_SECONDS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(TEST_FUZZ_SECONDS);
             prerequisites::ensure_cargo_fuzz()?;
             for target in FUZZ_TARGETS {
                 match fuzz(&root, target, seconds) {
@@ -143,15 +154,29 @@ fn run(cli: Cli) -> Result<()> {
 /// Runs one fuzz target for `seconds`, starting from its committed corpus
 /// (new inputs go to a scratch directory, so the tree stays as it is).
 fn fuzz(root: &Path, target: &str, seconds: u64) -> Result<()> {
-    let scratch = std::env::temp_dir().join(format!("wsguard-fuzz-{target}-{}", std::process::id()));
+    let scratch =
+        std::env::temp_dir().join(format!("wsguard-fuzz-{target}-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
     eprintln!("xtask: fuzzing {target} for {seconds} s");
     let status = Command::new("cargo")
         .current_dir(root)
-        .args(["+nightly", "fuzz", "run", "--fuzz-dir", "fuzz", "-O", target])
+        .args([
+            "+nightly",
+            "fuzz",
+            "run",
+            "--fuzz-dir",
+            "fuzz",
+            "-O",
+            target,
+        ])
         .arg(&scratch)
         .arg(root.join("fuzz/corpus").join(target))
-        .args(["--", &format!("-max_total_time={seconds}"), "-rss_limit_mb=2048", "-print_final_stats=1"])
+        .args([
+            "--",
+            &format!("-max_total_time={seconds}"),
+            "-rss_limit_mb=2048",
+            "-print_final_stats=1",
+        ])
         .status()
         .context("cannot run cargo fuzz")?;
     let _ = std::fs::remove_dir_all(&scratch);
@@ -166,7 +191,15 @@ fn fuzz(root: &Path, target: &str, seconds: u64) -> Result<()> {
 fn parse_test_result(line: &str) -> Option<(u64, u64)> {
     let rest = line.strip_prefix("test result: ")?;
     let count = |word: &str| {
-        rest.split(';').find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word)?.trim().parse().ok())
+        rest.split(';').find_map(|part| {
+            part.trim()
+                .trim_start_matches("ok. ")
+                .trim_start_matches("FAILED. ")
+                .strip_suffix(word)?
+                .trim()
+                .parse()
+                .ok()
+        })
     };
     Some((count(" passed")?, count(" failed")?))
 }
@@ -195,7 +228,9 @@ fn build(root: &Path) -> Result<PathBuf> {
 fn require_root(what: &str) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc_geteuid() } != 0 {
-        bail!("{what} loads BPF programs and creates network namespaces: run it as root (e.g. sudo -E cargo xtask ...)");
+        bail!(
+            "{what} loads BPF programs and creates network namespaces: run it as root (e.g. sudo -E cargo xtask ...)"
+        );
     }
     Ok(())
 }

@@ -13,12 +13,16 @@ const BPF_LINKER_VERSION: &str = "0.10.0";
 
 fn quiet(cmd: &mut Command) -> Option<String> {
     let out = cmd.stderr(Stdio::null()).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn run_step(what: &str, cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: {what}");
-    let status = cmd.status().with_context(|| format!("cannot start: {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start: {cmd:?}"))?;
     if !status.success() {
         bail!("{what} failed ({status}): {cmd:?}");
     }
@@ -34,21 +38,45 @@ pub fn ensure_build_tools() -> Result<()> {
              rustup toolchain install {KERNEL_TOOLCHAIN} --profile minimal"
         );
     }
-    let components =
-        quiet(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", KERNEL_TOOLCHAIN]))
-            .unwrap_or_default();
+    let components = quiet(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        KERNEL_TOOLCHAIN,
+    ]))
+    .unwrap_or_default();
     if !components.lines().any(|l| l.starts_with("rust-src")) {
         run_step(
-            &format!("installing rust-src for the {KERNEL_TOOLCHAIN} toolchain (needed by -Z build-std=core)"),
-            Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", KERNEL_TOOLCHAIN]),
+            &format!(
+                "installing rust-src for the {KERNEL_TOOLCHAIN} toolchain (needed by -Z build-std=core)"
+            ),
+            Command::new("rustup").args([
+                "component",
+                "add",
+                "rust-src",
+                "--toolchain",
+                KERNEL_TOOLCHAIN,
+            ]),
         )?;
     }
     let linker = quiet(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
     if !linker.contains(BPF_LINKER_VERSION) {
-        let found = if linker.is_empty() { "not installed".to_string() } else { linker.trim().to_string() };
+        let found = if linker.is_empty() {
+            "not installed".to_string()
+        } else {
+            linker.trim().to_string()
+        };
         run_step(
-            &format!("installing bpf-linker {BPF_LINKER_VERSION} (found: {found}); this takes about a minute"),
-            Command::new("cargo").args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"]),
+            &format!(
+                "installing bpf-linker {BPF_LINKER_VERSION} (found: {found}); this takes about a minute"
+            ),
+            Command::new("cargo").args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+                "--force",
+            ]),
         )?;
     }
     Ok(())
@@ -61,8 +89,15 @@ pub fn ensure_cargo_fuzz() -> Result<()> {
     let found = quiet(Command::new("cargo").args(["fuzz", "--version"])).unwrap_or_default();
     if !found.contains(CARGO_FUZZ_VERSION) {
         run_step(
-            &format!("installing cargo-fuzz {CARGO_FUZZ_VERSION} (for the fuzz targets); this takes about a minute"),
-            Command::new("cargo").args(["install", &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"), "--locked", "--force"]),
+            &format!(
+                "installing cargo-fuzz {CARGO_FUZZ_VERSION} (for the fuzz targets); this takes about a minute"
+            ),
+            Command::new("cargo").args([
+                "install",
+                &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+                "--locked",
+                "--force",
+            ]),
         )?;
     }
     Ok(())
@@ -73,15 +108,23 @@ pub fn ensure_cargo_fuzz() -> Result<()> {
 pub fn ensure_test_tools() -> Result<()> {
     let missing: Vec<&str> = [("ip", "iproute2"), ("systemd-analyze", "systemd")]
         .into_iter()
-        .filter(|(bin, _)| quiet(Command::new("sh").args(["-c", &format!("command -v {bin}")])).is_none())
+        .filter(|(bin, _)| {
+            quiet(Command::new("sh").args(["-c", &format!("command -v {bin}")])).is_none()
+        })
         .map(|(_, package)| package)
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
-    run_step("apt-get update (to install test tools)", Command::new("apt-get").args(["update", "-q"]))?;
+    run_step(
+        "apt-get update (to install test tools)",
+        Command::new("apt-get").args(["update", "-q"]),
+    )?;
     run_step(
         &format!("installing {}", missing.join(" ")),
-        Command::new("apt-get").args(["install", "-y", "-q"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"),
+        Command::new("apt-get")
+            .args(["install", "-y", "-q"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
     )
 }

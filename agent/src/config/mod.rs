@@ -35,7 +35,12 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.position {
-            Some((line, column)) => write!(f, "{}:{line}:{column}: {}", self.file.display(), self.reason),
+            Some((line, column)) => write!(
+                f,
+                "{}:{line}:{column}: {}",
+                self.file.display(),
+                self.reason
+            ),
             None => write!(f, "{}: {}", self.file.display(), self.reason),
         }
     }
@@ -126,13 +131,25 @@ pub struct SourceLimits {
 }
 
 fn d_source_connections() -> Spanned<ConnectionRate> {
-    Spanned::new(0..0, Rate::Per { amount: Count(20), period: Period::Second })
+    Spanned::new(
+        0..0,
+        Rate::Per {
+            amount: Count(20),
+            period: Period::Second,
+        },
+    )
 }
 fn d_source_connections_burst() -> Spanned<u64> {
     Spanned::new(0..0, 40)
 }
 fn d_source_bytes() -> Spanned<ByteRate> {
-    Spanned::new(0..0, Rate::Per { amount: ByteSize(1 << 20), period: Period::Second })
+    Spanned::new(
+        0..0,
+        Rate::Per {
+            amount: ByteSize(1 << 20),
+            period: Period::Second,
+        },
+    )
 }
 fn d_source_bytes_burst() -> Spanned<ByteSize> {
     Spanned::new(0..0, ByteSize(4 << 20))
@@ -169,10 +186,22 @@ pub struct GlobalLimits {
 }
 
 fn d_global_connections() -> Spanned<ConnectionRate> {
-    Spanned::new(0..0, Rate::Per { amount: Count(5000), period: Period::Second })
+    Spanned::new(
+        0..0,
+        Rate::Per {
+            amount: Count(5000),
+            period: Period::Second,
+        },
+    )
 }
 fn d_global_bytes() -> Spanned<ByteRate> {
-    Spanned::new(0..0, Rate::Per { amount: ByteSize(1 << 30), period: Period::Second })
+    Spanned::new(
+        0..0,
+        Rate::Per {
+            amount: ByteSize(1 << 30),
+            period: Period::Second,
+        },
+    )
 }
 
 impl Default for GlobalLimits {
@@ -222,7 +251,11 @@ fn d_duration() -> Spanned<HumanDuration> {
 
 impl Default for Ban {
     fn default() -> Self {
-        Ban { after_drops: d_after_drops(), window: d_window(), duration: d_duration() }
+        Ban {
+            after_drops: d_after_drops(),
+            window: d_window(),
+            duration: d_duration(),
+        }
     }
 }
 
@@ -258,7 +291,10 @@ fn d_max_bans() -> Spanned<u32> {
 
 impl Default for Tracking {
     fn default() -> Self {
-        Tracking { max_sources: d_max_sources(), max_bans: d_max_bans() }
+        Tracking {
+            max_sources: d_max_sources(),
+            max_bans: d_max_bans(),
+        }
     }
 }
 
@@ -276,7 +312,9 @@ fn d_metrics_listen() -> Spanned<String> {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics { listen: d_metrics_listen() }
+        Metrics {
+            listen: d_metrics_listen(),
+        }
     }
 }
 
@@ -294,7 +332,9 @@ fn d_events_output() -> Spanned<String> {
 
 impl Default for Events {
     fn default() -> Self {
-        Events { output: d_events_output() }
+        Events {
+            output: d_events_output(),
+        }
     }
 }
 
@@ -499,10 +539,13 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let located = |span: Option<Range<usize>>, reason: String| ConfigError {
             file: path.to_owned(),
-            position: span.filter(|s| !(s.start == 0 && s.end == 0)).map(|s| line_column(text, s.start)),
+            position: span
+                .filter(|s| !(s.start == 0 && s.end == 0))
+                .map(|s| line_column(text, s.start)),
             reason,
         };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| located(e.span(), e.message().to_owned()))?;
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| located(e.span(), e.message().to_owned()))?;
         validate(raw, path).map_err(|(span, reason)| located(span, reason))
     }
 }
@@ -510,7 +553,10 @@ impl Config {
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
     (line, column)
 }
 
@@ -521,32 +567,67 @@ fn at<T>(value: &Spanned<T>, reason: impl Into<String>) -> Invalid {
 }
 
 fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
-    let RawConfig { agent, protect, limits, ban, lists, tracking, metrics, events, handshake } = raw;
+    let RawConfig {
+        agent,
+        protect,
+        limits,
+        ban,
+        lists,
+        tracking,
+        metrics,
+        events,
+        handshake,
+    } = raw;
 
     if agent.interfaces.get_ref().is_empty() {
-        return Err(at(&agent.interfaces, "agent.interfaces is empty: name at least one interface to protect"));
+        return Err(at(
+            &agent.interfaces,
+            "agent.interfaces is empty: name at least one interface to protect",
+        ));
     }
     let mut seen = BTreeSet::new();
     for name in agent.interfaces.get_ref() {
-        if name.is_empty() || name.len() > 15 || name.contains('/') || name.contains(char::is_whitespace) {
-            return Err(at(&agent.interfaces, format!("\"{name}\" is not a valid interface name")));
+        if name.is_empty()
+            || name.len() > 15
+            || name.contains('/')
+            || name.contains(char::is_whitespace)
+        {
+            return Err(at(
+                &agent.interfaces,
+                format!("\"{name}\" is not a valid interface name"),
+            ));
         }
         if !seen.insert(name) {
-            return Err(at(&agent.interfaces, format!("interface \"{name}\" is listed twice")));
+            return Err(at(
+                &agent.interfaces,
+                format!("interface \"{name}\" is listed twice"),
+            ));
         }
     }
     if !agent.pin_path.is_absolute() {
-        return Err((None, format!("agent.pin_path \"{}\" must be an absolute path", agent.pin_path.display())));
+        return Err((
+            None,
+            format!(
+                "agent.pin_path \"{}\" must be an absolute path",
+                agent.pin_path.display()
+            ),
+        ));
     }
 
     let ports = validate_ports(&protect.ports)?;
     let ipv4_prefix = *protect.ipv4_prefix.get_ref();
     if !(1..=32).contains(&ipv4_prefix) {
-        return Err(at(&protect.ipv4_prefix, format!("protect.ipv4_prefix must be 1 to 32, not {ipv4_prefix}")));
+        return Err(at(
+            &protect.ipv4_prefix,
+            format!("protect.ipv4_prefix must be 1 to 32, not {ipv4_prefix}"),
+        ));
     }
     let ipv6_prefix = *protect.ipv6_prefix.get_ref();
     if !(1..=128).contains(&ipv6_prefix) {
-        return Err(at(&protect.ipv6_prefix, format!("protect.ipv6_prefix must be 1 to 128, not {ipv6_prefix}")));
+        return Err(at(
+            &protect.ipv6_prefix,
+            format!("protect.ipv6_prefix must be 1 to 128, not {ipv6_prefix}"),
+        ));
     }
 
     let source = &limits.per_source;
@@ -560,8 +641,12 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
         "limits.per_source.new_connections_burst",
         count,
     )?;
-    let source_bytes =
-        bucket(&source.bytes, Some(spanned_size(&source.bytes_burst)), "limits.per_source.bytes_burst", size)?;
+    let source_bytes = bucket(
+        &source.bytes,
+        Some(spanned_size(&source.bytes_burst)),
+        "limits.per_source.bytes_burst",
+        size,
+    )?;
     let global = &limits.global;
     let global_connections = bucket(
         &global.new_connections,
@@ -569,8 +654,12 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
         "limits.global.new_connections_burst",
         count,
     )?;
-    let global_bytes =
-        bucket(&global.bytes, global.bytes_burst.as_ref().map(spanned_size), "limits.global.bytes_burst", size)?;
+    let global_bytes = bucket(
+        &global.bytes,
+        global.bytes_burst.as_ref().map(spanned_size),
+        "limits.global.bytes_burst",
+        size,
+    )?;
 
     if ban.window.get_ref().0.is_zero() {
         return Err(at(&ban.window, "ban.window must be longer than zero"));
@@ -584,11 +673,17 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
 
     let max_sources = *tracking.max_sources.get_ref();
     if !(1..=MAX_TRACKED_SOURCES).contains(&max_sources) {
-        return Err(at(&tracking.max_sources, format!("tracking.max_sources must be 1 to {MAX_TRACKED_SOURCES}, not {max_sources}")));
+        return Err(at(
+            &tracking.max_sources,
+            format!("tracking.max_sources must be 1 to {MAX_TRACKED_SOURCES}, not {max_sources}"),
+        ));
     }
     let max_bans = *tracking.max_bans.get_ref();
     if !(1..=MAX_BANS).contains(&max_bans) {
-        return Err(at(&tracking.max_bans, format!("tracking.max_bans must be 1 to {MAX_BANS}, not {max_bans}")));
+        return Err(at(
+            &tracking.max_bans,
+            format!("tracking.max_bans must be 1 to {MAX_BANS}, not {max_bans}"),
+        ));
     }
 
     let listen = metrics.listen.get_ref().trim();
@@ -602,7 +697,12 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
     let events_output = match events.output.get_ref().as_str() {
         "stdout" => EventsOutput::Stdout,
         path if Path::new(path).is_absolute() => EventsOutput::File(PathBuf::from(path)),
-        other => return Err(at(&events.output, format!("events.output \"{other}\" must be \"stdout\" or an absolute file path"))),
+        other => {
+            return Err(at(
+                &events.output,
+                format!("events.output \"{other}\" must be \"stdout\" or an absolute file path"),
+            ));
+        }
     };
 
     let handshake = validate_handshake(handshake, &ports)?;
@@ -620,9 +720,19 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
         dry_run: if agent.dry_run {
             Settings::DRY_RUN_ALL
         } else {
-            (if limits.dry_run { Settings::DRY_RUN_LIMITS } else { 0 })
-                | (if lists.dry_run { Settings::DRY_RUN_LISTS } else { 0 })
-                | (if handshake.dry_run { Settings::DRY_RUN_HANDSHAKE } else { 0 })
+            (if limits.dry_run {
+                Settings::DRY_RUN_LIMITS
+            } else {
+                0
+            }) | (if lists.dry_run {
+                Settings::DRY_RUN_LISTS
+            } else {
+                0
+            }) | (if handshake.dry_run {
+                Settings::DRY_RUN_HANDSHAKE
+            } else {
+                0
+            })
         },
         ban_window_ns: ban.window.get_ref().nanos(),
         ban_duration_ns: ban.duration.get_ref().nanos(),
@@ -647,50 +757,81 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
 }
 
 fn validate_handshake(keys: HandshakeKeys, protected: &[u16]) -> Result<HandshakeConfig, Invalid> {
-    use crate::handshake::{MissingOrigin, NonUpgrade, OriginPattern, PathPattern, Policy, TicketPolicy, ticket};
+    use crate::handshake::{
+        MissingOrigin, NonUpgrade, OriginPattern, PathPattern, Policy, TicketPolicy, ticket,
+    };
     let mut ports = Vec::new();
     for port in keys.inspect_ports.get_ref() {
         let n = *port.get_ref();
         let Some(p) = u16::try_from(n).ok().filter(|p| protected.contains(p)) else {
-            return Err(at(port, format!("handshake.inspect_ports: {n} is not one of protect.ports")));
+            return Err(at(
+                port,
+                format!("handshake.inspect_ports: {n} is not one of protect.ports"),
+            ));
         };
         if ports.contains(&p) {
-            return Err(at(port, format!("handshake.inspect_ports: {p} is listed twice")));
+            return Err(at(
+                port,
+                format!("handshake.inspect_ports: {p} is listed twice"),
+            ));
         }
         ports.push(p);
     }
     let allowed_origins = keys
         .allowed_origins
         .iter()
-        .map(|o| OriginPattern::parse(o.get_ref()).map_err(|e| at(o, format!("handshake.allowed_origins: {e}"))))
+        .map(|o| {
+            OriginPattern::parse(o.get_ref())
+                .map_err(|e| at(o, format!("handshake.allowed_origins: {e}")))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let allowed_paths = keys
         .allowed_paths
         .iter()
-        .map(|p| PathPattern::parse(p.get_ref()).map_err(|e| at(p, format!("handshake.allowed_paths: {e}"))))
+        .map(|p| {
+            PathPattern::parse(p.get_ref())
+                .map_err(|e| at(p, format!("handshake.allowed_paths: {e}")))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let max_request = keys.max_request_bytes.get_ref().0;
     if !(256..=1 << 20).contains(&max_request) {
-        return Err(at(&keys.max_request_bytes, "handshake.max_request_bytes must be 256B to 1MiB"));
+        return Err(at(
+            &keys.max_request_bytes,
+            "handshake.max_request_bytes must be 256B to 1MiB",
+        ));
     }
-    for (d, key) in [(&keys.deadline, "deadline"), (&keys.verdict_timeout, "verdict_timeout")] {
+    for (d, key) in [
+        (&keys.deadline, "deadline"),
+        (&keys.verdict_timeout, "verdict_timeout"),
+    ] {
         if d.get_ref().0.is_zero() {
             return Err(at(d, format!("handshake.{key} must be longer than zero")));
         }
     }
     if *keys.max_pending.get_ref() == 0 {
-        return Err(at(&keys.max_pending, "handshake.max_pending must be at least 1"));
+        return Err(at(
+            &keys.max_pending,
+            "handshake.max_pending must be at least 1",
+        ));
     }
     let ticket = match keys.ticket {
         None => None,
         Some(t) => {
             let secret = if t.required {
-                ticket::read_secret(t.secret_file.get_ref()).map_err(|e| at(&t.secret_file, format!("handshake.ticket.secret_file: {e:#}")))?
+                ticket::read_secret(t.secret_file.get_ref()).map_err(|e| {
+                    at(
+                        &t.secret_file,
+                        format!("handshake.ticket.secret_file: {e:#}"),
+                    )
+                })?
             } else {
                 Vec::new()
             };
             if t.max_age.get_ref().0.is_zero() {
-                return Err(at(&t.max_age, "handshake.ticket.max_age must be longer than zero"));
+                return Err(at(
+                    &t.max_age,
+                    "handshake.ticket.max_age must be longer than zero",
+                ));
             }
             Some(TicketPolicy {
                 required: t.required,
@@ -709,7 +850,11 @@ fn validate_handshake(keys: HandshakeKeys, protected: &[u16]) -> Result<Handshak
                 AllowOrReject::Allow => MissingOrigin::Allow,
                 AllowOrReject::Reject => MissingOrigin::Reject,
             },
-            allowed_hosts: keys.allowed_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            allowed_hosts: keys
+                .allowed_hosts
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
             allowed_paths,
             max_request_bytes: max_request as usize,
             non_upgrade_requests: match keys.non_upgrade_requests {
@@ -729,7 +874,10 @@ fn validate_handshake(keys: HandshakeKeys, protected: &[u16]) -> Result<Handshak
 
 fn validate_ports(ports: &Spanned<Vec<Spanned<i64>>>) -> Result<Vec<u16>, Invalid> {
     if ports.get_ref().is_empty() {
-        return Err(at(ports, "protect.ports is empty: name at least one TCP port"));
+        return Err(at(
+            ports,
+            "protect.ports is empty: name at least one TCP port",
+        ));
     }
     let mut out = Vec::new();
     for port in ports.get_ref() {
@@ -757,7 +905,9 @@ fn bucket<Q: Quantity>(
     show: fn(u64) -> String,
 ) -> Result<BucketParams, Invalid> {
     let rate = *rate_at.get_ref();
-    let Rate::Per { amount, period } = rate else { return Ok(BucketParams::UNLIMITED) };
+    let Rate::Per { amount, period } = rate else {
+        return Ok(BucketParams::UNLIMITED);
+    };
     let burst_value = burst.as_ref().map_or(amount.amount(), |b| b.1);
     let minimum = rate.per_second_ceil().unwrap_or(1);
     if let Some((span, _)) = burst {
@@ -789,17 +939,27 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
         Ok(net) => net,
         Err(_) => match text.parse::<std::net::IpAddr>() {
             Ok(addr) => IpNet::from(addr),
-            Err(_) => return Err(format!("\"{text}\" is not a CIDR (such as 198.51.100.0/24 or 2001:db8::/32) or an address")),
+            Err(_) => {
+                return Err(format!(
+                    "\"{text}\" is not a CIDR (such as 198.51.100.0/24 or 2001:db8::/32) or an address"
+                ));
+            }
         },
     };
     if net.trunc() != net {
-        return Err(format!("\"{text}\" has host bits set; did you mean {}?", net.trunc()));
+        return Err(format!(
+            "\"{text}\" has host bits set; did you mean {}?",
+            net.trunc()
+        ));
     }
     Ok(net)
 }
 
 fn parse_cidrs(entries: &[Spanned<String>], key: &str) -> Result<Vec<IpNet>, Invalid> {
-    entries.iter().map(|entry| parse_cidr(entry.get_ref()).map_err(|e| at(entry, format!("{key}: {e}")))).collect()
+    entries
+        .iter()
+        .map(|entry| parse_cidr(entry.get_ref()).map_err(|e| at(entry, format!("{key}: {e}"))))
+        .collect()
 }
 
 impl Config {
@@ -809,7 +969,12 @@ impl Config {
         let mut s = String::new();
         let l = &self.limits;
         let ports: Vec<String> = self.ports.iter().map(u16::to_string).collect();
-        let _ = writeln!(s, "  interfaces: {} (xdp mode {})", self.agent.interfaces.get_ref().join(", "), self.agent.xdp_mode);
+        let _ = writeln!(
+            s,
+            "  interfaces: {} (xdp mode {})",
+            self.agent.interfaces.get_ref().join(", "),
+            self.agent.xdp_mode
+        );
         let _ = writeln!(s, "  tcp ports: {}", ports.join(", "));
         let _ = writeln!(
             s,
@@ -820,7 +985,10 @@ impl Config {
             self.settings.source_connections.burst(),
             l.per_source.bytes.get_ref(),
             ByteSize(self.settings.source_bytes.burst()),
-            match l.per_source.concurrent_connections { 0 => "unlimited".to_string(), n => n.to_string() },
+            match l.per_source.concurrent_connections {
+                0 => "unlimited".to_string(),
+                n => n.to_string(),
+            },
         );
         let _ = writeln!(
             s,
@@ -841,10 +1009,23 @@ impl Config {
                 self.ban.duration.get_ref()
             );
         }
-        let list = |v: &[IpNet]| if v.is_empty() { "none".to_string() } else { v.iter().map(IpNet::to_string).collect::<Vec<_>>().join(", ") };
+        let list = |v: &[IpNet]| {
+            if v.is_empty() {
+                "none".to_string()
+            } else {
+                v.iter()
+                    .map(IpNet::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
         let _ = writeln!(s, "  allow: {}", list(&self.allow));
         let _ = writeln!(s, "  deny: {}", list(&self.deny));
-        let _ = writeln!(s, "  tracking: up to {} sources, {} bans", self.max_sources, self.max_bans);
+        let _ = writeln!(
+            s,
+            "  tracking: up to {} sources, {} bans",
+            self.max_sources, self.max_bans
+        );
         if self.handshake.ports.is_empty() {
             let _ = writeln!(s, "  handshake inspection: off");
         } else {
@@ -855,11 +1036,23 @@ impl Config {
                 "  handshake inspection on ports {}: {} allowed origins, {} allowed paths, tickets {}, deadline {}, verdict timeout {} (fail-{})",
                 ports.join(", "),
                 p.allowed_origins.len(),
-                if p.allowed_paths.is_empty() { "any".to_string() } else { p.allowed_paths.len().to_string() },
-                if p.ticket.as_ref().is_some_and(|t| t.required) { "required" } else { "not required" },
+                if p.allowed_paths.is_empty() {
+                    "any".to_string()
+                } else {
+                    p.allowed_paths.len().to_string()
+                },
+                if p.ticket.as_ref().is_some_and(|t| t.required) {
+                    "required"
+                } else {
+                    "not required"
+                },
                 HumanDuration(self.handshake.deadline),
                 HumanDuration(self.handshake.verdict_timeout),
-                if self.handshake.fail_closed { "closed" } else { "open" },
+                if self.handshake.fail_closed {
+                    "closed"
+                } else {
+                    "open"
+                },
             );
         }
         let dry = self.settings.dry_run;
@@ -868,12 +1061,18 @@ impl Config {
         } else if dry == Settings::DRY_RUN_ALL {
             "dry run: everything counted as would-drop, nothing dropped".to_string()
         } else {
-            let families: Vec<&str> = [(Settings::DRY_RUN_LIMITS, "limits and bans"), (Settings::DRY_RUN_LISTS, "deny list")]
-                .iter()
-                .filter(|(bit, _)| dry & bit != 0)
-                .map(|(_, name)| *name)
-                .collect();
-            format!("dry run for {} (counted as would-drop), enforcing the rest", families.join(" and "))
+            let families: Vec<&str> = [
+                (Settings::DRY_RUN_LIMITS, "limits and bans"),
+                (Settings::DRY_RUN_LISTS, "deny list"),
+            ]
+            .iter()
+            .filter(|(bit, _)| dry & bit != 0)
+            .map(|(_, name)| *name)
+            .collect();
+            format!(
+                "dry run for {} (counted as would-drop), enforcing the rest",
+                families.join(" and ")
+            )
         };
         let _ = write!(s, "  mode: {mode}");
         s

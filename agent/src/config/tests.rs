@@ -33,14 +33,38 @@ fn defaults_fill_everything_but_interfaces_and_ports() {
 
 /// (config text, expected "line:column: reason" fragment)
 const INVALID: &[(&str, &str)] = &[
-    ("[agent]\ninterfaces = [\"eth0\"]\nbogus = 1\n[protect]\nports = [80]\n", ":3:1: unknown field `bogus`"),
-    ("[agent]\ninterfaces = [\"eth0\"]\n", "missing field `protect`"),
-    ("[agent]\ninterfaces = []\n[protect]\nports = [80]\n", ":2:14: agent.interfaces is empty"),
-    ("[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80, 70000]\n", ":4:14: port 70000 is out of range"),
-    ("[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [0]\n", ":4:10: port 0 is out of range"),
-    ("[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80, 80]\n", "port 80 is listed twice"),
-    ("[agent]\ninterfaces = [\"eth0\"]\nxdp_mode = \"turbo\"\n[protect]\nports = [80]\n", ":3:12: unknown variant `turbo`"),
-    ("[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\nipv4_prefix = 33\n", ":5:15: protect.ipv4_prefix must be 1 to 32"),
+    (
+        "[agent]\ninterfaces = [\"eth0\"]\nbogus = 1\n[protect]\nports = [80]\n",
+        ":3:1: unknown field `bogus`",
+    ),
+    (
+        "[agent]\ninterfaces = [\"eth0\"]\n",
+        "missing field `protect`",
+    ),
+    (
+        "[agent]\ninterfaces = []\n[protect]\nports = [80]\n",
+        ":2:14: agent.interfaces is empty",
+    ),
+    (
+        "[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80, 70000]\n",
+        ":4:14: port 70000 is out of range",
+    ),
+    (
+        "[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [0]\n",
+        ":4:10: port 0 is out of range",
+    ),
+    (
+        "[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80, 80]\n",
+        "port 80 is listed twice",
+    ),
+    (
+        "[agent]\ninterfaces = [\"eth0\"]\nxdp_mode = \"turbo\"\n[protect]\nports = [80]\n",
+        ":3:12: unknown variant `turbo`",
+    ),
+    (
+        "[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\nipv4_prefix = 33\n",
+        ":5:15: protect.ipv4_prefix must be 1 to 32",
+    ),
     (
         "[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[limits.per_source]\nnew_connections = \"20/s\"\nnew_connections_burst = 10\n",
         ":7:25: limits.per_source.new_connections_burst (10) is below the rate (20/s)",
@@ -49,14 +73,38 @@ const INVALID: &[(&str, &str)] = &[
         "[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[limits.per_source]\nbytes = \"1MiB/s\"\nbytes_burst = \"64KiB\"\n",
         ":7:15: limits.per_source.bytes_burst (64KiB) is below the rate (1MiB/s)",
     ),
-    ("[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[limits.per_source]\nbytes = \"1M/s\"\n", ":6:9: unknown or ambiguous size unit \"M\""),
-    ("[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[limits.per_source]\nnew_connections = \"20\"\n", "is not a rate"),
-    ("[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[ban]\nwindow = \"10\"\n", ":6:10: \"10\" has no unit"),
-    ("[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[ban]\nduration = \"1M\"\n", "could mean minutes or months"),
-    ("[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[lists]\ndeny = [\"10.0.0.300/8\"]\n", ":6:9: lists.deny: \"10.0.0.300/8\" is not a CIDR"),
-    ("[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[lists]\nallow = [\"10.0.0.1/8\"]\n", "has host bits set; did you mean 10.0.0.0/8?"),
-    ("[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[tracking]\nmax_sources = 0\n", ":6:15: tracking.max_sources must be 1"),
-    ("[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[limits.per_sourc]\n", "unknown field `per_sourc`"),
+    (
+        "[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[limits.per_source]\nbytes = \"1M/s\"\n",
+        ":6:9: unknown or ambiguous size unit \"M\"",
+    ),
+    (
+        "[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[limits.per_source]\nnew_connections = \"20\"\n",
+        "is not a rate",
+    ),
+    (
+        "[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[ban]\nwindow = \"10\"\n",
+        ":6:10: \"10\" has no unit",
+    ),
+    (
+        "[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[ban]\nduration = \"1M\"\n",
+        "could mean minutes or months",
+    ),
+    (
+        "[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[lists]\ndeny = [\"10.0.0.300/8\"]\n",
+        ":6:9: lists.deny: \"10.0.0.300/8\" is not a CIDR",
+    ),
+    (
+        "[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[lists]\nallow = [\"10.0.0.1/8\"]\n",
+        "has host bits set; did you mean 10.0.0.0/8?",
+    ),
+    (
+        "[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[tracking]\nmax_sources = 0\n",
+        ":6:15: tracking.max_sources must be 1",
+    ),
+    (
+        "[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[limits.per_sourc]\n",
+        "unknown field `per_sourc`",
+    ),
     ("[agent]\ninterfaces = [\"eth0\"\n", ":2:"),
 ];
 
@@ -65,20 +113,29 @@ fn invalid_configs_name_file_line_and_reason() {
     for (text, expected) in INVALID {
         let err = parse(text).expect_err(text).to_string();
         assert!(err.starts_with("/etc/wsguard/wsguard.toml:"), "{err}");
-        assert!(err.contains(expected), "config:\n{text}\nexpected: {expected}\ngot: {err}");
+        assert!(
+            err.contains(expected),
+            "config:\n{text}\nexpected: {expected}\ngot: {err}"
+        );
     }
 }
 
 #[test]
 fn plain_addresses_and_ipv6_cidrs_are_accepted() {
-    let config = parse(&format!("{MINIMAL}[lists]\nallow = [\"198.18.0.1\", \"2001:db8::/32\"]\n")).unwrap();
+    let config = parse(&format!(
+        "{MINIMAL}[lists]\nallow = [\"198.18.0.1\", \"2001:db8::/32\"]\n"
+    ))
+    .unwrap();
     assert_eq!(config.allow[0].to_string(), "198.18.0.1/32");
     assert_eq!(config.allow[1].to_string(), "2001:db8::/32");
 }
 
 #[test]
 fn unlimited_rates_disable_their_bucket() {
-    let config = parse(&format!("{MINIMAL}[limits.global]\nbytes = \"unlimited\"\n")).unwrap();
+    let config = parse(&format!(
+        "{MINIMAL}[limits.global]\nbytes = \"unlimited\"\n"
+    ))
+    .unwrap();
     assert!(config.settings.global_bytes.is_unlimited());
 }
 
@@ -86,18 +143,47 @@ fn unlimited_rates_disable_their_bucket() {
 fn handshake_settings_are_validated_with_their_line() {
     let base = "[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80, 8080]\n[handshake]\n";
     let cases: &[(&str, &str)] = &[
-        ("inspect_ports = [9090]\n", ":6:18: handshake.inspect_ports: 9090 is not one of protect.ports"),
-        ("inspect_ports = [8080]\nallowed_origins = [\"example.com\"]\n", ":7:20: handshake.allowed_origins: \"example.com\" is not an origin"),
-        ("inspect_ports = [8080]\nallowed_paths = [\"ws\"]\n", "handshake.allowed_paths: path \"ws\" must start with /"),
-        ("inspect_ports = [8080]\nmax_request_bytes = \"10\"\n", "has no unit"),
-        ("inspect_ports = [8080]\nmissing_origin = \"maybe\"\n", "unknown variant `maybe`"),
-        ("inspect_ports = [8080]\n[handshake.ticket]\nrequired = true\nsecret_file = \"/nonexistent/key\"\n", ":9:15: handshake.ticket.secret_file: cannot read the ticket secret /nonexistent/key"),
+        (
+            "inspect_ports = [9090]\n",
+            ":6:18: handshake.inspect_ports: 9090 is not one of protect.ports",
+        ),
+        (
+            "inspect_ports = [8080]\nallowed_origins = [\"example.com\"]\n",
+            ":7:20: handshake.allowed_origins: \"example.com\" is not an origin",
+        ),
+        (
+            "inspect_ports = [8080]\nallowed_paths = [\"ws\"]\n",
+            "handshake.allowed_paths: path \"ws\" must start with /",
+        ),
+        (
+            "inspect_ports = [8080]\nmax_request_bytes = \"10\"\n",
+            "has no unit",
+        ),
+        (
+            "inspect_ports = [8080]\nmissing_origin = \"maybe\"\n",
+            "unknown variant `maybe`",
+        ),
+        (
+            "inspect_ports = [8080]\n[handshake.ticket]\nrequired = true\nsecret_file = \"/nonexistent/key\"\n",
+            ":9:15: handshake.ticket.secret_file: cannot read the ticket secret /nonexistent/key",
+        ),
     ];
     for (extra, expected) in cases {
-        let err = parse(&format!("{base}{extra}")).expect_err(extra).to_string();
-        assert!(err.contains(expected), "{extra}\nexpected: {expected}\ngot: {err}");
+        let err = parse(&format!("{base}{extra}"))
+            .expect_err(extra)
+            .to_string();
+        assert!(
+            err.contains(expected),
+            "{extra}\nexpected: {expected}\ngot: {err}"
+        );
     }
-    let ok = parse(&format!("{base}inspect_ports = [8080]\nallowed_origins = [\"https://*.example.com\"]\n")).unwrap();
+    let ok = parse(&format!(
+        "{base}inspect_ports = [8080]\nallowed_origins = [\"https://*.example.com\"]\n"
+    ))
+    .unwrap();
     assert_eq!(ok.handshake.ports, vec![8080]);
-    assert!(parse(base).unwrap().handshake.ports.is_empty(), "no inspect_ports: inspection off");
+    assert!(
+        parse(base).unwrap().handshake.ports.is_empty(),
+        "no inspect_ports: inspection off"
+    );
 }

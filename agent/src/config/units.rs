@@ -20,7 +20,8 @@ const SIZE_UNITS: &[(&str, u64)] = &[
     ("GiB", 1 << 30),
     ("TiB", 1 << 40),
 ];
-const SIZE_HINT: &str = "use B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)";
+const SIZE_HINT: &str =
+    "use B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)";
 
 const DURATION_UNITS: &[(&str, u64)] = &[
     ("ms", 1_000_000),
@@ -51,7 +52,9 @@ impl Period {
         match s {
             "s" | "sec" | "second" => Ok(Period::Second),
             "m" | "min" | "minute" => Ok(Period::Minute),
-            other => Err(format!("unknown rate period \"/{other}\": use \"/s\" or \"/m\"")),
+            other => Err(format!(
+                "unknown rate period \"/{other}\": use \"/s\" or \"/m\""
+            )),
         }
     }
 
@@ -72,9 +75,13 @@ fn split_number(s: &str) -> Result<(u64, &str), String> {
     }
     let rest = s[digits..].trim_start();
     if rest.starts_with('.') || rest.starts_with(',') {
-        return Err(format!("\"{s}\": only whole numbers are accepted; use a smaller unit instead of a fraction"));
+        return Err(format!(
+            "\"{s}\": only whole numbers are accepted; use a smaller unit instead of a fraction"
+        ));
     }
-    let n = s[..digits].parse::<u64>().map_err(|_| format!("\"{s}\": number too large"))?;
+    let n = s[..digits]
+        .parse::<u64>()
+        .map_err(|_| format!("\"{s}\": number too large"))?;
     Ok((n, rest))
 }
 
@@ -89,15 +96,24 @@ impl ByteSize {
             return Err(format!("\"{s}\" has no unit; {SIZE_HINT}"));
         }
         let Some(&(_, factor)) = SIZE_UNITS.iter().find(|(u, _)| *u == unit) else {
-            return Err(format!("unknown or ambiguous size unit \"{unit}\" in \"{s}\"; {SIZE_HINT}"));
+            return Err(format!(
+                "unknown or ambiguous size unit \"{unit}\" in \"{s}\"; {SIZE_HINT}"
+            ));
         };
-        n.checked_mul(factor).map(ByteSize).ok_or_else(|| format!("\"{s}\" is too large"))
+        n.checked_mul(factor)
+            .map(ByteSize)
+            .ok_or_else(|| format!("\"{s}\" is too large"))
     }
 }
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (unit, factor) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        for (unit, factor) in [
+            ("TiB", 1u64 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ] {
             if self.0 >= factor && self.0 % factor == 0 {
                 return write!(f, "{}{unit}", self.0 / factor);
             }
@@ -114,7 +130,9 @@ impl<'de> Deserialize<'de> for ByteSize {
             Int(u64),
             Text(String),
         }
-        match Raw::deserialize(d).map_err(|_| de::Error::custom(format!("expected a size such as \"4MiB\"; {SIZE_HINT}")))? {
+        match Raw::deserialize(d).map_err(|_| {
+            de::Error::custom(format!("expected a size such as \"4MiB\"; {SIZE_HINT}"))
+        })? {
             Raw::Int(n) => Ok(ByteSize(n)),
             Raw::Text(s) => ByteSize::parse(&s).map_err(de::Error::custom),
         }
@@ -132,10 +150,18 @@ impl HumanDuration {
             return Err(format!("\"{s}\" has no unit; {DURATION_HINT}"));
         }
         let Some(&(_, factor)) = DURATION_UNITS.iter().find(|(u, _)| *u == unit) else {
-            let hint = if unit == "M" { " (\"M\" could mean minutes or months)" } else { "" };
-            return Err(format!("unknown duration unit \"{unit}\" in \"{s}\"{hint}; {DURATION_HINT}"));
+            let hint = if unit == "M" {
+                " (\"M\" could mean minutes or months)"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "unknown duration unit \"{unit}\" in \"{s}\"{hint}; {DURATION_HINT}"
+            ));
         };
-        let nanos = n.checked_mul(factor).ok_or_else(|| format!("\"{s}\" is too long"))?;
+        let nanos = n
+            .checked_mul(factor)
+            .ok_or_else(|| format!("\"{s}\" is too long"))?;
         Ok(HumanDuration(Duration::from_nanos(nanos)))
     }
 
@@ -147,7 +173,12 @@ impl HumanDuration {
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ns = self.nanos();
-        for (unit, factor) in [("d", 86_400_000_000_000u64), ("h", 3_600_000_000_000), ("m", 60_000_000_000), ("s", 1_000_000_000)] {
+        for (unit, factor) in [
+            ("d", 86_400_000_000_000u64),
+            ("h", 3_600_000_000_000),
+            ("m", 60_000_000_000),
+            ("s", 1_000_000_000),
+        ] {
             if ns >= factor && ns % factor == 0 {
                 return write!(f, "{}{unit}", ns / factor);
             }
@@ -158,7 +189,9 @@ impl fmt::Display for HumanDuration {
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d).map_err(|_| de::Error::custom(format!("expected a duration string; {DURATION_HINT}")))?;
+        let s = String::deserialize(d).map_err(|_| {
+            de::Error::custom(format!("expected a duration string; {DURATION_HINT}"))
+        })?;
         HumanDuration::parse(&s).map_err(de::Error::custom)
     }
 }
@@ -180,7 +213,9 @@ impl Quantity for Count {
     fn parse(s: &str) -> Result<Count, String> {
         let (n, rest) = split_number(s)?;
         if !rest.is_empty() {
-            return Err(format!("\"{s}\": a connection rate is a plain count, such as \"20/s\""));
+            return Err(format!(
+                "\"{s}\": a connection rate is a plain count, such as \"20/s\""
+            ));
         }
         Ok(Count(n))
     }
@@ -223,21 +258,35 @@ impl<Q: Quantity> Rate<Q> {
             return Ok(Rate::Unlimited);
         }
         let Some((amount, period)) = s.split_once('/') else {
-            return Err(format!("\"{s}\" is not a rate: write \"{}\", use \"/m\" for per minute, or \"unlimited\"", Q::EXAMPLE));
+            return Err(format!(
+                "\"{s}\" is not a rate: write \"{}\", use \"/m\" for per minute, or \"unlimited\"",
+                Q::EXAMPLE
+            ));
         };
         let amount = Q::parse(amount)?;
         if amount.amount() == 0 {
-            return Err(format!("\"{s}\": a rate of zero would drop everything; use the deny list for that"));
+            return Err(format!(
+                "\"{s}\": a rate of zero would drop everything; use the deny list for that"
+            ));
         }
-        Ok(Rate::Per { amount, period: Period::parse(period.trim())? })
+        Ok(Rate::Per {
+            amount,
+            period: Period::parse(period.trim())?,
+        })
     }
 
     /// The amount per second, rounded up, for burst sanity checks.
     pub fn per_second_ceil(&self) -> Option<u64> {
         match *self {
             Rate::Unlimited => None,
-            Rate::Per { amount, period: Period::Second } => Some(amount.amount()),
-            Rate::Per { amount, period: Period::Minute } => Some(amount.amount().div_ceil(60)),
+            Rate::Per {
+                amount,
+                period: Period::Second,
+            } => Some(amount.amount()),
+            Rate::Per {
+                amount,
+                period: Period::Minute,
+            } => Some(amount.amount().div_ceil(60)),
         }
     }
 }
@@ -253,8 +302,9 @@ impl<Q: Quantity> fmt::Display for Rate<Q> {
 
 impl<'de, Q: Quantity> Deserialize<'de> for Rate<Q> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)
-            .map_err(|_| de::Error::custom(format!("expected a rate string such as \"{}\"", Q::EXAMPLE)))?;
+        let s = String::deserialize(d).map_err(|_| {
+            de::Error::custom(format!("expected a rate string such as \"{}\"", Q::EXAMPLE))
+        })?;
         Rate::parse(&s).map_err(de::Error::custom)
     }
 }
@@ -270,16 +320,29 @@ mod tests {
         assert_eq!(ByteSize::parse("1500B").unwrap().0, 1500);
         assert!(ByteSize::parse("10M").unwrap_err().contains("ambiguous"));
         assert!(ByteSize::parse("10").unwrap_err().contains("no unit"));
-        assert!(ByteSize::parse("1.5MiB").unwrap_err().contains("whole numbers"));
+        assert!(
+            ByteSize::parse("1.5MiB")
+                .unwrap_err()
+                .contains("whole numbers")
+        );
         assert!(ByteSize::parse("-1MiB").is_err());
         assert_eq!(ByteSize(4 << 20).to_string(), "4MiB");
     }
 
     #[test]
     fn durations() {
-        assert_eq!(HumanDuration::parse("5m").unwrap().0, Duration::from_secs(300));
-        assert_eq!(HumanDuration::parse("10s").unwrap().0, Duration::from_secs(10));
-        assert_eq!(HumanDuration::parse("250ms").unwrap().0, Duration::from_millis(250));
+        assert_eq!(
+            HumanDuration::parse("5m").unwrap().0,
+            Duration::from_secs(300)
+        );
+        assert_eq!(
+            HumanDuration::parse("10s").unwrap().0,
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            HumanDuration::parse("250ms").unwrap().0,
+            Duration::from_millis(250)
+        );
         assert!(HumanDuration::parse("1M").unwrap_err().contains("months"));
         assert!(HumanDuration::parse("10").unwrap_err().contains("no unit"));
         assert_eq!(HumanDuration::parse("300s").unwrap().to_string(), "5m");
@@ -287,14 +350,33 @@ mod tests {
 
     #[test]
     fn rates() {
-        assert_eq!(ConnectionRate::parse("20/s").unwrap(), Rate::Per { amount: Count(20), period: Period::Second });
-        assert_eq!(ConnectionRate::parse("600/m").unwrap(), Rate::Per { amount: Count(600), period: Period::Minute });
+        assert_eq!(
+            ConnectionRate::parse("20/s").unwrap(),
+            Rate::Per {
+                amount: Count(20),
+                period: Period::Second
+            }
+        );
+        assert_eq!(
+            ConnectionRate::parse("600/m").unwrap(),
+            Rate::Per {
+                amount: Count(600),
+                period: Period::Minute
+            }
+        );
         assert_eq!(ConnectionRate::parse("unlimited").unwrap(), Rate::Unlimited);
         assert!(ConnectionRate::parse("20").is_err());
         assert!(ConnectionRate::parse("20/h").unwrap_err().contains("/s"));
         assert!(ConnectionRate::parse("0/s").is_err());
-        assert!(ConnectionRate::parse("2MiB/s").unwrap_err().contains("plain count"));
-        assert_eq!(ByteRate::parse("1MiB/s").unwrap().per_second_ceil(), Some(1 << 20));
+        assert!(
+            ConnectionRate::parse("2MiB/s")
+                .unwrap_err()
+                .contains("plain count")
+        );
+        assert_eq!(
+            ByteRate::parse("1MiB/s").unwrap().per_second_ceil(),
+            Some(1 << 20)
+        );
         assert!(ByteRate::parse("1M/s").unwrap_err().contains("ambiguous"));
     }
 }

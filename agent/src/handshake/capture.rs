@@ -23,11 +23,21 @@ pub struct Segment {
 
 /// Opens a packet socket on `interface` with `attach` putting the capture
 /// filter on it before it is bound, so it never queues unfiltered frames.
-pub fn open(interface: &str, attach: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> Result<()>) -> Result<AsyncFd<OwnedFd>> {
+pub fn open(
+    interface: &str,
+    attach: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> Result<()>,
+) -> Result<AsyncFd<OwnedFd>> {
     let protocol = (libc::ETH_P_ALL as u16).to_be();
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, protocol as i32) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            protocol as i32,
+        )
+    };
     if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("cannot open a packet socket (needs CAP_NET_RAW)");
+        return Err(std::io::Error::last_os_error())
+            .context("cannot open a packet socket (needs CAP_NET_RAW)");
     }
     // SAFETY: a fresh descriptor we own.
     let socket = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -42,10 +52,15 @@ pub fn open(interface: &str, attach: impl FnOnce(std::os::fd::BorrowedFd<'_>) ->
     address.sll_protocol = protocol;
     address.sll_ifindex = ifindex as i32;
     let rc = unsafe {
-        libc::bind(socket.as_raw_fd(), (&address as *const libc::sockaddr_ll).cast(), size_of::<libc::sockaddr_ll>() as u32)
+        libc::bind(
+            socket.as_raw_fd(),
+            (&address as *const libc::sockaddr_ll).cast(),
+            size_of::<libc::sockaddr_ll>() as u32,
+        )
     };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("cannot bind the packet socket to {interface}"));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot bind the packet socket to {interface}"));
     }
     // SAFETY: the AsyncFd owns the socket for its whole life.
     Ok(unsafe { AsyncFd::register(socket) }.map_err(std::io::Error::from)?)
@@ -78,11 +93,19 @@ pub fn read_frame(socket: &OwnedFd, buffer: &mut [u8]) -> std::io::Result<Option
 fn parse(frame: &[u8]) -> Option<Segment> {
     let packet = SlicedPacket::from_ethernet(frame).ok()?;
     let (source, destination) = match packet.net? {
-        NetSlice::Ipv4(ip) => (IpAddr::V4(ip.header().source_addr()), IpAddr::V4(ip.header().destination_addr())),
-        NetSlice::Ipv6(ip) => (IpAddr::V6(ip.header().source_addr()), IpAddr::V6(ip.header().destination_addr())),
+        NetSlice::Ipv4(ip) => (
+            IpAddr::V4(ip.header().source_addr()),
+            IpAddr::V4(ip.header().destination_addr()),
+        ),
+        NetSlice::Ipv6(ip) => (
+            IpAddr::V6(ip.header().source_addr()),
+            IpAddr::V6(ip.header().destination_addr()),
+        ),
         _ => return None,
     };
-    let Some(TransportSlice::Tcp(tcp)) = packet.transport else { return None };
+    let Some(TransportSlice::Tcp(tcp)) = packet.transport else {
+        return None;
+    };
     Some(Segment {
         client: SocketAddr::new(source, tcp.source_port()),
         server: SocketAddr::new(destination, tcp.destination_port()),

@@ -4,7 +4,9 @@
 use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Result, bail};
-use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
 use netlink_packet_sock_diag::{
     SockDiagDestroy,
     constants::{AF_INET, AF_INET6, IPPROTO_TCP},
@@ -19,11 +21,19 @@ use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIA
 pub fn destroy(client: SocketAddr, server: SocketAddr) -> Result<()> {
     let mut attempts = vec![(family(server.ip()), server.ip(), client.ip())];
     if let (IpAddr::V4(s), IpAddr::V4(c)) = (server.ip(), client.ip()) {
-        attempts.push((AF_INET6, IpAddr::V6(s.to_ipv6_mapped()), IpAddr::V6(c.to_ipv6_mapped())));
+        attempts.push((
+            AF_INET6,
+            IpAddr::V6(s.to_ipv6_mapped()),
+            IpAddr::V6(c.to_ipv6_mapped()),
+        ));
     }
     let mut last = None;
     for (family, local, remote) in attempts {
-        match send(family, SocketAddr::new(local, server.port()), SocketAddr::new(remote, client.port())) {
+        match send(
+            family,
+            SocketAddr::new(local, server.port()),
+            SocketAddr::new(remote, client.port()),
+        ) {
             Ok(()) => return Ok(()),
             Err(e) => last = Some(e),
         }
@@ -55,16 +65,22 @@ fn send(family: u8, local: SocketAddr, remote: SocketAddr) -> Result<()> {
             cookie: [0xff; 8],
         },
     };
-    let mut message = NetlinkMessage::new(header, NetlinkPayload::from(SockDiagDestroy::new(SockDiagMessage::InetRequest(request))));
+    let mut message = NetlinkMessage::new(
+        header,
+        NetlinkPayload::from(SockDiagDestroy::new(SockDiagMessage::InetRequest(request))),
+    );
     message.finalize();
     let mut buffer = vec![0; message.buffer_len()];
     message.serialize(&mut buffer);
     socket.send(&buffer, 0)?;
     let mut reply = vec![0u8; 4096];
     let n = socket.recv(&mut &mut reply[..], 0)?;
-    let answer = NetlinkMessage::<SockDiagMessage>::deserialize(&reply[..n]).map_err(|e| anyhow::anyhow!("bad netlink reply: {e}"))?;
+    let answer = NetlinkMessage::<SockDiagMessage>::deserialize(&reply[..n])
+        .map_err(|e| anyhow::anyhow!("bad netlink reply: {e}"))?;
     match answer.payload {
-        NetlinkPayload::Error(e) if e.code.is_some() => bail!("SOCK_DESTROY {local} <- {remote}: {}", e.to_io()),
+        NetlinkPayload::Error(e) if e.code.is_some() => {
+            bail!("SOCK_DESTROY {local} <- {remote}: {}", e.to_io())
+        }
         _ => Ok(()),
     }
 }

@@ -33,7 +33,8 @@ impl Failures {
     /// Counts one; returns true when the source reached `threshold`.
     fn add(&mut self, source: SourceKey, window: Duration, threshold: u32, now: Instant) -> bool {
         if self.by_source.len() > 100_000 {
-            self.by_source.retain(|_, (_, since)| now.duration_since(*since) < window);
+            self.by_source
+                .retain(|_, (_, since)| now.duration_since(*since) < window);
         }
         let entry = self.by_source.entry(source).or_insert((0, now));
         if now.duration_since(entry.1) >= window {
@@ -92,20 +93,38 @@ pub fn apply(cx: &mut Context, connection: Connection, outcome: Outcome) -> Resu
             debug!("SOCK_DESTROY {client} -> {server}: {e:#}");
         }
     }
-    cx.counters.count_handshake(if dry_run { "would_reject" } else { "rejected" }, reason.name());
-    let kind = if reason == Rejection::Deadline { "deadline_cut" } else { "handshake_rejected" };
+    cx.counters.count_handshake(
+        if dry_run { "would_reject" } else { "rejected" },
+        reason.name(),
+    );
+    let kind = if reason == Rejection::Deadline {
+        "deadline_cut"
+    } else {
+        "handshake_rejected"
+    };
     cx.sink.emit(
         kind,
         json!({"source": unmapped(client.ip()).to_string(), "server": server.to_string(), "reason": reason.name(), "dry_run": dry_run}),
     );
 
     let handshake = &cx.config.handshake;
-    let source = cx.config.settings.tracking_key(&kernel::source_key(client.ip()));
+    let source = cx
+        .config
+        .settings
+        .tracking_key(&kernel::source_key(client.ip()));
     let window = cx.config.ban.window.get_ref().0;
-    if cx.failures.add(source, window, handshake.failures_before_ban, Instant::now()) {
+    if cx.failures.add(
+        source,
+        window,
+        handshake.failures_before_ban,
+        Instant::now(),
+    ) {
         let duration = cx.config.ban.duration.get_ref().0;
         if !dry_run {
-            if let Err(e) = cx.kernel.ban(&source, kernel::monotonic_ns() + duration.as_nanos() as u64) {
+            if let Err(e) = cx
+                .kernel
+                .ban(&source, kernel::monotonic_ns() + duration.as_nanos() as u64)
+            {
                 warn!("cannot ban {}: {e:#}", unmapped(client.ip()));
             }
         }

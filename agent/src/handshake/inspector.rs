@@ -44,7 +44,13 @@ pub struct Inspector {
 
 impl Inspector {
     pub fn new(policy: Policy, deadline: Duration, max_pending: u32) -> Inspector {
-        Inspector { policy, deadline, max_pending: max_pending as usize, pending: HashMap::new(), judged: HashMap::new() }
+        Inspector {
+            policy,
+            deadline,
+            max_pending: max_pending as usize,
+            pending: HashMap::new(),
+            judged: HashMap::new(),
+        }
     }
 
     pub fn set_policy(&mut self, policy: Policy, deadline: Duration, max_pending: u32) {
@@ -59,7 +65,12 @@ impl Inspector {
 
     /// Takes one captured segment; returns the verdicts it led to (its own
     /// connection's, and an older connection's if the table was full).
-    pub fn on_segment(&mut self, segment: Segment, now: Instant, unix_now: u64) -> Vec<(Connection, Outcome)> {
+    pub fn on_segment(
+        &mut self,
+        segment: Segment,
+        now: Instant,
+        unix_now: u64,
+    ) -> Vec<(Connection, Outcome)> {
         let connection = (segment.client, segment.server);
         let verdicts = self.take_segment(connection, segment, now, unix_now);
         for (c, _) in &verdicts {
@@ -71,7 +82,13 @@ impl Inspector {
         verdicts
     }
 
-    fn take_segment(&mut self, connection: Connection, segment: Segment, now: Instant, unix_now: u64) -> Vec<(Connection, Outcome)> {
+    fn take_segment(
+        &mut self,
+        connection: Connection,
+        segment: Segment,
+        now: Instant,
+        unix_now: u64,
+    ) -> Vec<(Connection, Outcome)> {
         let mut verdicts = Vec::new();
         if segment.fin_or_rst {
             self.pending.remove(&connection);
@@ -88,15 +105,33 @@ impl Inspector {
             }
             if self.pending.len() >= self.max_pending {
                 // The bound on pending heads: the oldest is out of time first.
-                if let Some(oldest) = self.pending.iter().min_by_key(|(_, p)| p.started).map(|(c, _)| *c) {
+                if let Some(oldest) = self
+                    .pending
+                    .iter()
+                    .min_by_key(|(_, p)| p.started)
+                    .map(|(c, _)| *c)
+                {
                     self.pending.remove(&oldest);
                     verdicts.push((oldest, Outcome::Reject(Rejection::Deadline)));
                 }
             }
             // With the SYN, data starts at seq + 1; without (the agent came up
             // mid-handshake), at this segment.
-            let first_seq = if segment.syn { segment.seq.wrapping_add(1) } else { segment.seq };
-            self.pending.insert(connection, Pending { started: now, first_seq, head: Vec::new(), ahead: BTreeMap::new(), held: 0 });
+            let first_seq = if segment.syn {
+                segment.seq.wrapping_add(1)
+            } else {
+                segment.seq
+            };
+            self.pending.insert(
+                connection,
+                Pending {
+                    started: now,
+                    first_seq,
+                    head: Vec::new(),
+                    ahead: BTreeMap::new(),
+                    held: 0,
+                },
+            );
         }
         if segment.payload.is_empty() {
             return verdicts;
@@ -116,7 +151,9 @@ impl Inspector {
             if offset <= pending.head.len() {
                 // Extends the head (a retransmission may overlap it).
                 pending.held += end - pending.head.len();
-                pending.head.extend_from_slice(&segment.payload[pending.head.len() - offset..]);
+                pending
+                    .head
+                    .extend_from_slice(&segment.payload[pending.head.len() - offset..]);
                 // Fill from segments that were waiting for this one.
                 while let Some((&at, _)) = pending.ahead.first_key_value() {
                     if at > pending.head.len() {
@@ -126,7 +163,9 @@ impl Inspector {
                     pending.held -= bytes.len();
                     if at + bytes.len() > pending.head.len() {
                         pending.held += at + bytes.len() - pending.head.len();
-                        pending.head.extend_from_slice(&bytes[pending.head.len() - at..]);
+                        pending
+                            .head
+                            .extend_from_slice(&bytes[pending.head.len() - at..]);
                     }
                 }
             } else if !pending.ahead.contains_key(&offset) {
@@ -156,9 +195,14 @@ impl Inspector {
     /// Connections whose head did not complete within the deadline.
     pub fn expire(&mut self, now: Instant) -> Vec<(Connection, Outcome)> {
         let deadline = self.deadline;
-        self.judged.retain(|_, at| now.duration_since(*at) < deadline);
-        let late: Vec<Connection> =
-            self.pending.iter().filter(|(_, p)| now.duration_since(p.started) >= deadline).map(|(c, _)| *c).collect();
+        self.judged
+            .retain(|_, at| now.duration_since(*at) < deadline);
+        let late: Vec<Connection> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.started) >= deadline)
+            .map(|(c, _)| *c)
+            .collect();
         late.into_iter()
             .map(|c| {
                 self.pending.remove(&c);
@@ -176,7 +220,9 @@ mod tests {
 
     fn inspector() -> Inspector {
         let policy = Policy {
-            allowed_origins: vec![crate::handshake::OriginPattern::parse("https://app.example.com").unwrap()],
+            allowed_origins: vec![
+                crate::handshake::OriginPattern::parse("https://app.example.com").unwrap(),
+            ],
             missing_origin: MissingOrigin::Reject,
             allowed_hosts: vec![],
             allowed_paths: vec![],
@@ -190,11 +236,21 @@ mod tests {
     const HEAD: &[u8] = b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: https://app.example.com\r\n\r\n";
 
     fn conn(port: u16) -> Connection {
-        (SocketAddr::from(([198, 18, 0, 7], port)), SocketAddr::from(([198, 18, 0, 1], 8080)))
+        (
+            SocketAddr::from(([198, 18, 0, 7], port)),
+            SocketAddr::from(([198, 18, 0, 1], 8080)),
+        )
     }
 
     fn seg(c: Connection, seq: u32, syn: bool, payload: &[u8]) -> Segment {
-        Segment { client: c.0, server: c.1, seq, syn, fin_or_rst: false, payload: payload.to_vec() }
+        Segment {
+            client: c.0,
+            server: c.1,
+            seq,
+            syn,
+            fin_or_rst: false,
+            payload: payload.to_vec(),
+        }
     }
 
     #[test]
@@ -205,10 +261,16 @@ mod tests {
             let mut bounds = vec![0];
             bounds.extend_from_slice(cuts);
             bounds.push(HEAD.len());
-            let pieces: Vec<(u32, &[u8])> = bounds.windows(2).map(|w| (1001 + w[0] as u32, &HEAD[w[0]..w[1]])).collect();
+            let pieces: Vec<(u32, &[u8])> = bounds
+                .windows(2)
+                .map(|w| (1001 + w[0] as u32, &HEAD[w[0]..w[1]]))
+                .collect();
             for order in [false, true] {
                 let mut i = inspector();
-                assert!(i.on_segment(seg(conn(1), 1000, true, b""), now, 0).is_empty());
+                assert!(
+                    i.on_segment(seg(conn(1), 1000, true, b""), now, 0)
+                        .is_empty()
+                );
                 let mut ordered = pieces.clone();
                 if order {
                     ordered.reverse();
@@ -219,7 +281,11 @@ mod tests {
                     // A retransmission of what came before changes nothing.
                     verdicts.extend(i.on_segment(seg(conn(1), *seq, false, bytes), now, 0));
                 }
-                assert_eq!(verdicts, vec![(conn(1), Outcome::Accept)], "cuts {cuts:?}, reversed {order}");
+                assert_eq!(
+                    verdicts,
+                    vec![(conn(1), Outcome::Accept)],
+                    "cuts {cuts:?}, reversed {order}"
+                );
                 assert_eq!(i.pending(), 0);
             }
         }
@@ -231,13 +297,23 @@ mod tests {
         let mut i = inspector();
         i.on_segment(seg(conn(1), 0, true, b""), now, 0);
         let big = vec![b'a'; 1100];
-        assert_eq!(i.on_segment(seg(conn(1), 1, false, &big), now, 0), vec![(conn(1), Outcome::Reject(Rejection::TooLarge))]);
+        assert_eq!(
+            i.on_segment(seg(conn(1), 1, false, &big), now, 0),
+            vec![(conn(1), Outcome::Reject(Rejection::TooLarge))]
+        );
         // Far ahead of the head: too large as well, and nothing is stored.
         i.on_segment(seg(conn(2), 0, true, b""), now, 0);
-        assert_eq!(i.on_segment(seg(conn(2), 5000, false, b"x"), now, 0), vec![(conn(2), Outcome::Reject(Rejection::TooLarge))]);
+        assert_eq!(
+            i.on_segment(seg(conn(2), 5000, false, b"x"), now, 0),
+            vec![(conn(2), Outcome::Reject(Rejection::TooLarge))]
+        );
         // The table holds 3: a fourth evicts the oldest.
         for port in 10..13 {
-            i.on_segment(seg(conn(port), 0, true, b""), now + Duration::from_millis(port as u64), 0);
+            i.on_segment(
+                seg(conn(port), 0, true, b""),
+                now + Duration::from_millis(port as u64),
+                0,
+            );
         }
         let v = i.on_segment(seg(conn(20), 0, true, b""), now + Duration::from_secs(1), 0);
         assert_eq!(v, vec![(conn(10), Outcome::Reject(Rejection::Deadline))]);

@@ -119,23 +119,38 @@ fn split_origin(origin: &str) -> Option<(String, String, u16)> {
 
 impl OriginPattern {
     pub fn parse(text: &str) -> Result<OriginPattern, String> {
-        let err = || format!("\"{text}\" is not an origin such as \"https://app.example.com\" or \"https://*.example.com\"");
+        let err = || {
+            format!(
+                "\"{text}\" is not an origin such as \"https://app.example.com\" or \"https://*.example.com\""
+            )
+        };
         let (scheme, host, port) = split_origin(text).ok_or_else(err)?;
         let (host, wildcard) = match host.strip_prefix("*.") {
-            Some(suffix) if !suffix.is_empty() && !suffix.contains('*') => (suffix.to_string(), true),
+            Some(suffix) if !suffix.is_empty() && !suffix.contains('*') => {
+                (suffix.to_string(), true)
+            }
             _ if host.contains('*') => return Err(err()),
             _ => (host, false),
         };
-        Ok(OriginPattern { scheme, host, wildcard, port })
+        Ok(OriginPattern {
+            scheme,
+            host,
+            wildcard,
+            port,
+        })
     }
 
     pub fn matches(&self, origin: &str) -> bool {
-        let Some((scheme, host, port)) = split_origin(origin) else { return false };
+        let Some((scheme, host, port)) = split_origin(origin) else {
+            return false;
+        };
         if scheme != self.scheme || port != self.port {
             return false;
         }
         if self.wildcard {
-            host.len() > self.host.len() + 1 && host.ends_with(&self.host) && host.as_bytes()[host.len() - self.host.len() - 1] == b'.'
+            host.len() > self.host.len() + 1
+                && host.ends_with(&self.host)
+                && host.as_bytes()[host.len() - self.host.len() - 1] == b'.'
         } else {
             host == self.host
         }
@@ -156,14 +171,26 @@ impl PathPattern {
             return Err(format!("path \"{text}\" must start with /"));
         }
         match text.strip_suffix("/*") {
-            Some(base) if !base.contains('*') => Ok(PathPattern { path: format!("{base}/"), prefix: true }),
-            _ if text.contains('*') => Err(format!("path \"{text}\": only a trailing /* is allowed as a wildcard")),
-            _ => Ok(PathPattern { path: text.to_string(), prefix: false }),
+            Some(base) if !base.contains('*') => Ok(PathPattern {
+                path: format!("{base}/"),
+                prefix: true,
+            }),
+            _ if text.contains('*') => Err(format!(
+                "path \"{text}\": only a trailing /* is allowed as a wildcard"
+            )),
+            _ => Ok(PathPattern {
+                path: text.to_string(),
+                prefix: false,
+            }),
         }
     }
 
     pub fn matches(&self, path: &str) -> bool {
-        if self.prefix { path.len() > self.path.len() && path.starts_with(&self.path) } else { path == self.path }
+        if self.prefix {
+            path.len() > self.path.len() && path.starts_with(&self.path)
+        } else {
+            path == self.path
+        }
     }
 }
 
@@ -193,7 +220,12 @@ pub struct Policy {
 const MAX_HEADERS: usize = 64;
 
 fn header<'a>(request: &'a httparse::Request, name: &str) -> Option<&'a str> {
-    request.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).and_then(|h| std::str::from_utf8(h.value).ok()).map(str::trim)
+    request
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .map(str::trim)
 }
 
 /// Whether a comma-separated header value holds `token` (case-insensitive).
@@ -215,11 +247,19 @@ pub fn judge(policy: &Policy, head: &[u8], source: IpAddr, now: u64) -> Verdict 
     let mut request = httparse::Request::new(&mut headers);
     let parsed = request.parse(head);
     let too_large = head.len() > policy.max_request_bytes;
-    let upgrade_or = |r: Rejection| if policy.non_upgrade_requests == NonUpgrade::Allow { Verdict::AcceptPlainHttp } else { Verdict::Reject(r) };
+    let upgrade_or = |r: Rejection| {
+        if policy.non_upgrade_requests == NonUpgrade::Allow {
+            Verdict::AcceptPlainHttp
+        } else {
+            Verdict::Reject(r)
+        }
+    };
     match parsed {
         Ok(httparse::Status::Partial) if too_large => return Verdict::Reject(Rejection::TooLarge),
         Ok(httparse::Status::Partial) => return Verdict::Incomplete,
-        Ok(httparse::Status::Complete(len)) if len > policy.max_request_bytes => return Verdict::Reject(Rejection::TooLarge),
+        Ok(httparse::Status::Complete(len)) if len > policy.max_request_bytes => {
+            return Verdict::Reject(Rejection::TooLarge);
+        }
         Ok(httparse::Status::Complete(_)) => {}
         Err(httparse::Error::TooManyHeaders) => return Verdict::Reject(Rejection::TooLarge),
         Err(_) => return Verdict::Reject(Rejection::NotAnUpgrade),
@@ -234,14 +274,23 @@ pub fn judge(policy: &Policy, head: &[u8], source: IpAddr, now: u64) -> Verdict 
     if header(&request, "Sec-WebSocket-Version") != Some("13") {
         return Verdict::Reject(Rejection::BadVersion);
     }
-    let key_ok = header(&request, "Sec-WebSocket-Key").and_then(|k| BASE64_STANDARD.decode(k).ok()).is_some_and(|k| k.len() == 16);
+    let key_ok = header(&request, "Sec-WebSocket-Key")
+        .and_then(|k| BASE64_STANDARD.decode(k).ok())
+        .is_some_and(|k| k.len() == 16);
     if !key_ok {
         return Verdict::Reject(Rejection::BadKey);
     }
     if !policy.allowed_hosts.is_empty() {
         let host = header(&request, "Host").unwrap_or("").to_ascii_lowercase();
-        let bare = host.rsplit_once(':').filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()).map_or(host.as_str(), |(h, _)| h);
-        if !policy.allowed_hosts.iter().any(|allowed| *allowed == host || *allowed == bare) {
+        let bare = host
+            .rsplit_once(':')
+            .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+            .map_or(host.as_str(), |(h, _)| h);
+        if !policy
+            .allowed_hosts
+            .iter()
+            .any(|allowed| *allowed == host || *allowed == bare)
+        {
             return Verdict::Reject(Rejection::BadHost);
         }
     }
@@ -251,7 +300,9 @@ pub fn judge(policy: &Policy, head: &[u8], source: IpAddr, now: u64) -> Verdict 
         return Verdict::Reject(Rejection::BadPath);
     }
     match header(&request, "Origin") {
-        None if policy.missing_origin == MissingOrigin::Reject => return Verdict::Reject(Rejection::MissingOrigin),
+        None if policy.missing_origin == MissingOrigin::Reject => {
+            return Verdict::Reject(Rejection::MissingOrigin);
+        }
         None => {}
         Some(origin) => {
             if !policy.allowed_origins.iter().any(|p| p.matches(origin)) {
@@ -263,7 +314,14 @@ pub fn judge(policy: &Policy, head: &[u8], source: IpAddr, now: u64) -> Verdict 
         let Some(presented) = query_param(target, &t.query_param).filter(|v| !v.is_empty()) else {
             return Verdict::Reject(Rejection::TicketMissing);
         };
-        if let Err(e) = ticket::verify(&t.secret, presented, source, now, t.max_age_secs, t.bind_to_source_ip) {
+        if let Err(e) = ticket::verify(
+            &t.secret,
+            presented,
+            source,
+            now,
+            t.max_age_secs,
+            t.bind_to_source_ip,
+        ) {
             return Verdict::Reject(match e {
                 TicketError::BadSignature => Rejection::TicketBadSignature,
                 TicketError::Expired => Rejection::TicketExpired,

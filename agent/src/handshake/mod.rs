@@ -11,4 +11,7 @@ pub mod inspector;
 pub mod judge;
 pub mod ticket;
 
-pub use judge::{MissingOrigin, NonUpgrade, OriginPattern, PathPattern, Policy, Rejection, TicketPolicy, Verdict, judge};
+pub use judge::{
+    MissingOrigin, NonUpgrade, OriginPattern, PathPattern, Policy, Rejection, TicketPolicy,
+    Verdict, judge,
+};

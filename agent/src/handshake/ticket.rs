@@ -45,7 +45,8 @@ pub struct Ticket {
 }
 
 fn mac(secret: &[u8]) -> Hmac<Sha256> {
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    let mut mac =
+        <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes keys of any length");
     mac.update(DOMAIN);
     mac
 }
@@ -79,14 +80,17 @@ pub fn mint(secret: &[u8], expires_at: u64, address: Option<IpAddr>) -> String {
 
 /// Checks the signature (in constant time) and decodes the ticket.
 pub fn open(secret: &[u8], ticket: &str) -> Result<Ticket, TicketError> {
-    let bytes = BASE64_URL_SAFE_NO_PAD.decode(ticket.trim()).map_err(|_| TicketError::BadSignature)?;
+    let bytes = BASE64_URL_SAFE_NO_PAD
+        .decode(ticket.trim())
+        .map_err(|_| TicketError::BadSignature)?;
     if bytes.len() < 10 + TAG_BYTES {
         return Err(TicketError::BadSignature);
     }
     let (payload, tag) = bytes.split_at(bytes.len() - TAG_BYTES);
     let mut mac = mac(secret);
     mac.update(payload);
-    mac.verify_slice(tag).map_err(|_| TicketError::BadSignature)?;
+    mac.verify_slice(tag)
+        .map_err(|_| TicketError::BadSignature)?;
     if payload[0] != VERSION {
         return Err(TicketError::BadSignature);
     }
@@ -97,7 +101,10 @@ pub fn open(secret: &[u8], ticket: &str) -> Result<Ticket, TicketError> {
         (6, a) if a.len() == 16 => Some(IpAddr::from(<[u8; 16]>::try_from(a).unwrap())),
         _ => return Err(TicketError::BadSignature),
     };
-    Ok(Ticket { expires_at, address })
+    Ok(Ticket {
+        expires_at,
+        address,
+    })
 }
 
 /// Verifies a ticket for a connection from `source` at `now` (Unix seconds):
@@ -130,7 +137,8 @@ pub fn verify(
 /// Reads a secret file: its content with surrounding whitespace removed, at
 /// least [`MIN_SECRET_BYTES`] bytes.
 pub fn read_secret(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
-    let raw = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read the ticket secret {}: {e}", path.display()))?;
+    let raw = std::fs::read(path)
+        .map_err(|e| anyhow::anyhow!("cannot read the ticket secret {}: {e}", path.display()))?;
     let secret = raw.trim_ascii().to_vec();
     if secret.len() < MIN_SECRET_BYTES {
         anyhow::bail!(
@@ -152,33 +160,96 @@ mod tests {
     fn a_minted_ticket_verifies_for_its_address_until_it_expires() {
         let ip: IpAddr = "198.18.0.7".parse().unwrap();
         let t = mint(SECRET, 1_000_060, Some(ip));
-        assert_eq!(verify(SECRET, &t, ip, 1_000_000, 60, true), Ok(Ticket { expires_at: 1_000_060, address: Some(ip) }));
+        assert_eq!(
+            verify(SECRET, &t, ip, 1_000_000, 60, true),
+            Ok(Ticket {
+                expires_at: 1_000_060,
+                address: Some(ip)
+            })
+        );
         // The same address seen through a dual-stack socket.
-        assert!(verify(SECRET, &t, "::ffff:198.18.0.7".parse().unwrap(), 1_000_000, 60, true).is_ok());
-        assert_eq!(verify(SECRET, &t, ip, 1_000_060, 60, true), Err(TicketError::Expired));
-        assert_eq!(verify(SECRET, &t, ip, 1_000_000, 30, true), Err(TicketError::Expired), "lives longer than max_age");
-        assert_eq!(verify(SECRET, &t, "198.18.0.8".parse().unwrap(), 1_000_000, 60, true), Err(TicketError::WrongIp));
-        assert!(verify(SECRET, &t, "198.18.0.8".parse().unwrap(), 1_000_000, 60, false).is_ok());
+        assert!(
+            verify(
+                SECRET,
+                &t,
+                "::ffff:198.18.0.7".parse().unwrap(),
+                1_000_000,
+                60,
+                true
+            )
+            .is_ok()
+        );
+        assert_eq!(
+            verify(SECRET, &t, ip, 1_000_060, 60, true),
+            Err(TicketError::Expired)
+        );
+        assert_eq!(
+            verify(SECRET, &t, ip, 1_000_000, 30, true),
+            Err(TicketError::Expired),
+            "lives longer than max_age"
+        );
+        assert_eq!(
+            verify(
+                SECRET,
+                &t,
+                "198.18.0.8".parse().unwrap(),
+                1_000_000,
+                60,
+                true
+            ),
+            Err(TicketError::WrongIp)
+        );
+        assert!(
+            verify(
+                SECRET,
+                &t,
+                "198.18.0.8".parse().unwrap(),
+                1_000_000,
+                60,
+                false
+            )
+            .is_ok()
+        );
     }
 
     #[test]
     fn tampering_or_another_secret_breaks_the_signature() {
         let ip: IpAddr = "2001:db8::7".parse().unwrap();
         let t = mint(SECRET, 2_000, Some(ip));
-        assert_eq!(verify(b"another secret of enough length!!", &t, ip, 1_990, 60, true), Err(TicketError::BadSignature));
+        assert_eq!(
+            verify(
+                b"another secret of enough length!!",
+                &t,
+                ip,
+                1_990,
+                60,
+                true
+            ),
+            Err(TicketError::BadSignature)
+        );
         let mut bytes = BASE64_URL_SAFE_NO_PAD.decode(&t).unwrap();
         bytes[5] ^= 1; // push the expiry
         let tampered = BASE64_URL_SAFE_NO_PAD.encode(&bytes);
-        assert_eq!(verify(SECRET, &tampered, ip, 1_990, 60, true), Err(TicketError::BadSignature));
+        assert_eq!(
+            verify(SECRET, &tampered, ip, 1_990, 60, true),
+            Err(TicketError::BadSignature)
+        );
         for junk in ["", "not base64!", "AAAA"] {
-            assert_eq!(verify(SECRET, junk, ip, 1_990, 60, true), Err(TicketError::BadSignature));
+            assert_eq!(
+                verify(SECRET, junk, ip, 1_990, 60, true),
+                Err(TicketError::BadSignature)
+            );
         }
     }
 
     #[test]
     fn the_format_is_exactly_as_specified() {
         // Spec check: payload bytes, then HMAC-SHA256 over the domain and payload.
-        let t = mint(SECRET, 0x0102030405060708, Some("198.18.0.1".parse().unwrap()));
+        let t = mint(
+            SECRET,
+            0x0102030405060708,
+            Some("198.18.0.1".parse().unwrap()),
+        );
         let bytes = BASE64_URL_SAFE_NO_PAD.decode(&t).unwrap();
         assert_eq!(&bytes[..14], &[1, 1, 2, 3, 4, 5, 6, 7, 8, 4, 198, 18, 0, 1]);
         let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(SECRET).unwrap();
@@ -186,7 +257,9 @@ mod tests {
         mac.update(&bytes[..14]);
         assert_eq!(&bytes[14..], mac.finalize().into_bytes().as_slice());
         assert_eq!(bytes.len(), 14 + 32);
-        let unbound = BASE64_URL_SAFE_NO_PAD.decode(mint(SECRET, 5, None)).unwrap();
+        let unbound = BASE64_URL_SAFE_NO_PAD
+            .decode(mint(SECRET, 5, None))
+            .unwrap();
         assert_eq!(&unbound[..10], &[1, 0, 0, 0, 0, 0, 0, 0, 5, 0]);
     }
 }

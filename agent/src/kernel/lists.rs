@@ -19,7 +19,10 @@ pub type List<T> = LpmTrie<T, LpmKey, ListEntry>;
 
 pub fn lpm_key(net: &IpNet) -> Key<LpmKey> {
     match net {
-        IpNet::V4(n) => Key::new(V4_MAPPED_BITS + n.prefix_len() as u32, SourceKey::from_v4(n.addr().octets()).addr),
+        IpNet::V4(n) => Key::new(
+            V4_MAPPED_BITS + n.prefix_len() as u32,
+            SourceKey::from_v4(n.addr().octets()).addr,
+        ),
         IpNet::V6(n) => Key::new(n.prefix_len() as u32, n.addr().octets()),
     }
 }
@@ -29,7 +32,11 @@ fn net_of(key: &Key<LpmKey>) -> IpNet {
     let len = key.prefix_len();
     if source.is_v4() && len >= V4_MAPPED_BITS {
         let a = source.addr;
-        IpNet::new(IpAddr::V4(Ipv4Addr::new(a[12], a[13], a[14], a[15])), (len - V4_MAPPED_BITS) as u8).expect("valid prefix")
+        IpNet::new(
+            IpAddr::V4(Ipv4Addr::new(a[12], a[13], a[14], a[15])),
+            (len - V4_MAPPED_BITS) as u8,
+        )
+        .expect("valid prefix")
     } else {
         IpNet::new(IpAddr::V6(Ipv6Addr::from(source.addr)), len as u8).expect("valid prefix")
     }
@@ -37,7 +44,11 @@ fn net_of(key: &Key<LpmKey>) -> IpNet {
 
 /// Every entry with its network.
 pub fn entries<T: std::borrow::Borrow<MapData>>(list: &List<T>) -> Vec<(IpNet, ListEntry)> {
-    let mut out: Vec<(IpNet, ListEntry)> = list.iter().filter_map(|r| r.ok()).map(|(k, v)| (net_of(&k), v)).collect();
+    let mut out: Vec<(IpNet, ListEntry)> = list
+        .iter()
+        .filter_map(|r| r.ok())
+        .map(|(k, v)| (net_of(&k), v))
+        .collect();
     out.sort_by_key(|(net, _)| *net);
     out
 }
@@ -61,7 +72,11 @@ pub fn sync_config<T: BorrowMut<MapData>>(list: &mut List<T>, wanted: &[IpNet]) 
 }
 
 /// Adds (or refreshes) a runtime entry; `expires_ns` 0 means until removed.
-pub fn add_runtime<T: BorrowMut<MapData>>(list: &mut List<T>, net: &IpNet, expires_ns: u64) -> Result<()> {
+pub fn add_runtime<T: BorrowMut<MapData>>(
+    list: &mut List<T>,
+    net: &IpNet,
+    expires_ns: u64,
+) -> Result<()> {
     let key = lpm_key(net);
     let mut entry = list.get(&key, 0).unwrap_or_default();
     entry.origin |= ListEntry::FROM_RUNTIME;
@@ -74,7 +89,9 @@ pub fn add_runtime<T: BorrowMut<MapData>>(list: &mut List<T>, net: &IpNet, expir
 /// removed: the file would put it back on the next reload.
 pub fn remove_runtime<T: BorrowMut<MapData>>(list: &mut List<T>, net: &IpNet) -> Result<()> {
     let key = lpm_key(net);
-    let Ok(mut entry) = list.get(&key, 0) else { bail!("{net} is not in the list") };
+    let Ok(mut entry) = list.get(&key, 0) else {
+        bail!("{net} is not in the list")
+    };
     if entry.origin & ListEntry::FROM_RUNTIME == 0 {
         bail!("{net} comes from the config file; remove it there and reload");
     }
@@ -87,7 +104,10 @@ pub fn remove_runtime<T: BorrowMut<MapData>>(list: &mut List<T>, net: &IpNet) ->
 pub fn sweep_expired<T: BorrowMut<MapData>>(list: &mut List<T>, now_ns: u64) -> Result<Vec<IpNet>> {
     let mut expired = Vec::new();
     for (net, mut entry) in entries(list) {
-        if entry.origin & ListEntry::FROM_RUNTIME != 0 && entry.expires_ns != 0 && now_ns >= entry.expires_ns {
+        if entry.origin & ListEntry::FROM_RUNTIME != 0
+            && entry.expires_ns != 0
+            && now_ns >= entry.expires_ns
+        {
             entry.origin &= !ListEntry::FROM_RUNTIME;
             entry.expires_ns = 0;
             store(list, &net, entry)?;

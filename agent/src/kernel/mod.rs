@@ -42,7 +42,10 @@ pub const FLOW_CAPACITY: u32 = 65536;
 pub fn source_key(addr: IpAddr) -> SourceKey {
     match addr {
         IpAddr::V4(a) => SourceKey::from_v4(a.octets()),
-        IpAddr::V6(a) => a.to_ipv4_mapped().map_or_else(|| SourceKey::from_v6(a.octets()), |v4| SourceKey::from_v4(v4.octets())),
+        IpAddr::V6(a) => a.to_ipv4_mapped().map_or_else(
+            || SourceKey::from_v6(a.octets()),
+            |v4| SourceKey::from_v4(v4.octets()),
+        ),
     }
 }
 
@@ -67,7 +70,8 @@ fn aya_mode(mode: XdpMode) -> AyaXdpMode {
 }
 
 fn ifindex(interface: &str) -> u32 {
-    std::ffi::CString::new(interface).map_or(0, |name| unsafe { libc::if_nametoindex(name.as_ptr()) })
+    std::ffi::CString::new(interface)
+        .map_or(0, |name| unsafe { libc::if_nametoindex(name.as_ptr()) })
 }
 
 /// A link held by the agent: pinned (under `pins/links`, so it outlives the
@@ -87,7 +91,12 @@ impl Held {
 
     fn new(link: FdLink, path: PathBuf, pin: bool) -> Result<Held> {
         Ok(if pin {
-            Held::Pinned { link: link.pin(&path).with_context(|| format!("cannot pin {}", path.display()))?, path }
+            Held::Pinned {
+                link: link
+                    .pin(&path)
+                    .with_context(|| format!("cannot pin {}", path.display()))?,
+                path,
+            }
         } else {
             Held::Owned { link, path }
         })
@@ -98,7 +107,10 @@ impl Held {
         match (self, keep_attached) {
             (Held::Pinned { link, .. }, true) => drop(link),
             (Held::Pinned { link, .. }, false) => drop(link.unpin()?),
-            (Held::Owned { link, path }, true) => drop(link.pin(&path).with_context(|| format!("cannot pin {}", path.display()))?),
+            (Held::Owned { link, path }, true) => drop(
+                link.pin(&path)
+                    .with_context(|| format!("cannot pin {}", path.display()))?,
+            ),
             (Held::Owned { link, .. }, false) => drop(link),
         }
         Ok(())
@@ -135,9 +147,18 @@ impl Kernel {
         for (name, path) in &map_pins {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(EBPF_OBJECT).context("the kernel refused to create wsguard's maps")?;
-        for name in [programs::INGRESS, programs::CONNECTION_TRACKER, programs::EGRESS, programs::CAPTURE] {
-            let program = ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))?;
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("the kernel refused to create wsguard's maps")?;
+        for name in [
+            programs::INGRESS,
+            programs::CONNECTION_TRACKER,
+            programs::EGRESS,
+            programs::CAPTURE,
+        ] {
+            let program = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?;
             let loaded = match program {
                 aya::programs::Program::Xdp(p) => p.load(),
                 aya::programs::Program::SockOps(p) => p.load(),
@@ -147,7 +168,12 @@ impl Kernel {
             };
             loaded.with_context(|| format!("the kernel's verifier rejected program {name}"))?;
         }
-        let mut kernel = Kernel { ebpf, pins: pins.map(Path::to_owned), links: Vec::new(), ifindex: Default::default() };
+        let mut kernel = Kernel {
+            ebpf,
+            pins: pins.map(Path::to_owned),
+            links: Vec::new(),
+            ifindex: Default::default(),
+        };
         kernel.apply(config)?;
         Ok(kernel)
     }
@@ -183,23 +209,28 @@ impl Kernel {
             fail_closed: u32::from(config.handshake.fail_closed),
             verdict_timeout_ns: config.handshake.verdict_timeout.as_nanos() as u64,
         };
-        let mut hs: Array<&mut MapData, HandshakeSettings> = Array::try_from(self.map_mut(names::HANDSHAKE)?)?;
+        let mut hs: Array<&mut MapData, HandshakeSettings> =
+            Array::try_from(self.map_mut(names::HANDSHAKE)?)?;
         hs.set(0, handshake, 0)?;
         for (name, nets) in [(names::ALLOW, &config.allow), (names::DENY, &config.deny)] {
             let mut list: lists::List<&mut MapData> = LpmTrie::try_from(self.map_mut(name)?)?;
             lists::sync_config(&mut list, nets).with_context(|| format!("filling {name}"))?;
         }
-        let mut settings: Array<&mut MapData, Settings> = Array::try_from(self.map_mut(names::SETTINGS)?)?;
+        let mut settings: Array<&mut MapData, Settings> =
+            Array::try_from(self.map_mut(names::SETTINGS)?)?;
         settings.set(0, config.settings, 0)?;
         // New limits take effect from a full bucket rather than carrying the
         // old state over.
-        let mut global: Array<&mut MapData, GlobalState> = Array::try_from(self.map_mut(names::GLOBAL)?)?;
+        let mut global: Array<&mut MapData, GlobalState> =
+            Array::try_from(self.map_mut(names::GLOBAL)?)?;
         global.set(0, GlobalState::default(), 0)?;
         Ok(())
     }
 
     fn map_mut(&mut self, name: &str) -> Result<&mut Map> {
-        self.ebpf.map_mut(name).with_context(|| format!("map {name} missing from the object"))
+        self.ebpf
+            .map_mut(name)
+            .with_context(|| format!("map {name} missing from the object"))
     }
 
     /// Attaches the XDP program to every configured interface and, when the
@@ -211,7 +242,10 @@ impl Kernel {
     /// agent holds them (a crash detaches them).
     pub fn attach(&mut self, config: &Config) -> Result<Takeover> {
         let pin = config.agent.keep_enforcing_on_exit;
-        let dir = self.pins.clone().context("attaching needs a pin directory")?;
+        let dir = self
+            .pins
+            .clone()
+            .context("attaching needs a pin directory")?;
         let mut takeover = Takeover::default();
         let mode = aya_mode(config.agent.xdp_mode);
         let mut wanted = Vec::new();
@@ -228,15 +262,26 @@ impl Kernel {
         takeover.connection_counter = previous.is_some() && config.settings.max_concurrent != 0;
         if config.settings.max_concurrent != 0 {
             let (cgroup, cgroup_name) = open_cgroup(config.agent.cgroup.as_deref())?;
-            let sock_ops: &mut SockOps =
-                self.ebpf.program_mut(programs::CONNECTION_TRACKER).context("sock_ops program")?.try_into()?;
+            let sock_ops: &mut SockOps = self
+                .ebpf
+                .program_mut(programs::CONNECTION_TRACKER)
+                .context("sock_ops program")?
+                .try_into()?;
             // On kernels with BPF links (5.7+) aya attaches through a link,
             // which coexists with other programs and takes no flags: `Single`
             // is the mode that passes none.
             let id = sock_ops
                 .attach(cgroup, CgroupAttachMode::Single)
-                .with_context(|| format!("cannot attach the connection counter to {}", cgroup_name.display()))?;
-            let link: FdLink = sock_ops.take_link(id)?.try_into().context("sock_ops attached without a BPF link")?;
+                .with_context(|| {
+                    format!(
+                        "cannot attach the connection counter to {}",
+                        cgroup_name.display()
+                    )
+                })?;
+            let link: FdLink = sock_ops
+                .take_link(id)?
+                .try_into()
+                .context("sock_ops attached without a BPF link")?;
             // The new counter is attached before the old one goes, so no
             // close is missed; a connection established in between is
             // counted twice (erring towards the limit, for that one).
@@ -271,9 +316,20 @@ impl Kernel {
 
     /// Attaches XDP and the egress program to one interface, taking over
     /// links a previous run left running; returns whether it took over.
-    fn attach_interface(&mut self, interface: &str, mode: AyaXdpMode, setting: XdpMode, dir: &Path, pin: bool) -> Result<bool> {
+    fn attach_interface(
+        &mut self,
+        interface: &str,
+        mode: AyaXdpMode,
+        setting: XdpMode,
+        dir: &Path,
+        pin: bool,
+    ) -> Result<bool> {
         let path = link_path(dir, &format!("xdp-{interface}"));
-        let xdp: &mut Xdp = self.ebpf.program_mut(programs::INGRESS).context("xdp program")?.try_into()?;
+        let xdp: &mut Xdp = self
+            .ebpf
+            .program_mut(programs::INGRESS)
+            .context("xdp program")?
+            .try_into()?;
         let taken = PinnedLink::from_pin(&path)
             .ok()
             .and_then(|running| XdpLink::try_from(FdLink::from(running)).ok())
@@ -283,15 +339,24 @@ impl Kernel {
         let took_over = taken.is_some();
         let id = match taken {
             Some(id) => id,
-            None => xdp.attach(interface, mode).map_err(|e| attach_error(interface, setting, e))?,
+            None => xdp
+                .attach(interface, mode)
+                .map_err(|e| attach_error(interface, setting, e))?,
         };
-        let link: FdLink = xdp.take_link(id)?.try_into().context("XDP attached without a BPF link (kernel older than 5.9?)")?;
+        let link: FdLink = xdp
+            .take_link(id)?
+            .try_into()
+            .context("XDP attached without a BPF link (kernel older than 5.9?)")?;
         self.links.push(Held::new(link, path, pin)?);
 
         // The egress program (handshake hold-back; it passes everything while
         // no port is inspected).
         let path = link_path(dir, &format!("tc-{interface}"));
-        let tc: &mut SchedClassifier = self.ebpf.program_mut(programs::EGRESS).context("egress program")?.try_into()?;
+        let tc: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(programs::EGRESS)
+            .context("egress program")?
+            .try_into()?;
         let taken = PinnedLink::from_pin(&path)
             .ok()
             .and_then(|running| SchedClassifierLink::try_from(FdLink::from(running)).ok())
@@ -303,9 +368,13 @@ impl Kernel {
                 .attach(interface, TcAttachType::Egress)
                 .with_context(|| format!("cannot attach the egress program to {interface}"))?,
         };
-        let link: FdLink = tc.take_link(id)?.try_into().context("TC attached without a BPF link (kernel older than 6.6?)")?;
+        let link: FdLink = tc
+            .take_link(id)?
+            .try_into()
+            .context("TC attached without a BPF link (kernel older than 6.6?)")?;
         self.links.push(Held::new(link, path, pin)?);
-        self.ifindex.insert(interface.to_string(), ifindex(interface));
+        self.ifindex
+            .insert(interface.to_string(), ifindex(interface));
         Ok(took_over)
     }
 
@@ -314,7 +383,10 @@ impl Kernel {
     /// Returns the interfaces re-attached; an interface that is gone is left
     /// for a later call.
     pub fn reattach_changed(&mut self, config: &Config) -> Result<Vec<String>> {
-        let dir = self.pins.clone().context("attaching needs a pin directory")?;
+        let dir = self
+            .pins
+            .clone()
+            .context("attaching needs a pin directory")?;
         let mode = aya_mode(config.agent.xdp_mode);
         let mut done = Vec::new();
         for interface in config.agent.interfaces.get_ref() {
@@ -322,9 +394,18 @@ impl Kernel {
             if now == 0 || self.ifindex.get(interface) == Some(&now) {
                 continue;
             }
-            let stale = [link_path(&dir, &format!("xdp-{interface}")), link_path(&dir, &format!("tc-{interface}"))];
+            let stale = [
+                link_path(&dir, &format!("xdp-{interface}")),
+                link_path(&dir, &format!("tc-{interface}")),
+            ];
             self.links.retain(|held| !stale.contains(held.path()));
-            self.attach_interface(interface, mode, config.agent.xdp_mode, &dir, config.agent.keep_enforcing_on_exit)?;
+            self.attach_interface(
+                interface,
+                mode,
+                config.agent.xdp_mode,
+                &dir,
+                config.agent.keep_enforcing_on_exit,
+            )?;
             done.push(interface.clone());
         }
         Ok(done)
@@ -332,11 +413,19 @@ impl Kernel {
 
     /// Configured interfaces that do not exist now.
     pub fn missing_interfaces(config: &Config) -> Vec<String> {
-        config.agent.interfaces.get_ref().iter().filter(|i| ifindex(i) == 0).cloned().collect()
+        config
+            .agent
+            .interfaces
+            .get_ref()
+            .iter()
+            .filter(|i| ifindex(i) == 0)
+            .cloned()
+            .collect()
     }
 
     fn clear_connections(&mut self) -> Result<()> {
-        let mut map: HashMap<&mut MapData, SourceKey, u64> = HashMap::try_from(self.map_mut(names::CONNECTIONS)?)?;
+        let mut map: HashMap<&mut MapData, SourceKey, u64> =
+            HashMap::try_from(self.map_mut(names::CONNECTIONS)?)?;
         let keys: Vec<SourceKey> = map.keys().filter_map(|k| k.ok()).collect();
         for key in keys {
             let _ = map.remove(&key);
@@ -362,7 +451,10 @@ impl Kernel {
         for link in self.links.drain(..) {
             held.push(match (link, keep) {
                 (Held::Owned { link, path }, true) => Held::new(link, path, true)?,
-                (Held::Pinned { link, path }, false) => Held::Owned { link: link.unpin()?, path },
+                (Held::Pinned { link, path }, false) => Held::Owned {
+                    link: link.unpin()?,
+                    path,
+                },
                 (other, _) => other,
             });
         }
@@ -378,32 +470,61 @@ impl Kernel {
 
     /// Records a handshake verdict for the kernel programs.
     pub fn set_flow_state(&mut self, key: &FlowKey, state: u32) -> Result<()> {
-        let mut flows: HashMap<&mut MapData, FlowKey, Flow> = HashMap::try_from(self.map_mut(names::FLOWS)?)?;
-        let since_ns = flows.get(key, 0).map(|f| f.since_ns).unwrap_or_else(|_| monotonic_ns());
-        flows.insert(key, Flow { state, _pad: 0, since_ns }, 0)?;
+        let mut flows: HashMap<&mut MapData, FlowKey, Flow> =
+            HashMap::try_from(self.map_mut(names::FLOWS)?)?;
+        let since_ns = flows
+            .get(key, 0)
+            .map(|f| f.since_ns)
+            .unwrap_or_else(|_| monotonic_ns());
+        flows.insert(
+            key,
+            Flow {
+                state,
+                _pad: 0,
+                since_ns,
+            },
+            0,
+        )?;
         Ok(())
     }
 
     /// Bans a source (by its tracking key) until `until_ns`.
     pub fn ban(&mut self, key: &SourceKey, until_ns: u64) -> Result<()> {
-        let mut bans: HashMap<&mut MapData, SourceKey, wsguard_common::Ban> = HashMap::try_from(self.map_mut(names::BANS)?)?;
-        bans.insert(key, wsguard_common::Ban { since_ns: monotonic_ns(), until_ns }, 0)?;
+        let mut bans: HashMap<&mut MapData, SourceKey, wsguard_common::Ban> =
+            HashMap::try_from(self.map_mut(names::BANS)?)?;
+        bans.insert(
+            key,
+            wsguard_common::Ban {
+                since_ns: monotonic_ns(),
+                until_ns,
+            },
+            0,
+        )?;
         Ok(())
     }
 
     /// Whether an address is on the allow list now.
     pub fn is_allow_listed(&self, addr: IpAddr) -> bool {
-        let Some(map) = self.ebpf.map(names::ALLOW) else { return false };
-        let Ok(list) = lists::List::<&MapData>::try_from(map) else { return false };
+        let Some(map) = self.ebpf.map(names::ALLOW) else {
+            return false;
+        };
+        let Ok(list) = lists::List::<&MapData>::try_from(map) else {
+            return false;
+        };
         let key = aya::maps::lpm_trie::Key::new(128, source_key(addr).addr);
         list.get(&key, 0).is_ok_and(|e| e.applies(monotonic_ns()))
     }
 
     /// Attaches the capture filter to a packet socket.
     pub fn attach_capture(&self, socket: std::os::fd::BorrowedFd<'_>) -> Result<()> {
-        let filter: &aya::programs::SocketFilter =
-            self.ebpf.program(programs::CAPTURE).context("capture program")?.try_into()?;
-        filter.attach(socket).context("cannot attach the capture filter")?;
+        let filter: &aya::programs::SocketFilter = self
+            .ebpf
+            .program(programs::CAPTURE)
+            .context("capture program")?
+            .try_into()?;
+        filter
+            .attach(socket)
+            .context("cannot attach the capture filter")?;
         Ok(())
     }
 
@@ -414,7 +535,8 @@ impl Kernel {
     }
 
     pub fn remove_ban(&mut self, key: &SourceKey) -> Result<()> {
-        let mut map: HashMap<&mut MapData, SourceKey, wsguard_common::Ban> = HashMap::try_from(self.map_mut(names::BANS)?)?;
+        let mut map: HashMap<&mut MapData, SourceKey, wsguard_common::Ban> =
+            HashMap::try_from(self.map_mut(names::BANS)?)?;
         map.remove(key)?;
         Ok(())
     }
@@ -424,7 +546,11 @@ impl Kernel {
         let mut swept = Vec::new();
         for (allow, name) in [(true, names::ALLOW), (false, names::DENY)] {
             let mut list: lists::List<&mut MapData> = LpmTrie::try_from(self.map_mut(name)?)?;
-            swept.extend(lists::sweep_expired(&mut list, now_ns)?.into_iter().map(|n| (allow, n)));
+            swept.extend(
+                lists::sweep_expired(&mut list, now_ns)?
+                    .into_iter()
+                    .map(|n| (allow, n)),
+            );
         }
         Ok(swept)
     }
@@ -447,7 +573,10 @@ impl Kernel {
 
 fn attach_error(interface: &str, mode: XdpMode, e: aya::programs::ProgramError) -> anyhow::Error {
     let detail = format!("{e:#}");
-    let hint = if detail.contains("No such device") || detail.contains("ENODEV") || detail.contains("unknown network interface") {
+    let hint = if detail.contains("No such device")
+        || detail.contains("ENODEV")
+        || detail.contains("unknown network interface")
+    {
         " (no such interface here)".to_string()
     } else if detail.contains("busy") || detail.contains("EBUSY") {
         " (another XDP program is attached; is another wsguard running?)".to_string()
@@ -477,4 +606,3 @@ pub fn sum_counters<T: std::borrow::Borrow<MapData>>(
         })
         .collect()
 }
-

@@ -19,7 +19,8 @@ use aya::{
 use ipnet::IpNet;
 use tracing::warn;
 use wsguard_common::{
-    Ban, Counter, Flow, FlowKey, HandshakeSettings, ListEntry, Reason, Settings, SourceKey, SourceState,
+    Ban, Counter, Flow, FlowKey, HandshakeSettings, ListEntry, Reason, Settings, SourceKey,
+    SourceState,
     counters::COUNTER_SLOTS,
     maps::{EVENTS_BYTES, GlobalState, LAYOUT_VERSION, LIST_CAPACITY, PORT_SLOTS, names},
 };
@@ -43,17 +44,57 @@ fn expected_layouts(config: &Config) -> [(&'static str, u32, u32, u32); 13] {
     [
         (names::SETTINGS, 4, size_of::<Settings>() as u32, 1),
         (names::PORTS, 4, 1, PORT_SLOTS),
-        (names::ALLOW, lpm_key, size_of::<ListEntry>() as u32, LIST_CAPACITY),
-        (names::DENY, lpm_key, size_of::<ListEntry>() as u32, LIST_CAPACITY),
-        (names::SOURCES, source_key, size_of::<SourceState>() as u32, config.max_sources),
-        (names::BANS, source_key, size_of::<Ban>() as u32, config.max_bans),
-        (names::CONNECTIONS, source_key, size_of::<u64>() as u32, config.max_sources),
+        (
+            names::ALLOW,
+            lpm_key,
+            size_of::<ListEntry>() as u32,
+            LIST_CAPACITY,
+        ),
+        (
+            names::DENY,
+            lpm_key,
+            size_of::<ListEntry>() as u32,
+            LIST_CAPACITY,
+        ),
+        (
+            names::SOURCES,
+            source_key,
+            size_of::<SourceState>() as u32,
+            config.max_sources,
+        ),
+        (
+            names::BANS,
+            source_key,
+            size_of::<Ban>() as u32,
+            config.max_bans,
+        ),
+        (
+            names::CONNECTIONS,
+            source_key,
+            size_of::<u64>() as u32,
+            config.max_sources,
+        ),
         (names::GLOBAL, 4, size_of::<GlobalState>() as u32, 1),
-        (names::COUNTERS, 4, size_of::<Counter>() as u32, COUNTER_SLOTS),
+        (
+            names::COUNTERS,
+            4,
+            size_of::<Counter>() as u32,
+            COUNTER_SLOTS,
+        ),
         (names::EVENTS, 0, 0, EVENTS_BYTES),
         (names::INSPECT, 4, 1, PORT_SLOTS),
-        (names::FLOWS, size_of::<FlowKey>() as u32, size_of::<Flow>() as u32, super::FLOW_CAPACITY),
-        (names::HANDSHAKE, 4, size_of::<HandshakeSettings>() as u32, 1),
+        (
+            names::FLOWS,
+            size_of::<FlowKey>() as u32,
+            size_of::<Flow>() as u32,
+            super::FLOW_CAPACITY,
+        ),
+        (
+            names::HANDSHAKE,
+            4,
+            size_of::<HandshakeSettings>() as u32,
+            1,
+        ),
     ]
 }
 
@@ -62,32 +103,45 @@ fn expected_layouts(config: &Config) -> [(&'static str, u32, u32, u32); 13] {
 /// a damaged pin) is removed first, so that it is created anew; that is said
 /// in the log, since its state is lost.
 pub fn prepare_map_pins(dir: &Path, config: &Config) -> Result<Vec<(&'static str, PathBuf)>> {
-    std::fs::create_dir_all(dir.join("links")).with_context(|| format!("cannot create pin directory {}", dir.display()))?;
+    std::fs::create_dir_all(dir.join("links"))
+        .with_context(|| format!("cannot create pin directory {}", dir.display()))?;
     // State left by an earlier run: a map missing from it is worth a word.
     let earlier_state = dir.join(names::COUNTERS).exists() || dir.join(names::BANS).exists();
     let mut out = Vec::new();
     for (name, key, value, max) in expected_layouts(config) {
         let path = dir.join(name);
         if !path.exists() && earlier_state {
-            warn!("pinned map {} is missing: creating it empty", path.display());
+            warn!(
+                "pinned map {} is missing: creating it empty",
+                path.display()
+            );
         }
         if path.exists() {
             let problem = match MapData::from_pin(&path) {
                 Err(e) => Some(format!("cannot be opened ({e})")),
                 Ok(map) => match map.info() {
                     Err(e) => Some(format!("cannot be inspected ({e})")),
-                    Ok(info) if (info.key_size(), info.value_size(), info.max_entries()) != (key, value, max) => Some(format!(
-                        "has key/value/entries {}/{}/{} where {key}/{value}/{max} are expected",
-                        info.key_size(),
-                        info.value_size(),
-                        info.max_entries()
-                    )),
+                    Ok(info)
+                        if (info.key_size(), info.value_size(), info.max_entries())
+                            != (key, value, max) =>
+                    {
+                        Some(format!(
+                            "has key/value/entries {}/{}/{} where {key}/{value}/{max} are expected",
+                            info.key_size(),
+                            info.value_size(),
+                            info.max_entries()
+                        ))
+                    }
                     Ok(_) => None,
                 },
             };
             if let Some(problem) = problem {
-                warn!("pinned map {} {problem}: rebuilding it empty", path.display());
-                std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+                warn!(
+                    "pinned map {} {problem}: rebuilding it empty",
+                    path.display()
+                );
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("cannot remove {}", path.display()))?;
             }
         }
         out.push((name, path));
@@ -111,9 +165,14 @@ pub struct PinnedState {
 impl PinnedState {
     pub fn open(dir: &Path) -> Result<PinnedState> {
         if !dir.join(names::COUNTERS).exists() {
-            anyhow::bail!("no wsguard state pinned at {}: has the agent run with this pin_path?", dir.display());
+            anyhow::bail!(
+                "no wsguard state pinned at {}: has the agent run with this pin_path?",
+                dir.display()
+            );
         }
-        Ok(PinnedState { dir: dir.to_owned() })
+        Ok(PinnedState {
+            dir: dir.to_owned(),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -122,14 +181,19 @@ impl PinnedState {
 
     fn map(&self, name: &str) -> Result<MapData> {
         let path = self.dir.join(name);
-        MapData::from_pin(&path).with_context(|| format!("cannot open pinned map {}", path.display()))
+        MapData::from_pin(&path)
+            .with_context(|| format!("cannot open pinned map {}", path.display()))
     }
 
     /// Whether programs are attached through pinned links (the agent runs,
     /// or stopped with keep_enforcing_on_exit).
     pub fn attached_links(&self) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(self.dir.join("links"))
-            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         names.sort();
         names
@@ -164,16 +228,23 @@ impl PinnedState {
     }
 
     fn counter_set(&self, dry_run: bool) -> Result<Vec<(Reason, Counter)>> {
-        let map: PerCpuArray<MapData, Counter> = PerCpuArray::try_from(Map::PerCpuArray(self.map(names::COUNTERS)?))?;
+        let map: PerCpuArray<MapData, Counter> =
+            PerCpuArray::try_from(Map::PerCpuArray(self.map(names::COUNTERS)?))?;
         super::sum_counters(&map, dry_run)
     }
 
     pub fn counter(&self, reason: Reason) -> Result<Counter> {
-        Ok(self.counters()?.into_iter().find(|(r, _)| *r == reason).map(|(_, c)| c).unwrap_or_default())
+        Ok(self
+            .counters()?
+            .into_iter()
+            .find(|(r, _)| *r == reason)
+            .map(|(_, c)| c)
+            .unwrap_or_default())
     }
 
     pub fn settings(&self) -> Result<Settings> {
-        let map: Array<MapData, Settings> = Array::try_from(Map::Array(self.map(names::SETTINGS)?))?;
+        let map: Array<MapData, Settings> =
+            Array::try_from(Map::Array(self.map(names::SETTINGS)?))?;
         Ok(map.get(&0, 0)?)
     }
 
@@ -200,7 +271,8 @@ impl PinnedState {
     }
 
     pub fn connections(&self) -> Result<Vec<(SourceKey, u64)>> {
-        let map: HashMap<MapData, SourceKey, u64> = HashMap::try_from(Map::HashMap(self.map(names::CONNECTIONS)?))?;
+        let map: HashMap<MapData, SourceKey, u64> =
+            HashMap::try_from(Map::HashMap(self.map(names::CONNECTIONS)?))?;
         Ok(map.iter().filter_map(|r| r.ok()).collect())
     }
 

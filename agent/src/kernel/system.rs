@@ -17,7 +17,8 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 /// Refuses to go on, with the missing capabilities named, unless the process
 /// can load BPF programs and attach them to interfaces.
 pub fn check_privileges() -> Result<()> {
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let effective = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
@@ -46,15 +47,26 @@ pub fn check_privileges() -> Result<()> {
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it so that
 /// large maps load there too. Harmless on newer kernels.
 pub fn raise_memlock() {
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        tracing::debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+        tracing::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    let existing = path.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
-    let Ok(c) = CString::new(existing.as_os_str().as_bytes()) else { return false };
+    let existing = path
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let Ok(c) = CString::new(existing.as_os_str().as_bytes()) else {
+        return false;
+    };
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
 }
@@ -65,7 +77,10 @@ fn is_bpffs(path: &Path) -> bool {
 /// host's bpffs and cgroup v2 mounts. (Where /proc/1 cannot be read, as in
 /// some sandboxes, this process's namespace is all there is to use.)
 fn host_namespace_elsewhere() -> bool {
-    match (std::fs::read_link("/proc/self/ns/mnt"), std::fs::read_link("/proc/1/ns/mnt")) {
+    match (
+        std::fs::read_link("/proc/self/ns/mnt"),
+        std::fs::read_link("/proc/1/ns/mnt"),
+    ) {
         (Ok(own), Ok(host)) => own != host,
         _ => false,
     }
@@ -96,7 +111,11 @@ pub fn resolve_pin_path(pin_path: &Path, mount: bool) -> Result<PathBuf> {
     // hide the first one's pins): check again under a lock.
     let lock = std::fs::File::create(std::env::temp_dir().join("wsguard-bpffs.lock"))?;
     if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-        bail!("cannot lock {}: {}", std::env::temp_dir().join("wsguard-bpffs.lock").display(), std::io::Error::last_os_error());
+        bail!(
+            "cannot lock {}: {}",
+            std::env::temp_dir().join("wsguard-bpffs.lock").display(),
+            std::io::Error::last_os_error()
+        );
     }
     if is_bpffs(pin_path) {
         return Ok(pin_path.to_owned());
@@ -112,15 +131,31 @@ pub fn resolve_pin_path(pin_path: &Path, mount: bool) -> Result<PathBuf> {
     }
     mount_bpffs(!elsewhere)?;
     tracing::info!("mounted the bpf filesystem at /sys/fs/bpf");
-    Ok(if elsewhere { host_view(pin_path) } else { pin_path.to_owned() })
+    Ok(if elsewhere {
+        host_view(pin_path)
+    } else {
+        pin_path.to_owned()
+    })
 }
 
 fn mount_bpffs(here: bool) -> Result<()> {
     if here {
         let target = CString::new("/sys/fs/bpf").unwrap();
         let fstype = CString::new("bpf").unwrap();
-        if unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) } != 0 {
-            bail!("cannot mount the bpf filesystem at /sys/fs/bpf: {}", std::io::Error::last_os_error());
+        if unsafe {
+            libc::mount(
+                fstype.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        } != 0
+        {
+            bail!(
+                "cannot mount the bpf filesystem at /sys/fs/bpf: {}",
+                std::io::Error::last_os_error()
+            );
         }
         return Ok(());
     }
@@ -137,9 +172,14 @@ fn mount_bpffs(here: bool) -> Result<()> {
             Ok(())
         })
     };
-    let out = mount.output().context("cannot run mount(8) in the host's mount namespace")?;
+    let out = mount
+        .output()
+        .context("cannot run mount(8) in the host's mount namespace")?;
     if !out.status.success() {
-        bail!("cannot mount the bpf filesystem at /sys/fs/bpf on the host: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "cannot mount the bpf filesystem at /sys/fs/bpf on the host: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -167,12 +207,17 @@ pub fn open_cgroup(configured: Option<&Path>) -> Result<(std::fs::File, PathBuf)
     if let Some(path) = configured {
         return Ok((open(path)?, path.to_owned()));
     }
-    let own = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let own =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     if let Some(path) = cgroup2_mount(&own) {
         return Ok((open(&path)?, path));
     }
     if host_namespace_elsewhere() {
-        if let Some(path) = std::fs::read_to_string("/proc/1/mountinfo").ok().as_deref().and_then(cgroup2_mount) {
+        if let Some(path) = std::fs::read_to_string("/proc/1/mountinfo")
+            .ok()
+            .as_deref()
+            .and_then(cgroup2_mount)
+        {
             let path = host_view(&path);
             return Ok((open(&path)?, path));
         }
@@ -181,7 +226,15 @@ pub fn open_cgroup(configured: Option<&Path>) -> Result<(std::fs::File, PathBuf)
     std::fs::create_dir_all(&dir)?;
     let target = CString::new(dir.as_os_str().as_bytes())?;
     let fstype = CString::new("cgroup2").unwrap();
-    let mounted = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) } == 0;
+    let mounted = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    } == 0;
     let result = if mounted {
         let file = open(&dir);
         unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
@@ -199,7 +252,10 @@ pub fn open_cgroup(configured: Option<&Path>) -> Result<(std::fs::File, PathBuf)
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock the kernel programs stamp bans with.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

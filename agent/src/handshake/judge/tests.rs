@@ -6,10 +6,16 @@ const NOW: u64 = 1_800_000_000;
 
 fn policy() -> Policy {
     Policy {
-        allowed_origins: ["https://app.example.com", "https://*.example.com"].iter().map(|o| OriginPattern::parse(o).unwrap()).collect(),
+        allowed_origins: ["https://app.example.com", "https://*.example.com"]
+            .iter()
+            .map(|o| OriginPattern::parse(o).unwrap())
+            .collect(),
         missing_origin: MissingOrigin::Reject,
         allowed_hosts: vec![],
-        allowed_paths: ["/ws", "/live/*"].iter().map(|p| PathPattern::parse(p).unwrap()).collect(),
+        allowed_paths: ["/ws", "/live/*"]
+            .iter()
+            .map(|p| PathPattern::parse(p).unwrap())
+            .collect(),
         max_request_bytes: 8192,
         non_upgrade_requests: NonUpgrade::Allow,
         ticket: None,
@@ -36,9 +42,33 @@ fn source() -> IpAddr {
 #[test]
 fn a_valid_upgrade_from_an_allowed_origin_is_accepted() {
     let p = policy();
-    assert_eq!(judge(&p, &request("/ws", &["Origin: https://app.example.com"]), source(), NOW), Verdict::Accept);
-    assert_eq!(judge(&p, &request("/live/prices?x=1", &["Origin: https://eu.app.example.com"]), source(), NOW), Verdict::Accept);
-    assert_eq!(judge(&p, &request("/ws", &["Origin: HTTPS://APP.EXAMPLE.COM:443"]), source(), NOW), Verdict::Accept);
+    assert_eq!(
+        judge(
+            &p,
+            &request("/ws", &["Origin: https://app.example.com"]),
+            source(),
+            NOW
+        ),
+        Verdict::Accept
+    );
+    assert_eq!(
+        judge(
+            &p,
+            &request("/live/prices?x=1", &["Origin: https://eu.app.example.com"]),
+            source(),
+            NOW
+        ),
+        Verdict::Accept
+    );
+    assert_eq!(
+        judge(
+            &p,
+            &request("/ws", &["Origin: HTTPS://APP.EXAMPLE.COM:443"]),
+            source(),
+            NOW
+        ),
+        Verdict::Accept
+    );
 }
 
 #[test]
@@ -53,23 +83,72 @@ fn origins_match_exactly_or_by_subdomain_never_by_suffix() {
         "null",
         "https://app.example.com/",
     ] {
-        assert_eq!(judge(&p, &request("/ws", &[&format!("Origin: {bad}")]), source(), NOW), Verdict::Reject(Rejection::BadOrigin), "{bad}");
+        assert_eq!(
+            judge(
+                &p,
+                &request("/ws", &[&format!("Origin: {bad}")]),
+                source(),
+                NOW
+            ),
+            Verdict::Reject(Rejection::BadOrigin),
+            "{bad}"
+        );
     }
-    assert_eq!(judge(&p, &request("/ws", &[]), source(), NOW), Verdict::Reject(Rejection::MissingOrigin));
-    let allow_missing = Policy { missing_origin: MissingOrigin::Allow, ..policy() };
-    assert_eq!(judge(&allow_missing, &request("/ws", &[]), source(), NOW), Verdict::Accept);
+    assert_eq!(
+        judge(&p, &request("/ws", &[]), source(), NOW),
+        Verdict::Reject(Rejection::MissingOrigin)
+    );
+    let allow_missing = Policy {
+        missing_origin: MissingOrigin::Allow,
+        ..policy()
+    };
+    assert_eq!(
+        judge(&allow_missing, &request("/ws", &[]), source(), NOW),
+        Verdict::Accept
+    );
 }
 
 #[test]
 fn paths_and_hosts_follow_the_policy() {
     let p = policy();
     for bad in ["/", "/wss", "/live", "/lively", "/ws/x"] {
-        assert_eq!(judge(&p, &request(bad, &["Origin: https://app.example.com"]), source(), NOW), Verdict::Reject(Rejection::BadPath), "{bad}");
+        assert_eq!(
+            judge(
+                &p,
+                &request(bad, &["Origin: https://app.example.com"]),
+                source(),
+                NOW
+            ),
+            Verdict::Reject(Rejection::BadPath),
+            "{bad}"
+        );
     }
-    let hosts = Policy { allowed_hosts: vec!["chat.example.com".into()], ..policy() };
-    assert_eq!(judge(&hosts, &request("/ws", &["Origin: https://app.example.com"]), source(), NOW), Verdict::Accept);
-    let other = Policy { allowed_hosts: vec!["other.example.com".into()], ..policy() };
-    assert_eq!(judge(&other, &request("/ws", &["Origin: https://app.example.com"]), source(), NOW), Verdict::Reject(Rejection::BadHost));
+    let hosts = Policy {
+        allowed_hosts: vec!["chat.example.com".into()],
+        ..policy()
+    };
+    assert_eq!(
+        judge(
+            &hosts,
+            &request("/ws", &["Origin: https://app.example.com"]),
+            source(),
+            NOW
+        ),
+        Verdict::Accept
+    );
+    let other = Policy {
+        allowed_hosts: vec!["other.example.com".into()],
+        ..policy()
+    };
+    assert_eq!(
+        judge(
+            &other,
+            &request("/ws", &["Origin: https://app.example.com"]),
+            source(),
+            NOW
+        ),
+        Verdict::Reject(Rejection::BadHost)
+    );
 }
 
 #[test]
@@ -77,17 +156,42 @@ fn the_rfc_6455_request_checks() {
     let p = policy();
     let origin = "Origin: https://app.example.com";
     let head = |text: &str| format!("{text}\r\n\r\n").into_bytes();
-    let bad_version = head("GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: https://app.example.com");
-    assert_eq!(judge(&p, &bad_version, source(), NOW), Verdict::Reject(Rejection::BadVersion));
-    let bad_key = head("GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: c2hvcnQ=\r\nOrigin: https://app.example.com");
-    assert_eq!(judge(&p, &bad_key, source(), NOW), Verdict::Reject(Rejection::BadKey));
+    let bad_version = head(
+        "GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: https://app.example.com",
+    );
+    assert_eq!(
+        judge(&p, &bad_version, source(), NOW),
+        Verdict::Reject(Rejection::BadVersion)
+    );
+    let bad_key = head(
+        "GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: c2hvcnQ=\r\nOrigin: https://app.example.com",
+    );
+    assert_eq!(
+        judge(&p, &bad_key, source(), NOW),
+        Verdict::Reject(Rejection::BadKey)
+    );
     let no_upgrade = head(&format!("GET /ws HTTP/1.1\r\nHost: h\r\n{origin}"));
-    assert_eq!(judge(&p, &no_upgrade, source(), NOW), Verdict::AcceptPlainHttp);
-    let strict = Policy { non_upgrade_requests: NonUpgrade::Reject, ..policy() };
-    assert_eq!(judge(&strict, &no_upgrade, source(), NOW), Verdict::Reject(Rejection::NotAnUpgrade));
+    assert_eq!(
+        judge(&p, &no_upgrade, source(), NOW),
+        Verdict::AcceptPlainHttp
+    );
+    let strict = Policy {
+        non_upgrade_requests: NonUpgrade::Reject,
+        ..policy()
+    };
+    assert_eq!(
+        judge(&strict, &no_upgrade, source(), NOW),
+        Verdict::Reject(Rejection::NotAnUpgrade)
+    );
     let post = head("POST /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade");
-    assert_eq!(judge(&strict, &post, source(), NOW), Verdict::Reject(Rejection::NotAnUpgrade));
-    assert_eq!(judge(&strict, b"\x16\x03\x01\x02\x00 TLS hello", source(), NOW), Verdict::Reject(Rejection::NotAnUpgrade));
+    assert_eq!(
+        judge(&strict, &post, source(), NOW),
+        Verdict::Reject(Rejection::NotAnUpgrade)
+    );
+    assert_eq!(
+        judge(&strict, b"\x16\x03\x01\x02\x00 TLS hello", source(), NOW),
+        Verdict::Reject(Rejection::NotAnUpgrade)
+    );
 }
 
 #[test]
@@ -95,44 +199,113 @@ fn heads_are_judged_only_when_complete_and_within_size() {
     let p = policy();
     let full = request("/ws", &["Origin: https://app.example.com"]);
     for cut in [1, 10, full.len() / 2, full.len() - 1] {
-        assert_eq!(judge(&p, &full[..cut], source(), NOW), Verdict::Incomplete, "cut at {cut}");
+        assert_eq!(
+            judge(&p, &full[..cut], source(), NOW),
+            Verdict::Incomplete,
+            "cut at {cut}"
+        );
     }
-    let big = request("/ws", &["Origin: https://app.example.com", &format!("X-Pad: {}", "a".repeat(9000))]);
-    assert_eq!(judge(&p, &big, source(), NOW), Verdict::Reject(Rejection::TooLarge));
-    assert_eq!(judge(&p, &big[..8500], source(), NOW), Verdict::Reject(Rejection::TooLarge), "an unfinished head past the limit");
+    let big = request(
+        "/ws",
+        &[
+            "Origin: https://app.example.com",
+            &format!("X-Pad: {}", "a".repeat(9000)),
+        ],
+    );
+    assert_eq!(
+        judge(&p, &big, source(), NOW),
+        Verdict::Reject(Rejection::TooLarge)
+    );
+    assert_eq!(
+        judge(&p, &big[..8500], source(), NOW),
+        Verdict::Reject(Rejection::TooLarge),
+        "an unfinished head past the limit"
+    );
 }
 
 #[test]
 fn tickets_are_required_and_checked() {
     let p = Policy {
-        ticket: Some(TicketPolicy { required: true, secret: SECRET.to_vec(), query_param: "ticket".into(), max_age_secs: 60, bind_to_source_ip: true }),
+        ticket: Some(TicketPolicy {
+            required: true,
+            secret: SECRET.to_vec(),
+            query_param: "ticket".into(),
+            max_age_secs: 60,
+            bind_to_source_ip: true,
+        }),
         ..policy()
     };
     let origin = "Origin: https://app.example.com";
     let with = |t: &str| request(&format!("/ws?room=1&ticket={t}"), &[origin]);
     let good = ticket::mint(SECRET, NOW + 30, Some(source()));
     assert_eq!(judge(&p, &with(&good), source(), NOW), Verdict::Accept);
-    assert_eq!(judge(&p, &request("/ws", &[origin]), source(), NOW), Verdict::Reject(Rejection::TicketMissing));
-    assert_eq!(judge(&p, &with(&ticket::mint(SECRET, NOW - 1, Some(source()))), source(), NOW), Verdict::Reject(Rejection::TicketExpired));
     assert_eq!(
-        judge(&p, &with(&ticket::mint(SECRET, NOW + 30, Some("198.18.0.9".parse().unwrap()))), source(), NOW),
+        judge(&p, &request("/ws", &[origin]), source(), NOW),
+        Verdict::Reject(Rejection::TicketMissing)
+    );
+    assert_eq!(
+        judge(
+            &p,
+            &with(&ticket::mint(SECRET, NOW - 1, Some(source()))),
+            source(),
+            NOW
+        ),
+        Verdict::Reject(Rejection::TicketExpired)
+    );
+    assert_eq!(
+        judge(
+            &p,
+            &with(&ticket::mint(
+                SECRET,
+                NOW + 30,
+                Some("198.18.0.9".parse().unwrap())
+            )),
+            source(),
+            NOW
+        ),
         Verdict::Reject(Rejection::TicketWrongIp)
     );
     let mut tampered = good.clone();
     tampered.replace_range(3..4, if &good[3..4] == "A" { "B" } else { "A" });
-    assert_eq!(judge(&p, &with(&tampered), source(), NOW), Verdict::Reject(Rejection::TicketBadSignature));
+    assert_eq!(
+        judge(&p, &with(&tampered), source(), NOW),
+        Verdict::Reject(Rejection::TicketBadSignature)
+    );
     // Origin is checked before the ticket: a hijack from another site never gets as far.
-    assert_eq!(judge(&p, &request(&format!("/ws?ticket={good}"), &["Origin: https://evil.net"]), source(), NOW), Verdict::Reject(Rejection::BadOrigin));
+    assert_eq!(
+        judge(
+            &p,
+            &request(&format!("/ws?ticket={good}"), &["Origin: https://evil.net"]),
+            source(),
+            NOW
+        ),
+        Verdict::Reject(Rejection::BadOrigin)
+    );
 }
 
 #[test]
 fn patterns_refuse_what_they_cannot_mean() {
-    for bad in ["app.example.com", "https://", "https://*.", "https://a.*.com", "https://x.com/path", "ftp://x.com"] {
+    for bad in [
+        "app.example.com",
+        "https://",
+        "https://*.",
+        "https://a.*.com",
+        "https://x.com/path",
+        "ftp://x.com",
+    ] {
         assert!(OriginPattern::parse(bad).is_err(), "{bad}");
     }
     for bad in ["ws", "/a*/b", "/*/x"] {
         assert!(PathPattern::parse(bad).is_err(), "{bad}");
     }
-    assert!(OriginPattern::parse("http://localhost:8080").unwrap().matches("http://localhost:8080"));
-    assert!(OriginPattern::parse("http://[::1]:8080").unwrap().matches("http://[::1]:8080"));
+    assert!(
+        OriginPattern::parse("http://localhost:8080")
+            .unwrap()
+            .matches("http://localhost:8080")
+    );
+    assert!(
+        OriginPattern::parse("http://[::1]:8080")
+            .unwrap()
+            .matches("http://[::1]:8080")
+    );
 }
