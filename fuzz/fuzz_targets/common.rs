@@ -1,15 +1,23 @@
 //! The policy the targets judge with: every check on, tickets required.
 
-use wsguard::handshake::{MissingOrigin, NonUpgrade, OriginPattern, PathPattern, Policy, TicketPolicy};
+use wsguard::handshake::{
+    MissingOrigin, NonUpgrade, OriginPattern, PathPattern, Policy, TicketPolicy,
+};
 
 pub const SECRET: &[u8] = b"a fuzzing secret that is long enough to use";
 
 pub fn policy(max_request_bytes: usize) -> Policy {
     Policy {
-        allowed_origins: ["https://app.example.com", "https://*.example.com"].iter().map(|o| OriginPattern::parse(o).unwrap()).collect(),
+        allowed_origins: ["https://app.example.com", "https://*.example.com"]
+            .iter()
+            .map(|o| OriginPattern::parse(o).unwrap())
+            .collect(),
         missing_origin: MissingOrigin::Reject,
         allowed_hosts: vec!["chat.example.com".into()],
-        allowed_paths: ["/ws", "/live/*"].iter().map(|p| PathPattern::parse(p).unwrap()).collect(),
+        allowed_paths: ["/ws", "/live/*"]
+            .iter()
+            .map(|p| PathPattern::parse(p).unwrap())
+            .collect(),
         max_request_bytes,
         non_upgrade_requests: NonUpgrade::Reject,
         ticket: Some(TicketPolicy {

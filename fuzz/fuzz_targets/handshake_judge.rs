@@ -14,7 +14,10 @@ fuzz_target!(|data: &[u8]| {
     if verdict == Verdict::Accept {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut request = httparse::Request::new(&mut headers);
-        assert!(matches!(request.parse(data), Ok(httparse::Status::Complete(_))), "accepted an incomplete head");
+        assert!(
+            matches!(request.parse(data), Ok(httparse::Status::Complete(_))),
+            "accepted an incomplete head"
+        );
         assert_eq!(request.method, Some("GET"));
     }
 });

@@ -3,10 +3,16 @@
 //! the head in one segment, never panics, and holds no more than its bound.
 #![no_main]
 
-use std::{net::SocketAddr, time::{Duration, Instant}};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use libfuzzer_sys::fuzz_target;
-use wsguard::handshake::{capture::Segment, inspector::{Inspector, Outcome}};
+use wsguard::handshake::{
+    capture::Segment,
+    inspector::{Inspector, Outcome},
+};
 
 #[path = "common.rs"]
 mod common;
@@ -18,10 +24,26 @@ fn run(pieces: &[(u32, &[u8])]) -> Vec<Outcome> {
     let client = SocketAddr::from(([198, 18, 0, 7], 40000));
     let server = SocketAddr::from(([198, 18, 0, 1], 8080));
     let now = Instant::now();
-    let segment = |seq, syn, payload: &[u8]| Segment { client, server, seq, syn, fin_or_rst: false, payload: payload.to_vec() };
-    let mut out: Vec<Outcome> = inspector.on_segment(segment(999, true, b""), now, 1_800_000_000).into_iter().map(|(_, o)| o).collect();
+    let segment = |seq, syn, payload: &[u8]| Segment {
+        client,
+        server,
+        seq,
+        syn,
+        fin_or_rst: false,
+        payload: payload.to_vec(),
+    };
+    let mut out: Vec<Outcome> = inspector
+        .on_segment(segment(999, true, b""), now, 1_800_000_000)
+        .into_iter()
+        .map(|(_, o)| o)
+        .collect();
     for (seq, bytes) in pieces {
-        out.extend(inspector.on_segment(segment(*seq, false, bytes), now, 1_800_000_000).into_iter().map(|(_, o)| o));
+        out.extend(
+            inspector
+                .on_segment(segment(*seq, false, bytes), now, 1_800_000_000)
+                .into_iter()
+                .map(|(_, o)| o),
+        );
     }
     assert!(inspector.pending() <= 1);
     out
@@ -29,17 +51,30 @@ fn run(pieces: &[(u32, &[u8])]) -> Vec<Outcome> {
 
 fuzz_target!(|data: &[u8]| {
     // First byte: how many cuts; the next ones: where; the rest: the head.
-    let (&n, rest) = match data.split_first() { Some(x) => x, None => return };
+    let (&n, rest) = match data.split_first() {
+        Some(x) => x,
+        None => return,
+    };
     let cuts = (n % 8) as usize;
-    if rest.len() < cuts { return; }
+    if rest.len() < cuts {
+        return;
+    }
     let (points, head) = rest.split_at(cuts);
-    if head.is_empty() { return; }
-    let mut bounds: Vec<usize> = points.iter().map(|p| *p as usize * head.len() / 256).collect();
+    if head.is_empty() {
+        return;
+    }
+    let mut bounds: Vec<usize> = points
+        .iter()
+        .map(|p| *p as usize * head.len() / 256)
+        .collect();
     bounds.push(0);
     bounds.push(head.len());
     bounds.sort_unstable();
     bounds.dedup();
-    let pieces: Vec<(u32, &[u8])> = bounds.windows(2).map(|w| (1000 + w[0] as u32, &head[w[0]..w[1]])).collect();
+    let pieces: Vec<(u32, &[u8])> = bounds
+        .windows(2)
+        .map(|w| (1000 + w[0] as u32, &head[w[0]..w[1]]))
+        .collect();
 
     let whole = run(&[(1000, head)]);
     let in_order = run(&pieces);
@@ -60,6 +95,9 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(reversed, whole, "reversed");
     }
     for verdicts in [&whole, &in_order, &repeated, &reversed] {
-        assert!(verdicts.len() <= 1, "more than one verdict for one connection: {verdicts:?}");
+        assert!(
+            verdicts.len() <= 1,
+            "more than one verdict for one connection: {verdicts:?}"
+        );
     }
 });
