@@ -38,11 +38,10 @@ pub fn run(ctx: &XdpContext) -> u32 {
             }
         }
         Parsed::Tcp(segment) => {
-            let reason = judge_segment(ctx, settings, &segment, frame.len());
-            if reason == Reason::Passed && segment.opens_connection {
-                track_handshake(&segment);
-            }
-            reason
+            // Looked up once per packet, used for both handshake checks below.
+            let inspected =
+                handshake_settings().is_some() && is_inspected_port(segment.destination_port);
+            judge_segment(ctx, settings, &segment, frame.len(), inspected)
         }
         Parsed::Fragment(source) => {
             source_rules(settings, &source, now_ns()).unwrap_or(Reason::PassedFragment)
@@ -99,12 +98,18 @@ fn is_banned(key: &SourceKey, now: u64) -> bool {
 }
 
 #[inline(always)]
-fn judge_segment(ctx: &XdpContext, settings: &Settings, segment: &TcpSegment, len: u64) -> Reason {
+fn judge_segment(
+    ctx: &XdpContext,
+    settings: &Settings,
+    segment: &TcpSegment,
+    len: u64,
+    inspected: bool,
+) -> Reason {
     let now = now_ns();
     if let Some(reason) = source_rules(settings, &segment.source, now) {
         return reason;
     }
-    if is_rejected_flow(segment) {
+    if inspected && is_rejected_flow(segment) {
         return Reason::FlowRejected;
     }
     let key = tracking_key(settings, &segment.source);
@@ -125,30 +130,28 @@ fn judge_segment(ctx: &XdpContext, settings: &Settings, segment: &TcpSegment, le
     }
     // Per-source limits first, so a flooding source is charged to itself
     // before it can use up the budget shared by everyone.
-    global_limits(settings, segment, now, len).unwrap_or(Reason::Passed)
+    let reason = global_limits(settings, segment, now, len).unwrap_or(Reason::Passed);
+    if inspected && reason == Reason::Passed && segment.opens_connection {
+        track_handshake(segment, now);
+    }
+    reason
 }
 
 /// A connection to an inspected port whose handshake the agent rejected:
 /// its further packets never reach the server.
 #[inline(always)]
 fn is_rejected_flow(segment: &TcpSegment) -> bool {
-    if handshake_settings().is_none() || !is_inspected_port(segment.destination_port) {
-        return false;
-    }
     matches!(FLOWS.get_ptr(&flow_from_client(segment)), Some(flow) if unsafe { (*flow).state } == Flow::REJECTED)
 }
 
 /// A new connection to an inspected port awaits its handshake's verdict.
 /// (A reused 4-tuple starts afresh.)
 #[inline(always)]
-fn track_handshake(segment: &TcpSegment) {
-    if handshake_settings().is_none() || !is_inspected_port(segment.destination_port) {
-        return;
-    }
+fn track_handshake(segment: &TcpSegment, now: u64) {
     let flow = Flow {
         state: Flow::PENDING,
         _pad: 0,
-        since_ns: now_ns(),
+        since_ns: now,
     };
     let _ = FLOWS.insert(&flow_from_client(segment), &flow, 0);
 }
