@@ -100,7 +100,18 @@ fn run_without_privileges_says_which_are_missing() {
         std::os::unix::fs::PermissionsExt::from_mode(0o644),
     )
     .unwrap();
-    let out = Command::new(binary())
+    // The tree may sit in a directory only root can enter (a 0700 mktemp
+    // dir): run a copy from a place the unprivileged user can reach.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let copy = dir.path().join("wsguard");
+    std::fs::copy(binary(), &copy).unwrap();
+    std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = Command::new(&copy)
         .args(["run", "--config", f.path().to_str().unwrap()])
         .uid(65534)
         .gid(65534)
