@@ -109,7 +109,9 @@ fn judge_segment(
     if let Some(reason) = source_rules(settings, &segment.source, now) {
         return reason;
     }
-    if inspected && is_rejected_flow(segment) {
+    // A SYN on a rejected connection's ports is a new connection (clients
+    // reuse ports): it is tracked afresh below, not dropped with the old one.
+    if inspected && !segment.opens_connection && is_rejected_flow(segment) {
         return Reason::FlowRejected;
     }
     let key = tracking_key(settings, &segment.source);

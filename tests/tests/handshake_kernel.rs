@@ -227,3 +227,28 @@ fn a_rejected_connection_is_dropped_both_ways_but_the_servers_rst_passes() {
     let other = Packet::data(client(), INSPECTED, 40).with(|p| p.src_port = 40001);
     assert_eq!(h.run(&other.bytes()), XDP_PASS);
 }
+
+/// Clients reuse source ports: a new SYN on the 4-tuple of a rejected
+/// connection is a new connection, judged afresh, not part of the old one.
+#[test]
+fn a_new_connection_on_a_rejected_connections_ports_is_judged_afresh() {
+    let mut h = harness(SECOND, false);
+    let syn = Packet::syn(client(), INSPECTED);
+    assert_eq!(h.run(&syn.bytes()), XDP_PASS);
+    h.set_flow(
+        &key(&syn),
+        Flow {
+            state: Flow::REJECTED,
+            _pad: 0,
+            since_ns: 1,
+        },
+    );
+    assert_eq!(h.run(&syn.bytes()), XDP_PASS, "the new SYN");
+    assert_eq!(h.flow(&key(&syn)).map(|f| f.state), Some(Flow::PENDING));
+    assert_eq!(
+        h.run_egress(&syn.reply(TCP_SYN | TCP_ACK, 0).bytes()),
+        TC_ACT_OK,
+        "the server's SYN-ACK"
+    );
+    assert_eq!(h.packets(Reason::FlowRejected), 0);
+}
