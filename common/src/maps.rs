@@ -25,6 +25,8 @@ pub mod programs {
     pub const CONNECTION_TRACKER: &str = "wsguard_connections";
     pub const CAPTURE: &str = "wsguard_capture";
     pub const EGRESS: &str = "wsguard_egress";
+    /// XDP_PASS and nothing else: the benchmarks' floor, never attached.
+    pub const FLOOR: &str = "wsguard_floor";
 }
 
 /// Entries in the port array: one per TCP port, non-zero when protected.

@@ -9,6 +9,7 @@
 //!   handshake's verdict, and drops rejected connections.
 //! - `wsguard_capture` (socket filter): hands the agent the request heads of
 //!   connections awaiting a verdict.
+//! - `wsguard_floor` (XDP): returns XDP_PASS, a baseline for benchmarks.
 #![no_std]
 #![no_main]
 // Atomic add on map values: the BPF target has no core::sync::atomic RMW types.
@@ -48,6 +49,13 @@ pub fn wsguard_egress(ctx: TcContext) -> i32 {
 #[socket_filter]
 pub fn wsguard_capture(ctx: SkBuffContext) -> i64 {
     capture::run(&ctx)
+}
+
+/// Returns XDP_PASS and does nothing else: the floor the benchmarks measure
+/// `wsguard_ingress` against. The agent never loads or attaches it.
+#[xdp]
+pub fn wsguard_floor(_ctx: XdpContext) -> u32 {
+    aya_ebpf::bindings::xdp_action::XDP_PASS
 }
 
 #[cfg(not(test))]

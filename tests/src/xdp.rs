@@ -1,14 +1,22 @@
 //! The XDP program loaded into the kernel (not attached) and driven with
 //! crafted frames through BPF_PROG_TEST_RUN.
 
-use std::{collections::HashMap as StdHashMap, path::Path, time::Duration};
+use std::{
+    collections::HashMap as StdHashMap,
+    os::fd::{AsFd, AsRawFd},
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{Array, HashMap, MapData},
+    maps::{Array, HashMap, IterableMap, LpmTrie, MapData},
     programs::{SchedClassifier, SocketFilter, TestRun, TestRunOptions, Xdp},
 };
-use wsguard::{config::Config, kernel::Kernel};
+use wsguard::{
+    config::Config,
+    kernel::{Kernel, lists},
+};
 use wsguard_common::{
     Ban, Counter, Flow, FlowKey, HandshakeSettings, Reason, SourceKey, SourceState,
     maps::{names, programs},
@@ -40,13 +48,44 @@ impl XdpHarness {
         })
     }
 
-    fn program(&self) -> Result<&Xdp> {
+    fn program(&self, name: &str) -> Result<&Xdp> {
         let p = self
             .kernel
             .ebpf()
-            .program(programs::INGRESS)
-            .context("xdp program")?;
+            .program(name)
+            .with_context(|| format!("no XDP program {name}"))?;
         Ok(p.try_into()?)
+    }
+
+    /// Loads `wsguard_floor` (XDP_PASS and nothing else), which the agent
+    /// never loads, for [`XdpHarness::run_floor`].
+    pub fn load_floor(&mut self) -> Result<()> {
+        let p: &mut Xdp = self
+            .kernel
+            .ebpf_mut()
+            .program_mut(programs::FLOOR)
+            .context("no floor program in the object")?
+            .try_into()?;
+        p.load()?;
+        Ok(())
+    }
+
+    /// Like [`XdpHarness::run_repeat`], through the floor program.
+    pub fn run_floor(&self, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
+        self.test_run(programs::FLOOR, frame, repeat)
+    }
+
+    fn test_run(&self, program: &str, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..Default::default()
+        };
+        let result = self
+            .program(program)?
+            .test_run(opts)
+            .context("BPF_PROG_TEST_RUN")?;
+        Ok((result.return_value, result.duration))
     }
 
     /// Runs one frame through the program and returns its verdict.
@@ -57,16 +96,7 @@ impl XdpHarness {
     /// Runs one frame `repeat` times; returns the verdict and the kernel's
     /// mean time per run.
     pub fn run_repeat(&self, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            repeat,
-            ..Default::default()
-        };
-        let result = self
-            .program()?
-            .test_run(opts)
-            .context("BPF_PROG_TEST_RUN")?;
-        Ok((result.return_value, result.duration))
+        self.test_run(programs::INGRESS, frame, repeat)
     }
 
     /// Runs a frame through the TC egress program.
@@ -193,6 +223,36 @@ impl XdpHarness {
         self.hash_mut::<Ban>(names::BANS)
             .insert(key, ban, 0)
             .expect("writing ban");
+    }
+
+    /// Writes a tracked source's state, as the kernel would on its first packet.
+    pub fn set_source(&mut self, key: &SourceKey, state: SourceState) -> Result<()> {
+        self.hash_mut::<SourceState>(names::SOURCES)
+            .insert(key, state, 0)
+            .context("writing a tracked source")
+    }
+
+    /// Adds `net` to the deny list, as `wsguard deny add` does.
+    pub fn deny(&mut self, net: &ipnet::IpNet) -> Result<()> {
+        let map = self
+            .kernel
+            .ebpf_mut()
+            .map_mut(names::DENY)
+            .context("deny map")?;
+        let mut list: lists::List<&mut MapData> = LpmTrie::try_from(map)?;
+        lists::add_runtime(&mut list, net, 0)
+    }
+
+    /// Bytes the kernel charges for the map of tracked sources (`memlock` in
+    /// its fdinfo), which is preallocated for `tracking.max_sources` entries.
+    pub fn sources_map_bytes(&self) -> Result<u64> {
+        let map = self.hash::<SourceState>(names::SOURCES);
+        let fd = map.map().fd().as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+            .context("no memlock in the map's fdinfo")
     }
 
     pub fn set_open_connections(&mut self, key: &SourceKey, open: u64) {

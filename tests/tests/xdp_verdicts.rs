@@ -626,3 +626,24 @@ fn a_tcp_header_cut_after_its_ports_is_judged_by_its_port() {
 }
 
 const UNPROTECTED_PORT: u16 = 22;
+
+/// The benchmarks' baseline: `wsguard_floor` passes every frame, counts
+/// nothing and leaves no state, so the cost measured next to it is wsguard's
+/// alone.
+#[test]
+fn the_floor_program_passes_everything_and_touches_no_map() {
+    let mut h = harness("new_connections = \"1/m\"\nnew_connections_burst = 1\n", "");
+    h.load_floor().unwrap();
+    for frame in [
+        Packet::syn(v4(60), PORT).bytes(),
+        Packet::data(v4(60), PORT, 100).bytes(),
+        Packet::udp(v4(60), PORT).bytes(),
+        arp(),
+    ] {
+        for _ in 0..3 {
+            assert_eq!(h.run_floor(&frame, 1).unwrap().0, XDP_PASS);
+        }
+    }
+    assert!(h.nonzero().is_empty());
+    assert!(h.tracked_sources().is_empty());
+}

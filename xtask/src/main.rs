@@ -37,6 +37,15 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build, then run the benchmarks (as root): cost per packet, scale,
+    /// protection under flood next to iptables and nftables, enforcement
+    /// latency and overhead. Writes docs/benchmarks.md and docs/benchmarks/.
+    Bench {
+        /// A few minutes instead of a quarter of an hour: fewer rounds,
+        /// shorter phases.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Run the fuzz targets (fuzz/) for longer than the test run does.
     Fuzz {
         /// Seconds per target.
@@ -134,6 +143,22 @@ fn run(cli: Cli) -> Result<()> {
             println!("tests: {passed} passed, {failed} failed");
             if !status.success() || failed > 0 {
                 bail!("tests failed ({status}, {failed} failed)");
+            }
+        }
+        Task::Bench { quick } => {
+            let binary = build(&root)?;
+            require_root("cargo xtask bench")?;
+            prerequisites::ensure_bench_tools()?;
+            let status = Command::new(cargo())
+                .current_dir(&root)
+                .args(["run", "--release", "--package", "wsguard-bench", "--"])
+                .args(quick.then_some("--quick"))
+                .args(["--docs", &root.join("docs").display().to_string()])
+                .env("WSGUARD_BIN", &binary)
+                .status()
+                .context("cannot run the benchmarks")?;
+            if !status.success() {
+                bail!("the benchmarks failed ({status})");
             }
         }
         Task::Fuzz { seconds, target } => {

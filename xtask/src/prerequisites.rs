@@ -106,18 +106,32 @@ pub fn ensure_cargo_fuzz() -> Result<()> {
 /// Programs the tests drive: `ip` (namespaces and veth pairs) and
 /// `systemd-analyze` (verifying the shipped unit).
 pub fn ensure_test_tools() -> Result<()> {
-    let missing: Vec<&str> = [("ip", "iproute2"), ("systemd-analyze", "systemd")]
-        .into_iter()
+    ensure_packages(&[("ip", "iproute2"), ("systemd-analyze", "systemd")])
+}
+
+/// What the benchmarks compare against and drive: iptables and nftables.
+pub fn ensure_bench_tools() -> Result<()> {
+    ensure_packages(&[
+        ("ip", "iproute2"),
+        ("iptables", "iptables"),
+        ("nft", "nftables"),
+    ])
+}
+
+/// Installs, from Debian's packages, whichever of `(program, package)` is missing.
+fn ensure_packages(wanted: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = wanted
+        .iter()
         .filter(|(bin, _)| {
             quiet(Command::new("sh").args(["-c", &format!("command -v {bin}")])).is_none()
         })
-        .map(|(_, package)| package)
+        .map(|(_, package)| *package)
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
     run_step(
-        "apt-get update (to install test tools)",
+        "apt-get update (to install missing tools)",
         Command::new("apt-get").args(["update", "-q"]),
     )?;
     run_step(

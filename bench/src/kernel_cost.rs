@@ -1,0 +1,385 @@
+//! Cost per packet of the XDP program as the kernel measures it
+//! (BPF_PROG_TEST_RUN), next to `wsguard_floor`, which only returns XDP_PASS:
+//! sections 1 (per decision path) and 2 (with many sources tracked), and the
+//! in-kernel half of ban latency.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use anyhow::{Result, bail, ensure};
+use serde::Serialize;
+use wsguard::{kernel::source_key, status::source_addr};
+use wsguard_common::{Ban, Reason, SourceState};
+use wsguard_tests::{
+    packets::Packet,
+    xdp::{XDP_DROP, XDP_PASS, XdpHarness},
+};
+
+use crate::stats::Spread;
+
+const PORT: u16 = 8080;
+const UNPROTECTED_PORT: u16 = 9999;
+
+/// How long each measurement runs.
+#[derive(Clone, Copy)]
+pub struct Effort {
+    /// BPF_PROG_TEST_RUN repeat count for one frame.
+    pub repeat: u32,
+    /// Rounds; every case is measured once per round, next to the floor.
+    pub rounds: usize,
+    /// Distinct frames per round where each frame can run only once (new
+    /// sources, cold lookups).
+    pub singles: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CostRow {
+    pub case: String,
+    pub verdict: &'static str,
+    /// Nanoseconds per packet.
+    pub ns: Spread,
+    /// `ns` over the floor's, measured next to it in the same round.
+    pub ratio: Spread,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ScaleRow {
+    /// `tracking.max_sources`, which the map was filled to.
+    pub sources: u32,
+    /// Entries the map held after filling.
+    pub tracked: u32,
+    /// Map memory the kernel charges per tracked source.
+    pub bytes_per_source: f64,
+    pub map_mib: f64,
+    pub rows: Vec<CostRow>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BanLatency {
+    pub after_drops: u32,
+    /// Packets the kernel let through between the drop that crossed the
+    /// threshold and the first drop for the ban (0: the very next one).
+    pub packets_through_after_crossing: u64,
+    /// Cost of the packet that crossed the threshold and wrote the ban.
+    pub crossing_packet_ns: Spread,
+}
+
+/// A config with limits so high that nothing in a benchmark reaches them.
+fn open_config(max_sources: u32, ipv6_prefix: u8) -> String {
+    format!(
+        "[protect]\nports = [{PORT}]\nipv6_prefix = {ipv6_prefix}\n\
+         [limits.per_source]\nnew_connections = \"100000000/s\"\nnew_connections_burst = 100000000\n\
+         bytes = \"4GiB/s\"\nbytes_burst = \"4GiB\"\nconcurrent_connections = 1000000\n\
+         [limits.global]\nnew_connections = \"1000000000/s\"\nbytes = \"4GiB/s\"\n\
+         [ban]\nafter_drops = 0\n[tracking]\nmax_sources = {max_sources}\n"
+    )
+}
+
+fn v4(n: u32) -> IpAddr {
+    // 198.18.0.0/15: 131072 addresses.
+    IpAddr::V4(Ipv4Addr::from(
+        u32::from(Ipv4Addr::new(198, 18, 0, 0)) + (n & 0x1ffff),
+    ))
+}
+
+/// A distinct address per `n` in 2001:db8:N::/48-sized steps, so that each is
+/// its own /64 (and its own /128).
+fn v6(block: u16, n: u32) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::new(
+        0x2001,
+        0xdb8,
+        block,
+        (n >> 16) as u16,
+        n as u16,
+        0,
+        0,
+        1,
+    ))
+}
+
+fn syn(src: IpAddr, port: u16) -> Vec<u8> {
+    Packet::syn(src, port).bytes()
+}
+
+fn data(src: IpAddr) -> Vec<u8> {
+    Packet::data(src, PORT, 0).bytes()
+}
+
+fn verdict_name(v: u32) -> &'static str {
+    match v {
+        XDP_PASS => "pass",
+        XDP_DROP => "drop",
+        _ => "other",
+    }
+}
+
+/// One case: a frame through the ingress program of a harness, repeated.
+struct Case<'a> {
+    name: String,
+    harness: &'a XdpHarness,
+    frame: Vec<u8>,
+    expect: u32,
+}
+
+/// Measures every case once per round, each right after the floor, and
+/// reports medians over the rounds.
+fn measure(floor: &XdpHarness, cases: &[Case], effort: Effort) -> Result<Vec<CostRow>> {
+    let mut ns = vec![Vec::new(); cases.len()];
+    let mut ratio = vec![Vec::new(); cases.len()];
+    let mut floor_ns = Vec::new();
+    for round in 0..effort.rounds {
+        // Rotate the order so drift on a shared machine spreads evenly.
+        for k in 0..cases.len() {
+            let i = (k + round) % cases.len();
+            let case = &cases[i];
+            let (_, base) = floor.run_floor(&case.frame, effort.repeat)?;
+            let (verdict, took) = case.harness.run_repeat(&case.frame, effort.repeat)?;
+            ensure!(
+                verdict == case.expect,
+                "{}: the program answered {verdict}, not {} (the benchmark would measure the wrong path)",
+                case.name,
+                case.expect
+            );
+            let (b, t) = (base.as_nanos() as f64, took.as_nanos() as f64);
+            floor_ns.push(b);
+            ns[i].push(t);
+            ratio[i].push(t / b.max(1.0));
+        }
+    }
+    let mut rows = vec![CostRow {
+        case: "floor: XDP_PASS only".to_string(),
+        verdict: "pass",
+        ns: Spread::of(&floor_ns),
+        ratio: Spread::of(&vec![1.0; floor_ns.len()]),
+    }];
+    rows.extend(cases.iter().enumerate().map(|(i, c)| CostRow {
+        case: c.name.clone(),
+        verdict: verdict_name(c.expect),
+        ns: Spread::of(&ns[i]),
+        ratio: Spread::of(&ratio[i]),
+    }));
+    Ok(rows)
+}
+
+/// Runs `frames` once each (a repeat would make every run after the first a
+/// hit), alternating with the floor; returns per-round medians of the
+/// program and of the floor. Includes the kernel's clock reads around one
+/// run, which the floor pays too.
+fn measure_singles(
+    harness: &XdpHarness,
+    frames: &mut impl Iterator<Item = Vec<u8>>,
+    effort: Effort,
+    expect: u32,
+    what: &str,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (mut medians, mut floors) = (Vec::new(), Vec::new());
+    for _ in 0..effort.rounds {
+        let (mut runs, mut base) = (Vec::new(), Vec::new());
+        for frame in frames.take(effort.singles) {
+            let (_, b) = harness.run_floor(&frame, 1)?;
+            let (verdict, t) = harness.run_repeat(&frame, 1)?;
+            ensure!(verdict == expect, "{what}: verdict {verdict}, not {expect}");
+            base.push(b.as_nanos() as f64);
+            runs.push(t.as_nanos() as f64);
+        }
+        medians.push(Spread::of(&runs).median);
+        floors.push(Spread::of(&base).median);
+    }
+    Ok((medians, floors))
+}
+
+fn singles_row(name: &str, verdict: u32, (runs, floors): (Vec<f64>, Vec<f64>)) -> [CostRow; 2] {
+    let ratios: Vec<f64> = runs
+        .iter()
+        .zip(&floors)
+        .map(|(r, f)| r / f.max(1.0))
+        .collect();
+    [
+        CostRow {
+            case: "floor, one run per frame".to_string(),
+            verdict: "pass",
+            ns: Spread::of(&floors),
+            ratio: Spread::of(&vec![1.0; floors.len()]),
+        },
+        CostRow {
+            case: name.to_string(),
+            verdict: verdict_name(verdict),
+            ns: Spread::of(&runs),
+            ratio: Spread::of(&ratios),
+        },
+    ]
+}
+
+/// Section 1: the cost of each decision path.
+pub fn per_packet(effort: Effort) -> Result<Vec<CostRow>> {
+    let mut open = XdpHarness::new(&open_config(65536, 64))?;
+    open.load_floor()?;
+    let strict = XdpHarness::new(
+        "[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"1/m\"\nnew_connections_burst = 1\n[ban]\nafter_drops = 0\n",
+    )?;
+
+    let known = v4(10);
+    open.run(&data(known)); // the first packet inserts the source
+    let over = v4(11);
+    strict.run(&syn(over, PORT)); // the one connection the bucket holds
+    let banned = v4(12);
+    open.set_ban(
+        &source_key(banned),
+        Ban {
+            since_ns: 0,
+            until_ns: u64::MAX,
+        },
+    );
+
+    let mut deny_lists = Vec::new();
+    for entries in [1u32, 1_000, 100_000] {
+        let mut h = XdpHarness::new(&open_config(1024, 64))?;
+        for i in 0..entries {
+            h.deny(&ipnet::IpNet::new(v4(i * (131_072 / entries)), 32)?)?;
+        }
+        deny_lists.push((entries, h, v4((entries / 2) * (131_072 / entries))));
+    }
+
+    let mut cases = vec![
+        Case {
+            name: "unprotected port".into(),
+            harness: &open,
+            frame: syn(known, UNPROTECTED_PORT),
+            expect: XDP_PASS,
+        },
+        Case {
+            name: "known source under its limits".into(),
+            harness: &open,
+            frame: data(known),
+            expect: XDP_PASS,
+        },
+        Case {
+            name: "source over its connection limit".into(),
+            harness: &strict,
+            frame: syn(over, PORT),
+            expect: XDP_DROP,
+        },
+        Case {
+            name: "banned source".into(),
+            harness: &open,
+            frame: syn(banned, PORT),
+            expect: XDP_DROP,
+        },
+    ];
+    for (entries, h, source) in &deny_lists {
+        cases.push(Case {
+            name: format!("denied CIDR, {entries} in the deny list"),
+            harness: h,
+            frame: syn(*source, PORT),
+            expect: XDP_DROP,
+        });
+    }
+    let mut rows = measure(&open, &cases, effort)?;
+
+    let mut n = 0u32;
+    let mut new_sources = std::iter::from_fn(|| {
+        n += 1;
+        Some(data(v6(1, n)))
+    });
+    rows.extend(singles_row(
+        "new source (first packet: insert)",
+        XDP_PASS,
+        measure_singles(&open, &mut new_sources, effort, XDP_PASS, "new source")?,
+    ));
+    Ok(rows)
+}
+
+/// Section 2: costs with `sources` tracked, and the memory that takes.
+pub fn scale(sources: u32, effort: Effort) -> Result<ScaleRow> {
+    // /128 tracking, so each IPv6 address is its own source.
+    let mut h = XdpHarness::new(&open_config(sources, 128))?;
+    h.load_floor()?;
+    for i in 0..sources {
+        h.set_source(&source_key(v6(2, i)), SourceState::default())?;
+    }
+    // An LRU map starts evicting a little before it is full (its free list
+    // is split between CPUs), so what it holds is read back.
+    let tracked: Vec<IpAddr> = h.tracked_sources().iter().map(source_addr).collect();
+    ensure!(
+        tracked.len() as f64 >= 0.9 * f64::from(sources),
+        "only {} of {sources} sources tracked",
+        tracked.len()
+    );
+    let map_bytes = h.sources_map_bytes()?;
+
+    let hot = tracked[tracked.len() / 2];
+    let mut rows = measure(
+        &h,
+        &[Case {
+            name: "known source, same frame repeated (cache-hot)".into(),
+            harness: &h,
+            frame: data(hot),
+            expect: XDP_PASS,
+        }],
+        effort,
+    )?;
+    rows.remove(0);
+    let mut rng = fastrand::Rng::with_seed(u64::from(sources));
+    let mut known = std::iter::from_fn(|| Some(data(tracked[rng.usize(0..tracked.len())])));
+    let [_, cold] = singles_row(
+        "known source, a different one each packet",
+        XDP_PASS,
+        measure_singles(&h, &mut known, effort, XDP_PASS, "known source")?,
+    );
+    let mut n = sources;
+    let mut fresh = std::iter::from_fn(|| {
+        n += 1;
+        Some(data(v6(2, n)))
+    });
+    let [floor, insert] = singles_row(
+        "new source into a full map (insert, evicting the oldest)",
+        XDP_PASS,
+        measure_singles(&h, &mut fresh, effort, XDP_PASS, "new source")?,
+    );
+    rows.extend([floor, cold, insert]);
+    Ok(ScaleRow {
+        sources,
+        tracked: tracked.len() as u32,
+        bytes_per_source: map_bytes as f64 / f64::from(sources),
+        map_mib: map_bytes as f64 / (1024.0 * 1024.0),
+        rows,
+    })
+}
+
+/// Ban latency in the kernel: SYNs from one source over its connection limit,
+/// one at a time; where the ban starts and when its drops begin.
+pub fn ban_latency(effort: Effort) -> Result<BanLatency> {
+    let after_drops = 5;
+    let mut crossing_ns = Vec::new();
+    let mut through = 0;
+    for round in 0..effort.rounds.max(3) {
+        let h = XdpHarness::new(&format!(
+            "[protect]\nports = [{PORT}]\n[limits.per_source]\nnew_connections = \"1/m\"\nnew_connections_burst = 1\n\
+             [ban]\nafter_drops = {after_drops}\nwindow = \"1m\"\nduration = \"1h\"\n"
+        ))?;
+        let frame = syn(v4(20 + round as u32), PORT);
+        let mut crossed = None;
+        for packet in 0..after_drops + 10 {
+            let started = h.packets(Reason::BanStarted);
+            let (verdict, took) = h.run_repeat(&frame, 1)?;
+            if crossed.is_none() && h.packets(Reason::BanStarted) > started {
+                crossed = Some(packet);
+                crossing_ns.push(took.as_nanos() as f64);
+                continue;
+            }
+            if crossed.is_some() {
+                if verdict == XDP_DROP && h.packets(Reason::Banned) > 0 {
+                    break;
+                }
+                through += u64::from(verdict == XDP_PASS);
+            }
+        }
+        if crossed.is_none() {
+            bail!("no ban after {} packets over the limit", after_drops + 10);
+        }
+    }
+    Ok(BanLatency {
+        after_drops,
+        packets_through_after_crossing: through,
+        crossing_packet_ns: Spread::of(&crossing_ns),
+    })
+}

@@ -1,0 +1,146 @@
+//! `wsguard-bench`: the measurements behind docs/benchmarks.md. Run it through
+//! `cargo xtask bench [--quick]`, which installs iptables and nftables, builds
+//! the agent and runs this as root.
+
+mod contenders;
+mod flood;
+mod kernel_cost;
+mod latency;
+mod report;
+mod stats;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Result, ensure};
+use clap::Parser;
+
+use crate::kernel_cost::Effort;
+
+#[derive(Parser)]
+#[command(about = "Benchmarks wsguard against the XDP_PASS floor, iptables and nftables")]
+struct Args {
+    /// Fewer rounds and shorter phases: a few minutes instead of a quarter of an hour.
+    #[arg(long)]
+    quick: bool,
+    /// Where benchmarks.md and the charts (benchmarks/*.svg) go.
+    #[arg(long, default_value = "docs")]
+    docs: PathBuf,
+}
+
+struct Plan {
+    kernel: Effort,
+    scales: [u32; 3],
+    flood_rounds: usize,
+    flood_phase: Duration,
+    rejected_handshakes: usize,
+    parallel_handshakes: usize,
+    ban_sources: u8,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        if quick {
+            Plan {
+                kernel: Effort {
+                    repeat: 1_000_000,
+                    rounds: 3,
+                    singles: 2_000,
+                },
+                scales: [1_000, 100_000, 1_000_000],
+                flood_rounds: 2,
+                flood_phase: Duration::from_secs(2),
+                rejected_handshakes: 1_000,
+                parallel_handshakes: 8,
+                ban_sources: 10,
+            }
+        } else {
+            Plan {
+                kernel: Effort {
+                    repeat: 2_000_000,
+                    rounds: 7,
+                    singles: 10_000,
+                },
+                scales: [1_000, 100_000, 1_000_000],
+                flood_rounds: 5,
+                flood_phase: Duration::from_secs(5),
+                rejected_handshakes: 3_000,
+                parallel_handshakes: 8,
+                ban_sources: 40,
+            }
+        }
+    }
+
+    fn describe(&self) -> Vec<(String, String)> {
+        let k = &self.kernel;
+        vec![
+            (
+                "sections 1–2".into(),
+                format!(
+                    "repeat {} per measurement, {} rounds; {} frames per round where each frame runs once",
+                    k.repeat, k.rounds, k.singles
+                ),
+            ),
+            (
+                "sections 3, 5".into(),
+                format!(
+                    "{} rounds of {} s per phase, contenders in rotating order",
+                    self.flood_rounds,
+                    self.flood_phase.as_secs()
+                ),
+            ),
+            (
+                "section 4".into(),
+                format!(
+                    "{} rejected handshakes ({} at a time), {} bans",
+                    self.rejected_handshakes, self.parallel_handshakes, self.ban_sources
+                ),
+            ),
+        ]
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    // SAFETY: geteuid has no preconditions.
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "the benchmarks load BPF programs and create network namespaces: run them as root"
+    );
+    let plan = Plan::new(args.quick);
+    let machine = report::Machine::describe();
+
+    eprintln!("bench: 1. cost per packet");
+    let per_packet = kernel_cost::per_packet(plan.kernel)?;
+    eprintln!("bench: 2. scale");
+    let mut scale = Vec::new();
+    for sources in plan.scales {
+        scale.push(kernel_cost::scale(sources, plan.kernel)?);
+    }
+    let ban_kernel = kernel_cost::ban_latency(plan.kernel)?;
+    eprintln!("bench: 3 and 5. protection under flood, overhead");
+    let flood = flood::run(plan.flood_rounds, plan.flood_phase).await?;
+    eprintln!("bench: 4. enforcement latency");
+    let rejected =
+        latency::rejected_handshakes(plan.rejected_handshakes, plan.parallel_handshakes).await?;
+    let ban_agent = latency::ban_after_rejections(plan.ban_sources).await?;
+
+    let results = report::Results {
+        quick: args.quick,
+        machine,
+        effort: plan.describe(),
+        per_packet,
+        scale,
+        ban_kernel,
+        flood,
+        rejected,
+        ban_agent,
+    };
+    report::write(&results, &args.docs)?;
+    eprintln!(
+        "bench: wrote {} and {}",
+        args.docs.join("benchmarks.md").display(),
+        args.docs.join("benchmarks/").display()
+    );
+    Ok(())
+}
