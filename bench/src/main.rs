@@ -19,7 +19,7 @@ use crate::kernel_cost::Effort;
 #[derive(Parser)]
 #[command(about = "Benchmarks wsguard against the XDP_PASS floor, iptables and nftables")]
 struct Args {
-    /// Fewer rounds and shorter phases: a few minutes instead of a quarter of an hour.
+    /// About two minutes instead of ten: fewer rounds and shorter phases.
     #[arg(long)]
     quick: bool,
     /// Where benchmarks.md and the charts (benchmarks/*.svg) go.
@@ -107,6 +107,17 @@ async fn main() -> Result<()> {
         unsafe { libc::geteuid() } == 0,
         "the benchmarks load BPF programs and create network namespaces: run them as root"
     );
+    // On Ctrl-C or SIGTERM the measurement future is dropped, and with it
+    // every lab namespace, agent and rule it set up.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        done = measure(&args) => done,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the test hosts are removed"),
+        _ = terminate.recv() => anyhow::bail!("terminated; the test hosts are removed"),
+    }
+}
+
+async fn measure(args: &Args) -> Result<()> {
     let plan = Plan::new(args.quick);
     let machine = report::Machine::describe();
 

@@ -225,13 +225,6 @@ impl XdpHarness {
             .expect("writing ban");
     }
 
-    /// Writes a tracked source's state, as the kernel would on its first packet.
-    pub fn set_source(&mut self, key: &SourceKey, state: SourceState) -> Result<()> {
-        self.hash_mut::<SourceState>(names::SOURCES)
-            .insert(key, state, 0)
-            .context("writing a tracked source")
-    }
-
     /// Adds `net` to the deny list, as `wsguard deny add` does.
     pub fn deny(&mut self, net: &ipnet::IpNet) -> Result<()> {
         let map = self

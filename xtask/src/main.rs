@@ -41,8 +41,7 @@ enum Task {
     /// protection under flood next to iptables and nftables, enforcement
     /// latency and overhead. Writes docs/benchmarks.md and docs/benchmarks/.
     Bench {
-        /// A few minutes instead of a quarter of an hour: fewer rounds,
-        /// shorter phases.
+        /// About two minutes instead of ten: fewer rounds, shorter phases.
         #[arg(long)]
         quick: bool,
     },
