@@ -46,6 +46,18 @@ fn key(p: &Packet) -> FlowKey {
     }
 }
 
+/// What the agent does to a flow whose handshake it rejected.
+fn reject(h: &mut XdpHarness, syn: &Packet) {
+    h.set_flow(
+        &key(syn),
+        Flow {
+            state: Flow::REJECTED,
+            _pad: 0,
+            since_ns: 1,
+        },
+    );
+}
+
 #[test]
 fn a_syn_to_an_inspected_port_starts_a_pending_flow() {
     let h = harness(SECOND, false);
@@ -115,14 +127,7 @@ fn the_capture_filter_passes_only_what_the_inspector_needs() {
         },
     );
     assert_eq!(h.run_capture(&head.bytes()), 0);
-    h.set_flow(
-        &key(&syn),
-        Flow {
-            state: Flow::REJECTED,
-            _pad: 0,
-            since_ns: 1,
-        },
-    );
+    reject(&mut h, &syn);
     assert_eq!(h.run_capture(&head.bytes()), 0);
 }
 
@@ -199,14 +204,7 @@ fn a_rejected_connection_is_dropped_both_ways_but_the_servers_rst_passes() {
     let mut h = harness(SECOND, false);
     let syn = Packet::syn(client(), INSPECTED);
     assert_eq!(h.run(&syn.bytes()), XDP_PASS);
-    h.set_flow(
-        &key(&syn),
-        Flow {
-            state: Flow::REJECTED,
-            _pad: 0,
-            since_ns: 1,
-        },
-    );
+    reject(&mut h, &syn);
     assert_eq!(
         h.run(&Packet::data(client(), INSPECTED, 40).bytes()),
         XDP_DROP,
@@ -235,14 +233,7 @@ fn a_new_connection_on_a_rejected_connections_ports_is_judged_afresh() {
     let mut h = harness(SECOND, false);
     let syn = Packet::syn(client(), INSPECTED);
     assert_eq!(h.run(&syn.bytes()), XDP_PASS);
-    h.set_flow(
-        &key(&syn),
-        Flow {
-            state: Flow::REJECTED,
-            _pad: 0,
-            since_ns: 1,
-        },
-    );
+    reject(&mut h, &syn);
     assert_eq!(h.run(&syn.bytes()), XDP_PASS, "the new SYN");
     assert_eq!(h.flow(&key(&syn)).map(|f| f.state), Some(Flow::PENDING));
     assert_eq!(
