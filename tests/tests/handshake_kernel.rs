@@ -46,12 +46,13 @@ fn key(p: &Packet) -> FlowKey {
     }
 }
 
-/// What the agent does to a flow whose handshake it rejected.
-fn reject(h: &mut XdpHarness, syn: &Packet) {
+/// Sets the flow `syn` opened to `state` (what the agent does with its
+/// verdict), as of long ago.
+fn set_state(h: &mut XdpHarness, syn: &Packet, state: u32) {
     h.set_flow(
         &key(syn),
         Flow {
-            state: Flow::REJECTED,
+            state,
             _pad: 0,
             since_ns: 1,
         },
@@ -118,16 +119,9 @@ fn the_capture_filter_passes_only_what_the_inspector_needs() {
     );
     assert_eq!(h.run_capture(&Packet::udp(client(), INSPECTED).bytes()), 0);
     // Once judged, bulk traffic stays in the kernel.
-    h.set_flow(
-        &key(&syn),
-        Flow {
-            state: Flow::ACCEPTED,
-            _pad: 0,
-            since_ns: 1,
-        },
-    );
+    set_state(&mut h, &syn, Flow::ACCEPTED);
     assert_eq!(h.run_capture(&head.bytes()), 0);
-    reject(&mut h, &syn);
+    set_state(&mut h, &syn, Flow::REJECTED);
     assert_eq!(h.run_capture(&head.bytes()), 0);
 }
 
@@ -149,14 +143,7 @@ fn the_servers_answer_waits_for_the_verdict() {
         "held back while pending"
     );
     assert_eq!(h.packets(Reason::ResponseHeld), 1);
-    h.set_flow(
-        &key(&syn),
-        Flow {
-            state: Flow::ACCEPTED,
-            _pad: 0,
-            since_ns: 1,
-        },
-    );
+    set_state(&mut h, &syn, Flow::ACCEPTED);
     assert_eq!(
         h.run_egress(&answer.bytes()),
         TC_ACT_OK,
@@ -180,14 +167,7 @@ fn past_the_verdict_timeout_fail_open_passes_and_fail_closed_drops() {
     for fail_closed in [false, true] {
         let mut h = harness(SECOND, fail_closed);
         let syn = Packet::syn(client(), INSPECTED);
-        h.set_flow(
-            &key(&syn),
-            Flow {
-                state: Flow::PENDING,
-                _pad: 0,
-                since_ns: 1,
-            },
-        ); // long ago
+        set_state(&mut h, &syn, Flow::PENDING); // long ago
         let verdict = h.run_egress(&syn.reply(TCP_ACK | TCP_PSH, 129).bytes());
         if fail_closed {
             assert_eq!(verdict, TC_ACT_SHOT);
@@ -204,7 +184,7 @@ fn a_rejected_connection_is_dropped_both_ways_but_the_servers_rst_passes() {
     let mut h = harness(SECOND, false);
     let syn = Packet::syn(client(), INSPECTED);
     assert_eq!(h.run(&syn.bytes()), XDP_PASS);
-    reject(&mut h, &syn);
+    set_state(&mut h, &syn, Flow::REJECTED);
     assert_eq!(
         h.run(&Packet::data(client(), INSPECTED, 40).bytes()),
         XDP_DROP,
@@ -233,7 +213,7 @@ fn a_new_connection_on_a_rejected_connections_ports_is_judged_afresh() {
     let mut h = harness(SECOND, false);
     let syn = Packet::syn(client(), INSPECTED);
     assert_eq!(h.run(&syn.bytes()), XDP_PASS);
-    reject(&mut h, &syn);
+    set_state(&mut h, &syn, Flow::REJECTED);
     assert_eq!(h.run(&syn.bytes()), XDP_PASS, "the new SYN");
     assert_eq!(h.flow(&key(&syn)).map(|f| f.state), Some(Flow::PENDING));
     assert_eq!(
@@ -242,4 +222,54 @@ fn a_new_connection_on_a_rejected_connections_ports_is_judged_afresh() {
         "the server's SYN-ACK"
     );
     assert_eq!(h.packets(Reason::FlowRejected), 0);
+}
+
+/// `handshake.dry_run`: the kernel counts what it would drop for a rejected
+/// flow, a held answer or a verdict timeout (fail-closed), and passes it all.
+#[test]
+fn handshake_dry_run_counts_would_drop_and_passes() {
+    let mut h = XdpHarness::new(&format!(
+        "[protect]\nports = [{INSPECTED}]\n[ban]\nafter_drops = 0\n\
+         [handshake]\ninspect_ports = [{INSPECTED}]\nallowed_origins = [\"https://app.example.com\"]\ndry_run = true\n"
+    ))
+    .unwrap();
+    h.inspect(INSPECTED, 1000 * SECOND, true);
+
+    let rejected = Packet::syn(client(), INSPECTED);
+    assert_eq!(h.run(&rejected.bytes()), XDP_PASS);
+    set_state(&mut h, &rejected, Flow::REJECTED);
+    let data = Packet::data(client(), INSPECTED, 40);
+    assert_eq!(h.run(&data.bytes()), XDP_PASS, "the client's frames");
+    assert_eq!(
+        h.run_egress(&rejected.reply(TCP_ACK | TCP_PSH, 129).bytes()),
+        TC_ACT_OK,
+        "the server's answer"
+    );
+    assert_eq!(h.would_drop(Reason::FlowRejected), 2);
+
+    let pending = Packet::syn(client(), INSPECTED).with(|p| p.src_port = 40002);
+    assert_eq!(h.run(&pending.bytes()), XDP_PASS);
+    assert_eq!(
+        h.run_egress(&pending.reply(TCP_ACK | TCP_PSH, 129).bytes()),
+        TC_ACT_OK,
+        "an answer before the verdict"
+    );
+    assert_eq!(h.would_drop(Reason::ResponseHeld), 1);
+
+    let late = Packet::syn(client(), INSPECTED).with(|p| p.src_port = 40003);
+    h.inspect(INSPECTED, 1, true);
+    set_state(&mut h, &late, Flow::PENDING);
+    assert_eq!(
+        h.run_egress(&late.reply(TCP_ACK | TCP_PSH, 129).bytes()),
+        TC_ACT_OK,
+        "an answer past the verdict timeout, fail-closed"
+    );
+    assert_eq!(h.would_drop(Reason::VerdictTimeout), 1);
+    assert!(
+        h.nonzero()
+            .iter()
+            .all(|(r, _)| !r.is_drop() || *r == Reason::Passed),
+        "nothing counted as dropped: {:?}",
+        h.nonzero()
+    );
 }
