@@ -110,13 +110,24 @@ pub async fn connect_from(
     server: SocketAddr,
     timeout: Duration,
 ) -> Result<TcpStream> {
+    connect_from_port(ns, SocketAddr::new(source, 0), server, timeout).await
+}
+
+/// Like [`connect_from`], from a chosen source port (0: any).
+pub async fn connect_from_port(
+    ns: &Netns,
+    source: SocketAddr,
+    server: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream> {
     let socket = ns.run(move || -> std::io::Result<TcpSocket> {
         let s = if source.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
             TcpSocket::new_v6()?
         };
-        s.bind(SocketAddr::new(source, 0))?;
+        s.set_reuseaddr(true)?;
+        s.bind(source)?;
         Ok(s)
     })?;
     match tokio::time::timeout(timeout, socket.connect(server)).await {
@@ -151,8 +162,20 @@ pub async fn ws_connect_with(
     origin: Option<&str>,
     timeout: Duration,
 ) -> Result<WsClient> {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let stream = connect_from(ns, source, server, timeout).await?;
+    upgrade(stream, server, path, origin, timeout).await
+}
+
+/// The WebSocket upgrade on a connected stream, for `path` with the given
+/// Origin header (or none).
+pub async fn upgrade(
+    stream: TcpStream,
+    server: SocketAddr,
+    path: &str,
+    origin: Option<&str>,
+    timeout: Duration,
+) -> Result<WsClient> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut request = format!("ws://{server}{path}").into_client_request()?;
     if let Some(origin) = origin {
         request.headers_mut().insert("Origin", origin.parse()?);

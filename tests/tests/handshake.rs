@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wsguard_common::Reason;
 use wsguard_tests::{
     Setup,
-    peers::{connect_from, echo, ws_connect_with},
+    peers::{connect_from, connect_from_port, echo, upgrade, ws_connect_with},
     wait_until,
 };
 
@@ -427,5 +427,34 @@ async fn legitimate_handshakes_all_complete_and_held_answers_are_counted() -> Re
         started.elapsed(),
         held as f64 * 100.0 / rounds as f64
     );
+    Ok(())
+}
+
+/// Clients reuse source ports: after a hijack attempt is cut, a new
+/// connection from the same address and port is judged on its own and, with
+/// an allowed Origin, served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_connection_from_a_rejected_connections_port_is_judged_afresh() -> Result<()> {
+    let Setup {
+        agent: _agent,
+        server: _server,
+        addr,
+        lab,
+    } = Setup::start(&body("")).await?;
+    let source = std::net::SocketAddr::new(lab.client_v4(12).into(), 45_678);
+    let mut stream = connect_from_port(&lab.client, source, addr, 2 * SECOND).await?;
+    stream
+        .write_all(&head("/ws", "https://evil.net", 0))
+        .await?;
+    let mut answer = [0u8; 256];
+    match tokio::time::timeout(3 * SECOND, stream.read(&mut answer)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => {}
+        Ok(Ok(n)) => anyhow::bail!("the hijack got {n} bytes of answer"),
+        Err(_) => anyhow::bail!("the hijack was not cut within 3 s"),
+    }
+    drop(stream);
+    let stream = connect_from_port(&lab.client, source, addr, 2 * SECOND).await?;
+    let mut ws = upgrade(stream, addr, "/ws", Some(GOOD_ORIGIN), 2 * SECOND).await?;
+    echo(&mut ws, "same port, new connection", SECOND).await?;
     Ok(())
 }
