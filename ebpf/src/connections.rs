@@ -21,9 +21,7 @@ use aya_ebpf::{
 };
 use wsguard_common::{Reason, SourceKey};
 
-use crate::maps::{
-    CONNECTIONS, count, is_allow_listed, is_protected_port, now_ns, settings, tracking_key,
-};
+use crate::maps::{CONNECTIONS, count, is_allow_listed, is_protected_port, now_ns, settings};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -86,7 +84,7 @@ fn opened(ctx: &SockOpsContext) {
     if is_allow_listed(&source, now_ns()) {
         return;
     }
-    let key = tracking_key(settings, &source);
+    let key = settings.tracking_key(&source);
     if !increment(&key) {
         count(Reason::ConnectionUntracked, 0, false);
         return;
@@ -119,7 +117,7 @@ fn closed(ctx: &SockOpsContext) {
     let Some(source) = remote_source(ctx) else {
         return;
     };
-    let key = tracking_key(settings, &source);
+    let key = settings.tracking_key(&source);
     let Some(open) = CONNECTIONS.get_ptr_mut(&key) else {
         return;
     };

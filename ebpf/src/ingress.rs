@@ -9,7 +9,7 @@ use crate::{
     maps::{
         BANS, CONNECTIONS, FLOWS, GLOBAL, SOURCES, count, emit, flow_from_client,
         handshake_settings, is_allow_listed, is_deny_listed, is_inspected_port, is_protected_port,
-        now_ns, settings, tracking_key,
+        now_ns, settings,
     },
     parse::{Frame, Parsed, TcpSegment, parse},
 };
@@ -30,13 +30,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
         Parsed::Tcp(segment) if !is_protected_port(segment.destination_port) => {
             return xdp_action::XDP_PASS;
         }
-        Parsed::Tcp(segment) if segment.incomplete_header => {
-            if is_allow_listed(&segment.source, now_ns()) {
-                Reason::AllowListed
-            } else {
-                Reason::Malformed
-            }
-        }
+        Parsed::Tcp(segment) if segment.incomplete_header => malformed(&segment.source),
         Parsed::Tcp(segment) => {
             // Looked up once per packet, used for both handshake checks below.
             let inspected =
@@ -44,15 +38,10 @@ pub fn run(ctx: &XdpContext) -> u32 {
             judge_segment(ctx, settings, &segment, frame.len(), inspected)
         }
         Parsed::Fragment(source) => {
-            source_rules(settings, &source, now_ns()).unwrap_or(Reason::PassedFragment)
+            let key = settings.tracking_key(&source);
+            source_rules(&source, &key, now_ns()).unwrap_or(Reason::PassedFragment)
         }
-        Parsed::Malformed(source) => {
-            if is_allow_listed(&source, now_ns()) {
-                Reason::AllowListed
-            } else {
-                Reason::Malformed
-            }
-        }
+        Parsed::Malformed(source) => malformed(&source),
     };
     if !reason.is_drop() {
         count(reason, frame.len(), false);
@@ -68,17 +57,27 @@ pub fn run(ctx: &XdpContext) -> u32 {
     }
 }
 
-/// Rules that depend only on the source: allow list, deny list, ban.
-/// `None` means none of them decided.
+/// A segment we cannot judge: malformed, unless its source is allow-listed.
 #[inline(always)]
-fn source_rules(settings: &Settings, source: &SourceKey, now: u64) -> Option<Reason> {
+fn malformed(source: &SourceKey) -> Reason {
+    if is_allow_listed(source, now_ns()) {
+        Reason::AllowListed
+    } else {
+        Reason::Malformed
+    }
+}
+
+/// Rules that depend only on the source: allow list and deny list on the
+/// full address, ban on its tracking key. `None` means none of them decided.
+#[inline(always)]
+fn source_rules(source: &SourceKey, key: &SourceKey, now: u64) -> Option<Reason> {
     if is_allow_listed(source, now) {
         return Some(Reason::AllowListed);
     }
     if is_deny_listed(source, now) {
         return Some(Reason::DenyList);
     }
-    if is_banned(&tracking_key(settings, source), now) {
+    if is_banned(key, now) {
         return Some(Reason::Banned);
     }
     None
@@ -106,7 +105,8 @@ fn judge_segment(
     inspected: bool,
 ) -> Reason {
     let now = now_ns();
-    if let Some(reason) = source_rules(settings, &segment.source, now) {
+    let key = settings.tracking_key(&segment.source);
+    if let Some(reason) = source_rules(&segment.source, &key, now) {
         return reason;
     }
     // A SYN on a rejected connection's ports is a new connection (clients
@@ -114,7 +114,6 @@ fn judge_segment(
     if inspected && !segment.opens_connection && is_rejected_flow(segment) {
         return Reason::FlowRejected;
     }
-    let key = tracking_key(settings, &segment.source);
     if let Some(state) = source_state(&key) {
         // SAFETY: a map value pointer, valid for the duration of the program.
         let state = unsafe { &mut *state };
@@ -239,36 +238,29 @@ fn record_limit_drop(
     }
     state.window_drops = 0;
     let until_ns = now + settings.ban_duration_ns;
-    if settings.is_dry_run(Reason::Banned) {
-        count(Reason::BanStarted, 0, true);
-        emit(&Event {
-            kind: Event::BAN_STARTED,
-            dry_run: 1,
-            source: *key,
+    // In dry run the ban is only announced, never written.
+    let dry_run = settings.is_dry_run(Reason::Banned);
+    if !dry_run {
+        let ban = Ban {
+            since_ns: now,
             until_ns,
-        });
-        return;
-    }
-    let ban = Ban {
-        since_ns: now,
-        until_ns,
-    };
-    match BANS.insert(key, &ban, 0) {
-        Ok(()) => {
-            count(Reason::BanStarted, 0, false);
-            emit(&Event {
-                kind: Event::BAN_STARTED,
-                dry_run: 0,
-                source: *key,
-                until_ns,
-            });
-            info!(
-                ctx,
-                "ban started: source {:i} for {} s",
-                key.addr,
-                settings.ban_duration_ns / 1_000_000_000
-            );
+        };
+        if BANS.insert(key, &ban, 0).is_err() {
+            count(Reason::BanMapFull, 0, false);
+            return;
         }
-        Err(_) => count(Reason::BanMapFull, 0, false),
+        info!(
+            ctx,
+            "ban started: source {:i} for {} s",
+            key.addr,
+            settings.ban_duration_ns / 1_000_000_000
+        );
     }
+    count(Reason::BanStarted, 0, dry_run);
+    emit(&Event {
+        kind: Event::BAN_STARTED,
+        dry_run: u32::from(dry_run),
+        source: *key,
+        until_ns,
+    });
 }

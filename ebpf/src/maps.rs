@@ -84,9 +84,6 @@ pub fn is_protected_port(port: u16) -> bool {
     matches!(PORTS.get(port as u32), Some(p) if *p != 0)
 }
 
-/// Longest-prefix match of the full address. A runtime entry past its TTL
-/// no longer applies (the agent removes it soon after); it does not fall
-/// back to a shorter prefix, which errs towards not matching.
 #[inline(always)]
 pub fn handshake_settings() -> Option<&'static HandshakeSettings> {
     match HANDSHAKE.get(0) {
@@ -124,6 +121,9 @@ pub fn flow_from_server(segment: &crate::parse::TcpSegment) -> FlowKey {
     }
 }
 
+/// Longest-prefix match of the full address. A runtime entry past its TTL
+/// no longer applies (the agent removes it soon after); it does not fall
+/// back to a shorter prefix, which errs towards not matching.
 #[inline(always)]
 fn list_contains(list: &LpmTrie<LpmKey, ListEntry>, source: &SourceKey, now_ns: u64) -> bool {
     let key = aya_ebpf::maps::lpm_trie::Key::new(128, source.addr);
@@ -148,11 +148,6 @@ pub fn is_deny_listed(source: &SourceKey, now_ns: u64) -> bool {
 pub fn now_ns() -> u64 {
     // CLOCK_MONOTONIC, the clock user space reads to show ban expiry.
     unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
-}
-
-#[inline(always)]
-pub fn tracking_key(settings: &Settings, source: &SourceKey) -> SourceKey {
-    settings.tracking_key(source)
 }
 
 /// Counts a packet (or an event) under `reason`, in the dry-run set when the
