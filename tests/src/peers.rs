@@ -91,6 +91,11 @@ impl EchoServer {
         self.stats.connections_accepted.load(Ordering::Relaxed)
     }
 
+    /// Connections that have ended at the server so far.
+    pub fn closed(&self) -> u64 {
+        self.stats.connections_closed.load(Ordering::Relaxed)
+    }
+
     pub fn bytes_received(&self) -> u64 {
         self.stats.bytes_received.load(Ordering::Relaxed)
     }
@@ -111,6 +116,12 @@ pub async fn connect_from(
     timeout: Duration,
 ) -> Result<TcpStream> {
     connect_from_port(ns, SocketAddr::new(source, 0), server, timeout).await
+}
+
+/// Whether a TCP connection from `source` gets through within `timeout`
+/// (a dropped SYN shows up as a timeout).
+pub async fn connects(ns: &Netns, source: IpAddr, server: SocketAddr, timeout: Duration) -> bool {
+    connect_from(ns, source, server, timeout).await.is_ok()
 }
 
 /// Like [`connect_from`], from a chosen source port (0: any).

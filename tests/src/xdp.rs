@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context, Result};
 use aya::{
     maps::{Array, HashMap, IterableMap, LpmTrie, MapData},
-    programs::{SchedClassifier, SocketFilter, TestRun, TestRunOptions, Xdp},
+    programs::{Program, TestRun, TestRunOptions, Xdp},
 };
 use wsguard::{
     config::Config,
@@ -48,15 +48,6 @@ impl XdpHarness {
         })
     }
 
-    fn program(&self, name: &str) -> Result<&Xdp> {
-        let p = self
-            .kernel
-            .ebpf()
-            .program(name)
-            .with_context(|| format!("no XDP program {name}"))?;
-        Ok(p.try_into()?)
-    }
-
     /// Loads `wsguard_floor` (XDP_PASS and nothing else), which the agent
     /// never loads, for [`XdpHarness::run_floor`].
     pub fn load_floor(&mut self) -> Result<()> {
@@ -75,16 +66,21 @@ impl XdpHarness {
         self.test_run(programs::FLOOR, frame, repeat)
     }
 
-    fn test_run(&self, program: &str, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
+    /// BPF_PROG_TEST_RUN of the loaded program `name` on `frame`, `repeat`
+    /// times: its return value and the kernel's mean time per run.
+    fn test_run(&self, name: &str, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
         let opts = TestRunOptions {
             data_in: Some(frame),
             repeat,
             ..Default::default()
         };
-        let result = self
-            .program(program)?
-            .test_run(opts)
-            .context("BPF_PROG_TEST_RUN")?;
+        let result = match self.kernel.ebpf().program(name) {
+            Some(Program::Xdp(p)) => p.test_run(opts),
+            Some(Program::SchedClassifier(p)) => p.test_run(opts),
+            Some(Program::SocketFilter(p)) => p.test_run(opts),
+            _ => anyhow::bail!("no packet program {name} in the object"),
+        }
+        .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
         Ok((result.return_value, result.duration))
     }
 
@@ -101,35 +97,13 @@ impl XdpHarness {
 
     /// Runs a frame through the TC egress program.
     pub fn run_egress(&self, frame: &[u8]) -> u32 {
-        let p: &SchedClassifier = self
-            .kernel
-            .ebpf()
-            .program(programs::EGRESS)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            ..Default::default()
-        };
-        p.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+        self.test_run(programs::EGRESS, frame, 1).unwrap().0
     }
 
     /// Runs a frame through the capture socket filter; returns the bytes it
     /// would hand to user space (0: filtered out).
     pub fn run_capture(&self, frame: &[u8]) -> u32 {
-        let p: &SocketFilter = self
-            .kernel
-            .ebpf()
-            .program(programs::CAPTURE)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            ..Default::default()
-        };
-        p.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+        self.test_run(programs::CAPTURE, frame, 1).unwrap().0
     }
 
     /// Turns handshake inspection on for `port` (the agent's config will do

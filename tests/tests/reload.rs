@@ -7,7 +7,7 @@ use anyhow::{Result, ensure};
 use wsguard_common::Reason;
 use wsguard_tests::{
     Agent, Lab,
-    peers::{EchoServer, connect_from, ws_connect},
+    peers::{EchoServer, connects, ws_connect},
     wait_until,
 };
 
@@ -42,9 +42,7 @@ async fn sighup_applies_a_valid_config_and_refuses_a_bad_one() -> Result<()> {
     })
     .await?;
     ensure!(
-        connect_from(&lab.client, source, addr, Duration::from_millis(900))
-            .await
-            .is_err(),
+        !connects(&lab.client, source, addr, Duration::from_millis(900)).await,
         "denied after reload, yet connected"
     );
     agent.wait_counter(Reason::DenyList, 1, SECOND).await?;
@@ -70,9 +68,7 @@ async fn sighup_applies_a_valid_config_and_refuses_a_bad_one() -> Result<()> {
     .await?;
     let before = agent.counter(Reason::DenyList).packets;
     ensure!(
-        connect_from(&lab.client, source, addr, Duration::from_millis(900))
-            .await
-            .is_err(),
+        !connects(&lab.client, source, addr, Duration::from_millis(900)).await,
         "the old config stopped enforcing"
     );
     ensure!(agent.counter(Reason::DenyList).packets > before);
