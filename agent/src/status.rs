@@ -14,11 +14,7 @@ use crate::{
 
 /// A source key as an address (IPv4 keys unmapped).
 pub fn source_addr(key: &SourceKey) -> IpAddr {
-    let v6 = std::net::Ipv6Addr::from(key.addr);
-    match v6.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(v6),
-    }
+    IpAddr::V6(std::net::Ipv6Addr::from(key.addr)).to_canonical()
 }
 
 /// "passed", "dropped" or "event", for a reason.

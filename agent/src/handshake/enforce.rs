@@ -3,7 +3,6 @@
 
 use std::{
     collections::HashMap,
-    net::IpAddr,
     time::{Duration, Instant},
 };
 
@@ -59,13 +58,6 @@ fn flow_key((client, server): Connection) -> FlowKey {
     }
 }
 
-fn unmapped(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
 pub struct Context<'a> {
     pub kernel: &'a mut Kernel,
     pub config: &'a Config,
@@ -104,7 +96,7 @@ pub fn apply(cx: &mut Context, connection: Connection, outcome: Outcome) -> Resu
     };
     cx.sink.emit(
         kind,
-        json!({"source": unmapped(client.ip()).to_string(), "server": server.to_string(), "reason": reason.name(), "dry_run": dry_run}),
+        json!({"source": client.ip().to_canonical().to_string(), "server": server.to_string(), "reason": reason.name(), "dry_run": dry_run}),
     );
 
     let handshake = &cx.config.handshake;
@@ -125,7 +117,7 @@ pub fn apply(cx: &mut Context, connection: Connection, outcome: Outcome) -> Resu
                 .kernel
                 .ban(&source, kernel::monotonic_ns() + duration.as_nanos() as u64)
             {
-                warn!("cannot ban {}: {e:#}", unmapped(client.ip()));
+                warn!("cannot ban {}: {e:#}", client.ip().to_canonical());
             }
         }
         cx.sink.emit(

@@ -123,11 +123,7 @@ pub fn verify(
         return Err(TicketError::Expired);
     }
     if bind_to_source_ip {
-        let unmapped = |a: IpAddr| match a {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, IpAddr::V4),
-            v4 => v4,
-        };
-        if opened.address.map(unmapped) != Some(unmapped(source)) {
+        if opened.address.map(|a| a.to_canonical()) != Some(source.to_canonical()) {
             return Err(TicketError::WrongIp);
         }
     }

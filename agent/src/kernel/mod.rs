@@ -40,12 +40,9 @@ pub const FLOW_CAPACITY: u32 = 65536;
 
 /// The full key of an address (before prefix aggregation).
 pub fn source_key(addr: IpAddr) -> SourceKey {
-    match addr {
+    match addr.to_canonical() {
         IpAddr::V4(a) => SourceKey::from_v4(a.octets()),
-        IpAddr::V6(a) => a.to_ipv4_mapped().map_or_else(
-            || SourceKey::from_v6(a.octets()),
-            |v4| SourceKey::from_v4(v4.octets()),
-        ),
+        IpAddr::V6(a) => SourceKey::from_v6(a.octets()),
     }
 }
 
