@@ -39,34 +39,28 @@ fn source() -> IpAddr {
     "198.18.0.7".parse().unwrap()
 }
 
+/// The verdict on `request(target, extra)` from [`source`] at [`NOW`].
+fn judged(policy: &Policy, target: &str, extra: &[&str]) -> Verdict {
+    judge(policy, &request(target, extra), source(), NOW)
+}
+
 #[test]
 fn a_valid_upgrade_from_an_allowed_origin_is_accepted() {
     let p = policy();
     assert_eq!(
-        judge(
+        judged(&p, "/ws", &["Origin: https://app.example.com"]),
+        Verdict::Accept
+    );
+    assert_eq!(
+        judged(
             &p,
-            &request("/ws", &["Origin: https://app.example.com"]),
-            source(),
-            NOW
+            "/live/prices?x=1",
+            &["Origin: https://eu.app.example.com"]
         ),
         Verdict::Accept
     );
     assert_eq!(
-        judge(
-            &p,
-            &request("/live/prices?x=1", &["Origin: https://eu.app.example.com"]),
-            source(),
-            NOW
-        ),
-        Verdict::Accept
-    );
-    assert_eq!(
-        judge(
-            &p,
-            &request("/ws", &["Origin: HTTPS://APP.EXAMPLE.COM:443"]),
-            source(),
-            NOW
-        ),
+        judged(&p, "/ws", &["Origin: HTTPS://APP.EXAMPLE.COM:443"]),
         Verdict::Accept
     );
 }
@@ -84,28 +78,20 @@ fn origins_match_exactly_or_by_subdomain_never_by_suffix() {
         "https://app.example.com/",
     ] {
         assert_eq!(
-            judge(
-                &p,
-                &request("/ws", &[&format!("Origin: {bad}")]),
-                source(),
-                NOW
-            ),
+            judged(&p, "/ws", &[&format!("Origin: {bad}")]),
             Verdict::Reject(Rejection::BadOrigin),
             "{bad}"
         );
     }
     assert_eq!(
-        judge(&p, &request("/ws", &[]), source(), NOW),
+        judged(&p, "/ws", &[]),
         Verdict::Reject(Rejection::MissingOrigin)
     );
     let allow_missing = Policy {
         missing_origin: MissingOrigin::Allow,
         ..policy()
     };
-    assert_eq!(
-        judge(&allow_missing, &request("/ws", &[]), source(), NOW),
-        Verdict::Accept
-    );
+    assert_eq!(judged(&allow_missing, "/ws", &[]), Verdict::Accept);
 }
 
 #[test]
@@ -113,12 +99,7 @@ fn paths_and_hosts_follow_the_policy() {
     let p = policy();
     for bad in ["/", "/wss", "/live", "/lively", "/ws/x"] {
         assert_eq!(
-            judge(
-                &p,
-                &request(bad, &["Origin: https://app.example.com"]),
-                source(),
-                NOW
-            ),
+            judged(&p, bad, &["Origin: https://app.example.com"]),
             Verdict::Reject(Rejection::BadPath),
             "{bad}"
         );
@@ -128,12 +109,7 @@ fn paths_and_hosts_follow_the_policy() {
         ..policy()
     };
     assert_eq!(
-        judge(
-            &hosts,
-            &request("/ws", &["Origin: https://app.example.com"]),
-            source(),
-            NOW
-        ),
+        judged(&hosts, "/ws", &["Origin: https://app.example.com"]),
         Verdict::Accept
     );
     let other = Policy {
@@ -141,12 +117,7 @@ fn paths_and_hosts_follow_the_policy() {
         ..policy()
     };
     assert_eq!(
-        judge(
-            &other,
-            &request("/ws", &["Origin: https://app.example.com"]),
-            source(),
-            NOW
-        ),
+        judged(&other, "/ws", &["Origin: https://app.example.com"]),
         Verdict::Reject(Rejection::BadHost)
     );
 }
@@ -240,7 +211,7 @@ fn tickets_are_required_and_checked() {
     let good = ticket::mint(SECRET, NOW + 30, Some(source()));
     assert_eq!(judge(&p, &with(&good), source(), NOW), Verdict::Accept);
     assert_eq!(
-        judge(&p, &request("/ws", &[origin]), source(), NOW),
+        judged(&p, "/ws", &[origin]),
         Verdict::Reject(Rejection::TicketMissing)
     );
     assert_eq!(
@@ -273,11 +244,10 @@ fn tickets_are_required_and_checked() {
     );
     // Origin is checked before the ticket: a hijack from another site never gets as far.
     assert_eq!(
-        judge(
+        judged(
             &p,
-            &request(&format!("/ws?ticket={good}"), &["Origin: https://evil.net"]),
-            source(),
-            NOW
+            &format!("/ws?ticket={good}"),
+            &["Origin: https://evil.net"]
         ),
         Verdict::Reject(Rejection::BadOrigin)
     );
