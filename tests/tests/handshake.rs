@@ -274,16 +274,7 @@ async fn an_oversized_head_is_rejected_without_growing_the_agent() -> Result<()>
         "max_request_bytes = \"2KiB\"\nfailures_before_ban = 0\n",
     ))
     .await?;
-    let rss = |pid: u32| -> u64 {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-            .unwrap_or(0)
-    };
-    let pid = agent.pid();
-    let before = rss(pid);
+    let before = agent.rss_kb();
     for _ in 0..40 {
         let mut s = connect_from(&lab.client, lab.client_v4(8).into(), addr, SECOND).await?;
         let answer = raw_handshake(
@@ -298,7 +289,7 @@ async fn an_oversized_head_is_rejected_without_growing_the_agent() -> Result<()>
             "an oversized head was answered: {answer:?}"
         );
     }
-    let after = rss(pid);
+    let after = agent.rss_kb();
     ensure!(
         after < before + 8 * 1024,
         "agent RSS grew from {before} kB to {after} kB"

@@ -22,15 +22,6 @@ use wsguard_tests::{
 const SECOND: Duration = Duration::from_secs(1);
 const ORIGIN: &str = "https://app.example.com";
 
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_traffic_keeps_sessions_intact_and_memory_bounded() -> Result<()> {
     let seconds: u64 = std::env::var("WSGUARD_SOAK_SECONDS")
@@ -42,8 +33,7 @@ async fn mixed_traffic_keeps_sessions_intact_and_memory_bounded() -> Result<()> 
          [handshake]\ninspect_ports = [8080]\nallowed_origins = [\"{ORIGIN}\"]\ndeadline = \"1s\"\nmax_pending = 64\nfailures_before_ban = 0\n"
     ))
     .await?;
-    let pid = agent.pid();
-    let start_rss = rss_kb(pid);
+    let start_rss = agent.rss_kb();
     let stop = Arc::new(AtomicBool::new(false));
     let until = Instant::now() + Duration::from_secs(seconds);
 
@@ -120,7 +110,7 @@ async fn mixed_traffic_keeps_sessions_intact_and_memory_bounded() -> Result<()> 
             drop(held);
         };
         let (_, _, _) = tokio::join!(flood, hijacks, slowloris);
-        peak_rss = peak_rss.max(rss_kb(pid));
+        peak_rss = peak_rss.max(agent.rss_kb());
         if let Ok((_, _, body)) = http_get(&lab.server, "/metrics").await {
             if let Some(v) = body
                 .lines()
