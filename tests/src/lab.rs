@@ -201,8 +201,8 @@ impl Lab {
         self.wire()
     }
 
-    /// The MAC address of the server's interface.
-    pub fn server_mac(&self) -> Result<[u8; 6]> {
+    /// `ip link show` of the server's interface (its MAC, any XDP program).
+    pub fn server_link(&self) -> Result<String> {
         let out = Command::new("ip")
             .args([
                 "-n",
@@ -213,7 +213,12 @@ impl Lab {
                 &self.server_if,
             ])
             .output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The MAC address of the server's interface.
+    pub fn server_mac(&self) -> Result<[u8; 6]> {
+        let text = self.server_link()?;
         let mac = text
             .split("link/ether ")
             .nth(1)

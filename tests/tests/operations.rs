@@ -468,21 +468,8 @@ async fn systemd_hears_ready_after_attach() -> Result<()> {
         String::from_utf8_lossy(&buf[..n])
     );
     // Ready comes after the XDP program is on the interface.
-    let link = std::process::Command::new("ip")
-        .args([
-            "-n",
-            &lab.server.name,
-            "link",
-            "show",
-            "dev",
-            &lab.server_if,
-        ])
-        .output()?;
-    ensure!(
-        String::from_utf8_lossy(&link.stdout).contains("xdp"),
-        "{}",
-        String::from_utf8_lossy(&link.stdout)
-    );
+    let link = lab.server_link()?;
+    ensure!(link.contains("xdp"), "{link}");
     agent.signal(libc::SIGHUP);
     let n = socket.recv(&mut buf)?;
     ensure!(String::from_utf8_lossy(&buf[..n]).contains("RELOADING=1"));
@@ -519,18 +506,8 @@ async fn a_removed_and_re_added_interface_is_attached_again() -> Result<()> {
             .then_some(())
     })
     .await?;
-    let link = std::process::Command::new("ip")
-        .args([
-            "-n",
-            &lab.server.name,
-            "link",
-            "show",
-            "dev",
-            &lab.server_if,
-        ])
-        .output()?;
     ensure!(
-        String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        lab.server_link()?.contains("xdp"),
         "no XDP on the new device"
     );
     ensure!(
