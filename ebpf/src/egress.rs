@@ -6,14 +6,16 @@
 //! `101 Switching Protocols`, however fast the server answers. After the
 //! verdict timeout, fail-open lets the answer through and fail-closed keeps
 //! dropping it. Packets of a rejected connection are dropped, except the
-//! server's RST, so the client learns the connection is gone.
+//! server's RST, so the client learns the connection is gone. Allow-listed
+//! clients are never held back or dropped.
 
 use aya_ebpf::{bindings::TC_ACT_OK, bindings::TC_ACT_SHOT, programs::TcContext};
 use wsguard_common::{Flow, Reason};
 
 use crate::{
     maps::{
-        FLOWS, count, flow_from_server, handshake_settings, is_inspected_port, now_ns, settings,
+        FLOWS, count, flow_from_server, handshake_settings, is_allow_listed, is_inspected_port,
+        now_ns, settings,
     },
     parse::{Frame, Parsed, parse},
 };
@@ -38,10 +40,16 @@ pub fn run(ctx: &TcContext) -> i32 {
     };
     // SAFETY: a map value pointer, valid for this run.
     let flow = unsafe { *flow };
+    let now = now_ns();
+    // Allow-listed clients are never inspected, so a flow entry for one is
+    // left from before it was listed, on a reused port: it holds nothing back.
     let reason = match flow.state {
+        Flow::REJECTED | Flow::PENDING if is_allow_listed(&segment.destination, now) => {
+            return TC_ACT_OK;
+        }
         Flow::REJECTED if !segment.rst => Reason::FlowRejected,
         Flow::PENDING if segment.payload_len > 0 => {
-            if now_ns().saturating_sub(flow.since_ns) < handshake.verdict_timeout_ns {
+            if now.saturating_sub(flow.since_ns) < handshake.verdict_timeout_ns {
                 Reason::ResponseHeld
             } else if handshake.fail_closed != 0 {
                 Reason::VerdictTimeout

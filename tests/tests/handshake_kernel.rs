@@ -273,3 +273,29 @@ fn handshake_dry_run_counts_would_drop_and_passes() {
         h.nonzero()
     );
 }
+
+/// An allow-listed client is never held back or cut, even on a port whose
+/// earlier connection (from before it was listed) was pending or rejected.
+#[test]
+fn stale_flows_never_hold_back_or_cut_an_allow_listed_client() {
+    let mut h = harness(SECOND, true);
+    let allowed = Packet::syn(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 200)), INSPECTED);
+    for state in [Flow::REJECTED, Flow::PENDING] {
+        set_state(&mut h, &allowed, state);
+        assert_eq!(h.run(&allowed.bytes()), XDP_PASS, "the new SYN");
+        assert_eq!(
+            h.run_egress(&allowed.reply(TCP_SYN | TCP_ACK, 0).bytes()),
+            TC_ACT_OK
+        );
+        assert_eq!(
+            h.run_egress(&allowed.reply(TCP_ACK | TCP_PSH, 129).bytes()),
+            TC_ACT_OK,
+            "the server's answer, flow {state}"
+        );
+    }
+    assert!(
+        h.nonzero().iter().all(|(r, _)| !r.is_drop()),
+        "{:?}",
+        h.nonzero()
+    );
+}
