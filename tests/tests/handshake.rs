@@ -421,3 +421,31 @@ async fn a_new_connection_from_a_rejected_connections_port_is_judged_afresh() ->
     echo(&mut ws, "same port, new connection", SECOND).await?;
     Ok(())
 }
+
+/// A source allow-listed while its handshake is in flight is not cut, even
+/// with a foreign Origin: the allow list wins over inspection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_allow_listed_mid_handshake_is_not_cut() -> Result<()> {
+    let Setup {
+        agent,
+        server: _server,
+        addr,
+        lab,
+    } = Setup::start(&body("")).await?;
+    let source = lab.client_v4(13);
+    let stream = connect_from(&lab.client, source.into(), addr, 2 * SECOND).await?;
+    let out = agent.cli(&["allow", "add", &source.to_string()]);
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut ws = upgrade(stream, addr, "/ws", Some("https://evil.net"), 2 * SECOND).await?;
+    // A verdict takes about a millisecond (docs/benchmarks.md); a cut would
+    // show within these 500 ms of echoes.
+    for i in 0..10 {
+        echo(&mut ws, &format!("still here {i}"), SECOND).await?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}

@@ -76,6 +76,11 @@ pub fn apply(cx: &mut Context, connection: Connection, outcome: Outcome) -> Resu
         Outcome::Reject(reason) => reason,
     };
     let (client, server) = connection;
+    // Allow-listed while its handshake was in flight: never cut or banned.
+    if cx.kernel.is_allow_listed(client.ip()) {
+        debug!("{client}: allow-listed since its handshake began, not rejected");
+        return cx.kernel.set_flow_state(&key, Flow::ACCEPTED);
+    }
     // In dry run the kernel still learns the verdict: it counts what it would
     // drop and passes it. Nothing is destroyed or banned.
     let dry_run = cx.config.settings.is_dry_run(Reason::FlowRejected);
