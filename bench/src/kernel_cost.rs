@@ -47,10 +47,19 @@ pub struct ScaleRow {
     pub sources: u32,
     /// Entries the map held after filling.
     pub tracked: u32,
-    /// Map memory the kernel charges per tracked source.
-    pub bytes_per_source: f64,
-    pub map_mib: f64,
+    /// Map memory the kernel charges for the map (`memlock`).
+    pub map_bytes: u64,
     pub rows: Vec<CostRow>,
+}
+
+impl ScaleRow {
+    pub fn bytes_per_source(&self) -> f64 {
+        self.map_bytes as f64 / f64::from(self.sources)
+    }
+
+    pub fn map_mib(&self) -> f64 {
+        self.map_bytes as f64 / (1024.0 * 1024.0)
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -343,8 +352,7 @@ pub fn scale(sources: u32, effort: Effort) -> Result<ScaleRow> {
     Ok(ScaleRow {
         sources,
         tracked: tracked.len() as u32,
-        bytes_per_source: map_bytes as f64 / f64::from(sources),
-        map_mib: map_bytes as f64 / (1024.0 * 1024.0),
+        map_bytes,
         rows,
     })
 }

@@ -189,8 +189,8 @@ fn markdown(r: &Results) -> String {
                 "| {} ({}) | {:.1} MiB | {:.0} | {} | {} | {} |",
                 s.sources,
                 s.tracked,
-                s.map_mib,
-                s.bytes_per_source,
+                s.map_mib(),
+                s.bytes_per_source(),
                 row.case,
                 row.ns.show(1),
                 row.ratio.show(2)
