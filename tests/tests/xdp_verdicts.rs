@@ -180,6 +180,29 @@ fn repeated_limit_drops_earn_a_ban_that_expires_in_the_kernel() {
     // Global-limit drops never count towards a source's ban.
 }
 
+/// With the ban map full, a source that earns a ban is counted under
+/// `ban_map_full` and only its limits keep dropping; existing bans stay.
+#[test]
+fn a_full_ban_map_counts_the_ban_it_cannot_record() {
+    let h = harness(
+        "new_connections = \"1/m\"\nnew_connections_burst = 1\nbytes = \"100MiB/s\"\nbytes_burst = \"100MiB\"\nconcurrent_connections = 0",
+        "[ban]\nafter_drops = 1\nwindow = \"1m\"\nduration = \"1h\"\n[tracking]\nmax_bans = 1\n",
+    );
+    for host in [20, 21] {
+        let syn = Packet::syn(v4(host), PORT).bytes();
+        assert_eq!(h.run(&syn), XDP_PASS);
+        assert_eq!(h.run(&syn), XDP_DROP, "over the limit: earns a ban");
+    }
+    assert_eq!(h.packets(Reason::BanStarted), 1);
+    assert_eq!(h.packets(Reason::BanMapFull), 1);
+    assert!(h.ban(&SourceKey::from_v4([198, 18, 0, 20])).is_some());
+    assert!(h.ban(&SourceKey::from_v4([198, 18, 0, 21])).is_none());
+    // Unbanned, the second source is still held by its limit.
+    assert_eq!(h.run(&Packet::syn(v4(21), PORT).bytes()), XDP_DROP);
+    assert_eq!(h.packets(Reason::ConnectionRate), 3);
+    assert_eq!(h.packets(Reason::Banned), 0);
+}
+
 #[test]
 fn the_concurrency_limit_drops_new_connections_only() {
     let mut h = harness(
