@@ -26,6 +26,12 @@ pub struct AgentFile {
     pub reloads: u64,
     /// The last reload's error, if it was rejected.
     pub last_reload_error: Option<String>,
+    /// Inspected connections awaiting a verdict (refreshed every second).
+    #[serde(default)]
+    pub pending_handshakes: u64,
+    /// Single-use tickets remembered, and the cache's capacity.
+    #[serde(default)]
+    pub ticket_replay_cache: Option<(u64, u64)>,
 }
 
 pub fn path_for(pin_dir: &Path) -> PathBuf {

@@ -5,7 +5,7 @@ use std::{
     os::fd::AsRawFd,
     path::Path,
     sync::{Arc, Mutex, atomic::Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -22,11 +22,7 @@ use crate::{
     agent_file::{self, AgentFile},
     config::Config,
     events::{BanEnd, BanWatch, EventSink, source_prefix},
-    handshake::{
-        capture::{self, Segment},
-        enforce::{self, Failures},
-        inspector::{Connection, Inspector, Outcome},
-    },
+    handshake::inspection::{self, Inspection},
     kernel::{self, Kernel},
     metrics::{self, AgentCounters},
     status,
@@ -48,24 +44,32 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let mut kernel = Kernel::load(&config, Some(&pins))?;
     spawn_kernel_log_drain(&mut kernel)?;
     spawn_kernel_events(&mut kernel, sink.clone(), &config)?;
+    let inspecting = !config.handshake.ports.is_empty();
+    // Read before attaching, so that no record of a new connection is missed.
+    let mut records = if inspecting {
+        let ring = kernel.take_stream_records()?;
+        // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it.
+        Some(
+            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                .map_err(std::io::Error::from)
+                .context("cannot poll the inspection ring buffer")?,
+        )
+    } else {
+        None
+    };
+    let mut inspection = if inspecting {
+        let mut sink = sink.lock().unwrap();
+        Some(Inspection::start(&mut inspection::Context {
+            kernel: &mut kernel,
+            config: &config,
+            sink: &mut sink,
+            counters: &counters,
+        })?)
+    } else {
+        None
+    };
     let takeover = kernel.attach(&config)?;
-    let (segments_tx, mut segments) = tokio::sync::mpsc::channel::<Segment>(CAPTURE_QUEUE);
-    let mut captures = std::collections::HashMap::new();
-    if !config.handshake.ports.is_empty() {
-        for interface in config.agent.interfaces.get_ref() {
-            captures.insert(
-                interface.clone(),
-                spawn_capture(&kernel, interface, segments_tx.clone())?,
-            );
-        }
-    }
     let mut missing: Vec<String> = Vec::new();
-    let mut inspector = Inspector::new(
-        config.handshake.policy.clone(),
-        config.handshake.deadline,
-        config.handshake.max_pending,
-    );
-    let mut failures = Failures::default();
     if let Some(listen) = config.metrics_listen {
         metrics::serve(listen, pins.clone(), counters.clone()).await?;
     }
@@ -105,17 +109,35 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     let mut deadlines = tokio::time::interval(Duration::from_millis(100));
     let mut ban_watch = BanWatch::default();
+    let mut sweeps = 0u32;
     loop {
         tokio::select! {
-            Some(segment) = segments.recv() => {
-                let verdicts = inspector.on_segment(segment, Instant::now(), agent_file::now_unix());
-                counters.pending_handshakes.store(inspector.pending() as u64, Ordering::Relaxed);
-                enforce_all(&mut kernel, &config, &sink, &counters, &mut failures, verdicts);
+            ready = readable(&mut records) => {
+                let Ok(mut ready) = ready else { break };
+                let mut sink = sink.lock().unwrap();
+                let mut cx = inspection::Context { kernel: &mut kernel, config: &config, sink: &mut sink, counters: &counters };
+                if let Some(inspection) = inspection.as_mut() {
+                    // A bounded batch, so that timers and signals get their turn.
+                    for _ in 0..4096 {
+                        let Some(item) = ready.get_inner_mut().next() else {
+                            ready.clear_ready();
+                            break;
+                        };
+                        inspection.on_record(&mut cx, &item);
+                    }
+                    counters.pending_handshakes.store(inspection.pending() as u64, Ordering::Relaxed);
+                }
             }
             _ = deadlines.tick() => {
-                let verdicts = inspector.expire(Instant::now());
-                counters.pending_handshakes.store(inspector.pending() as u64, Ordering::Relaxed);
-                enforce_all(&mut kernel, &config, &sink, &counters, &mut failures, verdicts);
+                if let Some(inspection) = inspection.as_mut() {
+                    let mut sink = sink.lock().unwrap();
+                    inspection.tick(&mut inspection::Context { kernel: &mut kernel, config: &config, sink: &mut sink, counters: &counters });
+                    counters.pending_handshakes.store(inspection.pending() as u64, Ordering::Relaxed);
+                    if let Some((used, capacity)) = inspection.replay_fill() {
+                        counters.replay_cache_entries.store(used as u64, Ordering::Relaxed);
+                        counters.replay_cache_capacity.store(capacity as u64, Ordering::Relaxed);
+                    }
+                }
             }
             _ = terminate.recv() => { info!("SIGTERM: stopping"); break; }
             _ = interrupt.recv() => { info!("interrupted: stopping"); break; }
@@ -132,7 +154,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
                         info!(config = %new.file.display(), "reloaded");
                         println!("wsguard: reloaded {}\n{}", new.file.display(), new.summary());
                         config = new;
-                        inspector.set_policy(config.handshake.policy.clone(), config.handshake.deadline, config.handshake.max_pending);
+                        if let Some(inspection) = inspection.as_mut() {
+                            inspection.reconfigure(&config);
+                        }
                         agent_file.config_loaded_at = agent_file::now_unix();
                         agent_file.last_reload_error = None;
                         counters.reloads_ok.fetch_add(1, Ordering::Relaxed);
@@ -154,12 +178,37 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 if let Err(e) = housekeep(&mut kernel, &config, &sink, &mut ban_watch) {
                     warn!("housekeeping: {e:#}");
                 }
-                watch_interfaces(&mut kernel, &config, &sink, &mut missing, &segments_tx, &mut captures);
+                if let Some(inspection) = inspection.as_ref() {
+                    let fill = (inspection.pending() as u64, inspection.replay_fill().map(|(u, c)| (u as u64, c as u64)));
+                    if fill != (agent_file.pending_handshakes, agent_file.ticket_replay_cache) {
+                        (agent_file.pending_handshakes, agent_file.ticket_replay_cache) = fill;
+                        if let Err(e) = agent_file.write(&pins) {
+                            warn!("cannot update the agent file: {e:#}");
+                        }
+                    }
+                }
+                sweeps += 1;
+                if inspecting && sweeps % 30 == 0 {
+                    // Verdicts whose close record was lost.
+                    if let Err(e) = kernel.sweep_releases() {
+                        warn!("cannot sweep handshake verdicts: {e:#}");
+                    }
+                }
+                watch_interfaces(&mut kernel, &config, &sink, &mut missing);
             }
         }
     }
 
     notify(&[NotifyState::Stopping]);
+    if let Some(inspection) = inspection.as_mut() {
+        let mut sink = sink.lock().unwrap();
+        inspection.stop(&mut inspection::Context {
+            kernel: &mut kernel,
+            config: &config,
+            sink: &mut sink,
+            counters: &counters,
+        });
+    }
     AgentFile::remove(&pins);
     let counters = kernel.counters()?;
     let keep = config.agent.keep_enforcing_on_exit;
@@ -239,6 +288,10 @@ fn reload(kernel: &mut Kernel, current: &Config) -> Result<Config> {
         ),
         ("tracking.max_bans", current.max_bans != new.max_bans),
         (
+            "handshake.max_connections",
+            current.handshake.max_connections != new.handshake.max_connections,
+        ),
+        (
             "metrics.listen",
             current.metrics_listen != new.metrics_listen,
         ),
@@ -263,36 +316,15 @@ fn reload(kernel: &mut Kernel, current: &Config) -> Result<Config> {
     Ok(new)
 }
 
-/// Captured segments waiting for the inspector; beyond that, segments are
-/// dropped (and their connections run into the deadline).
-const CAPTURE_QUEUE: usize = 8192;
-
-fn enforce_all(
-    kernel: &mut Kernel,
-    config: &Config,
-    sink: &Sink,
-    counters: &AgentCounters,
-    failures: &mut Failures,
-    verdicts: Vec<(Connection, Outcome)>,
-) {
-    if verdicts.is_empty() {
-        return;
-    }
-    let mut sink = sink.lock().unwrap();
-    let mut cx = enforce::Context {
-        kernel,
-        config,
-        sink: &mut sink,
-        counters,
-        failures,
-    };
-    for (connection, outcome) in verdicts {
-        if let Err(e) = enforce::apply(&mut cx, connection, outcome) {
-            warn!(
-                "cannot apply the verdict on {} -> {}: {e:#}",
-                connection.0, connection.1
-            );
-        }
+/// Waits until the inspection ring buffer has records (forever when
+/// inspection is off).
+async fn readable(
+    records: &mut Option<AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>>,
+) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, aya::maps::RingBuf<aya::maps::MapData>>>
+{
+    match records {
+        Some(ring) => ring.readable_mut().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -304,8 +336,6 @@ fn watch_interfaces(
     config: &Config,
     sink: &Sink,
     missing: &mut Vec<String>,
-    segments: &tokio::sync::mpsc::Sender<Segment>,
-    captures: &mut std::collections::HashMap<String, tokio::task::JoinHandle<()>>,
 ) {
     for interface in Kernel::missing_interfaces(config) {
         if !missing.contains(&interface) {
@@ -324,54 +354,10 @@ fn watch_interfaces(
                     .unwrap()
                     .emit("interface_reattached", json!({"interface": interface}));
                 missing.retain(|m| *m != interface);
-                if !config.handshake.ports.is_empty() {
-                    if let Some(old) = captures.remove(&interface) {
-                        old.abort();
-                    }
-                    match spawn_capture(kernel, &interface, segments.clone()) {
-                        Ok(task) => {
-                            captures.insert(interface, task);
-                        }
-                        Err(e) => warn!("cannot capture handshakes on {interface} again: {e:#}"),
-                    }
-                }
             }
         }
         Err(e) => warn!("cannot attach again: {e:#}"),
     }
-}
-
-/// Reads the capture socket of `interface` and queues its segments.
-fn spawn_capture(
-    kernel: &Kernel,
-    interface: &str,
-    queue: tokio::sync::mpsc::Sender<Segment>,
-) -> Result<tokio::task::JoinHandle<()>> {
-    let socket = capture::open(interface, |fd| kernel.attach_capture(fd))?;
-    Ok(tokio::spawn(async move {
-        let mut buffer = vec![0u8; 65536];
-        loop {
-            let Ok(mut ready) = socket.readable().await else {
-                break;
-            };
-            loop {
-                match capture::read_frame(socket.get_ref(), &mut buffer) {
-                    Ok(Some(segment)) => {
-                        let _ = queue.try_send(segment);
-                    }
-                    Ok(None) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        ready.clear_ready();
-                        break;
-                    }
-                    Err(e) => {
-                        warn!("handshake capture stopped: {e}");
-                        return;
-                    }
-                }
-            }
-        }
-    }))
 }
 
 /// Reads the kernel's event records (bans started) into the event sink.

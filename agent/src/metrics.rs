@@ -35,8 +35,11 @@ pub struct AgentCounters {
     pub reloads_ok: AtomicU64,
     pub reloads_rejected: AtomicU64,
     pub events_suppressed: AtomicU64,
-    /// Request heads being assembled now.
+    /// Inspected connections awaiting a verdict now.
     pub pending_handshakes: AtomicU64,
+    /// Single-use tickets remembered now, and how many fit.
+    pub replay_cache_entries: AtomicU64,
+    pub replay_cache_capacity: AtomicU64,
     /// Handshakes judged, by (verdict, reason).
     pub handshakes: std::sync::Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
 }
@@ -280,10 +283,28 @@ impl Collector for KernelCollector {
         gauge(
             &mut encoder,
             "wsguard_pending_handshakes",
-            "Request heads being assembled now (bounded by handshake.max_pending).",
+            "Inspected connections awaiting a verdict now (bounded by handshake.max_pending).",
             &[(
                 vec![],
                 self.agent.pending_handshakes.load(Ordering::Relaxed) as f64,
+            )],
+        )?;
+        gauge(
+            &mut encoder,
+            "wsguard_ticket_replay_cache_entries",
+            "Single-use tickets remembered until they expire.",
+            &[(
+                vec![],
+                self.agent.replay_cache_entries.load(Ordering::Relaxed) as f64,
+            )],
+        )?;
+        gauge(
+            &mut encoder,
+            "wsguard_ticket_replay_cache_capacity",
+            "How many single-use tickets the cache holds (handshake.ticket.replay_cache_size).",
+            &[(
+                vec![],
+                self.agent.replay_cache_capacity.load(Ordering::Relaxed) as f64,
             )],
         )?;
         counter(

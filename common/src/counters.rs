@@ -69,16 +69,20 @@ reasons! {
     /// Event: an event record did not fit in the ring buffer (the agent is
     /// behind or down).
     EventsLost = 16, "events_lost", false;
-    /// A packet of a connection whose handshake the agent rejected (either
-    /// direction; the server's RST still passes, so the client learns).
+    /// Stream bytes of a connection whose handshake the agent rejected,
+    /// dropped before the application reads them.
     FlowRejected = 17, "flow_rejected", true;
-    /// The server's answer on a connection still waiting for its verdict,
-    /// held back (dropped; TCP retransmits it).
-    ResponseHeld = 18, "response_held", true;
-    /// No verdict within the verdict timeout, fail-closed: dropped.
-    VerdictTimeout = 19, "verdict_timeout", true;
-    /// Event: no verdict within the verdict timeout, fail-open: passed.
-    VerdictTimeoutPassed = 20, "verdict_timeout_passed", false;
+    /// Stream bytes of an inspected connection handed to the agent for its
+    /// verdict instead of to the application (which gets them only after an
+    /// accepting verdict).
+    HandedToAgent = 18, "handed_to_agent", false;
+    /// A SYN to an inspected port refused because the table of connections
+    /// awaiting a verdict, or of inspected connections, is full.
+    InspectFull = 19, "inspect_full", true;
+    /// Event: stream bytes that could not be handed to the agent (its ring
+    /// buffer was full), or a connection that could not enter inspection;
+    /// the connection is cut, never served unjudged.
+    InspectLost = 20, "inspect_lost", false;
 }
 
 /// Slots per set of counters; the map holds two sets: what was done, then

@@ -12,7 +12,8 @@ pub mod source;
 pub use bucket::{BucketParams, TokenBucket};
 pub use counters::{Counter, Reason};
 pub use maps::{
-    Ban, Event, Flow, FlowKey, HandshakeSettings, ListEntry, LpmKey, Settings, SourceState,
+    Ban, Event, HandshakeSettings, ListEntry, LpmKey, RecordHeader, Release, Settings,
+    SourceState, Stream, StreamPeers,
 };
 pub use source::SourceKey;
 
@@ -37,8 +38,9 @@ mod pod {
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for ListEntry {}
     unsafe impl aya::Pod for Event {}
-    unsafe impl aya::Pod for FlowKey {}
-    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for Stream {}
+    unsafe impl aya::Pod for StreamPeers {}
+    unsafe impl aya::Pod for Release {}
     unsafe impl aya::Pod for HandshakeSettings {}
     unsafe impl aya::Pod for maps::GlobalState {}
 }

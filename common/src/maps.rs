@@ -15,16 +15,30 @@ pub mod names {
     pub const COUNTERS: &str = "WSG_COUNTERS";
     pub const EVENTS: &str = "WSG_EVENTS";
     pub const INSPECT: &str = "WSG_INSPECT";
-    pub const FLOWS: &str = "WSG_FLOWS";
     pub const HANDSHAKE: &str = "WSG_HANDSHAKE";
+    /// Sockets of inspected connections (SOCKHASH by cookie).
+    pub const INSPECTED: &str = "WSG_INSPECTED";
+    pub const STREAMS: &str = "WSG_STREAMS";
+    pub const RELEASES: &str = "WSG_RELEASES";
+    pub const STREAM_RECORDS: &str = "WSG_RECORDS";
+    /// Inspected connections open now (one u64, kept by sock_ops).
+    pub const INSPECTED_COUNT: &str = "WSG_INSPECTED_N";
+    /// The agent's injection socket (SOCKMAP, one slot).
+    pub const INJECTOR: &str = "WSG_INJECTOR";
+    /// The cookie of the connection the agent is putting bytes into.
+    pub const INJECT_TARGET: &str = "WSG_INJECT_TO";
 }
 
 /// Names of the programs.
 pub mod programs {
     pub const INGRESS: &str = "wsguard_ingress";
     pub const CONNECTION_TRACKER: &str = "wsguard_connections";
-    pub const CAPTURE: &str = "wsguard_capture";
-    pub const EGRESS: &str = "wsguard_egress";
+    /// sk_skb stream verdict on inspected sockets: hands their bytes to the
+    /// agent until the verdict.
+    pub const STREAM_VERDICT: &str = "wsguard_stream";
+    /// sk_msg on the agent's injection socket: puts judged bytes into an
+    /// inspected socket's receive queue.
+    pub const INJECT: &str = "wsguard_inject";
     /// XDP_PASS and nothing else: the benchmarks' floor, never attached.
     pub const FLOOR: &str = "wsguard_floor";
 }
@@ -98,7 +112,7 @@ impl Settings {
     pub const DRY_RUN_LISTS: u32 = 2;
     /// Malformed-packet drops.
     pub const DRY_RUN_MALFORMED: u32 = 4;
-    /// Handshake verdicts (rejected flows, held responses).
+    /// Handshake verdicts (rejected flows, refused connections).
     pub const DRY_RUN_HANDSHAKE: u32 = 8;
     /// Everything (`agent.dry_run`).
     pub const DRY_RUN_ALL: u32 = 0xff;
@@ -110,7 +124,7 @@ impl Settings {
         let family = match reason {
             DenyList => Self::DRY_RUN_LISTS,
             Malformed => Self::DRY_RUN_MALFORMED,
-            FlowRejected | ResponseHeld | VerdictTimeout => Self::DRY_RUN_HANDSHAKE,
+            FlowRejected | InspectFull => Self::DRY_RUN_HANDSHAKE,
             _ => Self::DRY_RUN_LIMITS,
         };
         self.dry_run & family != 0
@@ -175,37 +189,94 @@ impl Event {
     pub const BAN_STARTED: u32 = 1;
 }
 
-/// A TCP connection to an inspected port, from the client's side.
+/// An inspected connection as the kernel tracks it, keyed by its socket
+/// cookie in `WSG_STREAMS`. Written by the kernel programs only: sock_ops
+/// creates it when the connection is established and removes it when it
+/// closes; the stream verdict program counts the bytes it hands over.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stream {
+    /// Stream bytes handed to the agent so far (the offset of the next byte).
+    pub handed: u64,
+    /// When the connection was established (CLOCK_MONOTONIC ns).
+    pub opened_ns: u64,
+    pub peers: StreamPeers,
+    /// Non-zero once a byte could not be handed over: the stream the agent
+    /// holds has a hole, so the connection can only be cut.
+    pub lost: u32,
+    /// Non-zero when the connection also counts towards the concurrency limit.
+    pub counted: u32,
+}
+assert_size!(Stream, 16 + 40 + 8);
+
+/// Both ends of an inspected connection, addresses in the 16-byte key space.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct FlowKey {
+pub struct StreamPeers {
     pub client: [u8; 16],
     pub server: [u8; 16],
     pub client_port: u16,
     pub server_port: u16,
     pub _pad: u32,
 }
-assert_size!(FlowKey, 40);
+assert_size!(StreamPeers, 40);
 
-/// Where a connection's handshake stands.
+/// The agent's verdict on an inspected connection, keyed by socket cookie
+/// in `WSG_RELEASES`. Written by the agent only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Flow {
-    /// [`Flow::PENDING`], [`Flow::ACCEPTED`] or [`Flow::REJECTED`].
+pub struct Release {
+    /// [`Release::ACCEPTED`] or [`Release::REJECTED`].
     pub state: u32,
     pub _pad: u32,
-    /// When the SYN was seen (CLOCK_MONOTONIC ns).
-    pub since_ns: u64,
+    /// With `ACCEPTED`: the stream bytes the agent has put into the socket.
+    /// The kernel passes new bytes straight to the application only while
+    /// everything it handed over has been put back (`handed == upto`), so
+    /// no byte overtakes an earlier one.
+    pub upto: u64,
 }
-assert_size!(Flow, 16);
+assert_size!(Release, 16);
 
-impl Flow {
-    /// SYN seen, no verdict yet: the capture hands its segments to the agent
-    /// and the egress program holds the server's answer back.
-    pub const PENDING: u32 = 1;
-    pub const ACCEPTED: u32 = 2;
-    pub const REJECTED: u32 = 3;
+impl Release {
+    pub const ACCEPTED: u32 = 1;
+    pub const REJECTED: u32 = 2;
 }
+
+/// Header of a record in the inspection ring buffer (`WSG_STREAM_RECORDS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// One of the `RecordHeader::*` kinds.
+    pub kind: u32,
+    /// Bytes of stream data after the header (`DATA`).
+    pub len: u32,
+    /// The connection's socket cookie.
+    pub cookie: u64,
+    /// Offset of the first data byte in the stream (`DATA`).
+    pub offset: u64,
+}
+assert_size!(RecordHeader, 24);
+
+impl RecordHeader {
+    /// A connection entered inspection; [`StreamPeers`] follow.
+    pub const OPENED: u32 = 1;
+    /// Stream bytes follow.
+    pub const DATA: u32 = 2;
+    /// An inspected connection closed.
+    pub const CLOSED: u32 = 3;
+    /// A connection to an inspected port that could not be inspected (a
+    /// map was full); [`StreamPeers`] follow. The agent cuts it.
+    pub const REFUSED: u32 = 4;
+}
+
+/// Stream bytes per DATA record.
+pub const RECORD_DATA_BYTES: usize = 2048;
+/// DATA records one segment may take; a longer segment of a connection
+/// awaiting its verdict is never legitimate for a request head (and marks
+/// the stream lost).
+pub const RECORDS_PER_SEGMENT: usize = 32;
+/// Size of the inspection ring buffer.
+pub const STREAM_RECORDS_BYTES: u32 = 8 * 1024 * 1024;
 
 /// Handshake inspection settings the kernel programs read.
 #[repr(C)]
@@ -213,11 +284,12 @@ impl Flow {
 pub struct HandshakeSettings {
     /// Non-zero when inspection is on (some port is inspected).
     pub enabled: u32,
-    /// Non-zero: drop the server's answer when no verdict came in time
-    /// (fail-closed); zero: let it through (fail-open).
-    pub fail_closed: u32,
-    /// How long the server's answer is held back waiting for a verdict.
-    pub verdict_timeout_ns: u64,
+    /// Non-zero while the agent's table of connections awaiting a verdict is
+    /// full: new connections to inspected ports are refused.
+    pub pending_full: u32,
+    /// Inspected connections open at once; beyond it new connections to
+    /// inspected ports are refused.
+    pub max_connections: u64,
 }
 assert_size!(HandshakeSettings, 16);
 
@@ -235,4 +307,4 @@ assert_size!(GlobalState, 32);
 
 /// Version of the map layout above; pins live under `<pin_path>/v<LAYOUT_VERSION>`
 /// so that a new layout never reads maps pinned by an older one.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;

@@ -3,13 +3,12 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use aya_log_ebpf::info;
-use wsguard_common::{Ban, Event, Flow, Reason, Settings, SourceKey, SourceState};
+use wsguard_common::{Ban, Event, Reason, Settings, SourceKey, SourceState};
 
 use crate::{
     maps::{
-        BANS, CONNECTIONS, FLOWS, GLOBAL, SOURCES, count, emit, flow_from_client,
-        handshake_settings, is_allow_listed, is_deny_listed, is_inspected_port, is_protected_port,
-        now_ns, settings,
+        BANS, CONNECTIONS, GLOBAL, SOURCES, count, emit, handshake_settings, inspection_full,
+        is_allow_listed, is_deny_listed, is_inspected_port, is_protected_port, now_ns, settings,
     },
     parse::{Frame, Parsed, TcpSegment, parse},
 };
@@ -32,10 +31,13 @@ pub fn run(ctx: &XdpContext) -> u32 {
         }
         Parsed::Tcp(segment) if segment.incomplete_header => malformed(&segment.source),
         Parsed::Tcp(segment) => {
-            // Looked up once per packet, used for both handshake checks below.
-            let inspected =
-                handshake_settings().is_some() && is_inspected_port(segment.destination_port);
-            judge_segment(ctx, settings, &segment, frame.len(), inspected)
+            // A new connection to an inspected port is refused while
+            // inspection has no room for it: it would go unjudged.
+            let refused = segment.opens_connection
+                && handshake_settings().is_some_and(|h| {
+                    is_inspected_port(segment.destination_port) && inspection_full(h)
+                });
+            judge_segment(ctx, settings, &segment, frame.len(), refused)
         }
         Parsed::Fragment(source) => {
             let key = settings.tracking_key(&source);
@@ -102,17 +104,15 @@ fn judge_segment(
     settings: &Settings,
     segment: &TcpSegment,
     len: u64,
-    inspected: bool,
+    inspection_refused: bool,
 ) -> Reason {
     let now = now_ns();
     let key = settings.tracking_key(&segment.source);
     if let Some(reason) = source_rules(&segment.source, &key, now) {
         return reason;
     }
-    // A SYN on a rejected connection's ports is a new connection (clients
-    // reuse ports): it is tracked afresh below, not dropped with the old one.
-    if inspected && !segment.opens_connection && is_rejected_flow(segment) {
-        return Reason::FlowRejected;
+    if inspection_refused {
+        return Reason::InspectFull;
     }
     if let Some(state) = source_state(&key) {
         // SAFETY: a map value pointer, valid for the duration of the program.
@@ -131,30 +131,7 @@ fn judge_segment(
     }
     // Per-source limits first, so a flooding source is charged to itself
     // before it can use up the budget shared by everyone.
-    let reason = global_limits(settings, segment, now, len).unwrap_or(Reason::Passed);
-    if inspected && reason == Reason::Passed && segment.opens_connection {
-        track_handshake(segment, now);
-    }
-    reason
-}
-
-/// A connection to an inspected port whose handshake the agent rejected:
-/// its further packets never reach the server.
-#[inline(always)]
-fn is_rejected_flow(segment: &TcpSegment) -> bool {
-    matches!(FLOWS.get_ptr(&flow_from_client(segment)), Some(flow) if unsafe { (*flow).state } == Flow::REJECTED)
-}
-
-/// A new connection to an inspected port awaits its handshake's verdict.
-/// (A reused 4-tuple starts afresh.)
-#[inline(always)]
-fn track_handshake(segment: &TcpSegment, now: u64) {
-    let flow = Flow {
-        state: Flow::PENDING,
-        _pad: 0,
-        since_ns: now,
-    };
-    let _ = FLOWS.insert(&flow_from_client(segment), &flow, 0);
+    global_limits(settings, segment, now, len).unwrap_or(Reason::Passed)
 }
 
 /// The source's state, created with full buckets on first sight. `None` only

@@ -5,10 +5,10 @@
 //! - `wsguard_connections` (sock_ops, cgroup v2 root): exact count of
 //!   established connections per source, read by the XDP program to enforce
 //!   the concurrency limit.
-//! - `wsguard_egress` (TC egress): holds the server's answer back until the
-//!   handshake's verdict, and drops rejected connections.
-//! - `wsguard_capture` (socket filter): hands the agent the request heads of
-//!   connections awaiting a verdict.
+//!   It also puts connections to inspected ports under inspection.
+//! - `wsguard_stream` (sk_skb stream verdict on inspected sockets) and
+//!   `wsguard_inject` (sk_msg on the agent's injection socket): handshake
+//!   inspection on the stream the application will read (`inspect.rs`).
 //! - `wsguard_floor` (XDP): returns XDP_PASS, a baseline for benchmarks.
 #![no_std]
 #![no_main]
@@ -16,16 +16,15 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
-mod capture;
 mod connections;
-mod egress;
 mod ingress;
+mod inspect;
 mod maps;
 mod parse;
 
 use aya_ebpf::{
-    macros::{classifier, sock_ops, socket_filter, xdp},
-    programs::{SkBuffContext, SockOpsContext, TcContext, XdpContext},
+    macros::{sk_msg, sock_ops, stream_verdict, xdp},
+    programs::{SkBuffContext, SkMsgContext, SockOpsContext, XdpContext},
 };
 
 #[xdp]
@@ -41,14 +40,14 @@ pub fn wsguard_connections(ctx: SockOpsContext) -> u32 {
     1
 }
 
-#[classifier]
-pub fn wsguard_egress(ctx: TcContext) -> i32 {
-    egress::run(&ctx)
+#[stream_verdict]
+pub fn wsguard_stream(ctx: SkBuffContext) -> u32 {
+    inspect::stream_verdict(&ctx) as u32
 }
 
-#[socket_filter]
-pub fn wsguard_capture(ctx: SkBuffContext) -> i64 {
-    capture::run(&ctx)
+#[sk_msg]
+pub fn wsguard_inject(ctx: SkMsgContext) -> u32 {
+    inspect::inject(&ctx)
 }
 
 /// Returns XDP_PASS and does nothing else: the floor the benchmarks measure

@@ -4,14 +4,16 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash, SockMap},
 };
 use wsguard_common::{
-    Ban, Counter, Flow, FlowKey, HandshakeSettings, ListEntry, LpmKey, Reason, Settings, SourceKey,
-    SourceState,
+    Ban, Counter, HandshakeSettings, ListEntry, LpmKey, Reason, Release, Settings, SourceKey,
+    SourceState, Stream,
     counters::COUNTER_SLOTS,
-    maps::{EVENTS_BYTES, GlobalState, LIST_CAPACITY, PORT_SLOTS},
+    maps::{EVENTS_BYTES, GlobalState, LIST_CAPACITY, PORT_SLOTS, STREAM_RECORDS_BYTES},
 };
+
+use crate::inspect::DataRecord;
 
 #[map(name = "WSG_SETTINGS")]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
@@ -52,10 +54,40 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 #[map(name = "WSG_INSPECT")]
 pub static INSPECT: Array<u8> = Array::with_max_entries(PORT_SLOTS, 0);
 
-/// Connections to inspected ports and where their handshake stands. LRU:
-/// the oldest connections (long judged) go first.
-#[map(name = "WSG_FLOWS")]
-pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(65536, 0);
+/// Sockets of inspected connections, by socket cookie; the stream verdict
+/// program is attached to this map. Sized by the agent.
+#[map(name = "WSG_INSPECTED")]
+pub static INSPECTED: SockHash<u64> = SockHash::with_max_entries(1024, 0);
+
+/// Inspected connections, by socket cookie (kernel-written). Sized by the agent.
+#[map(name = "WSG_STREAMS")]
+pub static STREAMS: HashMap<u64, Stream> = HashMap::with_max_entries(1024, 0);
+
+/// The agent's verdicts, by socket cookie (agent-written). Sized by the agent.
+#[map(name = "WSG_RELEASES")]
+pub static RELEASES: HashMap<u64, Release> = HashMap::with_max_entries(1024, 0);
+
+/// Inspected connections open now.
+#[map(name = "WSG_INSPECTED_N")]
+pub static INSPECTED_COUNT: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Records for the agent's inspection: connections opened, refused and
+/// closed, and their stream bytes until the verdict.
+#[map(name = "WSG_RECORDS")]
+pub static STREAM_RECORDS: RingBuf = RingBuf::with_byte_size(STREAM_RECORDS_BYTES, 0);
+
+/// Where a DATA record is assembled before it is copied to the ring buffer.
+#[map(name = "WSG_SCRATCH")]
+pub static RECORD_SCRATCH: PerCpuArray<DataRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// The agent's injection socket, whose sk_msg program puts judged bytes into
+/// an inspected socket.
+#[map(name = "WSG_INJECTOR")]
+pub static INJECTOR: SockMap = SockMap::with_max_entries(1, 0);
+
+/// The socket cookie the agent is injecting into now.
+#[map(name = "WSG_INJECT_TO")]
+pub static INJECT_TARGET: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map(name = "WSG_HANDSHAKE")]
 pub static HANDSHAKE: Array<HandshakeSettings> = Array::with_max_entries(1, 0);
@@ -97,28 +129,14 @@ pub fn is_inspected_port(port: u16) -> bool {
     matches!(INSPECT.get(port as u32), Some(p) if *p != 0)
 }
 
-/// The flow of a segment from client to server.
+/// Whether new connections to inspected ports are refused now: the agent's
+/// table of connections awaiting a verdict is full, or so is inspection.
 #[inline(always)]
-pub fn flow_from_client(segment: &crate::parse::TcpSegment) -> FlowKey {
-    FlowKey {
-        client: segment.source.addr,
-        server: segment.destination.addr,
-        client_port: segment.source_port,
-        server_port: segment.destination_port,
-        _pad: 0,
+pub fn inspection_full(handshake: &HandshakeSettings) -> bool {
+    if handshake.pending_full != 0 {
+        return true;
     }
-}
-
-/// The flow of a segment from server to client.
-#[inline(always)]
-pub fn flow_from_server(segment: &crate::parse::TcpSegment) -> FlowKey {
-    FlowKey {
-        client: segment.destination.addr,
-        server: segment.source.addr,
-        client_port: segment.destination_port,
-        server_port: segment.source_port,
-        _pad: 0,
-    }
+    matches!(INSPECTED_COUNT.get(0), Some(open) if *open >= handshake.max_connections)
 }
 
 /// Longest-prefix match of the full address. A runtime entry past its TTL

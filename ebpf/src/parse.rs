@@ -1,5 +1,5 @@
-//! Header walk from Ethernet to TCP over any [`Packet`]: direct packet access
-//! for XDP and TC, helper loads for socket filters.
+//! Header walk from Ethernet to TCP over any [`Packet`] (direct packet
+//! access for XDP).
 //!
 //! Rules for odd packets (documented in the README, "Packet rules"):
 //! - Ethernet, VLAN or IP headers cut short, IPv4 with IHL < 5, a version
@@ -45,19 +45,14 @@ const IPPROTO_SHIM6: u8 = 140;
 
 /// A TCP segment, with what the programs need to know of it.
 pub struct TcpSegment {
-    /// Full addresses (IPv4 as IPv4-mapped).
+    /// The full source address (IPv4 as IPv4-mapped).
     pub source: SourceKey,
-    pub destination: SourceKey,
-    pub source_port: u16,
     pub destination_port: u16,
     /// SYN without ACK: the start of a new connection.
     pub opens_connection: bool,
-    pub rst: bool,
     /// The header is cut short after the ports, its data offset is below 5,
     /// or it runs past the packet (flags are then unknown, and zero here).
     pub incomplete_header: bool,
-    /// TCP payload bytes (from the IP length, so Ethernet padding is not counted).
-    pub payload_len: usize,
 }
 
 pub enum Parsed {
@@ -146,14 +141,7 @@ fn ipv4<P: Packet>(packet: &P, offset: usize) -> Parsed {
     if ip.frag_offset() != 0 {
         return Parsed::Fragment(source);
     }
-    let end = offset + (u16::from_be_bytes(ip.tot_len) as usize & 0xffff);
-    tcp(
-        packet,
-        offset + header_len,
-        end,
-        source,
-        SourceKey::from_v4(ip.dst_addr),
-    )
+    tcp(packet, offset + header_len, source)
 }
 
 #[inline(always)]
@@ -165,13 +153,11 @@ fn ipv6<P: Packet>(packet: &P, offset: usize) -> Parsed {
         return Parsed::Other;
     }
     let source = SourceKey::from_v6(ip.src_addr);
-    let destination = SourceKey::from_v6(ip.dst_addr);
-    let end = offset + Ipv6Hdr::LEN + (u16::from_be_bytes(ip.payload_len) as usize & 0xffff);
     let mut next = ip.next_hdr;
     let mut l4 = offset + Ipv6Hdr::LEN;
     for _ in 0..MAX_IPV6_EXTENSIONS {
         match next {
-            IPPROTO_TCP => return tcp(packet, l4, end, source, destination),
+            IPPROTO_TCP => return tcp(packet, l4, source),
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_MOBILITY
             | IPPROTO_HIP | IPPROTO_SHIM6 => {
                 // Next header, then length in 8-octet units not counting the first.
@@ -208,19 +194,13 @@ fn ipv6<P: Packet>(packet: &P, offset: usize) -> Parsed {
         }
     }
     if next == IPPROTO_TCP {
-        return tcp(packet, l4, end, source, destination);
+        return tcp(packet, l4, source);
     }
     Parsed::Malformed(source)
 }
 
 #[inline(always)]
-fn tcp<P: Packet>(
-    packet: &P,
-    offset: usize,
-    ip_end: usize,
-    source: SourceKey,
-    destination: SourceKey,
-) -> Parsed {
+fn tcp<P: Packet>(packet: &P, offset: usize, source: SourceKey) -> Parsed {
     if offset > MAX_L4_OFFSET {
         return Parsed::Malformed(source);
     }
@@ -228,18 +208,13 @@ fn tcp<P: Packet>(
     let Some(ports) = packet.read::<[u8; 4]>(offset) else {
         return Parsed::Malformed(source);
     };
-    let source_port = u16::from_be_bytes([ports[0], ports[1]]);
     let destination_port = u16::from_be_bytes([ports[2], ports[3]]);
     let Some(th) = packet.read::<TcpHdr>(offset) else {
         return Parsed::Tcp(TcpSegment {
             source,
-            destination,
-            source_port,
             destination_port,
             opens_connection: false,
-            rst: false,
             incomplete_header: true,
-            payload_len: 0,
         });
     };
     let header_len = th.doff() as usize * 4;
@@ -247,16 +222,8 @@ fn tcp<P: Packet>(
     let incomplete_header = header_len < TcpHdr::LEN || packet.read::<u8>(header_end - 1).is_none();
     Parsed::Tcp(TcpSegment {
         source,
-        destination,
-        source_port,
         destination_port,
         opens_connection: !incomplete_header && th.syn() != 0 && th.ack() == 0,
-        rst: !incomplete_header && th.rst() != 0,
         incomplete_header,
-        payload_len: if incomplete_header {
-            0
-        } else {
-            ip_end.saturating_sub(header_end)
-        },
     })
 }

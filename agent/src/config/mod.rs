@@ -350,6 +350,14 @@ pub struct TicketKeys {
     pub max_age: Spanned<HumanDuration>,
     #[serde(default = "d_true")]
     pub bind_to_source_ip: bool,
+    #[serde(default = "d_true")]
+    pub single_use: bool,
+    #[serde(default = "d_replay_cache")]
+    pub replay_cache_size: Spanned<u32>,
+}
+
+fn d_replay_cache() -> Spanned<u32> {
+    Spanned::new(0..0, 100_000)
 }
 
 fn d_query_param() -> String {
@@ -368,16 +376,6 @@ pub enum AllowOrReject {
     #[default]
     Allow,
     Reject,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FailMode {
-    /// Let the server's answer through when no verdict came in time.
-    #[default]
-    Open,
-    /// Keep holding it back (the connection stalls until a verdict or the deadline).
-    Closed,
 }
 
 /// `[handshake]` as written.
@@ -404,12 +402,15 @@ pub struct HandshakeKeys {
     pub failures_before_ban: u32,
     #[serde(default)]
     pub dry_run: bool,
-    #[serde(default = "d_verdict_timeout")]
-    pub verdict_timeout: Spanned<HumanDuration>,
+    /// Removed keys, kept only to say why they are refused.
     #[serde(default)]
-    pub on_verdict_timeout: FailMode,
+    pub verdict_timeout: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    pub on_verdict_timeout: Option<Spanned<toml::Value>>,
     #[serde(default = "d_max_pending")]
     pub max_pending: Spanned<u32>,
+    #[serde(default = "d_max_connections")]
+    pub max_connections: Spanned<u32>,
     #[serde(default)]
     pub ticket: Option<TicketKeys>,
 }
@@ -429,11 +430,11 @@ fn d_deadline() -> Spanned<HumanDuration> {
 fn d_failures() -> u32 {
     5
 }
-fn d_verdict_timeout() -> Spanned<HumanDuration> {
-    Spanned::new(0..0, HumanDuration(std::time::Duration::from_secs(2)))
-}
 fn d_max_pending() -> Spanned<u32> {
     Spanned::new(0..0, 4096)
+}
+fn d_max_connections() -> Spanned<u32> {
+    Spanned::new(0..0, 65536)
 }
 
 impl Default for HandshakeKeys {
@@ -449,9 +450,10 @@ impl Default for HandshakeKeys {
             non_upgrade_requests: AllowOrReject::Allow,
             failures_before_ban: d_failures(),
             dry_run: false,
-            verdict_timeout: d_verdict_timeout(),
-            on_verdict_timeout: FailMode::Open,
+            verdict_timeout: None,
+            on_verdict_timeout: None,
             max_pending: d_max_pending(),
+            max_connections: d_max_connections(),
             ticket: None,
         }
     }
@@ -463,11 +465,14 @@ pub struct HandshakeConfig {
     pub ports: Vec<u16>,
     pub policy: crate::handshake::Policy,
     pub deadline: std::time::Duration,
-    pub verdict_timeout: std::time::Duration,
-    pub fail_closed: bool,
     pub failures_before_ban: u32,
     pub max_pending: u32,
+    /// Inspected connections open at once (sizes the inspection maps).
+    pub max_connections: u32,
     pub dry_run: bool,
+    /// Capacity of the single-use ticket cache; `None` when tickets are not
+    /// required or not single-use.
+    pub replay_cache_size: Option<u32>,
 }
 
 /// Where event records go.
@@ -800,13 +805,27 @@ fn validate_handshake(keys: HandshakeKeys, protected: &[u16]) -> Result<Handshak
             "handshake.max_request_bytes must be 256B to 1MiB",
         ));
     }
-    for (d, key) in [
-        (&keys.deadline, "deadline"),
+    for (removed, key) in [
         (&keys.verdict_timeout, "verdict_timeout"),
+        (&keys.on_verdict_timeout, "on_verdict_timeout"),
     ] {
-        if d.get_ref().0.is_zero() {
-            return Err(at(d, format!("handshake.{key} must be longer than zero")));
+        if let Some(value) = removed {
+            return Err(at(
+                value,
+                format!(
+                    "handshake.{key} is no longer a setting: the server now reads a request only after its verdict, so there is no answer to hold back or release (remove the key)"
+                ),
+            ));
         }
+    }
+    if keys.deadline.get_ref().0.is_zero() {
+        return Err(at(&keys.deadline, "handshake.deadline must be longer than zero"));
+    }
+    if !(1..=4_194_304).contains(keys.max_connections.get_ref()) {
+        return Err(at(
+            &keys.max_connections,
+            "handshake.max_connections must be 1 to 4194304",
+        ));
     }
     if *keys.max_pending.get_ref() == 0 {
         return Err(at(
@@ -814,6 +833,7 @@ fn validate_handshake(keys: HandshakeKeys, protected: &[u16]) -> Result<Handshak
             "handshake.max_pending must be at least 1",
         ));
     }
+    let mut replay_cache_size = None;
     let ticket = match keys.ticket {
         None => None,
         Some(t) => {
@@ -832,6 +852,15 @@ fn validate_handshake(keys: HandshakeKeys, protected: &[u16]) -> Result<Handshak
                     &t.max_age,
                     "handshake.ticket.max_age must be longer than zero",
                 ));
+            }
+            if !(1..=10_000_000).contains(t.replay_cache_size.get_ref()) {
+                return Err(at(
+                    &t.replay_cache_size,
+                    "handshake.ticket.replay_cache_size must be 1 to 10000000",
+                ));
+            }
+            if t.required && t.single_use {
+                replay_cache_size = Some(*t.replay_cache_size.get_ref());
             }
             Some(TicketPolicy {
                 required: t.required,
@@ -864,11 +893,11 @@ fn validate_handshake(keys: HandshakeKeys, protected: &[u16]) -> Result<Handshak
             ticket,
         },
         deadline: keys.deadline.get_ref().0,
-        verdict_timeout: keys.verdict_timeout.get_ref().0,
-        fail_closed: keys.on_verdict_timeout == FailMode::Closed,
         failures_before_ban: keys.failures_before_ban,
         max_pending: *keys.max_pending.get_ref(),
+        max_connections: *keys.max_connections.get_ref(),
         dry_run: keys.dry_run,
+        replay_cache_size,
     })
 }
 
@@ -1033,7 +1062,7 @@ impl Config {
             let p = &self.handshake.policy;
             let _ = writeln!(
                 s,
-                "  handshake inspection on ports {}: {} allowed origins, {} allowed paths, tickets {}, deadline {}, verdict timeout {} (fail-{})",
+                "  handshake inspection on ports {}: {} allowed origins, {} allowed paths, tickets {}, deadline {}, up to {} pending and {} inspected connections (fail-closed)",
                 ports.join(", "),
                 p.allowed_origins.len(),
                 if p.allowed_paths.is_empty() {
@@ -1041,18 +1070,14 @@ impl Config {
                 } else {
                     p.allowed_paths.len().to_string()
                 },
-                if p.ticket.as_ref().is_some_and(|t| t.required) {
-                    "required"
-                } else {
-                    "not required"
+                match (p.ticket.as_ref().is_some_and(|t| t.required), self.handshake.replay_cache_size) {
+                    (false, _) => "not required",
+                    (true, Some(_)) => "required, single-use",
+                    (true, None) => "required, reusable",
                 },
                 HumanDuration(self.handshake.deadline),
-                HumanDuration(self.handshake.verdict_timeout),
-                if self.handshake.fail_closed {
-                    "closed"
-                } else {
-                    "open"
-                },
+                self.handshake.max_pending,
+                self.handshake.max_connections,
             );
         }
         let dry = self.settings.dry_run;
@@ -1064,6 +1089,7 @@ impl Config {
             let families: Vec<&str> = [
                 (Settings::DRY_RUN_LIMITS, "limits and bans"),
                 (Settings::DRY_RUN_LISTS, "deny list"),
+                (Settings::DRY_RUN_HANDSHAKE, "handshake verdicts"),
             ]
             .iter()
             .filter(|(bit, _)| dry & bit != 0)

@@ -23,6 +23,37 @@ pub enum Rejection {
     TicketExpired,
     TicketBadSignature,
     TicketWrongIp,
+    /// A single-use ticket presented a second time.
+    TicketReplayed,
+    /// The replay cache of single-use tickets is full of live tickets.
+    TicketCacheFull,
+    /// `Origin`, `Host`, `Upgrade`, `Connection`, `Sec-WebSocket-Key`,
+    /// `Sec-WebSocket-Version`, `Content-Length` or the ticket parameter
+    /// given twice: servers differ in which one they read.
+    DuplicateHeader,
+    /// A `Connection` value that is not a clean comma-separated token list.
+    BadConnectionHeader,
+    /// A header line continued on the next line (obsolete line folding).
+    ObsFold,
+    /// Whitespace between a header name and its colon.
+    SpaceBeforeColon,
+    /// A control character (NUL, a bare CR, ...) in the head.
+    ControlCharacter,
+    /// A line that ends in a bare LF rather than CRLF.
+    BareLf,
+    /// An absolute-form target whose authority is not the `Host` header.
+    HostMismatch,
+    /// An encoded `/`, `\`, `.` or NUL, a raw `\`, or a `.`/`..` segment
+    /// in the path: servers resolve these differently.
+    AmbiguousPath,
+    /// `Transfer-Encoding`, or a `Content-Length` that is not one plain
+    /// number: where the request ends is ambiguous.
+    AmbiguousFraming,
+    /// The agent's table of connections awaiting a verdict was full.
+    TooManyPending,
+    /// Stream bytes of the connection could not be handed to the agent, or
+    /// it could not enter inspection: it cannot be judged.
+    InspectionLost,
 }
 
 impl Rejection {
@@ -41,8 +72,61 @@ impl Rejection {
             Rejection::TicketExpired => "ticket_expired",
             Rejection::TicketBadSignature => "ticket_bad_signature",
             Rejection::TicketWrongIp => "ticket_wrong_ip",
+            Rejection::TicketReplayed => "ticket_replayed",
+            Rejection::TicketCacheFull => "ticket_cache_full",
+            Rejection::DuplicateHeader => "duplicate_header",
+            Rejection::BadConnectionHeader => "bad_connection_header",
+            Rejection::ObsFold => "obs_fold",
+            Rejection::SpaceBeforeColon => "space_before_colon",
+            Rejection::ControlCharacter => "control_character",
+            Rejection::BareLf => "bare_lf",
+            Rejection::HostMismatch => "host_mismatch",
+            Rejection::AmbiguousPath => "ambiguous_path",
+            Rejection::AmbiguousFraming => "ambiguous_framing",
+            Rejection::TooManyPending => "too_many_pending",
+            Rejection::InspectionLost => "inspection_lost",
         }
     }
+
+    /// Whether the rejection says something about the client, so that it
+    /// counts towards `failures_before_ban`. Rejections caused by the
+    /// agent's own limits never do.
+    pub const fn counts_towards_ban(self) -> bool {
+        !matches!(
+            self,
+            Rejection::TooManyPending | Rejection::InspectionLost | Rejection::TicketCacheFull
+        )
+    }
+
+    /// Every reason, for documentation and tests.
+    pub const ALL: &'static [Rejection] = &[
+        Rejection::TooLarge,
+        Rejection::NotAnUpgrade,
+        Rejection::BareLf,
+        Rejection::ControlCharacter,
+        Rejection::ObsFold,
+        Rejection::SpaceBeforeColon,
+        Rejection::DuplicateHeader,
+        Rejection::BadConnectionHeader,
+        Rejection::AmbiguousFraming,
+        Rejection::BadVersion,
+        Rejection::BadKey,
+        Rejection::HostMismatch,
+        Rejection::BadHost,
+        Rejection::AmbiguousPath,
+        Rejection::BadPath,
+        Rejection::MissingOrigin,
+        Rejection::BadOrigin,
+        Rejection::TicketMissing,
+        Rejection::TicketExpired,
+        Rejection::TicketBadSignature,
+        Rejection::TicketWrongIp,
+        Rejection::TicketReplayed,
+        Rejection::TicketCacheFull,
+        Rejection::Deadline,
+        Rejection::TooManyPending,
+        Rejection::InspectionLost,
+    ];
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -219,102 +303,351 @@ pub struct Policy {
 /// Headers kept for judging; a head with more is too large to be sane.
 const MAX_HEADERS: usize = 64;
 
+/// Headers that decide a verdict or where the request ends: each may appear
+/// once, since servers differ in whether they take the first, the last or
+/// all of them.
+const SINGLE_HEADERS: [&str; 7] = [
+    "origin",
+    "host",
+    "upgrade",
+    "connection",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "content-length",
+];
+
+/// What the judge makes of the bytes at the start of a stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Judgement {
+    /// The head is not complete yet.
+    Incomplete,
+    /// A valid upgrade that meets the policy, `head_len` bytes long; with the
+    /// ticket it presented, for the single-use check.
+    Upgrade {
+        head_len: usize,
+        ticket: Option<ticket::Ticket>,
+    },
+    /// A plain HTTP request allowed by the policy: `head_len` bytes of head,
+    /// then `body_len` bytes of body.
+    PlainHttp { head_len: usize, body_len: u64 },
+    Reject(Rejection),
+}
+
+/// The verdict alone (tests and the fuzz target).
+pub fn judge(policy: &Policy, head: &[u8], source: IpAddr, now: u64) -> Verdict {
+    match judge_request(policy, head, source, now) {
+        Judgement::Incomplete => Verdict::Incomplete,
+        Judgement::Upgrade { .. } => Verdict::Accept,
+        Judgement::PlainHttp { .. } => Verdict::AcceptPlainHttp,
+        Judgement::Reject(r) => Verdict::Reject(r),
+    }
+}
+
+/// End of the head (the index after its blank line), or the reason the
+/// bytes so far can never be a head both conforming parsers read alike.
+fn head_end(bytes: &[u8], limit: usize) -> Result<Option<usize>, Rejection> {
+    let window = &bytes[..bytes.len().min(limit + 4)];
+    if let Some(at) = window.windows(4).position(|w| w == b"\r\n\r\n") {
+        return Ok(Some(at + 4));
+    }
+    // A head ended by bare LFs is read by lenient parsers only.
+    if window.windows(2).any(|w| w == b"\n\n") || window.windows(3).any(|w| w == b"\n\r\n") {
+        return Err(Rejection::BareLf);
+    }
+    if bytes.len() > limit {
+        return Err(Rejection::TooLarge);
+    }
+    Ok(None)
+}
+
+/// Line-level checks on a complete head: CRLF line ends only, no control
+/// characters, no folded lines, no whitespace before a header's colon.
+fn check_lines(head: &[u8]) -> Result<(), Rejection> {
+    let body = &head[..head.len() - 2];
+    let mut lines = Vec::new();
+    let mut start = 0;
+    for (i, &b) in body.iter().enumerate() {
+        match b {
+            b'\n' => {
+                if i == 0 || body[i - 1] != b'\r' {
+                    return Err(Rejection::BareLf);
+                }
+                lines.push(&body[start..i - 1]);
+                start = i + 1;
+            }
+            b'\r' if body.get(i + 1) != Some(&b'\n') => return Err(Rejection::ControlCharacter),
+            b'\r' | b'\t' => {}
+            0..=0x1f | 0x7f => return Err(Rejection::ControlCharacter),
+            _ => {}
+        }
+    }
+    for line in lines.iter().skip(1) {
+        if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
+            return Err(Rejection::ObsFold);
+        }
+        if let Some(colon) = line.iter().position(|b| *b == b':') {
+            if line[..colon]
+                .last()
+                .is_some_and(|b| *b == b' ' || *b == b'\t')
+            {
+                return Err(Rejection::SpaceBeforeColon);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// RFC 9110 §5.6.2 tchar.
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+        })
+}
+
+/// A `Connection` value's tokens, or `None` when it is not a clean
+/// comma-separated token list (RFC 9110 §7.6.1; empty elements are allowed).
+fn connection_tokens(value: &str) -> Option<Vec<String>> {
+    let mut tokens = Vec::new();
+    for element in value.split(',') {
+        let element = element.trim_matches([' ', '\t']);
+        if element.is_empty() {
+            continue;
+        }
+        if !is_token(element) {
+            return None;
+        }
+        tokens.push(element.to_ascii_lowercase());
+    }
+    Some(tokens)
+}
+
 fn header<'a>(request: &'a httparse::Request, name: &str) -> Option<&'a str> {
     request
         .headers
         .iter()
         .find(|h| h.name.eq_ignore_ascii_case(name))
-        .and_then(|h| std::str::from_utf8(h.value).ok())
-        .map(str::trim)
+        .map(|h| std::str::from_utf8(h.value).unwrap_or("\u{fffd}"))
+        .map(|v| v.trim_matches([' ', '\t']))
 }
 
-/// Whether a comma-separated header value holds `token` (case-insensitive).
-fn has_token(value: Option<&str>, token: &str) -> bool {
-    value.is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+/// The values of a query parameter (raw, not decoded).
+fn query_params<'a>(target: &'a str, name: &str) -> Vec<&'a str> {
+    let Some((_, query)) = target.split_once('?') else {
+        return Vec::new();
+    };
+    let query = query.split('#').next().unwrap_or("");
+    query
+        .split('&')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == name).then_some(v)
+        })
+        .collect()
 }
 
-fn query_param<'a>(target: &'a str, name: &str) -> Option<&'a str> {
-    let query = target.split_once('?')?.1.split('#').next()?;
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then_some(v)
-    })
+/// The path to match against `allowed_paths`: percent-encoded unreserved
+/// characters decoded (RFC 3986 §2.3). Rejected when servers could resolve
+/// it to different resources: an encoded `/`, `\`, `.` or NUL, a raw `\`,
+/// an invalid escape, or a `.` or `..` segment (which RFC 3986 §5.2.4
+/// resolves but many servers and routers do not).
+pub fn normalise_path(path: &str) -> Result<String, Rejection> {
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => return Err(Rejection::AmbiguousPath),
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3).ok_or(Rejection::AmbiguousPath)?;
+                let hex = std::str::from_utf8(hex).map_err(|_| Rejection::AmbiguousPath)?;
+                let byte = u8::from_str_radix(hex, 16).map_err(|_| Rejection::AmbiguousPath)?;
+                match byte {
+                    b'/' | b'\\' | b'.' | 0 => return Err(Rejection::AmbiguousPath),
+                    b if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'~' => {
+                        out.push(b as char)
+                    }
+                    _ => {
+                        out.push('%');
+                        out.push_str(&hex.to_ascii_uppercase());
+                    }
+                }
+                i += 3;
+            }
+            b => {
+                out.push(b as char);
+                i += 1;
+            }
+        }
+    }
+    if !out.starts_with('/') || out.split('/').any(|segment| segment == "." || segment == "..") {
+        return Err(Rejection::AmbiguousPath);
+    }
+    Ok(out)
 }
 
-/// Judges the bytes of one request head from `source` at `now` (Unix seconds).
-pub fn judge(policy: &Policy, head: &[u8], source: IpAddr, now: u64) -> Verdict {
+/// Splits `host[:port]` (host may be `[v6]`) into the lowercased host and
+/// the port, if any.
+fn split_host(host: &str) -> (String, Option<&str>) {
+    let lower = host.to_ascii_lowercase();
+    let cut = if host.starts_with('[') {
+        host.find("]:").map(|i| i + 1)
+    } else if host.matches(':').count() == 1 {
+        host.find(':')
+    } else {
+        None
+    };
+    match cut {
+        Some(at) => (lower[..at].to_string(), Some(&host[at + 1..])),
+        None => (lower, None),
+    }
+}
+
+/// Judges the bytes at the start of a stream (one request, possibly
+/// followed by more bytes) from `source` at `now` (Unix seconds).
+pub fn judge_request(policy: &Policy, bytes: &[u8], source: IpAddr, now: u64) -> Judgement {
+    let end = match head_end(bytes, policy.max_request_bytes) {
+        Ok(Some(end)) => end,
+        Ok(None) => return Judgement::Incomplete,
+        Err(r) => return Judgement::Reject(r),
+    };
+    let head = &bytes[..end];
+    if let Err(r) = check_lines(head) {
+        return Judgement::Reject(r);
+    }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
-    let parsed = request.parse(head);
-    let too_large = head.len() > policy.max_request_bytes;
-    let upgrade_or = |r: Rejection| {
-        if policy.non_upgrade_requests == NonUpgrade::Allow {
-            Verdict::AcceptPlainHttp
-        } else {
-            Verdict::Reject(r)
-        }
-    };
-    match parsed {
-        Ok(httparse::Status::Partial) if too_large => return Verdict::Reject(Rejection::TooLarge),
-        Ok(httparse::Status::Partial) => return Verdict::Incomplete,
-        Ok(httparse::Status::Complete(len)) if len > policy.max_request_bytes => {
-            return Verdict::Reject(Rejection::TooLarge);
-        }
-        Ok(httparse::Status::Complete(_)) => {}
-        Err(httparse::Error::TooManyHeaders) => return Verdict::Reject(Rejection::TooLarge),
-        Err(_) => return Verdict::Reject(Rejection::NotAnUpgrade),
+    match request.parse(head) {
+        Ok(httparse::Status::Complete(len)) if len == end => {}
+        Err(httparse::Error::TooManyHeaders) => return Judgement::Reject(Rejection::TooLarge),
+        _ => return Judgement::Reject(Rejection::NotAnUpgrade),
     }
+    for name in SINGLE_HEADERS {
+        if request
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .count()
+            > 1
+        {
+            return Judgement::Reject(Rejection::DuplicateHeader);
+        }
+    }
+    if request.headers.iter().any(|h| h.name.eq_ignore_ascii_case("transfer-encoding")) {
+        return Judgement::Reject(Rejection::AmbiguousFraming);
+    }
+    let body_len = match header(&request, "Content-Length") {
+        None => 0,
+        Some(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) && v.len() <= 15 => {
+            v.parse::<u64>().unwrap_or(0)
+        }
+        Some(_) => return Judgement::Reject(Rejection::AmbiguousFraming),
+    };
+    let connection = match header(&request, "Connection").map(connection_tokens) {
+        None => Vec::new(),
+        Some(Some(tokens)) => tokens,
+        Some(None) => return Judgement::Reject(Rejection::BadConnectionHeader),
+    };
+    // Anything a lenient server might take as an upgrade is judged as one:
+    // only a request with no sign of an upgrade is plain HTTP.
+    let looks_like_upgrade = connection.iter().any(|t| t == "upgrade")
+        || request.headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("upgrade")
+                || h.name.len() >= 14 && h.name[..14].eq_ignore_ascii_case("sec-websocket-")
+        });
+    let target = request.path.unwrap_or("");
+    // Absolute form (RFC 9112 §3.2.2): its authority must be the Host header.
+    let (authority, path_and_query) = match target.split_once("://") {
+        Some((scheme, rest))
+            if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("ws") =>
+        {
+            let at = rest.find(['/', '?']).unwrap_or(rest.len());
+            (Some(&rest[..at]), &rest[at..])
+        }
+        Some(_) => return Judgement::Reject(Rejection::NotAnUpgrade),
+        None => (None, target),
+    };
+    let host = header(&request, "Host");
+    if let Some(authority) = authority {
+        if !host.is_some_and(|h| h.eq_ignore_ascii_case(authority)) {
+            return Judgement::Reject(Rejection::HostMismatch);
+        }
+    }
+    let path_and_query = if path_and_query.is_empty() { "/" } else { path_and_query };
+    let raw_path = path_and_query.split(['?', '#']).next().unwrap_or("");
+    let path = match normalise_path(raw_path) {
+        Ok(p) => p,
+        Err(r) => return Judgement::Reject(r),
+    };
 
-    let is_upgrade = request.method == Some("GET")
-        && has_token(header(&request, "Upgrade"), "websocket")
-        && has_token(header(&request, "Connection"), "upgrade");
-    if !is_upgrade {
-        return upgrade_or(Rejection::NotAnUpgrade);
+    if !looks_like_upgrade {
+        if policy.non_upgrade_requests == NonUpgrade::Reject {
+            return Judgement::Reject(Rejection::NotAnUpgrade);
+        }
+        return Judgement::PlainHttp {
+            head_len: end,
+            body_len,
+        };
+    }
+    let is_valid_upgrade = request.method == Some("GET")
+        && request.version == Some(1)
+        && body_len == 0
+        && connection.iter().any(|t| t == "upgrade")
+        && header(&request, "Upgrade")
+            .and_then(connection_tokens)
+            .is_some_and(|t| t.iter().any(|t| t == "websocket"));
+    if !is_valid_upgrade {
+        return Judgement::Reject(Rejection::NotAnUpgrade);
     }
     if header(&request, "Sec-WebSocket-Version") != Some("13") {
-        return Verdict::Reject(Rejection::BadVersion);
+        return Judgement::Reject(Rejection::BadVersion);
     }
     let key_ok = header(&request, "Sec-WebSocket-Key")
         .and_then(|k| BASE64_STANDARD.decode(k).ok())
         .is_some_and(|k| k.len() == 16);
     if !key_ok {
-        return Verdict::Reject(Rejection::BadKey);
+        return Judgement::Reject(Rejection::BadKey);
     }
+    let Some(host) = host.filter(|h| !h.is_empty()) else {
+        return Judgement::Reject(Rejection::BadHost);
+    };
     if !policy.allowed_hosts.is_empty() {
-        let host = header(&request, "Host").unwrap_or("").to_ascii_lowercase();
-        let bare = host
-            .rsplit_once(':')
-            .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
-            .map_or(host.as_str(), |(h, _)| h);
-        if !policy
-            .allowed_hosts
-            .iter()
-            .any(|allowed| *allowed == host || *allowed == bare)
+        let (bare, port) = split_host(host);
+        let full = host.to_ascii_lowercase();
+        let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok());
+        if !port_ok
+            || !policy
+                .allowed_hosts
+                .iter()
+                .any(|allowed| *allowed == full || *allowed == bare)
         {
-            return Verdict::Reject(Rejection::BadHost);
+            return Judgement::Reject(Rejection::BadHost);
         }
     }
-    let target = request.path.unwrap_or("");
-    let path = target.split(['?', '#']).next().unwrap_or("");
-    if !policy.allowed_paths.is_empty() && !policy.allowed_paths.iter().any(|p| p.matches(path)) {
-        return Verdict::Reject(Rejection::BadPath);
+    if !policy.allowed_paths.is_empty() && !policy.allowed_paths.iter().any(|p| p.matches(&path)) {
+        return Judgement::Reject(Rejection::BadPath);
     }
     match header(&request, "Origin") {
         None if policy.missing_origin == MissingOrigin::Reject => {
-            return Verdict::Reject(Rejection::MissingOrigin);
+            return Judgement::Reject(Rejection::MissingOrigin);
         }
         None => {}
         Some(origin) => {
             if !policy.allowed_origins.iter().any(|p| p.matches(origin)) {
-                return Verdict::Reject(Rejection::BadOrigin);
+                return Judgement::Reject(Rejection::BadOrigin);
             }
         }
     }
+    let mut presented_ticket = None;
     if let Some(t) = policy.ticket.as_ref().filter(|t| t.required) {
-        let Some(presented) = query_param(target, &t.query_param).filter(|v| !v.is_empty()) else {
-            return Verdict::Reject(Rejection::TicketMissing);
+        let values = query_params(path_and_query, &t.query_param);
+        if values.len() > 1 {
+            return Judgement::Reject(Rejection::DuplicateHeader);
+        }
+        let Some(presented) = values.first().filter(|v| !v.is_empty()) else {
+            return Judgement::Reject(Rejection::TicketMissing);
         };
-        if let Err(e) = ticket::verify(
+        match ticket::verify(
             &t.secret,
             presented,
             source,
@@ -322,14 +655,20 @@ pub fn judge(policy: &Policy, head: &[u8], source: IpAddr, now: u64) -> Verdict 
             t.max_age_secs,
             t.bind_to_source_ip,
         ) {
-            return Verdict::Reject(match e {
-                TicketError::BadSignature => Rejection::TicketBadSignature,
-                TicketError::Expired => Rejection::TicketExpired,
-                TicketError::WrongIp => Rejection::TicketWrongIp,
-            });
+            Ok(opened) => presented_ticket = Some(opened),
+            Err(e) => {
+                return Judgement::Reject(match e {
+                    TicketError::BadSignature => Rejection::TicketBadSignature,
+                    TicketError::Expired => Rejection::TicketExpired,
+                    TicketError::WrongIp => Rejection::TicketWrongIp,
+                });
+            }
         }
     }
-    Verdict::Accept
+    Judgement::Upgrade {
+        head_len: end,
+        ticket: presented_ticket,
+    }
 }
 
 #[cfg(test)]

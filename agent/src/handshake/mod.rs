@@ -1,17 +1,18 @@
-//! Judging WebSocket upgrade requests: the policy of `[handshake]`, the
-//! request-head checks of RFC 6455 §4.1, and signed tickets.
+//! Handshake inspection: judging WebSocket upgrade requests against the
+//! policy of `[handshake]` on the stream the server will read.
 //!
-//! This is the user-space half of handshake inspection; it decides on the
-//! bytes of one request head and never touches the network.
+//! Pure policy, no I/O: `judge` (one request head in, a verdict out),
+//! `streams` (connections' bytes in, actions out), `ticket` and `replay`.
+//! I/O: `inspection` (kernel records, injection, cutting) and `destroy`.
 
-pub mod capture;
 pub mod destroy;
-pub mod enforce;
-pub mod inspector;
+pub mod inspection;
 pub mod judge;
+pub mod replay;
+pub mod streams;
 pub mod ticket;
 
 pub use judge::{
-    MissingOrigin, NonUpgrade, OriginPattern, PathPattern, Policy, Rejection, TicketPolicy,
-    Verdict, judge,
+    Judgement, MissingOrigin, NonUpgrade, OriginPattern, PathPattern, Policy, Rejection,
+    TicketPolicy, Verdict, judge, judge_request,
 };

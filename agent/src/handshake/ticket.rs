@@ -21,7 +21,7 @@ use sha2::Sha256;
 
 const VERSION: u8 = 1;
 const DOMAIN: &[u8] = b"wsguard-ticket-v1";
-const TAG_BYTES: usize = 32;
+pub const TAG_BYTES: usize = 32;
 /// Shortest secret accepted (256 bits).
 pub const MIN_SECRET_BYTES: usize = 32;
 
@@ -42,6 +42,8 @@ pub enum TicketError {
 pub struct Ticket {
     pub expires_at: u64,
     pub address: Option<IpAddr>,
+    /// The ticket's HMAC tag: what the single-use check remembers.
+    pub tag: [u8; TAG_BYTES],
 }
 
 fn mac(secret: &[u8]) -> Hmac<Sha256> {
@@ -104,6 +106,7 @@ pub fn open(secret: &[u8], ticket: &str) -> Result<Ticket, TicketError> {
     Ok(Ticket {
         expires_at,
         address,
+        tag: tag.try_into().expect("split at TAG_BYTES"),
     })
 }
 
@@ -156,13 +159,13 @@ mod tests {
     fn a_minted_ticket_verifies_for_its_address_until_it_expires() {
         let ip: IpAddr = "198.18.0.7".parse().unwrap();
         let t = mint(SECRET, 1_000_060, Some(ip));
+        let opened = verify(SECRET, &t, ip, 1_000_000, 60, true).unwrap();
         assert_eq!(
-            verify(SECRET, &t, ip, 1_000_000, 60, true),
-            Ok(Ticket {
-                expires_at: 1_000_060,
-                address: Some(ip)
-            })
+            (opened.expires_at, opened.address),
+            (1_000_060, Some(ip))
         );
+        let raw = BASE64_URL_SAFE_NO_PAD.decode(&t).unwrap();
+        assert_eq!(opened.tag[..], raw[raw.len() - TAG_BYTES..]);
         // The same address seen through a dual-stack socket.
         assert!(
             verify(

@@ -12,31 +12,36 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, SockHash, SockMap},
     programs::{
-        CgroupAttachMode, SchedClassifier, SockOps, TcAttachType, Xdp, XdpMode as AyaXdpMode,
+        CgroupAttachMode, SkMsg, SkSkb, SockOps, Xdp, XdpMode as AyaXdpMode,
         links::{FdLink, PinnedLink},
-        tc::SchedClassifierLink,
         xdp::XdpLink,
     },
 };
 use ipnet::IpNet;
 use tracing::info;
 use wsguard_common::{
-    Counter, Flow, FlowKey, HandshakeSettings, Reason, Settings, SourceKey,
+    Counter, HandshakeSettings, Reason, Release, Settings, SourceKey, Stream,
     maps::{GlobalState, PORT_SLOTS, names, programs},
 };
 
 use crate::config::{Config, XdpMode};
 pub use lists::lpm_key;
 pub use pins::{PinnedState, link_path, pin_dir, unpin_all};
-pub use system::{check_privileges, monotonic_ns, open_cgroup, raise_memlock, resolve_pin_path};
+pub use system::{
+    bring_up_loopback, check_privileges, monotonic_ns, open_cgroup, raise_memlock, resolve_pin_path,
+};
 
 /// The compiled kernel programs, embedded so that `wsguard` is one file.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wsguard"));
 
-/// Connections whose handshake state is kept (LRU beyond that).
-pub const FLOW_CAPACITY: u32 = 65536;
+/// Capacity of the inspection maps: twice `handshake.max_connections`, so
+/// that handshakes completing at once while the kernel starts refusing new
+/// ones (at `max_connections`) still find room.
+pub fn inspected_capacity(config: &Config) -> u32 {
+    config.handshake.max_connections.saturating_mul(2)
+}
 
 /// The full key of an address (before prefix aggregation).
 pub fn source_key(addr: IpAddr) -> SourceKey {
@@ -140,7 +145,9 @@ impl Kernel {
             .map_max_entries(names::SOURCES, config.max_sources)
             .map_max_entries(names::CONNECTIONS, config.max_sources)
             .map_max_entries(names::BANS, config.max_bans)
-            .map_max_entries(names::FLOWS, FLOW_CAPACITY);
+            .map_max_entries(names::INSPECTED, inspected_capacity(config))
+            .map_max_entries(names::STREAMS, inspected_capacity(config))
+            .map_max_entries(names::RELEASES, inspected_capacity(config));
         for (name, path) in &map_pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -150,8 +157,8 @@ impl Kernel {
         for name in [
             programs::INGRESS,
             programs::CONNECTION_TRACKER,
-            programs::EGRESS,
-            programs::CAPTURE,
+            programs::STREAM_VERDICT,
+            programs::INJECT,
         ] {
             let program = ebpf
                 .program_mut(name)
@@ -159,8 +166,8 @@ impl Kernel {
             let loaded = match program {
                 aya::programs::Program::Xdp(p) => p.load(),
                 aya::programs::Program::SockOps(p) => p.load(),
-                aya::programs::Program::SchedClassifier(p) => p.load(),
-                aya::programs::Program::SocketFilter(p) => p.load(),
+                aya::programs::Program::SkSkb(p) => p.load(),
+                aya::programs::Program::SkMsg(p) => p.load(),
                 _ => bail!("program {name} has an unexpected type"),
             };
             loaded.with_context(|| format!("the kernel's verifier rejected program {name}"))?;
@@ -201,13 +208,15 @@ impl Kernel {
                 inspect.set(port, inspected, 0)?;
             }
         }
-        let handshake = HandshakeSettings {
-            enabled: u32::from(!config.handshake.ports.is_empty()),
-            fail_closed: u32::from(config.handshake.fail_closed),
-            verdict_timeout_ns: config.handshake.verdict_timeout.as_nanos() as u64,
-        };
         let mut hs: Array<&mut MapData, HandshakeSettings> =
             Array::try_from(self.map_mut(names::HANDSHAKE)?)?;
+        // The agent's "pending table full" flag outlives a reload.
+        let pending_full = hs.get(&0, 0).map_or(0, |h| h.pending_full);
+        let handshake = HandshakeSettings {
+            enabled: u32::from(!config.handshake.ports.is_empty()),
+            pending_full,
+            max_connections: u64::from(config.handshake.max_connections),
+        };
         hs.set(0, handshake, 0)?;
         for (name, nets) in [(names::ALLOW, &config.allow), (names::DENY, &config.deny)] {
             let mut list: lists::List<&mut MapData> = LpmTrie::try_from(self.map_mut(name)?)?;
@@ -251,13 +260,18 @@ impl Kernel {
                 takeover.interfaces.push(interface.clone());
             }
             wanted.push(format!("xdp-{interface}"));
-            wanted.push(format!("tc-{interface}"));
+        }
+        let inspecting = !config.handshake.ports.is_empty();
+        if inspecting {
+            // Before sock_ops can put a socket into the map: a socket in it
+            // without the verdict program would be served unjudged.
+            self.attach_stream_verdict()?;
         }
 
         let path = link_path(&dir, "sock_ops");
         let previous = PinnedLink::from_pin(&path).ok();
         takeover.connection_counter = previous.is_some() && config.settings.max_concurrent != 0;
-        if config.settings.max_concurrent != 0 {
+        if config.settings.max_concurrent != 0 || inspecting {
             let (cgroup, cgroup_name) = open_cgroup(config.agent.cgroup.as_deref())?;
             let sock_ops: &mut SockOps = self
                 .ebpf
@@ -271,7 +285,7 @@ impl Kernel {
                 .attach(cgroup, CgroupAttachMode::Single)
                 .with_context(|| {
                     format!(
-                        "cannot attach the connection counter to {}",
+                        "cannot attach the connection tracker (sock_ops) to {}",
                         cgroup_name.display()
                     )
                 })?;
@@ -311,8 +325,8 @@ impl Kernel {
         Ok(takeover)
     }
 
-    /// Attaches XDP and the egress program to one interface, taking over
-    /// links a previous run left running; returns whether it took over.
+    /// Attaches XDP to one interface, taking over a link a previous run left
+    /// running; returns whether it took over.
     fn attach_interface(
         &mut self,
         interface: &str,
@@ -346,30 +360,6 @@ impl Kernel {
             .context("XDP attached without a BPF link (kernel older than 5.9?)")?;
         self.links.push(Held::new(link, path, pin)?);
 
-        // The egress program (handshake hold-back; it passes everything while
-        // no port is inspected).
-        let path = link_path(dir, &format!("tc-{interface}"));
-        let tc: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(programs::EGRESS)
-            .context("egress program")?
-            .try_into()?;
-        let taken = PinnedLink::from_pin(&path)
-            .ok()
-            .and_then(|running| SchedClassifierLink::try_from(FdLink::from(running)).ok())
-            .and_then(|link| tc.attach_to_link(link).ok());
-        let _ = std::fs::remove_file(&path);
-        let id = match taken {
-            Some(id) => id,
-            None => tc
-                .attach(interface, TcAttachType::Egress)
-                .with_context(|| format!("cannot attach the egress program to {interface}"))?,
-        };
-        let link: FdLink = tc
-            .take_link(id)?
-            .try_into()
-            .context("TC attached without a BPF link (kernel older than 6.6?)")?;
-        self.links.push(Held::new(link, path, pin)?);
         self.ifindex
             .insert(interface.to_string(), ifindex(interface));
         Ok(took_over)
@@ -391,11 +381,8 @@ impl Kernel {
             if now == 0 || self.ifindex.get(interface) == Some(&now) {
                 continue;
             }
-            let stale = [
-                link_path(&dir, &format!("xdp-{interface}")),
-                link_path(&dir, &format!("tc-{interface}")),
-            ];
-            self.links.retain(|held| !stale.contains(held.path()));
+            let stale = link_path(&dir, &format!("xdp-{interface}"));
+            self.links.retain(|held| *held.path() != stale);
             self.attach_interface(
                 interface,
                 mode,
@@ -465,24 +452,127 @@ impl Kernel {
         Ok(aya::maps::RingBuf::try_from(map)?)
     }
 
-    /// Records a handshake verdict for the kernel programs.
-    pub fn set_flow_state(&mut self, key: &FlowKey, state: u32) -> Result<()> {
-        let mut flows: HashMap<&mut MapData, FlowKey, Flow> =
-            HashMap::try_from(self.map_mut(names::FLOWS)?)?;
-        let since_ns = flows
-            .get(key, 0)
-            .map(|f| f.since_ns)
-            .unwrap_or_else(|_| monotonic_ns());
-        flows.insert(
-            key,
-            Flow {
-                state,
-                _pad: 0,
-                since_ns,
-            },
-            0,
-        )?;
+    /// Attaches the stream verdict program to the inspected sockets' map
+    /// (replacing one an earlier run left there).
+    fn attach_stream_verdict(&mut self) -> Result<()> {
+        let map = self.ebpf.map(names::INSPECTED).context("inspected sockets map")?;
+        let sockets: SockHash<&MapData, u64> = SockHash::try_from(map)?;
+        let fd = sockets.fd().try_clone()?;
+        let verdict: &mut SkSkb = self
+            .ebpf
+            .program_mut(programs::STREAM_VERDICT)
+            .context("stream verdict program")?
+            .try_into()?;
+        verdict
+            .attach(&fd)
+            .context("cannot attach the stream verdict program")?;
         Ok(())
+    }
+
+    /// Attaches the injection program to the injector map and puts the
+    /// agent's injection socket in it.
+    pub fn attach_injector(&mut self, socket: &impl std::os::fd::AsRawFd) -> Result<()> {
+        let fd = {
+            let map = self.ebpf.map(names::INJECTOR).context("injector map")?;
+            let injector: SockMap<&MapData> = SockMap::try_from(map)?;
+            injector.fd().try_clone()?
+        };
+        let inject: &mut SkMsg = self
+            .ebpf
+            .program_mut(programs::INJECT)
+            .context("injection program")?
+            .try_into()?;
+        inject
+            .attach(&fd)
+            .context("cannot attach the injection program")?;
+        let mut injector: SockMap<&mut MapData> = SockMap::try_from(self.map_mut(names::INJECTOR)?)?;
+        injector
+            .set(0, socket, 0)
+            .context("cannot put the injection socket into its map")?;
+        Ok(())
+    }
+
+    /// Names the connection the next injected bytes go to.
+    pub fn set_inject_target(&mut self, cookie: u64) -> Result<()> {
+        let mut target: Array<&mut MapData, u64> =
+            Array::try_from(self.map_mut(names::INJECT_TARGET)?)?;
+        target.set(0, cookie, 0)?;
+        Ok(())
+    }
+
+    /// Records the agent's verdict on an inspected connection.
+    pub fn set_release(&mut self, cookie: u64, release: Release) -> Result<()> {
+        let mut releases: HashMap<&mut MapData, u64, Release> =
+            HashMap::try_from(self.map_mut(names::RELEASES)?)?;
+        releases.insert(cookie, release, 0)?;
+        Ok(())
+    }
+
+    pub fn release_of(&self, cookie: u64) -> Option<Release> {
+        let map = self.ebpf.map(names::RELEASES)?;
+        let releases: HashMap<&MapData, u64, Release> = HashMap::try_from(map).ok()?;
+        releases.get(&cookie, 0).ok()
+    }
+
+    pub fn remove_release(&mut self, cookie: u64) {
+        if let Ok(map) = self.map_mut(names::RELEASES) {
+            if let Ok(mut releases) = HashMap::<&mut MapData, u64, Release>::try_from(map) {
+                let _ = releases.remove(&cookie);
+            }
+        }
+    }
+
+    /// The kernel's entry for an inspected connection, if it is open.
+    pub fn stream(&self, cookie: u64) -> Option<Stream> {
+        let map = self.ebpf.map(names::STREAMS)?;
+        let streams: HashMap<&MapData, u64, Stream> = HashMap::try_from(map).ok()?;
+        streams.get(&cookie, 0).ok()
+    }
+
+    /// Every open inspected connection, by cookie.
+    pub fn streams(&self) -> Result<Vec<(u64, Stream)>> {
+        let map = self.ebpf.map(names::STREAMS).context("streams map")?;
+        let streams: HashMap<&MapData, u64, Stream> = HashMap::try_from(map)?;
+        Ok(streams.iter().filter_map(|r| r.ok()).collect())
+    }
+
+    /// Verdicts whose connection is gone (its close record was lost).
+    pub fn sweep_releases(&mut self) -> Result<usize> {
+        let open: std::collections::HashSet<u64> =
+            self.streams()?.into_iter().map(|(c, _)| c).collect();
+        let mut releases: HashMap<&mut MapData, u64, Release> =
+            HashMap::try_from(self.map_mut(names::RELEASES)?)?;
+        let stale: Vec<u64> = releases
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !open.contains(k))
+            .collect();
+        for cookie in &stale {
+            let _ = releases.remove(cookie);
+        }
+        Ok(stale.len())
+    }
+
+    /// Tells XDP to refuse (or admit again) new connections to inspected
+    /// ports while the agent's table of pending handshakes is full.
+    pub fn set_pending_full(&mut self, full: bool) -> Result<()> {
+        let mut hs: Array<&mut MapData, HandshakeSettings> =
+            Array::try_from(self.map_mut(names::HANDSHAKE)?)?;
+        let mut settings = hs.get(&0, 0)?;
+        if settings.pending_full != u32::from(full) {
+            settings.pending_full = u32::from(full);
+            hs.set(0, settings, 0)?;
+        }
+        Ok(())
+    }
+
+    /// The inspection records ring buffer, for the agent to read (once).
+    pub fn take_stream_records(&mut self) -> Result<aya::maps::RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(names::STREAM_RECORDS)
+            .context("stream records map")?;
+        Ok(aya::maps::RingBuf::try_from(map)?)
     }
 
     /// Bans a source (by its tracking key) until `until_ns`.
@@ -510,19 +600,6 @@ impl Kernel {
         };
         let key = aya::maps::lpm_trie::Key::new(128, source_key(addr).addr);
         list.get(&key, 0).is_ok_and(|e| e.applies(monotonic_ns()))
-    }
-
-    /// Attaches the capture filter to a packet socket.
-    pub fn attach_capture(&self, socket: std::os::fd::BorrowedFd<'_>) -> Result<()> {
-        let filter: &aya::programs::SocketFilter = self
-            .ebpf
-            .program(programs::CAPTURE)
-            .context("capture program")?
-            .try_into()?;
-        filter
-            .attach(socket)
-            .context("cannot attach the capture filter")?;
-        Ok(())
     }
 
     pub fn bans(&self) -> Result<Vec<(SourceKey, wsguard_common::Ban)>> {

@@ -4,7 +4,9 @@
 //!
 //! Layout under `<agent.pin_path>/v<LAYOUT_VERSION>/`: one file per map
 //! (`WSG_*`), and `links/` with the XDP link of each interface
-//! (`xdp-<interface>`) and the connection counter's (`sock_ops`).
+//! (`xdp-<interface>`) and the connection counter's (`sock_ops`). The
+//! inspection programs are attached to their maps (`WSG_INSPECTED`,
+//! `WSG_INJECTOR`) and need no link.
 
 use std::{
     mem::size_of,
@@ -19,10 +21,13 @@ use aya::{
 use ipnet::IpNet;
 use tracing::warn;
 use wsguard_common::{
-    Ban, Counter, Flow, FlowKey, HandshakeSettings, ListEntry, Reason, Settings, SourceKey,
-    SourceState,
+    Ban, Counter, HandshakeSettings, ListEntry, Reason, Release, Settings, SourceKey, SourceState,
+    Stream,
     counters::COUNTER_SLOTS,
-    maps::{EVENTS_BYTES, GlobalState, LAYOUT_VERSION, LIST_CAPACITY, PORT_SLOTS, names},
+    maps::{
+        EVENTS_BYTES, GlobalState, LAYOUT_VERSION, LIST_CAPACITY, PORT_SLOTS,
+        STREAM_RECORDS_BYTES, names,
+    },
 };
 
 use super::lists::{self, List};
@@ -38,7 +43,8 @@ pub fn link_path(pin_dir: &Path, link: &str) -> PathBuf {
 }
 
 /// (name, key size, value size, max entries) of every pinned map.
-fn expected_layouts(config: &Config) -> [(&'static str, u32, u32, u32); 13] {
+fn expected_layouts(config: &Config) -> [(&'static str, u32, u32, u32); 17] {
+    let inspected = super::inspected_capacity(config);
     let lpm_key = (4 + size_of::<[u8; 16]>()) as u32;
     let source_key = size_of::<SourceKey>() as u32;
     [
@@ -83,12 +89,11 @@ fn expected_layouts(config: &Config) -> [(&'static str, u32, u32, u32); 13] {
         ),
         (names::EVENTS, 0, 0, EVENTS_BYTES),
         (names::INSPECT, 4, 1, PORT_SLOTS),
-        (
-            names::FLOWS,
-            size_of::<FlowKey>() as u32,
-            size_of::<Flow>() as u32,
-            super::FLOW_CAPACITY,
-        ),
+        (names::INSPECTED, 8, 4, inspected),
+        (names::STREAMS, 8, size_of::<Stream>() as u32, inspected),
+        (names::RELEASES, 8, size_of::<Release>() as u32, inspected),
+        (names::INSPECTED_COUNT, 4, 8, 1),
+        (names::STREAM_RECORDS, 0, 0, STREAM_RECORDS_BYTES),
         (
             names::HANDSHAKE,
             4,
@@ -268,6 +273,13 @@ impl PinnedState {
         let map: HashMap<MapData, SourceKey, SourceState> =
             HashMap::try_from(Map::LruHashMap(self.map(names::SOURCES)?))?;
         Ok(map.iter().filter_map(|r| r.ok()).collect())
+    }
+
+    /// Inspected connections open now (kept by the kernel).
+    pub fn inspected_connections(&self) -> Result<u64> {
+        let map: Array<MapData, u64> =
+            Array::try_from(Map::Array(self.map(names::INSPECTED_COUNT)?))?;
+        Ok(map.get(&0, 0)?)
     }
 
     pub fn connections(&self) -> Result<Vec<(SourceKey, u64)>> {

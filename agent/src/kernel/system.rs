@@ -259,3 +259,29 @@ pub fn monotonic_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// Brings the loopback interface of the current network namespace up (a
+/// new namespace starts with it down); handshake inspection's injection
+/// path runs over it.
+pub fn bring_up_loopback() -> anyhow::Result<()> {
+    let socket = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if socket < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: a fresh descriptor we own.
+    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(socket) };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in b"lo".iter().enumerate() {
+        request.ifr_name[i] = *b as libc::c_char;
+    }
+    if unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut request) } < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    unsafe { request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    if unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &request) } < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    tracing::info!("brought the loopback interface up for handshake inspection");
+    Ok(())
+}

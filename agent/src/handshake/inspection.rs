@@ -1,0 +1,417 @@
+//! The I/O half of handshake inspection: reads the kernel's stream records,
+//! feeds them to [`Streams`], and carries out its actions: bytes put back
+//! into the server's socket through the injection socket, verdicts written
+//! for the kernel, rejected connections cut (SOCK_DESTROY), events,
+//! counters and bans for repeat offenders.
+
+use std::{
+    collections::HashMap,
+    io::Write,
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use serde_json::json;
+use tracing::{debug, warn};
+use wsguard_common::{RecordHeader, Release, SourceKey, StreamPeers};
+
+use super::{
+    Rejection, destroy,
+    streams::{Action, Peers, Settings, Streams},
+};
+use crate::{
+    config::Config,
+    events::{EventSink, source_prefix},
+    kernel::{self, Kernel},
+    metrics::AgentCounters,
+};
+
+/// Rejections per source within the ban window.
+#[derive(Default)]
+pub struct Failures {
+    by_source: HashMap<SourceKey, (u32, Instant)>,
+}
+
+impl Failures {
+    /// Counts one; returns true when the source reached `threshold`.
+    fn add(&mut self, source: SourceKey, window: Duration, threshold: u32, now: Instant) -> bool {
+        if self.by_source.len() > 100_000 {
+            self.by_source
+                .retain(|_, (_, since)| now.duration_since(*since) < window);
+        }
+        let entry = self.by_source.entry(source).or_insert((0, now));
+        if now.duration_since(entry.1) >= window {
+            *entry = (0, now);
+        }
+        entry.0 += 1;
+        if threshold != 0 && entry.0 >= threshold {
+            entry.0 = 0;
+            return true;
+        }
+        false
+    }
+}
+
+/// The agent's end of the injection path: a loopback TCP connection whose
+/// client socket is in `WSG_INJECTOR`; what the agent writes to it is put
+/// into the receive queue of the connection named in `WSG_INJECT_TO`.
+pub struct Injector {
+    socket: TcpStream,
+    /// The other end, kept open (it never receives anything).
+    _peer: TcpStream,
+}
+
+impl Injector {
+    pub fn open(kernel: &mut Kernel) -> Result<Injector> {
+        let listener = TcpListener::bind("127.0.0.1:0").or_else(|e| {
+            // A fresh network namespace has its loopback down.
+            kernel::bring_up_loopback()?;
+            TcpListener::bind("127.0.0.1:0").with_context(|| format!("{e}"))
+        })
+        .context("handshake inspection needs a loopback TCP socket for its injection path")?;
+        let socket = TcpStream::connect(listener.local_addr()?)?;
+        let (peer, _) = listener.accept()?;
+        socket.set_nodelay(true)?;
+        socket.set_write_timeout(Some(Duration::from_secs(1)))?;
+        kernel.attach_injector(&socket)?;
+        Ok(Injector {
+            socket,
+            _peer: peer,
+        })
+    }
+
+    fn put(&mut self, kernel: &mut Kernel, cookie: u64, bytes: &[u8]) -> Result<()> {
+        kernel.set_inject_target(cookie)?;
+        // One sendmsg is one redirect; keep each well within a message's
+        // scatterlist.
+        for chunk in bytes.chunks(16 * 1024) {
+            self.socket
+                .write_all(chunk)
+                .context("the connection did not take the judged bytes")?;
+        }
+        Ok(())
+    }
+}
+
+pub struct Inspection {
+    streams: Streams,
+    injector: Injector,
+    failures: Failures,
+}
+
+pub fn settings(config: &Config) -> Settings {
+    Settings {
+        policy: config.handshake.policy.clone(),
+        deadline: config.handshake.deadline,
+        max_pending: config.handshake.max_pending,
+        dry_run: config.handshake.dry_run || config.settings.dry_run & wsguard_common::Settings::DRY_RUN_HANDSHAKE != 0,
+        replay_capacity: config.handshake.replay_cache_size.map(|c| c as usize),
+    }
+}
+
+/// What carrying out actions needs from the daemon.
+pub struct Context<'a> {
+    pub kernel: &'a mut Kernel,
+    pub config: &'a Config,
+    pub sink: &'a mut EventSink,
+    pub counters: &'a AgentCounters,
+}
+
+fn socket_addr(addr: [u8; 16], port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::from(addr).to_canonical(), port)
+}
+
+fn peers_of(p: &StreamPeers) -> Peers {
+    (
+        socket_addr(p.client, p.client_port),
+        socket_addr(p.server, p.server_port),
+    )
+}
+
+impl Inspection {
+    /// Opens the injection path. Connections an earlier agent left awaiting
+    /// a verdict are cut: the bytes it held are gone with it.
+    pub fn start(cx: &mut Context) -> Result<Inspection> {
+        let injector = Injector::open(cx.kernel)?;
+        let mut inspection = Inspection {
+            streams: Streams::new(settings(cx.config)),
+            injector,
+            failures: Failures::default(),
+        };
+        for (cookie, stream) in cx.kernel.streams()? {
+            let accepted = cx
+                .kernel
+                .release_of(cookie)
+                .is_some_and(|r| r.state == Release::ACCEPTED);
+            if !accepted {
+                let peers = peers_of(&stream.peers);
+                let action = inspection
+                    .streams
+                    .reject_unknown(cookie, peers, Rejection::InspectionLost);
+                inspection.carry_out(cx, vec![action]);
+            }
+        }
+        cx.kernel.set_pending_full(false)?;
+        Ok(inspection)
+    }
+
+    pub fn reconfigure(&mut self, config: &Config) {
+        self.streams.configure(settings(config));
+    }
+
+    pub fn pending(&self) -> usize {
+        self.streams.pending()
+    }
+
+    pub fn replay_fill(&self) -> Option<(usize, usize)> {
+        self.streams.replay_fill()
+    }
+
+    /// One record from the kernel.
+    pub fn on_record(&mut self, cx: &mut Context, record: &[u8]) {
+        let size = std::mem::size_of::<RecordHeader>();
+        if record.len() < size {
+            return;
+        }
+        // SAFETY: the kernel wrote a RecordHeader first; read it unaligned.
+        let header: RecordHeader = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
+        let rest = &record[size..];
+        let now = Instant::now();
+        let actions = match header.kind {
+            RecordHeader::OPENED | RecordHeader::REFUSED => {
+                if rest.len() < std::mem::size_of::<StreamPeers>() {
+                    return;
+                }
+                // SAFETY: StreamPeers follows the header.
+                let peers: StreamPeers = unsafe { std::ptr::read_unaligned(rest.as_ptr().cast()) };
+                let peers = peers_of(&peers);
+                if header.kind == RecordHeader::OPENED {
+                    self.streams.opened(header.cookie, peers, now)
+                } else {
+                    vec![
+                        self.streams
+                            .reject_unknown(header.cookie, peers, Rejection::InspectionLost),
+                    ]
+                }
+            }
+            RecordHeader::DATA => {
+                let len = (header.len as usize).min(rest.len());
+                self.on_data(cx, header.cookie, header.offset, &rest[..len], now)
+            }
+            RecordHeader::CLOSED => {
+                self.streams.closed(header.cookie);
+                cx.kernel.remove_release(header.cookie);
+                Vec::new()
+            }
+            _ => Vec::new(),
+        };
+        self.carry_out(cx, actions);
+    }
+
+    fn on_data(
+        &mut self,
+        cx: &mut Context,
+        cookie: u64,
+        offset: u64,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Vec<Action> {
+        let unix_now = crate::agent_file::now_unix();
+        let kernel: &Kernel = cx.kernel;
+        let exempt = |ip: IpAddr| kernel.is_allow_listed(ip);
+        if let Some(actions) = self
+            .streams
+            .data(cookie, offset, bytes, now, unix_now, &exempt)
+        {
+            return actions;
+        }
+        // Not known: an upgraded connection the agent already forgot, whose
+        // last bytes the kernel handed over before it saw the release.
+        if let Some(release) = cx.kernel.release_of(cookie) {
+            if release.state == Release::ACCEPTED && release.upto == offset {
+                return vec![
+                    Action::Inject {
+                        cookie,
+                        bytes: bytes.to_vec(),
+                    },
+                    Action::Release {
+                        cookie,
+                        upto: offset + bytes.len() as u64,
+                    },
+                ];
+            }
+            if release.state == Release::REJECTED {
+                return Vec::new();
+            }
+        }
+        // Its OPENED record was lost: adopt it if nothing is missing.
+        let Some(stream) = cx.kernel.stream(cookie) else {
+            return Vec::new();
+        };
+        let peers = peers_of(&stream.peers);
+        if offset != 0 {
+            return vec![
+                self.streams
+                    .reject_unknown(cookie, peers, Rejection::InspectionLost),
+            ];
+        }
+        let mut actions = self.streams.opened(cookie, peers, now);
+        if actions.is_empty() {
+            actions = self
+                .streams
+                .data(cookie, offset, bytes, now, unix_now, &exempt)
+                .unwrap_or_default();
+        }
+        actions
+    }
+
+    /// Connections past their deadline; the kernel's admission flag.
+    pub fn tick(&mut self, cx: &mut Context) {
+        let kernel: &Kernel = cx.kernel;
+        let exempt = |ip: IpAddr| kernel.is_allow_listed(ip);
+        let actions = self.streams.expire(Instant::now(), &exempt);
+        self.carry_out(cx, actions);
+        self.update_admission(cx);
+    }
+
+    fn update_admission(&mut self, cx: &mut Context) {
+        if let Err(e) = cx.kernel.set_pending_full(self.streams.is_full()) {
+            warn!("cannot update the pending-handshakes flag: {e:#}");
+        }
+    }
+
+    /// At shutdown: connections still awaiting a verdict are cut, since the
+    /// bytes they sent are held here and go with the agent.
+    pub fn stop(&mut self, cx: &mut Context) {
+        for (cookie, (client, server)) in self.streams.drain_pending() {
+            let _ = cx.kernel.set_release(
+                cookie,
+                Release {
+                    state: Release::REJECTED,
+                    _pad: 0,
+                    upto: 0,
+                },
+            );
+            if let Err(e) = destroy::destroy(client, server) {
+                debug!("SOCK_DESTROY {client} -> {server}: {e:#}");
+            }
+        }
+    }
+
+    fn carry_out(&mut self, cx: &mut Context, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Inject { cookie, bytes } => {
+                    if bytes.is_empty() {
+                        continue;
+                    }
+                    if let Err(e) = self.injector.put(cx.kernel, cookie, &bytes) {
+                        debug!("cannot put judged bytes into connection {cookie:#x}: {e:#}");
+                        if let Some(stream) = cx.kernel.stream(cookie) {
+                            let reject = self.streams.reject_unknown(
+                                cookie,
+                                peers_of(&stream.peers),
+                                Rejection::InspectionLost,
+                            );
+                            self.streams.closed(cookie);
+                            self.carry_out(cx, vec![reject]);
+                        }
+                    }
+                }
+                Action::Release { cookie, upto } => {
+                    let release = Release {
+                        state: Release::ACCEPTED,
+                        _pad: 0,
+                        upto,
+                    };
+                    if let Err(e) = cx.kernel.set_release(cookie, release) {
+                        warn!("cannot record the verdict on connection {cookie:#x}: {e:#}");
+                    }
+                }
+                Action::Accepted { upgrade, .. } => {
+                    cx.counters.count_handshake(
+                        "accepted",
+                        if upgrade { "ok" } else { "plain_http" },
+                    );
+                }
+                Action::Reject {
+                    cookie,
+                    peers,
+                    reason,
+                    dry_run,
+                } => self.reject(cx, cookie, peers, reason, dry_run),
+            }
+        }
+        self.update_admission(cx);
+    }
+
+    fn reject(
+        &mut self,
+        cx: &mut Context,
+        cookie: u64,
+        (client, server): Peers,
+        reason: Rejection,
+        dry_run: bool,
+    ) {
+        if !dry_run {
+            let release = Release {
+                state: Release::REJECTED,
+                _pad: 0,
+                upto: 0,
+            };
+            if let Err(e) = cx.kernel.set_release(cookie, release) {
+                warn!("cannot record the rejection of {client} -> {server}: {e:#}");
+            }
+            if let Err(e) = destroy::destroy(client, server) {
+                debug!("SOCK_DESTROY {client} -> {server}: {e:#}");
+            }
+        }
+        cx.counters.count_handshake(
+            if dry_run { "would_reject" } else { "rejected" },
+            reason.name(),
+        );
+        let kind = if reason == Rejection::Deadline {
+            "deadline_cut"
+        } else {
+            "handshake_rejected"
+        };
+        cx.sink.emit(
+            kind,
+            json!({"source": client.ip().to_canonical().to_string(), "server": server.to_string(), "reason": reason.name(), "dry_run": dry_run}),
+        );
+        if !reason.counts_towards_ban() {
+            return;
+        }
+        let source = cx
+            .config
+            .settings
+            .tracking_key(&kernel::source_key(client.ip()));
+        let window = cx.config.ban.window.get_ref().0;
+        if !self.failures.add(
+            source,
+            window,
+            cx.config.handshake.failures_before_ban,
+            Instant::now(),
+        ) {
+            return;
+        }
+        let duration = cx.config.ban.duration.get_ref().0;
+        if !dry_run {
+            if let Err(e) = cx
+                .kernel
+                .ban(&source, kernel::monotonic_ns() + duration.as_nanos() as u64)
+            {
+                warn!("cannot ban {}: {e:#}", client.ip().to_canonical());
+            }
+        }
+        cx.sink.emit(
+            "ban_started",
+            json!({
+                "source": source_prefix(&source, cx.config.ipv4_prefix, cx.config.ipv6_prefix),
+                "duration_seconds": duration.as_secs(),
+                "dry_run": dry_run,
+            }),
+        );
+    }
+}
