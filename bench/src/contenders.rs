@@ -6,7 +6,6 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
-use wsguard_common::Reason;
 use wsguard_tests::{Agent, Lab};
 
 /// The limits every contender enforces, per source address, on TCP port
@@ -135,7 +134,7 @@ impl Installed<'_> {
                     .state()?
                     .counters()?
                     .into_iter()
-                    .filter(|(reason, _)| reason.is_drop() && *reason != Reason::ResponseHeld)
+                    .filter(|(reason, _)| reason.is_drop())
                     .map(|(_, c)| c.packets)
                     .sum())
             }

@@ -49,7 +49,7 @@ fn config(failures_before_ban: u32) -> String {
         "[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"100000/s\"\nnew_connections_burst = 100000\n\
          [ban]\nafter_drops = 0\nduration = \"1h\"\n\
          [handshake]\ninspect_ports = [8080]\nallowed_origins = [\"https://app.example.com\"]\n\
-         deadline = \"2s\"\nverdict_timeout = \"2s\"\nfailures_before_ban = {failures_before_ban}\n"
+         deadline = \"2s\"\nfailures_before_ban = {failures_before_ban}\n"
     )
 }
 

@@ -18,18 +18,17 @@ use wsguard::{
     kernel::{Kernel, lists},
 };
 use wsguard_common::{
-    Ban, Counter, Flow, FlowKey, HandshakeSettings, Reason, SourceKey, SourceState,
+    Ban, Counter, HandshakeSettings, Reason, Release, SourceKey, SourceState, Stream,
     maps::{names, programs},
 };
 
-pub const TC_ACT_OK: u32 = 0;
-pub const TC_ACT_SHOT: u32 = 2;
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 
 pub struct XdpHarness {
     pub kernel: Kernel,
+    config: Config,
 }
 
 impl XdpHarness {
@@ -45,6 +44,7 @@ impl XdpHarness {
         let config = Config::parse(Path::new("test.toml"), &text)?;
         Ok(XdpHarness {
             kernel: Kernel::load(&config, None)?,
+            config,
         })
     }
 
@@ -76,8 +76,6 @@ impl XdpHarness {
         };
         let result = match self.kernel.ebpf().program(name) {
             Some(Program::Xdp(p)) => p.test_run(opts),
-            Some(Program::SchedClassifier(p)) => p.test_run(opts),
-            Some(Program::SocketFilter(p)) => p.test_run(opts),
             _ => anyhow::bail!("no packet program {name} in the object"),
         }
         .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
@@ -95,47 +93,92 @@ impl XdpHarness {
         self.test_run(programs::INGRESS, frame, repeat)
     }
 
-    /// Runs a frame through the TC egress program.
-    pub fn run_egress(&self, frame: &[u8]) -> u32 {
-        self.test_run(programs::EGRESS, frame, 1).unwrap().0
+    /// A loopback TCP connection whose server socket is under inspection
+    /// (in `WSG_INSPECTED`, with its stream entry), as sock_ops puts it
+    /// there: the stream verdict program sees every byte the client sends.
+    /// BPF_PROG_TEST_RUN does not run sk_skb programs, so they are tested on
+    /// real sockets.
+    pub fn inspected_connection(&mut self) -> Result<InspectedConnection> {
+        self.kernel.attach_stream_verdict()?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let client = std::net::TcpStream::connect(listener.local_addr()?)?;
+        let (server, _) = listener.accept()?;
+        server.set_nonblocking(true)?;
+        let cookie = socket_cookie(&server)?;
+        self.open_stream(cookie);
+        let map = self.kernel.ebpf_mut().map_mut(names::INSPECTED).unwrap();
+        let mut sockets: aya::maps::SockHash<&mut MapData, u64> =
+            aya::maps::SockHash::try_from(map)?;
+        sockets.insert(cookie, server.as_raw_fd(), 0)?;
+        Ok(InspectedConnection {
+            cookie,
+            client,
+            server,
+        })
     }
 
-    /// Runs a frame through the capture socket filter; returns the bytes it
-    /// would hand to user space (0: filtered out).
-    pub fn run_capture(&self, frame: &[u8]) -> u32 {
-        self.test_run(programs::CAPTURE, frame, 1).unwrap().0
+    /// Writes the config into the maps again, as a reload does.
+    pub fn reload(&mut self) {
+        self.kernel.apply(&self.config).expect("applying the config");
     }
 
-    /// Turns handshake inspection on for `port` (the agent's config will do
-    /// this; here the maps are written directly).
-    pub fn inspect(&mut self, port: u16, verdict_timeout_ns: u64, fail_closed: bool) {
-        let mut ports: Array<&mut MapData, u8> =
-            Array::try_from(self.kernel.ebpf_mut().map_mut(names::INSPECT).unwrap()).unwrap();
-        ports.set(port as u32, 1, 0).unwrap();
-        let mut hs: Array<&mut MapData, HandshakeSettings> =
-            Array::try_from(self.kernel.ebpf_mut().map_mut(names::HANDSHAKE).unwrap()).unwrap();
-        hs.set(
-            0,
-            HandshakeSettings {
-                enabled: 1,
-                fail_closed: u32::from(fail_closed),
-                verdict_timeout_ns,
-            },
-            0,
+    pub fn set_pending_full(&mut self, full: bool) {
+        self.kernel.set_pending_full(full).unwrap();
+    }
+
+    pub fn handshake_settings(&self) -> HandshakeSettings {
+        let map: Array<&MapData, HandshakeSettings> =
+            Array::try_from(self.kernel.ebpf().map(names::HANDSHAKE).unwrap()).unwrap();
+        map.get(&0, 0).unwrap()
+    }
+
+    /// Sets the kernel's count of open inspected connections.
+    pub fn set_inspected_count(&mut self, open: u64) {
+        let mut map: Array<&mut MapData, u64> = Array::try_from(
+            self.kernel
+                .ebpf_mut()
+                .map_mut(names::INSPECTED_COUNT)
+                .unwrap(),
         )
         .unwrap();
+        map.set(0, open, 0).unwrap();
     }
 
-    pub fn flow(&self, key: &FlowKey) -> Option<Flow> {
-        let map: HashMap<&MapData, FlowKey, Flow> =
-            HashMap::try_from(self.kernel.ebpf().map(names::FLOWS).unwrap()).unwrap();
-        map.get(key, 0).ok()
+    /// Creates the kernel's entry for connection `cookie`, as sock_ops does
+    /// when it is established.
+    pub fn open_stream(&mut self, cookie: u64) {
+        let mut map: HashMap<&mut MapData, u64, Stream> =
+            HashMap::try_from(self.kernel.ebpf_mut().map_mut(names::STREAMS).unwrap()).unwrap();
+        map.insert(cookie, Stream::default(), 0).unwrap();
     }
 
-    pub fn set_flow(&mut self, key: &FlowKey, flow: Flow) {
-        let mut map: HashMap<&mut MapData, FlowKey, Flow> =
-            HashMap::try_from(self.kernel.ebpf_mut().map_mut(names::FLOWS).unwrap()).unwrap();
-        map.insert(key, flow, 0).unwrap();
+    /// Removes the kernel's entry for connection `cookie`.
+    pub fn close_stream(&mut self, cookie: u64) {
+        let mut map: HashMap<&mut MapData, u64, Stream> =
+            HashMap::try_from(self.kernel.ebpf_mut().map_mut(names::STREAMS).unwrap()).unwrap();
+        map.remove(&cookie).unwrap();
+    }
+
+    pub fn stream(&self, cookie: u64) -> Option<Stream> {
+        self.kernel.stream(cookie)
+    }
+
+    pub fn set_release(&mut self, cookie: u64, state: u32, upto: u64) {
+        self.kernel
+            .set_release(
+                cookie,
+                Release {
+                    state,
+                    _pad: 0,
+                    upto,
+                },
+            )
+            .unwrap();
+    }
+
+    /// The inspection ring buffer, to read what the kernel handed over.
+    pub fn take_records(&mut self) -> aya::maps::RingBuf<MapData> {
+        self.kernel.take_stream_records().unwrap()
     }
 
     pub fn counters(&self) -> StdHashMap<Reason, Counter> {
@@ -227,4 +270,63 @@ impl XdpHarness {
             .insert(key, open, 0)
             .expect("writing connection count");
     }
+}
+
+/// A loopback connection under inspection (see [`XdpHarness::inspected_connection`]).
+pub struct InspectedConnection {
+    pub cookie: u64,
+    pub client: std::net::TcpStream,
+    /// Non-blocking: a read shows what the application would get now.
+    pub server: std::net::TcpStream,
+}
+
+impl InspectedConnection {
+    /// Sends from the client and waits until the kernel has taken the
+    /// bytes in (the stream verdict runs as they arrive).
+    pub fn send(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        self.client.write_all(bytes).unwrap();
+    }
+
+    /// What the server application can read now (waiting up to `wait` for
+    /// the first byte).
+    pub fn server_reads(&mut self, wait: Duration) -> Vec<u8> {
+        use std::io::Read;
+        let deadline = std::time::Instant::now() + wait;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 65536];
+        loop {
+            match self.server.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if !out.is_empty() || std::time::Instant::now() >= deadline {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("server read: {e}"),
+            }
+        }
+        out
+    }
+}
+
+/// The socket's cookie (SO_COOKIE), the key inspection uses.
+pub fn socket_cookie(socket: &impl AsRawFd) -> Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("SO_COOKIE");
+    }
+    Ok(cookie)
 }

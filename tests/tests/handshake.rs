@@ -67,9 +67,8 @@ async fn an_allowed_origin_upgrades_and_a_hijack_never_gets_an_echo() -> Result<
         )
         .await?;
     }
-    // Whether an answer had to be held back depends on who won the race (the
-    // agent or the server); either way no echo got through, which is the point.
-    let _ = agent.counter(Reason::ResponseHeld);
+    // The requests went to the agent, not to the server.
+    ensure!(agent.counter(Reason::HandedToAgent).packets > 0);
     Ok(())
 }
 
@@ -356,11 +355,11 @@ async fn repeated_failures_ban_a_source_and_allow_listed_sources_are_never_cut()
     Ok(())
 }
 
-/// Legitimate clients under inspection: every handshake completes. How often
-/// the server's answer had to wait for the verdict (and so be retransmitted)
-/// is printed, not asserted: it depends on the machine's load.
+/// Legitimate clients under inspection: every handshake completes, its
+/// request handed to the agent and put back into the server's socket. The
+/// time it took is printed, not asserted (the benchmarks measure it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn legitimate_handshakes_all_complete_and_held_answers_are_counted() -> Result<()> {
+async fn legitimate_handshakes_all_complete_through_the_agent() -> Result<()> {
     let Setup {
         agent,
         server: _server,
@@ -384,11 +383,14 @@ async fn legitimate_handshakes_all_complete_and_held_answers_are_counted() -> Re
         echo(&mut ws, &format!("{i}"), SECOND).await?;
         slowest = slowest.max(t.elapsed());
     }
-    let held = agent.counter(Reason::ResponseHeld).packets;
+    let handed = agent.counter(Reason::HandedToAgent).packets;
+    ensure!(
+        handed >= rounds,
+        "only {handed} segments went through the agent for {rounds} upgrades"
+    );
     println!(
-        "handshake inspection: {rounds} upgrades in {:?} (slowest {slowest:?}); answers held back for the verdict: {held} ({:.0}%)",
+        "handshake inspection: {rounds} upgrades in {:?} (slowest {slowest:?})",
         started.elapsed(),
-        held as f64 * 100.0 / rounds as f64
     );
     Ok(())
 }

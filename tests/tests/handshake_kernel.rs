@@ -1,301 +1,208 @@
-//! The kernel half of handshake inspection, through BPF_PROG_TEST_RUN:
-//! flows tracked from the SYN, the capture filter (what reaches the agent and
-//! what does not), the egress program holding the server's answer back until
-//! the verdict, and rejected connections dropped both ways.
+//! The kernel half of handshake inspection. The stream verdict program on
+//! real loopback sockets (BPF_PROG_TEST_RUN does not run sk_skb programs):
+//! bytes handed to the agent until its verdict, passed only once everything
+//! handed over was put back, dropped after a rejection, never passed for a
+//! connection it does not know or could not hand over. XDP through
+//! BPF_PROG_TEST_RUN: new connections to inspected ports refused while
+//! inspection is full.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
 
-use wsguard_common::{Flow, FlowKey, Reason, SourceKey};
+use wsguard_common::{RecordHeader, Reason, Release};
 use wsguard_tests::{
-    packets::{Packet, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
-    xdp::{TC_ACT_OK, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XdpHarness},
+    packets::{Packet, TCP_ACK, TCP_PSH},
+    xdp::{XDP_DROP, XDP_PASS, XdpHarness},
 };
 
 const INSPECTED: u16 = 8080;
-const PROTECTED_ONLY: u16 = 80;
-const SECOND: u64 = 1_000_000_000;
 
 fn client() -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(198, 18, 0, 7))
 }
 
-fn harness(timeout_ns: u64, fail_closed: bool) -> XdpHarness {
-    let mut h = XdpHarness::new(&format!(
-        "[protect]\nports = [{PROTECTED_ONLY}, {INSPECTED}]\n[ban]\nafter_drops = 0\n[lists]\nallow = [\"198.18.0.200\"]\n"
+fn harness(max_connections: u32) -> XdpHarness {
+    XdpHarness::new(&format!(
+        "[protect]\nports = [{INSPECTED}]\n[ban]\nafter_drops = 0\n[lists]\nallow = [\"198.18.0.200\"]\n\
+         [handshake]\ninspect_ports = [{INSPECTED}]\nmax_connections = {max_connections}\nmissing_origin = \"allow\"\n"
     ))
-    .unwrap();
-    h.inspect(INSPECTED, timeout_ns, fail_closed);
-    h
+    .unwrap()
 }
 
-fn key(p: &Packet) -> FlowKey {
-    let server = p.dst.unwrap_or(match p.src {
-        IpAddr::V4(_) => IpAddr::from([198, 18, 0, 1]),
-        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
-    });
-    let full = |a: IpAddr| match a {
-        IpAddr::V4(v4) => SourceKey::from_v4(v4.octets()).addr,
-        IpAddr::V6(v6) => v6.octets(),
-    };
-    FlowKey {
-        client: full(p.src),
-        server: full(server),
-        client_port: p.src_port,
-        server_port: p.dst_port,
-        _pad: 0,
-    }
-}
-
-/// Sets the flow `syn` opened to `state` (what the agent does with its
-/// verdict), as of long ago.
-fn set_state(h: &mut XdpHarness, syn: &Packet, state: u32) {
-    h.set_flow(
-        &key(syn),
-        Flow {
-            state,
-            _pad: 0,
-            since_ns: 1,
-        },
-    );
-}
-
-#[test]
-fn a_syn_to_an_inspected_port_starts_a_pending_flow() {
-    let h = harness(SECOND, false);
-    let syn = Packet::syn(client(), INSPECTED);
-    assert_eq!(h.run(&syn.bytes()), XDP_PASS);
-    assert_eq!(h.flow(&key(&syn)).map(|f| f.state), Some(Flow::PENDING));
-    // Protected but not inspected, or allow-listed: no flow.
-    let plain = Packet::syn(client(), PROTECTED_ONLY);
-    assert_eq!(h.run(&plain.bytes()), XDP_PASS);
-    assert!(h.flow(&key(&plain)).is_none());
-    let allowed = Packet::syn(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 200)), INSPECTED);
-    assert_eq!(h.run(&allowed.bytes()), XDP_PASS);
-    assert!(
-        h.flow(&key(&allowed)).is_none(),
-        "allow-listed sources are never inspected"
-    );
-    // IPv6 too.
-    let six = Packet::syn(
-        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7)),
-        INSPECTED,
-    );
-    assert_eq!(h.run(&six.bytes()), XDP_PASS);
-    assert_eq!(h.flow(&key(&six)).map(|f| f.state), Some(Flow::PENDING));
-}
-
-#[test]
-fn the_capture_filter_passes_only_what_the_inspector_needs() {
-    let mut h = harness(SECOND, false);
-    let syn = Packet::syn(client(), INSPECTED);
-    let head = Packet::data(client(), INSPECTED, 300);
-    let full_len = |p: &Packet| p.bytes().len() as u32 - 14; // the filter sees the packet from the network header
-    // Nothing of a connection XDP is not tracking (established before the
-    // agent, allow-listed, not inspected).
-    assert_eq!(h.run_capture(&syn.bytes()), 0);
-    assert_eq!(h.run_capture(&head.bytes()), 0);
-    assert_eq!(h.run(&syn.bytes()), XDP_PASS); // XDP, which runs first, starts the flow
-    assert_eq!(
-        h.run_capture(&syn.bytes()),
-        full_len(&syn),
-        "the SYN, which starts the deadline"
-    );
-    assert_eq!(
-        h.run_capture(&head.bytes()),
-        full_len(&head),
-        "the request head of a pending flow"
-    );
-    let fin = Packet::tcp(client(), INSPECTED, TCP_FIN | TCP_ACK);
-    assert_eq!(
-        h.run_capture(&fin.bytes()),
-        full_len(&fin),
-        "its end, so the agent forgets it"
-    );
-    // The server's side, other ports, other protocols: never.
-    assert_eq!(h.run_capture(&syn.reply(TCP_ACK | TCP_PSH, 100).bytes()), 0);
-    assert_eq!(
-        h.run_capture(&Packet::data(client(), PROTECTED_ONLY, 300).bytes()),
-        0
-    );
-    assert_eq!(h.run_capture(&Packet::udp(client(), INSPECTED).bytes()), 0);
-    // Once judged, bulk traffic stays in the kernel.
-    set_state(&mut h, &syn, Flow::ACCEPTED);
-    assert_eq!(h.run_capture(&head.bytes()), 0);
-    set_state(&mut h, &syn, Flow::REJECTED);
-    assert_eq!(h.run_capture(&head.bytes()), 0);
-}
-
-#[test]
-fn the_servers_answer_waits_for_the_verdict() {
-    let mut h = harness(3600 * SECOND, false);
-    let syn = Packet::syn(client(), INSPECTED);
-    assert_eq!(h.run(&syn.bytes()), XDP_PASS);
-    let syn_ack = syn.reply(TCP_SYN | TCP_ACK, 0);
-    let answer = syn.reply(TCP_ACK | TCP_PSH, 129); // "HTTP/1.1 101 Switching Protocols…"
-    assert_eq!(
-        h.run_egress(&syn_ack.bytes()),
-        TC_ACT_OK,
-        "the handshake itself is not held"
-    );
-    assert_eq!(
-        h.run_egress(&answer.bytes()),
-        TC_ACT_SHOT,
-        "held back while pending"
-    );
-    assert_eq!(h.packets(Reason::ResponseHeld), 1);
-    set_state(&mut h, &syn, Flow::ACCEPTED);
-    assert_eq!(
-        h.run_egress(&answer.bytes()),
-        TC_ACT_OK,
-        "accepted: the (retransmitted) answer goes out"
-    );
-    // Connections the kernel knows nothing of are untouched.
-    let other = Packet::syn(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 8)), INSPECTED)
-        .reply(TCP_ACK | TCP_PSH, 50);
-    assert_eq!(h.run_egress(&other.bytes()), TC_ACT_OK);
-    // Not an inspected port: untouched.
-    let plain = Packet::syn(client(), PROTECTED_ONLY);
-    assert_eq!(h.run(&plain.bytes()), XDP_PASS);
-    assert_eq!(
-        h.run_egress(&plain.reply(TCP_ACK | TCP_PSH, 50).bytes()),
-        TC_ACT_OK
-    );
-}
-
-#[test]
-fn past_the_verdict_timeout_fail_open_passes_and_fail_closed_drops() {
-    for fail_closed in [false, true] {
-        let mut h = harness(SECOND, fail_closed);
-        let syn = Packet::syn(client(), INSPECTED);
-        set_state(&mut h, &syn, Flow::PENDING); // long ago
-        let verdict = h.run_egress(&syn.reply(TCP_ACK | TCP_PSH, 129).bytes());
-        if fail_closed {
-            assert_eq!(verdict, TC_ACT_SHOT);
-            assert_eq!(h.packets(Reason::VerdictTimeout), 1);
-        } else {
-            assert_eq!(verdict, TC_ACT_OK);
-            assert_eq!(h.packets(Reason::VerdictTimeoutPassed), 1);
+/// The DATA records the kernel handed over: (offset, bytes).
+fn handed(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<(u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        let header: RecordHeader = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        if header.kind != RecordHeader::DATA {
+            continue;
         }
+        let data = &item[size_of::<RecordHeader>()..][..header.len as usize];
+        out.push((header.offset, data.to_vec()));
+    }
+    out
+}
+
+fn concat(records: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    records.iter().flat_map(|(_, b)| b.clone()).collect()
+}
+
+/// Waits until the kernel has seen `bytes` stream bytes of connection `cookie`.
+fn wait_handed(h: &XdpHarness, cookie: u64, bytes: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while h.stream(cookie).map_or(0, |s| s.handed) < bytes {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the kernel saw {:?} of {bytes} bytes",
+            h.stream(cookie).map(|s| s.handed)
+        );
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
+const NOTHING: Duration = Duration::from_millis(100);
+
 #[test]
-fn a_rejected_connection_is_dropped_both_ways_but_the_servers_rst_passes() {
-    let mut h = harness(SECOND, false);
-    let syn = Packet::syn(client(), INSPECTED);
-    assert_eq!(h.run(&syn.bytes()), XDP_PASS);
-    set_state(&mut h, &syn, Flow::REJECTED);
-    assert_eq!(
-        h.run(&Packet::data(client(), INSPECTED, 40).bytes()),
-        XDP_DROP,
-        "the client's frames"
-    );
-    assert_eq!(
-        h.run_egress(&syn.reply(TCP_ACK | TCP_PSH, 129).bytes()),
-        TC_ACT_SHOT,
-        "the server's answer"
-    );
-    assert_eq!(
-        h.run_egress(&syn.reply(TCP_RST | TCP_ACK, 0).bytes()),
-        TC_ACT_OK,
-        "the server's reset"
-    );
-    assert_eq!(h.packets(Reason::FlowRejected), 2);
-    // The same client's other connections are judged on their own.
-    let other = Packet::data(client(), INSPECTED, 40).with(|p| p.src_port = 40001);
-    assert_eq!(h.run(&other.bytes()), XDP_PASS);
+fn bytes_of_a_connection_awaiting_its_verdict_go_to_the_agent_never_to_the_application() {
+    let mut h = harness(100);
+    let mut ring = h.take_records();
+    let mut c = h.inspected_connection().unwrap();
+    let head = b"GET /ws HTTP/1.1\r\nHost: a\r\n\r\n";
+    c.send(&head[..10]);
+    wait_handed(&h, c.cookie, 10);
+    c.send(&head[10..]);
+    wait_handed(&h, c.cookie, head.len() as u64);
+    assert!(c.server_reads(NOTHING).is_empty(), "the application read unjudged bytes");
+    let records = handed(&mut ring);
+    assert_eq!(records[0].0, 0);
+    assert_eq!(concat(&records), head);
+    assert!(h.packets(Reason::HandedToAgent) >= 2);
+
+    // A long write is split into records, offsets running on.
+    let long: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+    c.send(&long);
+    wait_handed(&h, c.cookie, (head.len() + long.len()) as u64);
+    let records = handed(&mut ring);
+    let mut offset = head.len() as u64;
+    for (at, bytes) in &records {
+        assert_eq!(*at, offset);
+        assert!(bytes.len() <= wsguard_common::maps::RECORD_DATA_BYTES);
+        offset += bytes.len() as u64;
+    }
+    assert_eq!(concat(&records), long);
+    assert!(c.server_reads(NOTHING).is_empty());
 }
 
-/// Clients reuse source ports: a new SYN on the 4-tuple of a rejected
-/// connection is a new connection, judged afresh, not part of the old one.
 #[test]
-fn a_new_connection_on_a_rejected_connections_ports_is_judged_afresh() {
-    let mut h = harness(SECOND, false);
-    let syn = Packet::syn(client(), INSPECTED);
-    assert_eq!(h.run(&syn.bytes()), XDP_PASS);
-    set_state(&mut h, &syn, Flow::REJECTED);
-    assert_eq!(h.run(&syn.bytes()), XDP_PASS, "the new SYN");
-    assert_eq!(h.flow(&key(&syn)).map(|f| f.state), Some(Flow::PENDING));
-    assert_eq!(
-        h.run_egress(&syn.reply(TCP_SYN | TCP_ACK, 0).bytes()),
-        TC_ACT_OK,
-        "the server's SYN-ACK"
-    );
-    assert_eq!(h.packets(Reason::FlowRejected), 0);
+fn an_accepted_connection_passes_only_once_everything_handed_over_was_put_back() {
+    let mut h = harness(100);
+    let mut ring = h.take_records();
+    let mut c = h.inspected_connection().unwrap();
+    c.send(&[b'a'; 100]);
+    wait_handed(&h, c.cookie, 100);
+    // The agent accepted after 60 bytes: the 40 after them are still on
+    // their way to it, so new bytes must not overtake them.
+    h.set_release(c.cookie, Release::ACCEPTED, 60);
+    c.send(&[b'b'; 10]);
+    wait_handed(&h, c.cookie, 110);
+    assert!(c.server_reads(NOTHING).is_empty());
+    assert_eq!(handed(&mut ring).last().unwrap().0, 100);
+    // Everything put back: from now on straight to the application.
+    h.set_release(c.cookie, Release::ACCEPTED, 110);
+    c.send(b"direct");
+    assert_eq!(c.server_reads(Duration::from_secs(5)), b"direct");
+    assert!(handed(&mut ring).is_empty());
+    assert_eq!(h.stream(c.cookie).unwrap().handed, 110);
 }
 
-/// `handshake.dry_run`: the kernel counts what it would drop for a rejected
-/// flow, a held answer or a verdict timeout (fail-closed), and passes it all.
 #[test]
-fn handshake_dry_run_counts_would_drop_and_passes() {
+fn a_rejected_connection_gets_nothing() {
+    let mut h = harness(100);
+    let mut ring = h.take_records();
+    let mut c = h.inspected_connection().unwrap();
+    h.set_release(c.cookie, Release::REJECTED, 0);
+    c.send(b"GET / HTTP/1.1\r\n\r\n");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while h.packets(Reason::FlowRejected) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no verdict ran");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(c.server_reads(NOTHING).is_empty());
+    assert!(handed(&mut ring).is_empty());
+}
+
+#[test]
+fn a_socket_under_inspection_without_its_stream_entry_fails_closed() {
+    let mut h = harness(100);
+    let mut c = h.inspected_connection().unwrap();
+    // As if the stream map had been full when sock_ops admitted it.
+    h.close_stream(c.cookie);
+    h.set_release(c.cookie, Release::ACCEPTED, 0);
+    c.send(b"GET / HTTP/1.1\r\n\r\n");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while h.packets(Reason::InspectLost) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no verdict ran");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(c.server_reads(NOTHING).is_empty());
+}
+
+#[test]
+fn a_full_ring_buffer_marks_the_stream_lost_and_nothing_is_passed() {
+    let mut h = harness(100);
+    // Nobody reads the ring: 8 MiB of records fill it.
+    let mut c = h.inspected_connection().unwrap();
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut sent = 0u64;
+    while h.stream(c.cookie).unwrap().lost == 0 {
+        c.send(&chunk);
+        sent += chunk.len() as u64;
+        assert!(sent < 64 << 20, "the ring buffer never filled");
+        wait_handed(&h, c.cookie, sent);
+    }
+    assert!(h.packets(Reason::InspectLost) > 0);
+    assert!(c.server_reads(NOTHING).is_empty());
+}
+
+#[test]
+fn new_connections_to_inspected_ports_are_refused_while_inspection_is_full() {
+    let mut h = harness(2);
+    let syn = Packet::syn(client(), INSPECTED);
+    assert_eq!(h.run(&syn.bytes()), XDP_PASS);
+
+    // The agent's table of pending handshakes is full.
+    h.set_pending_full(true);
+    assert_eq!(h.run(&syn.bytes()), XDP_DROP);
+    assert_eq!(h.packets(Reason::InspectFull), 1);
+    // Segments of established connections still pass.
+    assert_eq!(h.run(&syn.reply(TCP_ACK | TCP_PSH, 100).bytes()), XDP_PASS);
+    // Allow-listed sources are never inspected, so never refused.
+    let allowed = Packet::syn("198.18.0.200".parse().unwrap(), INSPECTED);
+    assert_eq!(h.run(&allowed.bytes()), XDP_PASS);
+    // A reload keeps the flag.
+    h.reload();
+    assert_eq!(h.handshake_settings().pending_full, 1);
+    h.set_pending_full(false);
+    assert_eq!(h.run(&syn.bytes()), XDP_PASS);
+
+    // As many inspected connections open as handshake.max_connections.
+    h.set_inspected_count(2);
+    assert_eq!(h.run(&syn.bytes()), XDP_DROP);
+    h.set_inspected_count(1);
+    assert_eq!(h.run(&syn.bytes()), XDP_PASS);
+    assert_eq!(h.packets(Reason::InspectFull), 2);
+}
+
+#[test]
+fn handshake_dry_run_counts_a_refused_connection_and_passes_it() {
     let mut h = XdpHarness::new(&format!(
-        "[protect]\nports = [{INSPECTED}]\n[ban]\nafter_drops = 0\n\
-         [handshake]\ninspect_ports = [{INSPECTED}]\nallowed_origins = [\"https://app.example.com\"]\ndry_run = true\n"
+        "[protect]\nports = [{INSPECTED}]\n[ban]\nafter_drops = 0\n[handshake]\ninspect_ports = [{INSPECTED}]\ndry_run = true\nmissing_origin = \"allow\"\n"
     ))
     .unwrap();
-    h.inspect(INSPECTED, 1000 * SECOND, true);
-
-    let rejected = Packet::syn(client(), INSPECTED);
-    assert_eq!(h.run(&rejected.bytes()), XDP_PASS);
-    set_state(&mut h, &rejected, Flow::REJECTED);
-    let data = Packet::data(client(), INSPECTED, 40);
-    assert_eq!(h.run(&data.bytes()), XDP_PASS, "the client's frames");
-    assert_eq!(
-        h.run_egress(&rejected.reply(TCP_ACK | TCP_PSH, 129).bytes()),
-        TC_ACT_OK,
-        "the server's answer"
-    );
-    assert_eq!(h.would_drop(Reason::FlowRejected), 2);
-
-    let pending = Packet::syn(client(), INSPECTED).with(|p| p.src_port = 40002);
-    assert_eq!(h.run(&pending.bytes()), XDP_PASS);
-    assert_eq!(
-        h.run_egress(&pending.reply(TCP_ACK | TCP_PSH, 129).bytes()),
-        TC_ACT_OK,
-        "an answer before the verdict"
-    );
-    assert_eq!(h.would_drop(Reason::ResponseHeld), 1);
-
-    let late = Packet::syn(client(), INSPECTED).with(|p| p.src_port = 40003);
-    h.inspect(INSPECTED, 1, true);
-    set_state(&mut h, &late, Flow::PENDING);
-    assert_eq!(
-        h.run_egress(&late.reply(TCP_ACK | TCP_PSH, 129).bytes()),
-        TC_ACT_OK,
-        "an answer past the verdict timeout, fail-closed"
-    );
-    assert_eq!(h.would_drop(Reason::VerdictTimeout), 1);
-    assert!(
-        h.nonzero()
-            .iter()
-            .all(|(r, _)| !r.is_drop() || *r == Reason::Passed),
-        "nothing counted as dropped: {:?}",
-        h.nonzero()
-    );
-}
-
-/// An allow-listed client is never held back or cut, even on a port whose
-/// earlier connection (from before it was listed) was pending or rejected.
-#[test]
-fn stale_flows_never_hold_back_or_cut_an_allow_listed_client() {
-    let mut h = harness(SECOND, true);
-    let allowed = Packet::syn(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 200)), INSPECTED);
-    for state in [Flow::REJECTED, Flow::PENDING] {
-        set_state(&mut h, &allowed, state);
-        assert_eq!(h.run(&allowed.bytes()), XDP_PASS, "the new SYN");
-        assert_eq!(
-            h.run_egress(&allowed.reply(TCP_SYN | TCP_ACK, 0).bytes()),
-            TC_ACT_OK
-        );
-        assert_eq!(
-            h.run_egress(&allowed.reply(TCP_ACK | TCP_PSH, 129).bytes()),
-            TC_ACT_OK,
-            "the server's answer, flow {state}"
-        );
-    }
-    assert!(
-        h.nonzero().iter().all(|(r, _)| !r.is_drop()),
-        "{:?}",
-        h.nonzero()
-    );
+    h.set_pending_full(true);
+    assert_eq!(h.run(&Packet::syn(client(), INSPECTED).bytes()), XDP_PASS);
+    assert_eq!(h.would_drop(Reason::InspectFull), 1);
+    assert_eq!(h.packets(Reason::InspectFull), 0);
 }

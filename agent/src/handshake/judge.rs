@@ -508,7 +508,15 @@ fn split_host(host: &str) -> (String, Option<&str>) {
 pub fn judge_request(policy: &Policy, bytes: &[u8], source: IpAddr, now: u64) -> Judgement {
     let end = match head_end(bytes, policy.max_request_bytes) {
         Ok(Some(end)) => end,
-        Ok(None) => return Judgement::Incomplete,
+        Ok(None) => {
+            // Not HTTP at all (a TLS hello, garbage): no need to wait for more.
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            return match httparse::Request::new(&mut headers).parse(bytes) {
+                Err(httparse::Error::TooManyHeaders) => Judgement::Reject(Rejection::TooLarge),
+                Err(_) => Judgement::Reject(Rejection::NotAnUpgrade),
+                Ok(_) => Judgement::Incomplete,
+            };
+        }
         Err(r) => return Judgement::Reject(r),
     };
     let head = &bytes[..end];

@@ -454,7 +454,7 @@ impl Kernel {
 
     /// Attaches the stream verdict program to the inspected sockets' map
     /// (replacing one an earlier run left there).
-    fn attach_stream_verdict(&mut self) -> Result<()> {
+    pub fn attach_stream_verdict(&mut self) -> Result<()> {
         let map = self.ebpf.map(names::INSPECTED).context("inspected sockets map")?;
         let sockets: SockHash<&MapData, u64> = SockHash::try_from(map)?;
         let fd = sockets.fd().try_clone()?;
