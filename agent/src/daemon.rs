@@ -320,8 +320,9 @@ fn reload(kernel: &mut Kernel, current: &Config) -> Result<Config> {
 /// inspection is off).
 async fn readable(
     records: &mut Option<AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>>,
-) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, aya::maps::RingBuf<aya::maps::MapData>>>
-{
+) -> std::io::Result<
+    tokio::io::unix::AsyncFdReadyMutGuard<'_, aya::maps::RingBuf<aya::maps::MapData>>,
+> {
     match records {
         Some(ring) => ring.readable_mut().await,
         None => std::future::pending().await,
@@ -331,12 +332,7 @@ async fn readable(
 /// Notices interfaces that went away and re-attaches to those that came back
 /// (a re-created veth, a re-plugged NIC): their programs died with the old
 /// device.
-fn watch_interfaces(
-    kernel: &mut Kernel,
-    config: &Config,
-    sink: &Sink,
-    missing: &mut Vec<String>,
-) {
+fn watch_interfaces(kernel: &mut Kernel, config: &Config, sink: &Sink, missing: &mut Vec<String>) {
     for interface in Kernel::missing_interfaces(config) {
         if !missing.contains(&interface) {
             warn!("interface {interface} is gone; wsguard attaches again when it returns");

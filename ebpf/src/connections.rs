@@ -129,8 +129,9 @@ fn opened(ctx: &SockOpsContext) {
         return;
     }
     let counted = settings.max_concurrent != 0 && count_open(settings.tracking_key(&source));
-    let inspected =
-        handshake_settings().is_some() && is_inspected_port(port) && inspect::admit(ctx, &peers, counted);
+    let inspected = handshake_settings().is_some()
+        && is_inspected_port(port)
+        && inspect::admit(ctx, &peers, counted);
     if counted || inspected {
         let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     }

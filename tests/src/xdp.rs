@@ -22,7 +22,6 @@ use wsguard_common::{
     maps::{names, programs},
 };
 
-
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 
@@ -119,7 +118,9 @@ impl XdpHarness {
 
     /// Writes the config into the maps again, as a reload does.
     pub fn reload(&mut self) {
-        self.kernel.apply(&self.config).expect("applying the config");
+        self.kernel
+            .apply(&self.config)
+            .expect("applying the config");
     }
 
     pub fn set_pending_full(&mut self, full: bool) {

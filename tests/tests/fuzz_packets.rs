@@ -180,7 +180,7 @@ fn a_million_hostile_frames_keep_every_invariant() {
     );
     let mut rng = fastrand::Rng::with_seed(seed);
     let allow: Vec<String> = ALLOWED.iter().map(|a| format!("\"{a}\"")).collect();
-    let mut h = XdpHarness::new(&format!(
+    let h = XdpHarness::new(&format!(
         "[protect]\nports = [{PROTECTED}]\n[limits.per_source]\nnew_connections = \"50/s\"\nnew_connections_burst = 50\nbytes = \"64KiB/s\"\n\
          bytes_burst = \"64KiB\"\n[ban]\nafter_drops = 20\nduration = \"1h\"\n[tracking]\nmax_sources = 4096\n\
          [lists]\nallow = [{}]\ndeny = [\"198.19.0.0/16\", \"2001:db8:ff00::/40\"]\n\
@@ -188,7 +188,6 @@ fn a_million_hostile_frames_keep_every_invariant() {
         allow.join(", ")
     ))
     .unwrap();
-
 
     let mut drops = 0u64;
     for i in 0..total {

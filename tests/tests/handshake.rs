@@ -20,7 +20,7 @@ fn body(extra: &str) -> String {
     format!(
         "[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"100/s\"\nnew_connections_burst = 100\n[ban]\nafter_drops = 0\n\
          [handshake]\ninspect_ports = [8080]\nallowed_origins = [\"{GOOD_ORIGIN}\", \"https://*.example.com\"]\nallowed_paths = [\"/ws\", \"/live/*\"]\n\
-         deadline = \"1s\"\nverdict_timeout = \"2s\"\n{extra}"
+         deadline = \"1s\"\n{extra}"
     )
 }
 

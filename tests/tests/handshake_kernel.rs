@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use wsguard_common::{RecordHeader, Reason, Release};
+use wsguard_common::{Reason, RecordHeader, Release};
 use wsguard_tests::{
     packets::{Packet, TCP_ACK, TCP_PSH},
     xdp::{XDP_DROP, XDP_PASS, XdpHarness},
@@ -74,7 +74,10 @@ fn bytes_of_a_connection_awaiting_its_verdict_go_to_the_agent_never_to_the_appli
     wait_handed(&h, c.cookie, 10);
     c.send(&head[10..]);
     wait_handed(&h, c.cookie, head.len() as u64);
-    assert!(c.server_reads(NOTHING).is_empty(), "the application read unjudged bytes");
+    assert!(
+        c.server_reads(NOTHING).is_empty(),
+        "the application read unjudged bytes"
+    );
     let records = handed(&mut ring);
     assert_eq!(records[0].0, 0);
     assert_eq!(concat(&records), head);

@@ -819,7 +819,10 @@ fn validate_handshake(keys: HandshakeKeys, protected: &[u16]) -> Result<Handshak
         }
     }
     if keys.deadline.get_ref().0.is_zero() {
-        return Err(at(&keys.deadline, "handshake.deadline must be longer than zero"));
+        return Err(at(
+            &keys.deadline,
+            "handshake.deadline must be longer than zero",
+        ));
     }
     if !(1..=4_194_304).contains(keys.max_connections.get_ref()) {
         return Err(at(
@@ -1070,7 +1073,10 @@ impl Config {
                 } else {
                     p.allowed_paths.len().to_string()
                 },
-                match (p.ticket.as_ref().is_some_and(|t| t.required), self.handshake.replay_cache_size) {
+                match (
+                    p.ticket.as_ref().is_some_and(|t| t.required),
+                    self.handshake.replay_cache_size
+                ) {
                     (false, _) => "not required",
                     (true, Some(_)) => "required, single-use",
                     (true, None) => "required, reusable",

@@ -64,12 +64,13 @@ pub struct Injector {
 
 impl Injector {
     pub fn open(kernel: &mut Kernel) -> Result<Injector> {
-        let listener = TcpListener::bind("127.0.0.1:0").or_else(|e| {
-            // A fresh network namespace has its loopback down.
-            kernel::bring_up_loopback()?;
-            TcpListener::bind("127.0.0.1:0").with_context(|| format!("{e}"))
-        })
-        .context("handshake inspection needs a loopback TCP socket for its injection path")?;
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .or_else(|e| {
+                // A fresh network namespace has its loopback down.
+                kernel::bring_up_loopback()?;
+                TcpListener::bind("127.0.0.1:0").with_context(|| format!("{e}"))
+            })
+            .context("handshake inspection needs a loopback TCP socket for its injection path")?;
         let socket = TcpStream::connect(listener.local_addr()?)?;
         let (peer, _) = listener.accept()?;
         socket.set_nodelay(true)?;
@@ -105,7 +106,8 @@ pub fn settings(config: &Config) -> Settings {
         policy: config.handshake.policy.clone(),
         deadline: config.handshake.deadline,
         max_pending: config.handshake.max_pending,
-        dry_run: config.handshake.dry_run || config.settings.dry_run & wsguard_common::Settings::DRY_RUN_HANDSHAKE != 0,
+        dry_run: config.handshake.dry_run
+            || config.settings.dry_run & wsguard_common::Settings::DRY_RUN_HANDSHAKE != 0,
         replay_capacity: config.handshake.replay_cache_size.map(|c| c as usize),
     }
 }
@@ -146,9 +148,10 @@ impl Inspection {
                 .is_some_and(|r| r.state == Release::ACCEPTED);
             if !accepted {
                 let peers = peers_of(&stream.peers);
-                let action = inspection
-                    .streams
-                    .reject_unknown(cookie, peers, Rejection::InspectionLost);
+                let action =
+                    inspection
+                        .streams
+                        .reject_unknown(cookie, peers, Rejection::InspectionLost);
                 inspection.carry_out(cx, vec![action]);
             }
         }
@@ -189,10 +192,11 @@ impl Inspection {
                 if header.kind == RecordHeader::OPENED {
                     self.streams.opened(header.cookie, peers, now)
                 } else {
-                    vec![
-                        self.streams
-                            .reject_unknown(header.cookie, peers, Rejection::InspectionLost),
-                    ]
+                    vec![self.streams.reject_unknown(
+                        header.cookie,
+                        peers,
+                        Rejection::InspectionLost,
+                    )]
                 }
             }
             RecordHeader::DATA => {
@@ -330,10 +334,8 @@ impl Inspection {
                     }
                 }
                 Action::Accepted { upgrade, .. } => {
-                    cx.counters.count_handshake(
-                        "accepted",
-                        if upgrade { "ok" } else { "plain_http" },
-                    );
+                    cx.counters
+                        .count_handshake("accepted", if upgrade { "ok" } else { "plain_http" });
                 }
                 Action::Reject {
                     cookie,

@@ -329,7 +329,10 @@ pub enum Judgement {
     },
     /// A plain HTTP request allowed by the policy: `head_len` bytes of head,
     /// then `body_len` bytes of body.
-    PlainHttp { head_len: usize, body_len: u64 },
+    PlainHttp {
+        head_len: usize,
+        body_len: u64,
+    },
     Reject(Rejection),
 }
 
@@ -400,9 +403,8 @@ fn check_lines(head: &[u8]) -> Result<(), Rejection> {
 /// RFC 9110 §5.6.2 tchar.
 fn is_token(s: &str) -> bool {
     !s.is_empty()
-        && s.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-        })
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// A `Connection` value's tokens, or `None` when it is not a clean
@@ -480,7 +482,11 @@ pub fn normalise_path(path: &str) -> Result<String, Rejection> {
             }
         }
     }
-    if !out.starts_with('/') || out.split('/').any(|segment| segment == "." || segment == "..") {
+    if !out.starts_with('/')
+        || out
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
+    {
         return Err(Rejection::AmbiguousPath);
     }
     Ok(out)
@@ -541,7 +547,11 @@ pub fn judge_request(policy: &Policy, bytes: &[u8], source: IpAddr, now: u64) ->
             return Judgement::Reject(Rejection::DuplicateHeader);
         }
     }
-    if request.headers.iter().any(|h| h.name.eq_ignore_ascii_case("transfer-encoding")) {
+    if request
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
+    {
         return Judgement::Reject(Rejection::AmbiguousFraming);
     }
     let body_len = match header(&request, "Content-Length") {
@@ -581,7 +591,11 @@ pub fn judge_request(policy: &Policy, bytes: &[u8], source: IpAddr, now: u64) ->
             return Judgement::Reject(Rejection::HostMismatch);
         }
     }
-    let path_and_query = if path_and_query.is_empty() { "/" } else { path_and_query };
+    let path_and_query = if path_and_query.is_empty() {
+        "/"
+    } else {
+        path_and_query
+    };
     let raw_path = path_and_query.split(['?', '#']).next().unwrap_or("");
     let path = match normalise_path(raw_path) {
         Ok(p) => p,

@@ -9,6 +9,7 @@
 //!         | expires_at (8 bytes, Unix seconds)
 //!         | family (1 byte: 4, 6, or 0 for a ticket bound to no address)
 //!         | address (4 bytes for 4, 16 for 6, none for 0)
+//!         | nonce (0 to 32 bytes: random, so that each ticket is unique)
 //! tag     = HMAC-SHA256(key = secret, message = "wsguard-ticket-v1" | payload)   (32 bytes)
 //! ticket  = base64url without padding (payload | tag)
 //! ```
@@ -70,10 +71,32 @@ fn payload(expires_at: u64, address: Option<IpAddr>) -> Vec<u8> {
     out
 }
 
+/// Longest nonce a ticket may carry.
+pub const MAX_NONCE_BYTES: usize = 32;
+/// The nonce `mint` adds.
+const NONCE_BYTES: usize = 16;
+
 /// Mints a ticket that expires at `expires_at` (Unix seconds), bound to
-/// `address` (or to none).
+/// `address` (or to none), with a random nonce: every ticket is unique, as
+/// single-use tickets need.
 pub fn mint(secret: &[u8], expires_at: u64, address: Option<IpAddr>) -> String {
+    let mut nonce = [0u8; NONCE_BYTES];
+    // SAFETY: getrandom writes at most `nonce.len()` bytes into it.
+    let n = unsafe { libc::getrandom(nonce.as_mut_ptr().cast(), nonce.len(), 0) };
+    assert_eq!(n, NONCE_BYTES as isize, "getrandom failed");
+    mint_with_nonce(secret, expires_at, address, &nonce)
+}
+
+/// Mints a ticket with the given nonce (test vectors; `mint` picks one).
+pub fn mint_with_nonce(
+    secret: &[u8],
+    expires_at: u64,
+    address: Option<IpAddr>,
+    nonce: &[u8],
+) -> String {
+    assert!(nonce.len() <= MAX_NONCE_BYTES);
     let mut bytes = payload(expires_at, address);
+    bytes.extend_from_slice(nonce);
     let mut mac = mac(secret);
     mac.update(&bytes);
     bytes.extend_from_slice(&mac.finalize().into_bytes());
@@ -97,12 +120,22 @@ pub fn open(secret: &[u8], ticket: &str) -> Result<Ticket, TicketError> {
         return Err(TicketError::BadSignature);
     }
     let expires_at = u64::from_be_bytes(payload[1..9].try_into().unwrap());
-    let address = match (payload[9], &payload[10..]) {
-        (0, []) => None,
-        (4, a) if a.len() == 4 => Some(IpAddr::from(<[u8; 4]>::try_from(a).unwrap())),
-        (6, a) if a.len() == 16 => Some(IpAddr::from(<[u8; 16]>::try_from(a).unwrap())),
+    let rest = &payload[10..];
+    let (address, nonce) = match payload[9] {
+        0 => (None, rest),
+        4 if rest.len() >= 4 => (
+            Some(IpAddr::from(<[u8; 4]>::try_from(&rest[..4]).unwrap())),
+            &rest[4..],
+        ),
+        6 if rest.len() >= 16 => (
+            Some(IpAddr::from(<[u8; 16]>::try_from(&rest[..16]).unwrap())),
+            &rest[16..],
+        ),
         _ => return Err(TicketError::BadSignature),
     };
+    if nonce.len() > MAX_NONCE_BYTES {
+        return Err(TicketError::BadSignature);
+    }
     Ok(Ticket {
         expires_at,
         address,
@@ -160,10 +193,7 @@ mod tests {
         let ip: IpAddr = "198.18.0.7".parse().unwrap();
         let t = mint(SECRET, 1_000_060, Some(ip));
         let opened = verify(SECRET, &t, ip, 1_000_000, 60, true).unwrap();
-        assert_eq!(
-            (opened.expires_at, opened.address),
-            (1_000_060, Some(ip))
-        );
+        assert_eq!((opened.expires_at, opened.address), (1_000_060, Some(ip)));
         let raw = BASE64_URL_SAFE_NO_PAD.decode(&t).unwrap();
         assert_eq!(opened.tag[..], raw[raw.len() - TAG_BYTES..]);
         // The same address seen through a dual-stack socket.
@@ -251,14 +281,35 @@ mod tests {
         );
         let bytes = BASE64_URL_SAFE_NO_PAD.decode(&t).unwrap();
         assert_eq!(&bytes[..14], &[1, 1, 2, 3, 4, 5, 6, 7, 8, 4, 198, 18, 0, 1]);
+        assert_eq!(bytes.len(), 14 + NONCE_BYTES + 32);
         let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(SECRET).unwrap();
         mac.update(b"wsguard-ticket-v1");
-        mac.update(&bytes[..14]);
-        assert_eq!(&bytes[14..], mac.finalize().into_bytes().as_slice());
-        assert_eq!(bytes.len(), 14 + 32);
+        mac.update(&bytes[..14 + NONCE_BYTES]);
+        assert_eq!(
+            &bytes[14 + NONCE_BYTES..],
+            mac.finalize().into_bytes().as_slice()
+        );
         let unbound = BASE64_URL_SAFE_NO_PAD
             .decode(mint(SECRET, 5, None))
             .unwrap();
         assert_eq!(&unbound[..10], &[1, 0, 0, 0, 0, 0, 0, 0, 5, 0]);
+        // Two tickets for the same client and second differ (their nonces).
+        assert_ne!(mint(SECRET, 5, None), mint(SECRET, 5, None));
+        // Without a nonce (tickets minted before nonces) and with the
+        // longest one, still valid; longer is refused.
+        for n in [0, MAX_NONCE_BYTES] {
+            let t = mint_with_nonce(SECRET, 100, None, &vec![7; n]);
+            assert!(verify(SECRET, &t, "198.18.0.1".parse().unwrap(), 50, 60, false).is_ok());
+        }
+        let mut long = vec![1, 0, 0, 0, 0, 0, 0, 0, 100, 0];
+        long.extend_from_slice(&[7; MAX_NONCE_BYTES + 1]);
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(SECRET).unwrap();
+        mac.update(b"wsguard-ticket-v1");
+        mac.update(&long);
+        long.extend_from_slice(&mac.finalize().into_bytes());
+        assert_eq!(
+            open(SECRET, &BASE64_URL_SAFE_NO_PAD.encode(long)),
+            Err(TicketError::BadSignature)
+        );
     }
 }

@@ -455,7 +455,10 @@ impl Kernel {
     /// Attaches the stream verdict program to the inspected sockets' map
     /// (replacing one an earlier run left there).
     pub fn attach_stream_verdict(&mut self) -> Result<()> {
-        let map = self.ebpf.map(names::INSPECTED).context("inspected sockets map")?;
+        let map = self
+            .ebpf
+            .map(names::INSPECTED)
+            .context("inspected sockets map")?;
         let sockets: SockHash<&MapData, u64> = SockHash::try_from(map)?;
         let fd = sockets.fd().try_clone()?;
         let verdict: &mut SkSkb = self
@@ -485,7 +488,8 @@ impl Kernel {
         inject
             .attach(&fd)
             .context("cannot attach the injection program")?;
-        let mut injector: SockMap<&mut MapData> = SockMap::try_from(self.map_mut(names::INJECTOR)?)?;
+        let mut injector: SockMap<&mut MapData> =
+            SockMap::try_from(self.map_mut(names::INJECTOR)?)?;
         injector
             .set(0, socket, 0)
             .context("cannot put the injection socket into its map")?;

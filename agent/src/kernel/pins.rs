@@ -25,8 +25,8 @@ use wsguard_common::{
     Stream,
     counters::COUNTER_SLOTS,
     maps::{
-        EVENTS_BYTES, GlobalState, LAYOUT_VERSION, LIST_CAPACITY, PORT_SLOTS,
-        STREAM_RECORDS_BYTES, names,
+        EVENTS_BYTES, GlobalState, LAYOUT_VERSION, LIST_CAPACITY, PORT_SLOTS, STREAM_RECORDS_BYTES,
+        names,
     },
 };
 

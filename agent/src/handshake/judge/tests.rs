@@ -279,3 +279,65 @@ fn patterns_refuse_what_they_cannot_mean() {
             .matches("http://[::1]:8080")
     );
 }
+
+/// Requests two conforming parsers could read differently are rejected,
+/// each with its own reason.
+#[test]
+fn ambiguous_requests_are_rejected_with_their_own_reason() {
+    let p = policy();
+    let ok = "Origin: https://app.example.com";
+    let cases: &[(&[u8], Rejection)] = &[
+        (b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", Rejection::DuplicateHeader),
+        (b"GET /ws HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", Rejection::DuplicateHeader),
+        (b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: keep-alive Upgrade\r\n\r\n", Rejection::BadConnectionHeader),
+        (b"GET /ws HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n", Rejection::ObsFold),
+        (b"GET /ws HTTP/1.1\r\nHost : a\r\n\r\n", Rejection::SpaceBeforeColon),
+        (b"GET /ws HTTP/1.1\r\nHost: a\x00b\r\n\r\n", Rejection::ControlCharacter),
+        (b"GET /ws HTTP/1.1\r\nHost: a\rb\r\n\r\n", Rejection::ControlCharacter),
+        (b"GET /ws HTTP/1.1\nHost: a\n\n", Rejection::BareLf),
+        (b"GET /ws HTTP/1.1\r\nHost: a\nX: b\r\n\r\n", Rejection::BareLf),
+        (b"GET http://evil.example/ws HTTP/1.1\r\nHost: a\r\n\r\n", Rejection::HostMismatch),
+        (b"GET /live/../admin HTTP/1.1\r\nHost: a\r\n\r\n", Rejection::AmbiguousPath),
+        (b"GET /live/%2e%2e/admin HTTP/1.1\r\nHost: a\r\n\r\n", Rejection::AmbiguousPath),
+        (b"GET /live%2fadmin HTTP/1.1\r\nHost: a\r\n\r\n", Rejection::AmbiguousPath),
+        (b"GET /live\\admin HTTP/1.1\r\nHost: a\r\n\r\n", Rejection::AmbiguousPath),
+        (b"GET /live/a%00 HTTP/1.1\r\nHost: a\r\n\r\n", Rejection::AmbiguousPath),
+        (b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", Rejection::AmbiguousFraming),
+        (b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 1, 1\r\n\r\n", Rejection::AmbiguousFraming),
+    ];
+    for (head, reason) in cases {
+        assert_eq!(
+            judge(&p, head, source(), NOW),
+            Verdict::Reject(*reason),
+            "{}",
+            String::from_utf8_lossy(head)
+        );
+    }
+    // Two Origin headers, the second allowed: servers that take either one
+    // would disagree, so neither is trusted.
+    assert_eq!(
+        judged(&p, "/ws", &["Origin: https://evil.net", ok]),
+        Verdict::Reject(Rejection::DuplicateHeader)
+    );
+    // An upgrade in any form a lenient server might accept is judged as one.
+    assert_eq!(
+        judge(
+            &p,
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: https://evil.net\r\n\r\n",
+            source(),
+            NOW
+        ),
+        Verdict::Reject(Rejection::NotAnUpgrade)
+    );
+    // Unreserved characters are decoded before matching; others are not.
+    assert_eq!(judged(&p, "/live/%61bc", &[ok]), Verdict::Accept);
+    assert_eq!(judged(&p, "/%77s", &[ok]), Verdict::Accept);
+    assert_eq!(
+        judged(&p, "/live%2Fx", &[ok]),
+        Verdict::Reject(Rejection::AmbiguousPath)
+    );
+    assert_eq!(
+        judged(&p, "/admin", &[ok]),
+        Verdict::Reject(Rejection::BadPath)
+    );
+}

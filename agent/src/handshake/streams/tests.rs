@@ -113,7 +113,10 @@ fn a_single_use_ticket_is_accepted_once() {
     let mut s = Streams::new(settings(4, true));
     let t = ticket::mint(SECRET, NOW + 30, None);
     s.opened(1, peers(), Instant::now());
-    assert_eq!(rejection(&feed(&mut s, 1, 0, &upgrade("https://app.example.com", &t))), None);
+    assert_eq!(
+        rejection(&feed(&mut s, 1, 0, &upgrade("https://app.example.com", &t))),
+        None
+    );
     s.opened(2, peers(), Instant::now());
     assert_eq!(
         rejection(&feed(&mut s, 2, 0, &upgrade("https://app.example.com", &t))),
@@ -124,7 +127,12 @@ fn a_single_use_ticket_is_accepted_once() {
     for cookie in 1..=2 {
         s.opened(cookie, peers(), Instant::now());
         assert_eq!(
-            rejection(&feed(&mut s, cookie, 0, &upgrade("https://app.example.com", &t))),
+            rejection(&feed(
+                &mut s,
+                cookie,
+                0,
+                &upgrade("https://app.example.com", &t)
+            )),
             None
         );
     }
@@ -151,7 +159,11 @@ fn a_hole_in_the_stream_rejects_and_bounds_hold() {
     // The deadline.
     let expired = s.expire(now + Duration::from_secs(6), &never);
     assert_eq!(expired.len(), 2);
-    assert!(expired.iter().all(|a| rejection(std::slice::from_ref(a)) == Some(Rejection::Deadline)));
+    assert!(
+        expired
+            .iter()
+            .all(|a| rejection(std::slice::from_ref(a)) == Some(Rejection::Deadline))
+    );
     assert_eq!(s.pending(), 0);
 }
 
@@ -176,9 +188,7 @@ fn dry_run_and_an_exempt_client_go_on_with_what_they_sent() {
     let mut s = Streams::new(self::settings(4, false));
     s.opened(1, peers(), Instant::now());
     let always = |_: std::net::IpAddr| true;
-    let actions = s
-        .data(1, 0, &bytes, Instant::now(), NOW, &always)
-        .unwrap();
+    let actions = s.data(1, 0, &bytes, Instant::now(), NOW, &always).unwrap();
     assert_eq!(rejection(&actions), None);
     assert_eq!(injected(&actions), bytes);
 }
