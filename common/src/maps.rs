@@ -290,8 +290,11 @@ pub struct HandshakeSettings {
     /// Inspected connections open at once; beyond it new connections to
     /// inspected ports are refused.
     pub max_connections: u64,
+    /// The agent's network namespace (its cookie): only servers there are
+    /// inspected by this agent; another agent may own another namespace.
+    pub netns_cookie: u64,
 }
-assert_size!(HandshakeSettings, 16);
+assert_size!(HandshakeSettings, 24);
 
 /// Size of the events ring buffer (a power of two, a multiple of the page size).
 pub const EVENTS_BYTES: u32 = 256 * 1024;

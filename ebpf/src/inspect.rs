@@ -29,11 +29,11 @@ use core::{
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, bpf_sock_ops, sk_action},
-    helpers::{bpf_get_socket_cookie, bpf_skb_load_bytes},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_skb_load_bytes},
     programs::{SkBuffContext, SkMsgContext, SockOpsContext},
 };
 use wsguard_common::{
-    Reason, RecordHeader, Release, Stream, StreamPeers,
+    HandshakeSettings, Reason, RecordHeader, Release, Stream, StreamPeers,
     maps::{RECORD_DATA_BYTES, RECORDS_PER_SEGMENT},
 };
 
@@ -76,6 +76,14 @@ fn emit_peers(kind: u32, cookie: u64, peers: &StreamPeers) -> bool {
         return false;
     }
     true
+}
+
+/// Whether the connection's socket lives in the agent's network namespace
+/// (sock_ops runs for every socket of the cgroup, whatever its namespace).
+#[inline(always)]
+pub fn is_ours(ctx: &SockOpsContext, handshake: &HandshakeSettings) -> bool {
+    let netns = unsafe { bpf_get_netns_cookie(ctx.ops as *mut c_void) };
+    netns == handshake.netns_cookie
 }
 
 /// A connection to an inspected port was established: put its socket under

@@ -130,7 +130,7 @@ fn status_without_an_agent_fails_clearly() {
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("no wsguard state pinned at /sys/fs/bpf/wsguard-test-nobody-here/v1"),
+        stderr(&out).contains("no wsguard state pinned at /sys/fs/bpf/wsguard-test-nobody-here/v2"),
         "{}",
         stderr(&out)
     );
@@ -316,12 +316,12 @@ fn bad_cli_input_is_refused_with_exit_code_and_reason() {
         (
             &["deny", "list", "--pin-path", pins],
             1,
-            "no wsguard state pinned at /sys/fs/bpf/wsguard-test-nobody-here/v1",
+            "no wsguard state pinned at /sys/fs/bpf/wsguard-test-nobody-here/v2",
         ),
         (
             &["reload", "--pin-path", pins],
             1,
-            "no wsguard agent is running with its state at /sys/fs/bpf/wsguard-test-nobody-here/v1",
+            "no wsguard agent is running with its state at /sys/fs/bpf/wsguard-test-nobody-here/v2",
         ),
         (
             &["status", "--config", "/nonexistent.toml"],

@@ -50,12 +50,12 @@ enum Task {
         /// Seconds per target.
         #[arg(long, default_value_t = 600)]
         seconds: u64,
-        /// Only this target (handshake_judge, reassembly, config).
+        /// Only this target (handshake_judge, streams, config).
         target: Option<String>,
     },
 }
 
-const FUZZ_TARGETS: [&str; 3] = ["handshake_judge", "reassembly", "config"];
+const FUZZ_TARGETS: [&str; 3] = ["handshake_judge", "streams", "config"];
 /// Seconds per fuzz target within `cargo xtask test` (WSGUARD_FUZZ_SECONDS).
 const TEST_FUZZ_SECONDS: u64 = 20;
 

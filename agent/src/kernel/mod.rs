@@ -216,6 +216,7 @@ impl Kernel {
             enabled: u32::from(!config.handshake.ports.is_empty()),
             pending_full,
             max_connections: u64::from(config.handshake.max_connections),
+            netns_cookie: system::netns_cookie()?,
         };
         hs.set(0, handshake, 0)?;
         for (name, nets) in [(names::ALLOW, &config.allow), (names::DENY, &config.deny)] {

@@ -285,3 +285,27 @@ pub fn bring_up_loopback() -> anyhow::Result<()> {
     tracing::info!("brought the loopback interface up for handshake inspection");
     Ok(())
 }
+
+/// The cookie of this process's network namespace (SO_NETNS_COOKIE).
+pub fn netns_cookie() -> anyhow::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let socket =
+        std::net::UdpSocket::bind("0.0.0.0:0").or_else(|_| std::net::UdpSocket::bind("[::]:0"))?;
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SO_NETNS_COOKIE (Linux 5.14+).
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(cookie)
+}
