@@ -35,6 +35,12 @@ struct Plan {
     rejected_handshakes: usize,
     parallel_handshakes: usize,
     ban_sources: u8,
+    /// Legitimate handshakes per second, and for how long.
+    accepted_rate: u32,
+    accepted_for: Duration,
+    /// Incomplete heads held open, and handshakes measured meanwhile.
+    held_heads: usize,
+    handshakes_while_held: usize,
 }
 
 impl Plan {
@@ -52,6 +58,10 @@ impl Plan {
                 rejected_handshakes: 1_000,
                 parallel_handshakes: 8,
                 ban_sources: 10,
+                accepted_rate: 2_000,
+                accepted_for: Duration::from_secs(2),
+                held_heads: 1_000,
+                handshakes_while_held: 200,
             }
         } else {
             Plan {
@@ -66,6 +76,10 @@ impl Plan {
                 rejected_handshakes: 3_000,
                 parallel_handshakes: 8,
                 ban_sources: 40,
+                accepted_rate: 2_000,
+                accepted_for: Duration::from_secs(5),
+                held_heads: 4_000,
+                handshakes_while_held: 1_000,
             }
         }
     }
@@ -91,8 +105,14 @@ impl Plan {
             (
                 "section 4".into(),
                 format!(
-                    "{} rejected handshakes ({} at a time), {} bans",
-                    self.rejected_handshakes, self.parallel_handshakes, self.ban_sources
+                    "{} rejected handshakes ({} at a time), {} bans; legitimate handshakes at {}/s for {} s, and {} of them while {} incomplete heads are held",
+                    self.rejected_handshakes,
+                    self.parallel_handshakes,
+                    self.ban_sources,
+                    self.accepted_rate,
+                    self.accepted_for.as_secs(),
+                    self.handshakes_while_held,
+                    self.held_heads
                 ),
             ),
         ]
@@ -135,6 +155,9 @@ async fn measure(args: &Args) -> Result<()> {
     let rejected =
         latency::rejected_handshakes(plan.rejected_handshakes, plan.parallel_handshakes).await?;
     let ban_agent = latency::ban_after_rejections(plan.ban_sources).await?;
+    let accepted = latency::accepted_at_rate(plan.accepted_rate, plan.accepted_for).await?;
+    let accepted_held =
+        latency::accepted_while_pending(plan.held_heads, plan.handshakes_while_held).await?;
 
     let results = report::Results {
         quick: args.quick,
@@ -146,6 +169,8 @@ async fn measure(args: &Args) -> Result<()> {
         flood,
         rejected,
         ban_agent,
+        accepted,
+        accepted_held,
     };
     report::write(&results, &args.docs)?;
     eprintln!(

@@ -129,7 +129,7 @@ fn opened(ctx: &SockOpsContext) {
         return;
     }
     let counted = settings.max_concurrent != 0 && count_open(settings.tracking_key(&source));
-    let inspected = handshake_settings().is_some()
+    let inspected = handshake_settings().is_some_and(|h| inspect::is_ours(ctx, h))
         && is_inspected_port(port)
         && inspect::admit(ctx, &peers, counted);
     if counted || inspected {

@@ -33,15 +33,7 @@ enum Launch {
     IpNetnsExec,
 }
 
-/// Agents with handshake inspection run one at a time in a test process:
-/// every agent's sock_ops program sees every socket of the host, and two
-/// inspecting agents on one host do not yet keep to their own namespaces
-/// (README, "What it cannot see").
-static INSPECTING: Mutex<()> = Mutex::new(());
-
 pub struct Agent {
-    /// Held while this agent inspects handshakes.
-    _inspecting: Option<std::sync::MutexGuard<'static, ()>>,
     child: Option<Child>,
     pub pin_path: PathBuf,
     pub config_file: tempfile::NamedTempFile,
@@ -84,9 +76,6 @@ impl Agent {
         how: Launch,
         env: &[(&str, &str)],
     ) -> Result<Agent> {
-        let inspecting = body
-            .contains("inspect_ports")
-            .then(|| INSPECTING.lock().unwrap_or_else(|e| e.into_inner()));
         let pin_path = PathBuf::from(format!(
             "/sys/fs/bpf/wsguard-test-{}-{}",
             std::process::id(),
@@ -138,7 +127,6 @@ impl Agent {
             forward(child.stderr.take().unwrap(), stderr.clone(), None),
         ];
         let mut agent = Agent {
-            _inspecting: inspecting,
             child: Some(child),
             pin_path,
             config_file,

@@ -216,6 +216,26 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// The MAC address of the client's interface, as `ip` writes it.
+    pub fn client_mac(&self) -> Result<String> {
+        let out = Command::new("ip")
+            .args([
+                "-n",
+                &self.client.name,
+                "link",
+                "show",
+                "dev",
+                &self.client_if,
+            ])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split("link/ether ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .map(str::to_string)
+            .context("no MAC")
+    }
+
     /// The MAC address of the server's interface.
     pub fn server_mac(&self) -> Result<[u8; 6]> {
         let text = self.server_link()?;

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod lab;
 pub mod packets;
 pub mod peers;
+pub mod raw_tcp;
 pub mod xdp;
 
 pub use agent::Agent;

@@ -302,3 +302,61 @@ pub async fn http_get(ns: &Netns, path: &str) -> Result<(String, String, String)
     let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
     Ok((status.to_string(), headers.to_lowercase(), body.to_string()))
 }
+
+/// A server from `tests/peers/` (Debian's Python), run in a namespace: a
+/// real implementation no one here wrote. It prints `ready` when it listens;
+/// its other output lines are kept.
+pub struct PythonServer {
+    child: std::process::Child,
+    lines: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl PythonServer {
+    pub fn start(ns: &Netns, script: &str, port: u16) -> Result<PythonServer> {
+        use std::io::BufRead;
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("peers")
+            .join(script);
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.name, "/usr/bin/python3", "-u"])
+            .arg(&path)
+            .arg(port.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start {}", path.display()))?;
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        let kept = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(|l| l.ok())
+            {
+                if line == "ready" {
+                    let _ = ready_tx.send(());
+                } else {
+                    kept.lock().unwrap().push(line);
+                }
+            }
+        });
+        if ready.recv_timeout(Duration::from_secs(10)).is_err() {
+            let _ = child.kill();
+            anyhow::bail!("{script} did not start listening on port {port}");
+        }
+        Ok(PythonServer { child, lines })
+    }
+
+    /// What the server printed (requests it read, upgrades it completed).
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+}
+
+impl Drop for PythonServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

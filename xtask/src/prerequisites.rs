@@ -103,27 +103,39 @@ pub fn ensure_cargo_fuzz() -> Result<()> {
     Ok(())
 }
 
-/// Programs the tests drive: `ip` (namespaces and veth pairs) and
-/// `systemd-analyze` (verifying the shipped unit).
+/// Programs the tests drive: `ip` (namespaces and veth pairs),
+/// `systemd-analyze` (verifying the shipped unit), and Debian's Python with
+/// its `websockets` (a second real WebSocket server, next to tungstenite).
 pub fn ensure_test_tools() -> Result<()> {
-    ensure_packages(&[("ip", "iproute2"), ("systemd-analyze", "systemd")])
+    ensure_packages(&[
+        ("command -v ip", "iproute2"),
+        ("command -v systemd-analyze", "systemd"),
+        (
+            "/usr/bin/python3 -c 'import websockets'",
+            "python3-websockets",
+        ),
+    ])
 }
 
 /// What the benchmarks compare against and drive: iptables and nftables.
 pub fn ensure_bench_tools() -> Result<()> {
     ensure_packages(&[
-        ("ip", "iproute2"),
-        ("iptables", "iptables"),
-        ("nft", "nftables"),
+        ("command -v ip", "iproute2"),
+        ("command -v iptables", "iptables"),
+        ("command -v nft", "nftables"),
     ])
 }
 
-/// Installs, from Debian's packages, whichever of `(program, package)` is missing.
+/// Installs, from Debian's packages, each `(check, package)` whose check
+/// (a shell command) fails.
 fn ensure_packages(wanted: &[(&str, &str)]) -> Result<()> {
     let missing: Vec<&str> = wanted
         .iter()
-        .filter(|(bin, _)| {
-            quiet(Command::new("sh").args(["-c", &format!("command -v {bin}")])).is_none()
+        .filter(|(check, _)| {
+            !Command::new("sh")
+                .args(["-c", &format!("{check} >/dev/null 2>&1")])
+                .status()
+                .is_ok_and(|s| s.success())
         })
         .map(|(_, package)| *package)
         .collect();

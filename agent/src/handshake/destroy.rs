@@ -15,10 +15,14 @@ use netlink_packet_sock_diag::{
 };
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
 
-/// Destroys the server socket of the connection `client` → `server`. A
-/// server on a dual-stack listener holds an IPv4 client in an IPv6 socket,
-/// so both forms are tried.
-pub fn destroy(client: SocketAddr, server: SocketAddr) -> Result<()> {
+/// Destroys the server socket of the connection `client` → `server` whose
+/// socket cookie is `cookie`. A server on a dual-stack listener holds an
+/// IPv4 client in an IPv6 socket, so both forms are tried.
+///
+/// The cookie is what makes this safe: without it the kernel's lookup falls
+/// back to the listening socket when the connection is already gone, and
+/// would destroy the server's listener.
+pub fn destroy(client: SocketAddr, server: SocketAddr, cookie: u64) -> Result<()> {
     let mut attempts = vec![(family(server.ip()), server.ip(), client.ip())];
     if let (IpAddr::V4(s), IpAddr::V4(c)) = (server.ip(), client.ip()) {
         attempts.push((
@@ -33,6 +37,7 @@ pub fn destroy(client: SocketAddr, server: SocketAddr) -> Result<()> {
             family,
             SocketAddr::new(local, server.port()),
             SocketAddr::new(remote, client.port()),
+            cookie,
         ) {
             Ok(()) => return Ok(()),
             Err(e) => last = Some(e),
@@ -45,7 +50,7 @@ fn family(ip: IpAddr) -> u8 {
     if ip.is_ipv4() { AF_INET } else { AF_INET6 }
 }
 
-fn send(family: u8, local: SocketAddr, remote: SocketAddr) -> Result<()> {
+fn send(family: u8, local: SocketAddr, remote: SocketAddr, cookie: u64) -> Result<()> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;
     socket.connect(&NetlinkAddr::new(0, 0))?;
@@ -62,7 +67,14 @@ fn send(family: u8, local: SocketAddr, remote: SocketAddr) -> Result<()> {
             source_address: local.ip(),
             destination_address: remote.ip(),
             interface_id: 0,
-            cookie: [0xff; 8],
+            // inet_diag's idiag_cookie: two u32 in host order, low half first.
+            cookie: [
+                (cookie as u32).to_ne_bytes(),
+                ((cookie >> 32) as u32).to_ne_bytes(),
+            ]
+            .concat()
+            .try_into()
+            .expect("8 bytes"),
         },
     };
     let mut message = NetlinkMessage::new(

@@ -82,14 +82,21 @@ impl Injector {
         })
     }
 
+    /// Puts `bytes` into connection `cookie`'s receive queue. A redirect
+    /// that fails leaves its verdict stuck on the sending socket (the kernel
+    /// keeps applying it to what that socket sends next), so after a failure
+    /// the injection socket is replaced and the bytes sent once more.
     fn put(&mut self, kernel: &mut Kernel, cookie: u64, bytes: &[u8]) -> Result<()> {
         kernel.set_inject_target(cookie)?;
         // One sendmsg is one redirect; keep each well within a message's
         // scatterlist.
         for chunk in bytes.chunks(16 * 1024) {
-            self.socket
-                .write_all(chunk)
-                .context("the connection did not take the judged bytes")?;
+            if self.socket.write_all(chunk).is_err() {
+                *self = Injector::open(kernel).context("cannot open a new injection socket")?;
+                self.socket
+                    .write_all(chunk)
+                    .context("the connection did not take the judged bytes")?;
+            }
         }
         Ok(())
     }
@@ -132,8 +139,11 @@ fn peers_of(p: &StreamPeers) -> Peers {
 }
 
 impl Inspection {
-    /// Opens the injection path. Connections an earlier agent left awaiting
-    /// a verdict are cut: the bytes it held are gone with it.
+    /// Opens the injection path and takes over the connections an earlier
+    /// agent left awaiting a verdict. Those whose bytes are all still in the
+    /// (pinned) ring buffer are judged as usual; those whose first bytes that
+    /// agent had already read show a hole and are cut, and those that stay
+    /// silent meet the deadline.
     pub fn start(cx: &mut Context) -> Result<Inspection> {
         let injector = Injector::open(cx.kernel)?;
         let mut inspection = Inspection {
@@ -141,21 +151,17 @@ impl Inspection {
             injector,
             failures: Failures::default(),
         };
+        let now = Instant::now();
         for (cookie, stream) in cx.kernel.streams()? {
-            let accepted = cx
-                .kernel
-                .release_of(cookie)
-                .is_some_and(|r| r.state == Release::ACCEPTED);
-            if !accepted {
-                let peers = peers_of(&stream.peers);
-                let action =
-                    inspection
-                        .streams
-                        .reject_unknown(cookie, peers, Rejection::InspectionLost);
-                inspection.carry_out(cx, vec![action]);
+            if cx.kernel.release_of(cookie).is_none() {
+                let actions = inspection
+                    .streams
+                    .opened(cookie, peers_of(&stream.peers), now);
+                inspection.carry_out(cx, actions);
             }
         }
-        cx.kernel.set_pending_full(false)?;
+        // The flag an earlier agent left in the pinned settings.
+        inspection.update_admission(cx);
         Ok(inspection)
     }
 
@@ -189,6 +195,10 @@ impl Inspection {
                 // SAFETY: StreamPeers follows the header.
                 let peers: StreamPeers = unsafe { std::ptr::read_unaligned(rest.as_ptr().cast()) };
                 let peers = peers_of(&peers);
+                debug!(
+                    "connection {:#x} {} -> {} ({})",
+                    header.cookie, peers.0, peers.1, header.kind
+                );
                 if header.kind == RecordHeader::OPENED {
                     self.streams.opened(header.cookie, peers, now)
                 } else {
@@ -201,6 +211,10 @@ impl Inspection {
             }
             RecordHeader::DATA => {
                 let len = (header.len as usize).min(rest.len());
+                debug!(
+                    "{} bytes at {} of connection {:#x}",
+                    len, header.offset, header.cookie
+                );
                 self.on_data(cx, header.cookie, header.offset, &rest[..len], now)
             }
             RecordHeader::CLOSED => {
@@ -297,7 +311,7 @@ impl Inspection {
                     upto: 0,
                 },
             );
-            if let Err(e) = destroy::destroy(client, server) {
+            if let Err(e) = destroy::destroy(client, server, cookie) {
                 debug!("SOCK_DESTROY {client} -> {server}: {e:#}");
             }
         }
@@ -307,9 +321,14 @@ impl Inspection {
         for action in actions {
             match action {
                 Action::Inject { cookie, bytes } => {
-                    if bytes.is_empty() {
+                    // A connection that closed meanwhile needs nothing more.
+                    if bytes.is_empty() || cx.kernel.stream(cookie).is_none() {
                         continue;
                     }
+                    debug!(
+                        "putting {} judged bytes into connection {cookie:#x}",
+                        bytes.len()
+                    );
                     if let Err(e) = self.injector.put(cx.kernel, cookie, &bytes) {
                         debug!("cannot put judged bytes into connection {cookie:#x}: {e:#}");
                         if let Some(stream) = cx.kernel.stream(cookie) {
@@ -365,7 +384,7 @@ impl Inspection {
             if let Err(e) = cx.kernel.set_release(cookie, release) {
                 warn!("cannot record the rejection of {client} -> {server}: {e:#}");
             }
-            if let Err(e) = destroy::destroy(client, server) {
+            if let Err(e) = destroy::destroy(client, server, cookie) {
                 debug!("SOCK_DESTROY {client} -> {server}: {e:#}");
             }
         }

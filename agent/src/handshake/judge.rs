@@ -346,58 +346,67 @@ pub fn judge(policy: &Policy, head: &[u8], source: IpAddr, now: u64) -> Verdict 
     }
 }
 
-/// End of the head (the index after its blank line), or the reason the
-/// bytes so far can never be a head both conforming parsers read alike.
-fn head_end(bytes: &[u8], limit: usize) -> Result<Option<usize>, Rejection> {
-    let window = &bytes[..bytes.len().min(limit + 4)];
-    if let Some(at) = window.windows(4).position(|w| w == b"\r\n\r\n") {
-        return Ok(Some(at + 4));
+/// Reads the head line by line, in order, so that the first problem in the
+/// bytes decides the reason, however the bytes arrived: the end of the head
+/// (the index after its blank line), `None` while incomplete, or the reason
+/// the bytes can never be a head two conforming parsers read alike.
+fn scan_head(bytes: &[u8], limit: usize) -> Result<Option<usize>, Rejection> {
+    let window = &bytes[..bytes.len().min(limit + 2)];
+    let mut start = 0;
+    let mut first = true;
+    let is_control = |b: u8| b == b'\r' || b == 0x7f || (b < 0x20 && b != b'\t');
+    while let Some(lf) = window[start..].iter().position(|b| *b == b'\n') {
+        let end = start + lf + 1;
+        let crlf = lf > 0 && window[start + lf - 1] == b'\r';
+        let line = &window[start..start + lf - usize::from(crlf)];
+        // Control characters first: they are seen before the line ends.
+        if line.iter().any(|&b| is_control(b)) {
+            return Err(Rejection::ControlCharacter);
+        }
+        if !crlf {
+            return Err(Rejection::BareLf);
+        }
+        if !first && line.is_empty() {
+            return Ok(Some(end));
+        }
+        if !first {
+            if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
+                return Err(Rejection::ObsFold);
+            }
+            if let Some(colon) = line.iter().position(|b| *b == b':') {
+                if line[..colon]
+                    .last()
+                    .is_some_and(|b| *b == b' ' || *b == b'\t')
+                {
+                    return Err(Rejection::SpaceBeforeColon);
+                }
+            }
+        }
+        // What httparse makes of the lines so far (it stops at the first
+        // error, so this keeps the order too).
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        match httparse::Request::new(&mut headers).parse(&window[..end]) {
+            Err(httparse::Error::TooManyHeaders) => return Err(Rejection::TooLarge),
+            Err(_) => return Err(Rejection::NotAnUpgrade),
+            Ok(_) => {}
+        }
+        first = false;
+        start = end;
     }
-    // A head ended by bare LFs is read by lenient parsers only.
-    if window.windows(2).any(|w| w == b"\n\n") || window.windows(3).any(|w| w == b"\n\r\n") {
-        return Err(Rejection::BareLf);
+    // The line in progress: a control character is wrong wherever it ends
+    // up (a CR only as its last byte may still start its CRLF).
+    let tail = &window[start..];
+    if tail
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| is_control(b) && !(b == b'\r' && i + 1 == tail.len()))
+    {
+        return Err(Rejection::ControlCharacter);
     }
     if bytes.len() > limit {
         return Err(Rejection::TooLarge);
     }
     Ok(None)
-}
-
-/// Line-level checks on a complete head: CRLF line ends only, no control
-/// characters, no folded lines, no whitespace before a header's colon.
-fn check_lines(head: &[u8]) -> Result<(), Rejection> {
-    let body = &head[..head.len() - 2];
-    let mut lines = Vec::new();
-    let mut start = 0;
-    for (i, &b) in body.iter().enumerate() {
-        match b {
-            b'\n' => {
-                if i == 0 || body[i - 1] != b'\r' {
-                    return Err(Rejection::BareLf);
-                }
-                lines.push(&body[start..i - 1]);
-                start = i + 1;
-            }
-            b'\r' if body.get(i + 1) != Some(&b'\n') => return Err(Rejection::ControlCharacter),
-            b'\r' | b'\t' => {}
-            0..=0x1f | 0x7f => return Err(Rejection::ControlCharacter),
-            _ => {}
-        }
-    }
-    for line in lines.iter().skip(1) {
-        if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
-            return Err(Rejection::ObsFold);
-        }
-        if let Some(colon) = line.iter().position(|b| *b == b':') {
-            if line[..colon]
-                .last()
-                .is_some_and(|b| *b == b' ' || *b == b'\t')
-            {
-                return Err(Rejection::SpaceBeforeColon);
-            }
-        }
-    }
-    Ok(())
 }
 
 /// RFC 9110 §5.6.2 tchar.
@@ -512,23 +521,12 @@ fn split_host(host: &str) -> (String, Option<&str>) {
 /// Judges the bytes at the start of a stream (one request, possibly
 /// followed by more bytes) from `source` at `now` (Unix seconds).
 pub fn judge_request(policy: &Policy, bytes: &[u8], source: IpAddr, now: u64) -> Judgement {
-    let end = match head_end(bytes, policy.max_request_bytes) {
+    let end = match scan_head(bytes, policy.max_request_bytes) {
         Ok(Some(end)) => end,
-        Ok(None) => {
-            // Not HTTP at all (a TLS hello, garbage): no need to wait for more.
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            return match httparse::Request::new(&mut headers).parse(bytes) {
-                Err(httparse::Error::TooManyHeaders) => Judgement::Reject(Rejection::TooLarge),
-                Err(_) => Judgement::Reject(Rejection::NotAnUpgrade),
-                Ok(_) => Judgement::Incomplete,
-            };
-        }
+        Ok(None) => return Judgement::Incomplete,
         Err(r) => return Judgement::Reject(r),
     };
     let head = &bytes[..end];
-    if let Err(r) = check_lines(head) {
-        return Judgement::Reject(r);
-    }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     match request.parse(head) {

@@ -159,8 +159,13 @@ fn the_rfc_6455_request_checks() {
         judge(&strict, &post, source(), NOW),
         Verdict::Reject(Rejection::NotAnUpgrade)
     );
+    // A TLS hello (binary) is refused at once, before any line ends.
     assert_eq!(
         judge(&strict, b"\x16\x03\x01\x02\x00 TLS hello", source(), NOW),
+        Verdict::Reject(Rejection::ControlCharacter)
+    );
+    assert_eq!(
+        judge(&strict, b"NOT HTTP AT ALL\r\n", source(), NOW),
         Verdict::Reject(Rejection::NotAnUpgrade)
     );
 }
