@@ -152,6 +152,8 @@ impl Snapshot {
                 "xdp_mode": a.xdp_mode,
                 "reloads": a.reloads,
                 "last_reload_error": a.last_reload_error,
+                "pending_handshakes": a.pending_handshakes,
+                "ticket_replay_cache": a.ticket_replay_cache.map(|(used, capacity)| json!({"entries": used, "capacity": capacity})),
             })).unwrap_or_else(|| json!({"running": false})),
             "attached": self.links.iter().map(|l| json!({"link": l.name, "program_id": l.program_id})).collect::<Vec<_>>(),
             "maps": {
@@ -196,6 +198,11 @@ impl Snapshot {
                 if let Some(e) = &a.last_reload_error {
                     out += &format!("  last reload rejected: {e}\n");
                 }
+                out += &format!("  handshakes awaiting a verdict: {}", a.pending_handshakes);
+                if let Some((used, capacity)) = a.ticket_replay_cache {
+                    out += &format!("   single-use tickets remembered: {used}/{capacity}");
+                }
+                out += "\n";
             }
             None => out += "  agent: not running\n",
         }

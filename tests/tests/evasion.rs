@@ -244,6 +244,14 @@ async fn a_single_use_ticket_opens_one_connection_only() -> Result<()> {
             .then_some(())
     })
     .await?;
+    // The cache's fill shows in `wsguard status` (refreshed every second).
+    wait_until("the replay cache's fill in status", 3 * SECOND, || {
+        let out = setup.agent.cli(&["status", "--json"]);
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let cache = &doc["agent"]["ticket_replay_cache"];
+        (cache["entries"] == 1 && cache["capacity"] == 100_000).then_some(())
+    })
+    .await?;
     // A fresh ticket still works.
     let fresh = ticket::mint(&"s".repeat(48).into_bytes(), expires, None);
     let stream = connect_from(

@@ -49,17 +49,23 @@ fn concat(records: &[(u64, Vec<u8>)]) -> Vec<u8> {
     records.iter().flat_map(|(_, b)| b.clone()).collect()
 }
 
-/// Waits until the kernel has seen `bytes` stream bytes of connection `cookie`.
-fn wait_handed(h: &XdpHarness, cookie: u64, bytes: u64) {
+/// Waits (5 s at most) until `done` holds.
+fn wait_for(what: &str, done: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while h.stream(cookie).map_or(0, |s| s.handed) < bytes {
+    while !done() {
         assert!(
             std::time::Instant::now() < deadline,
-            "the kernel saw {:?} of {bytes} bytes",
-            h.stream(cookie).map(|s| s.handed)
+            "waited in vain for {what}"
         );
         std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+/// Waits until the kernel has seen `bytes` stream bytes of connection `cookie`.
+fn wait_handed(h: &XdpHarness, cookie: u64, bytes: u64) {
+    wait_for(&format!("{bytes} bytes handed over"), || {
+        h.stream(cookie).map_or(0, |s| s.handed) >= bytes
+    });
 }
 
 const NOTHING: Duration = Duration::from_millis(100);
@@ -127,11 +133,7 @@ fn a_rejected_connection_gets_nothing() {
     let mut c = h.inspected_connection().unwrap();
     h.set_release(c.cookie, Release::REJECTED, 0);
     c.send(b"GET / HTTP/1.1\r\n\r\n");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while h.packets(Reason::FlowRejected) == 0 {
-        assert!(std::time::Instant::now() < deadline, "no verdict ran");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_for("the verdict", || h.packets(Reason::FlowRejected) > 0);
     assert!(c.server_reads(NOTHING).is_empty());
     assert!(handed(&mut ring).is_empty());
 }
@@ -144,11 +146,7 @@ fn a_socket_under_inspection_without_its_stream_entry_fails_closed() {
     h.close_stream(c.cookie);
     h.set_release(c.cookie, Release::ACCEPTED, 0);
     c.send(b"GET / HTTP/1.1\r\n\r\n");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while h.packets(Reason::InspectLost) == 0 {
-        assert!(std::time::Instant::now() < deadline, "no verdict ran");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_for("the verdict", || h.packets(Reason::InspectLost) > 0);
     assert!(c.server_reads(NOTHING).is_empty());
 }
 
