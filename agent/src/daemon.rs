@@ -74,6 +74,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
         metrics::serve(listen, pins.clone(), counters.clone()).await?;
     }
 
+    // Signals are caught before readiness is announced: a stop that follows
+    // the announcement at once is a clean stop, not a kill.
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup())?;
     println!(
         "wsguard {}: enforcing {} (state pinned at {})\n{}",
         env!("CARGO_PKG_VERSION"),
@@ -103,9 +108,6 @@ pub async fn run(config_path: &Path) -> Result<()> {
     );
     notify(&[NotifyState::Ready]);
 
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut hangup = signal(SignalKind::hangup())?;
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     let mut deadlines = tokio::time::interval(Duration::from_millis(100));
     let mut ban_watch = BanWatch::default();

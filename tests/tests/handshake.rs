@@ -451,3 +451,52 @@ async fn a_source_allow_listed_mid_handshake_is_not_cut() -> Result<()> {
     }
     Ok(())
 }
+
+/// With `keep_enforcing_on_exit`, a handshake that arrives while no agent
+/// runs is held (the server reads nothing and answers nothing) and judged by
+/// the next agent from the pinned ring buffer: served when allowed, cut
+/// when not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_arriving_while_no_agent_runs_is_held_then_judged_by_the_next() -> Result<()> {
+    use wsguard_tests::{Agent, Lab, peers::EchoServer};
+    let lab = Lab::new()?;
+    let _server = EchoServer::start(&lab.server, 8080).await?;
+    let keys = "keep_enforcing_on_exit = true";
+    let agent = Agent::start_with_agent_keys(&lab, keys, &body(""))?;
+    let addr = std::net::SocketAddr::new(lab.server_v4().into(), 8080);
+    let stderr = agent.stderr();
+    let (status, stdout) = agent.stop_keeping_state()?;
+    ensure!(
+        status.success(),
+        "the agent failed to stop: {stdout:?} {stderr:?}"
+    );
+
+    let mut good = connect_from(&lab.client, lab.client_v4(36).into(), addr, 2 * SECOND).await?;
+    good.write_all(&head("/ws", GOOD_ORIGIN, 0)).await?;
+    let mut bad = connect_from(&lab.client, lab.client_v4(37).into(), addr, 2 * SECOND).await?;
+    bad.write_all(&head("/ws", "https://evil.net", 0)).await?;
+    let mut answer = [0u8; 256];
+    let early = tokio::time::timeout(Duration::from_millis(500), good.read(&mut answer)).await;
+    ensure!(
+        early.is_err(),
+        "a handshake was answered while no agent ran: {:?}",
+        early.map(|r| r.map(|n| String::from_utf8_lossy(&answer[..n]).into_owned()))
+    );
+
+    let _agent = Agent::start_with_agent_keys(&lab, keys, &body(""))?;
+    let n = tokio::time::timeout(3 * SECOND, good.read(&mut answer)).await??;
+    ensure!(
+        answer[..n].starts_with(b"HTTP/1.1 101"),
+        "the held legitimate handshake got {:?}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+    match tokio::time::timeout(3 * SECOND, bad.read(&mut answer)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => {}
+        Ok(Ok(n)) => anyhow::bail!(
+            "the held forbidden handshake got {:?}",
+            String::from_utf8_lossy(&answer[..n])
+        ),
+        Err(_) => anyhow::bail!("the held forbidden handshake was not cut within 3 s"),
+    }
+    Ok(())
+}

@@ -454,7 +454,7 @@ impl Kernel {
     }
 
     /// Attaches the stream verdict program to the inspected sockets' map
-    /// (replacing one an earlier run left there).
+    /// for good (replacing one an earlier run left there).
     pub fn attach_stream_verdict(&mut self) -> Result<()> {
         let map = self
             .ebpf
@@ -467,9 +467,14 @@ impl Kernel {
             .program_mut(programs::STREAM_VERDICT)
             .context("stream verdict program")?
             .try_into()?;
-        verdict
+        let id = verdict
             .attach(&fd)
             .context("cannot attach the stream verdict program")?;
+        // The attachment belongs to the pinned map, not to this process:
+        // aya would detach it when the agent exits, and sockets that
+        // sock_ops puts into the map afterwards would then be served
+        // unjudged. The next agent's attach replaces it.
+        std::mem::forget(verdict.take_link(id)?);
         Ok(())
     }
 
