@@ -203,7 +203,11 @@ pub struct Stream {
     pub peers: StreamPeers,
     /// Non-zero once a byte could not be handed over: the stream the agent
     /// holds has a hole, so the connection can only be cut.
-    pub lost: u32,
+    pub lost: u16,
+    /// Non-zero once the agent's release covered everything handed over:
+    /// from then on bytes pass without a look at `WSG_RELEASES` (a verdict
+    /// is never taken back once it released the stream).
+    pub passing: u16,
     /// Non-zero when the connection also counts towards the concurrency limit.
     pub counted: u32,
 }

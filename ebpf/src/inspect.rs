@@ -43,8 +43,8 @@ use crate::maps::{
 };
 
 const BPF_NOEXIST: u64 = 1;
-const SK_PASS: i64 = sk_action::SK_PASS as i64;
-const SK_DROP: i64 = sk_action::SK_DROP as i64;
+const SK_PASS: u32 = sk_action::SK_PASS;
+const SK_DROP: u32 = sk_action::SK_DROP;
 
 /// A DATA record as written to the ring buffer: the header, then up to
 /// [`RECORD_DATA_BYTES`] of stream data (only the used part is sent).
@@ -108,6 +108,7 @@ pub fn admit(ctx: &SockOpsContext, peers: &StreamPeers, counted: bool) -> bool {
         opened_ns: now_ns(),
         peers: *peers,
         lost: 0,
+        passing: 0,
         counted: u32::from(counted),
     };
     if STREAMS.insert(&cookie, &stream, BPF_NOEXIST).is_err() {
@@ -153,7 +154,7 @@ pub fn closed(ctx: &SockOpsContext) -> Option<bool> {
 /// The stream verdict: every byte an inspected socket receives, in order,
 /// before the application can read it.
 #[inline(always)]
-pub fn stream_verdict(ctx: &SkBuffContext) -> i64 {
+pub fn stream_verdict(ctx: &SkBuffContext) -> u32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
     let len = ctx.len() as u64;
     let Some(stream) = STREAMS.get_ptr_mut(&cookie) else {
@@ -162,6 +163,10 @@ pub fn stream_verdict(ctx: &SkBuffContext) -> i64 {
     };
     // SAFETY: a map value pointer; this program runs once at a time per socket.
     let stream = unsafe { &mut *stream };
+    // An upgraded connection: one lookup per segment, not two.
+    if stream.passing != 0 {
+        return SK_PASS;
+    }
     if let Some(release) = RELEASES.get_ptr(&cookie) {
         let release = unsafe { *release };
         if release.state == Release::REJECTED {
@@ -171,6 +176,7 @@ pub fn stream_verdict(ctx: &SkBuffContext) -> i64 {
         // Everything handed over has been put back: the agent is done with
         // this connection, and new bytes go straight to the application.
         if release.state == Release::ACCEPTED && release.upto == stream.handed {
+            stream.passing = 1;
             return SK_PASS;
         }
     }
@@ -248,11 +254,8 @@ fn hand_over(ctx: &SkBuffContext, cookie: u64, offset: u64, len: u64) -> bool {
 #[inline(always)]
 pub fn inject(ctx: &SkMsgContext) -> u32 {
     let Some(target) = INJECT_TARGET.get(0) else {
-        return sk_action::SK_DROP;
+        return SK_DROP;
     };
     let mut cookie = *target;
     INSPECTED.redirect_msg(ctx, &mut cookie, BPF_F_INGRESS as u64) as u32
 }
-
-#[allow(dead_code)]
-const _: () = assert!(SK_PASS == 1 && SK_DROP == 0);

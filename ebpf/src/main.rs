@@ -42,7 +42,7 @@ pub fn wsguard_connections(ctx: SockOpsContext) -> u32 {
 
 #[stream_verdict]
 pub fn wsguard_stream(ctx: SkBuffContext) -> u32 {
-    inspect::stream_verdict(&ctx) as u32
+    inspect::stream_verdict(&ctx)
 }
 
 #[sk_msg]

@@ -113,8 +113,9 @@ pub fn settings(config: &Config) -> Settings {
         policy: config.handshake.policy.clone(),
         deadline: config.handshake.deadline,
         max_pending: config.handshake.max_pending,
-        dry_run: config.handshake.dry_run
-            || config.settings.dry_run & wsguard_common::Settings::DRY_RUN_HANDSHAKE != 0,
+        dry_run: config
+            .settings
+            .is_dry_run(wsguard_common::Reason::FlowRejected),
         replay_capacity: config.handshake.replay_cache_size.map(|c| c as usize),
     }
 }
@@ -302,18 +303,8 @@ impl Inspection {
     /// At shutdown: connections still awaiting a verdict are cut, since the
     /// bytes they sent are held here and go with the agent.
     pub fn stop(&mut self, cx: &mut Context) {
-        for (cookie, (client, server)) in self.streams.drain_pending() {
-            let _ = cx.kernel.set_release(
-                cookie,
-                Release {
-                    state: Release::REJECTED,
-                    _pad: 0,
-                    upto: 0,
-                },
-            );
-            if let Err(e) = destroy::destroy(client, server, cookie) {
-                debug!("SOCK_DESTROY {client} -> {server}: {e:#}");
-            }
+        for (cookie, peers) in self.streams.drain_pending() {
+            cut(cx.kernel, cookie, peers);
         }
     }
 
@@ -376,17 +367,7 @@ impl Inspection {
         dry_run: bool,
     ) {
         if !dry_run {
-            let release = Release {
-                state: Release::REJECTED,
-                _pad: 0,
-                upto: 0,
-            };
-            if let Err(e) = cx.kernel.set_release(cookie, release) {
-                warn!("cannot record the rejection of {client} -> {server}: {e:#}");
-            }
-            if let Err(e) = destroy::destroy(client, server, cookie) {
-                debug!("SOCK_DESTROY {client} -> {server}: {e:#}");
-            }
+            cut(cx.kernel, cookie, (client, server));
         }
         cx.counters.count_handshake(
             if dry_run { "would_reject" } else { "rejected" },
@@ -434,5 +415,21 @@ impl Inspection {
                 "dry_run": dry_run,
             }),
         );
+    }
+}
+
+/// Cuts a connection: the kernel drops whatever else it sends, and the
+/// server's socket is destroyed.
+fn cut(kernel: &mut Kernel, cookie: u64, (client, server): Peers) {
+    let release = Release {
+        state: Release::REJECTED,
+        _pad: 0,
+        upto: 0,
+    };
+    if let Err(e) = kernel.set_release(cookie, release) {
+        warn!("cannot record the rejection of {client} -> {server}: {e:#}");
+    }
+    if let Err(e) = destroy::destroy(client, server, cookie) {
+        debug!("SOCK_DESTROY {client} -> {server}: {e:#}");
     }
 }

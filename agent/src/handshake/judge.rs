@@ -97,36 +97,6 @@ impl Rejection {
             Rejection::TooManyPending | Rejection::InspectionLost | Rejection::TicketCacheFull
         )
     }
-
-    /// Every reason, for documentation and tests.
-    pub const ALL: &'static [Rejection] = &[
-        Rejection::TooLarge,
-        Rejection::NotAnUpgrade,
-        Rejection::BareLf,
-        Rejection::ControlCharacter,
-        Rejection::ObsFold,
-        Rejection::SpaceBeforeColon,
-        Rejection::DuplicateHeader,
-        Rejection::BadConnectionHeader,
-        Rejection::AmbiguousFraming,
-        Rejection::BadVersion,
-        Rejection::BadKey,
-        Rejection::HostMismatch,
-        Rejection::BadHost,
-        Rejection::AmbiguousPath,
-        Rejection::BadPath,
-        Rejection::MissingOrigin,
-        Rejection::BadOrigin,
-        Rejection::TicketMissing,
-        Rejection::TicketExpired,
-        Rejection::TicketBadSignature,
-        Rejection::TicketWrongIp,
-        Rejection::TicketReplayed,
-        Rejection::TicketCacheFull,
-        Rejection::Deadline,
-        Rejection::TooManyPending,
-        Rejection::InspectionLost,
-    ];
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
