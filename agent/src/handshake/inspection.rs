@@ -106,6 +106,8 @@ pub struct Inspection {
     streams: Streams,
     injector: Injector,
     failures: Failures,
+    /// The admission flag as last written to the kernel (`None`: not yet).
+    admission_full: Option<bool>,
 }
 
 pub fn settings(config: &Config) -> Settings {
@@ -151,6 +153,7 @@ impl Inspection {
             streams: Streams::new(settings(cx.config)),
             injector,
             failures: Failures::default(),
+            admission_full: None,
         };
         let now = Instant::now();
         for (cookie, stream) in cx.kernel.streams()? {
@@ -291,12 +294,20 @@ impl Inspection {
         let exempt = |ip: IpAddr| kernel.is_allow_listed(ip);
         let actions = self.streams.expire(Instant::now(), &exempt);
         self.carry_out(cx, actions);
+        self.admission_full = None;
         self.update_admission(cx);
     }
 
+    /// Writes the kernel's admission flag when it changes (and on every
+    /// tick, which also repairs it after a reload rewrote the settings).
     fn update_admission(&mut self, cx: &mut Context) {
-        if let Err(e) = cx.kernel.set_pending_full(self.streams.is_full()) {
-            warn!("cannot update the pending-handshakes flag: {e:#}");
+        let full = self.streams.is_full();
+        if self.admission_full == Some(full) {
+            return;
+        }
+        match cx.kernel.set_pending_full(full) {
+            Ok(()) => self.admission_full = Some(full),
+            Err(e) => warn!("cannot update the pending-handshakes flag: {e:#}"),
         }
     }
 
