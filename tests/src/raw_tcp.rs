@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::{Lab, lab::enter_netns};
+use crate::Lab;
 
 pub const FIN: u8 = 0x01;
 pub const SYN: u8 = 0x02;
@@ -99,10 +99,9 @@ impl RawTcp {
             "dev",
             &lab.server_if,
         ])?;
-        let netns = lab.client.path();
         let interface = lab.client_if.clone();
-        let (send, recv) = std::thread::spawn(move || -> Result<(OwnedFd, OwnedFd)> {
-            enter_netns(&netns)?;
+        // Sockets belong to the namespace they were created in.
+        let (send, recv) = lab.client.run(move || -> Result<(OwnedFd, OwnedFd)> {
             let send = unsafe {
                 libc::socket(
                     libc::AF_INET,
@@ -137,9 +136,7 @@ impl RawTcp {
             };
             ensure!(rc == 0, "bind: {}", std::io::Error::last_os_error());
             Ok(unsafe { (OwnedFd::from_raw_fd(send), OwnedFd::from_raw_fd(recv)) })
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("socket thread panicked"))??;
+        })?;
         let mut tcp = RawTcp {
             send,
             recv,
