@@ -675,3 +675,45 @@ async fn requests_in_the_syn_with_tcp_fast_open_are_judged_too() -> Result<()> {
     );
     Ok(())
 }
+
+/// The same inspection for IPv6 clients: a forbidden Origin never gets
+/// `101`, an allowed one is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_clients_are_inspected_too() -> Result<()> {
+    let setup = Setup::start_v6(&body("")).await?;
+    for (host, origin, allowed) in [(2, "https://evil.net", false), (3, GOOD_ORIGIN, true)] {
+        let mut stream = connect_from(
+            &setup.lab.client,
+            setup.lab.client_v6(host).into(),
+            setup.addr,
+            2 * SECOND,
+        )
+        .await?;
+        stream
+            .write_all(&upgrade_head(
+                "/ws",
+                &format!("Connection: Upgrade\r\nOrigin: {origin}\r\n"),
+            ))
+            .await?;
+        let mut answer = [0u8; 512];
+        let n = match tokio::time::timeout(2 * SECOND, stream.read(&mut answer)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) => 0,
+            Err(_) => anyhow::bail!("no answer and no cut within 2 s for {origin}"),
+        };
+        let upgraded = answer[..n].starts_with(b"HTTP/1.1 101");
+        ensure!(
+            upgraded == allowed,
+            "Origin {origin} over IPv6: got {:?}",
+            String::from_utf8_lossy(&answer[..n])
+        );
+    }
+    ensure!(
+        setup
+            .agent
+            .counter(wsguard_common::Reason::HandedToAgent)
+            .packets
+            >= 2
+    );
+    Ok(())
+}
