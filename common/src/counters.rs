@@ -83,11 +83,21 @@ reasons! {
     /// buffer was full), or a connection that could not enter inspection;
     /// the connection is cut, never served unjudged.
     InspectLost = 20, "inspect_lost", false;
+    /// A SYN answered with a SYN cookie (XDP_TX) instead of being passed:
+    /// the source gets no state until it returns the cookie.
+    SynCookieSent = 21, "syn_cookie_sent", false;
+    /// Event: an ACK returned a valid cookie; its connection goes on to
+    /// the per-source and global connection budgets (packets only).
+    SynCookieValidated = 22, "syn_cookie_validated", false;
+    /// A segment to a protected port that belongs to no connection and
+    /// returns no valid cookie (wrong, stale or from another tuple), or a
+    /// SYN that cannot be answered (IP options, IPv6 extension headers).
+    SynCookieFailed = 23, "syn_cookie_failed", true;
 }
 
 /// Slots per set of counters; the map holds two sets: what was done, then
 /// (from `REASONS` on) what dry-run would have done.
-pub const REASONS: u32 = 21;
+pub const REASONS: u32 = 24;
 const _: () = assert!(Reason::ALL.len() as u32 == REASONS);
 /// Number of slots in the counters map.
 pub const COUNTER_SLOTS: u32 = 2 * REASONS;

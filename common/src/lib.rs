@@ -5,6 +5,7 @@
 #![no_std]
 
 pub mod bucket;
+pub mod cookie;
 pub mod counters;
 pub mod maps;
 pub mod source;
@@ -43,4 +44,5 @@ mod pod {
     unsafe impl aya::Pod for Release {}
     unsafe impl aya::Pod for HandshakeSettings {}
     unsafe impl aya::Pod for maps::GlobalState {}
+    unsafe impl aya::Pod for cookie::CookieSettings {}
 }

@@ -27,6 +27,10 @@ pub mod names {
     pub const INJECTOR: &str = "WSG_INJECTOR";
     /// The cookie of the connection the agent is putting bytes into.
     pub const INJECT_TARGET: &str = "WSG_INJECT_TO";
+    /// SYN-cookie settings and key (one [`crate::cookie::CookieSettings`]).
+    pub const SYN_COOKIES: &str = "WSG_SYN_COOKIES";
+    /// The SYN-cookie programs the XDP program tail-calls (PROG_ARRAY).
+    pub const COOKIE_PROGRAMS: &str = "WSG_COOKIE_PROGS";
 }
 
 /// Names of the programs.
@@ -39,6 +43,13 @@ pub mod programs {
     /// sk_msg on the agent's injection socket: puts judged bytes into an
     /// inspected socket's receive queue.
     pub const INJECT: &str = "wsguard_inject";
+    /// XDP, tail-called: answers a SYN with a SYN cookie.
+    pub const COOKIE_SYN: &str = "wsguard_cookie_syn";
+    /// XDP, tail-called: checks the cookie a segment of no connection returns.
+    pub const COOKIE_CHECK: &str = "wsguard_cookie_check";
+    /// TC ingress: hands a connection whose cookie XDP validated to the
+    /// TCP stack as a request socket (`bpf_sk_assign_tcp_reqsk`).
+    pub const COOKIE_ACK: &str = "wsguard_cookie_ack";
     /// XDP_PASS and nothing else: the benchmarks' floor, never attached.
     pub const FLOOR: &str = "wsguard_floor";
 }
@@ -314,4 +325,4 @@ assert_size!(GlobalState, 32);
 
 /// Version of the map layout above; pins live under `<pin_path>/v<LAYOUT_VERSION>`
 /// so that a new layout never reads maps pinned by an older one.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;

@@ -1,14 +1,16 @@
-//! The XDP verdict: allow list, deny list, bans, per-source buckets,
-//! concurrency, global buckets, in that order.
+//! The XDP verdict: allow list, deny list, bans, SYN cookies, per-source
+//! buckets, concurrency, global buckets, in that order.
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, macros::map, maps::ProgramArray, programs::XdpContext};
 use aya_log_ebpf::info;
-use wsguard_common::{Ban, Event, Reason, Settings, SourceKey, SourceState};
+use wsguard_common::{Ban, Event, Reason, Settings, SourceKey, SourceState, cookie::CookieSettings};
 
 use crate::{
+    cookies::{self, Belongs},
     maps::{
-        BANS, CONNECTIONS, GLOBAL, SOURCES, count, emit, handshake_settings, inspection_full,
-        is_allow_listed, is_deny_listed, is_inspected_port, is_protected_port, now_ns, settings,
+        BANS, CONNECTIONS, GLOBAL, SOURCES, cookie_settings, count, emit, handshake_settings,
+        inspection_full, is_allow_listed, is_deny_listed, is_inspected_port, is_protected_port,
+        now_ns, settings,
     },
     parse::{Frame, Parsed, TcpSegment, parse},
 };
@@ -30,28 +32,26 @@ pub fn run(ctx: &XdpContext) -> u32 {
             return xdp_action::XDP_PASS;
         }
         Parsed::Tcp(segment) if segment.incomplete_header => malformed(&segment.source),
-        Parsed::Tcp(segment) => {
-            // A new connection to an inspected port is refused while
-            // inspection has no room for it: it would go unjudged.
-            let refused = segment.opens_connection
-                && handshake_settings().is_some_and(|h| {
-                    is_inspected_port(segment.destination_port) && inspection_full(h)
-                });
-            judge_segment(ctx, settings, &segment, frame.len(), refused)
-        }
+        Parsed::Tcp(segment) => judge_segment(ctx, &frame, settings, &segment),
         Parsed::Fragment(source) => {
             let key = settings.tracking_key(&source);
             source_rules(&source, &key, now_ns()).unwrap_or(Reason::PassedFragment)
         }
         Parsed::Malformed(source) => malformed(&source),
     };
+    finish(settings, reason, frame.len())
+}
+
+/// Counts the verdict and turns it into an XDP action.
+#[inline(always)]
+fn finish(settings: &Settings, reason: Reason, len: u64) -> u32 {
     if !reason.is_drop() {
-        count(reason, frame.len(), false);
+        count(reason, len, false);
         return xdp_action::XDP_PASS;
     }
     // A family in dry-run only counts what it would have dropped.
     let dry_run = settings.is_dry_run(reason);
-    count(reason, frame.len(), dry_run);
+    count(reason, len, dry_run);
     if dry_run {
         xdp_action::XDP_PASS
     } else {
@@ -98,40 +98,139 @@ fn is_banned(key: &SourceKey, now: u64) -> bool {
     false
 }
 
+/// SYN cookies apply unless they are off, or a dry run covers the limits
+/// (a dry run must not answer for the server).
 #[inline(always)]
-fn judge_segment(
-    ctx: &XdpContext,
-    settings: &Settings,
-    segment: &TcpSegment,
-    len: u64,
-    inspection_refused: bool,
-) -> Reason {
+fn active_cookies(settings: &Settings) -> Option<&'static CookieSettings> {
+    if settings.is_dry_run(Reason::SynCookieFailed) {
+        return None;
+    }
+    cookie_settings()
+}
+
+#[inline(always)]
+fn judge_segment(ctx: &XdpContext, frame: &Frame, settings: &Settings, segment: &TcpSegment) -> Reason {
     let now = now_ns();
     let key = settings.tracking_key(&segment.source);
     if let Some(reason) = source_rules(&segment.source, &key, now) {
         return reason;
     }
-    if inspection_refused {
+    if active_cookies(settings).is_some() {
+        // A SYN is answered with a cookie, and a segment of no connection
+        // must return one: each in its own program (a tail call), so that
+        // this one stays small enough to verify. They return for good.
+        if segment.opens_connection {
+            let _ = unsafe { COOKIE_PROGRAMS.tail_call(ctx, COOKIE_SYN) };
+            return Reason::SynCookieFailed;
+        }
+        if let Belongs::Nothing = cookies::belongs(ctx.ctx as *mut _, frame, segment) {
+            let _ = unsafe { COOKIE_PROGRAMS.tail_call(ctx, COOKIE_CHECK) };
+            return Reason::SynCookieFailed;
+        }
+    }
+    judge_budgets(ctx, settings, segment, &key, segment.opens_connection, now, frame.len())
+}
+
+/// `wsguard_cookie_syn`, reached from `wsguard_ingress` for a SYN from a
+/// source no list or ban decided: answers it with a SYN cookie.
+#[inline(always)]
+pub fn answer_syn(ctx: &XdpContext) -> u32 {
+    let (Some(settings), Some(cookies)) = (settings(), cookie_settings()) else {
+        return xdp_action::XDP_DROP;
+    };
+    let frame = Frame {
+        data: ctx.data(),
+        end: ctx.data_end(),
+    };
+    let len = frame.len();
+    let answered = match parse(&frame) {
+        Parsed::Tcp(segment) if segment.flags & TcpSegment::RST == 0 => {
+            cookies::answer_syn(ctx, &segment, cookies, now_ns()).is_ok()
+        }
+        _ => false,
+    };
+    if answered {
+        count(Reason::SynCookieSent, len, false);
+        xdp_action::XDP_TX
+    } else {
+        finish(settings, Reason::SynCookieFailed, len)
+    }
+}
+
+/// `wsguard_cookie_check`, reached from `wsguard_ingress` for a segment
+/// that belongs to no connection: it must return a valid cookie, and then
+/// it opens a connection, charged to the budgets like a SYN without cookies.
+#[inline(always)]
+pub fn check_cookie(ctx: &XdpContext) -> u32 {
+    let (Some(settings), Some(cookies)) = (settings(), cookie_settings()) else {
+        return xdp_action::XDP_DROP;
+    };
+    let frame = Frame {
+        data: ctx.data(),
+        end: ctx.data_end(),
+    };
+    let len = frame.len();
+    let Parsed::Tcp(segment) = parse(&frame) else {
+        return finish(settings, Reason::SynCookieFailed, len);
+    };
+    let now = now_ns();
+    let Some(meta) = cookies::check_ack(ctx, &frame, &segment, cookies, now) else {
+        return finish(settings, Reason::SynCookieFailed, len);
+    };
+    count(Reason::SynCookieValidated, 0, false);
+    let key = settings.tracking_key(&segment.source);
+    let mut reason = judge_budgets(ctx, settings, &segment, &key, true, now, len);
+    if reason == Reason::Passed && cookies::hand_to_tc(ctx, &meta).is_err() {
+        reason = Reason::SynCookieFailed;
+    }
+    finish(settings, reason, len)
+}
+
+/// Where `wsguard_ingress` tail-calls the cookie programs (set by the agent).
+#[map(name = "WSG_COOKIE_PROGS")]
+pub static COOKIE_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(2, 0);
+const COOKIE_SYN: u32 = wsguard_common::cookie::PROGRAM_SYN;
+const COOKIE_CHECK: u32 = wsguard_common::cookie::PROGRAM_CHECK;
+
+/// Inspection room, per-source limits, then global limits, for a segment
+/// from a source no list or ban decided.
+#[inline(always)]
+fn judge_budgets(
+    ctx: &XdpContext,
+    settings: &Settings,
+    segment: &TcpSegment,
+    key: &SourceKey,
+    opens_connection: bool,
+    now: u64,
+    len: u64,
+) -> Reason {
+    // A new connection to an inspected port is refused while inspection
+    // has no room for it: it would go unjudged.
+    if opens_connection
+        && handshake_settings().is_some_and(|h| {
+            is_inspected_port(segment.destination_port) && inspection_full(h)
+        })
+    {
         return Reason::InspectFull;
     }
-    if let Some(state) = source_state(&key) {
+    if let Some(state) = source_state(key) {
         // SAFETY: a map value pointer, valid for the duration of the program.
         let state = unsafe { &mut *state };
         state.total_packets += 1;
         state.total_bytes += len;
-        if let Some(reason) = per_source_limits(settings, segment, &key, state, now, len) {
+        if let Some(reason) = per_source_limits(settings, opens_connection, key, state, now, len) {
             match reason {
                 Reason::ConnectionRate => state.drops_connection_rate += 1,
                 Reason::ByteRate => state.drops_byte_rate += 1,
                 _ => state.drops_concurrency += 1,
             }
-            record_limit_drop(ctx, settings, &key, state, now);
+            record_limit_drop(ctx, settings, key, state, now);
             return reason;
         }
     }
     // Per-source limits first, so a flooding source is charged to itself
     // before it can use up the budget shared by everyone.
-    global_limits(settings, segment, now, len).unwrap_or(Reason::Passed)
+    global_limits(settings, opens_connection, now, len).unwrap_or(Reason::Passed)
 }
 
 /// The source's state, created with full buckets on first sight. `None` only
@@ -149,13 +248,13 @@ fn source_state(key: &SourceKey) -> Option<*mut SourceState> {
 #[inline(always)]
 fn per_source_limits(
     settings: &Settings,
-    segment: &TcpSegment,
+    opens_connection: bool,
     key: &SourceKey,
     state: &mut SourceState,
     now: u64,
     len: u64,
 ) -> Option<Reason> {
-    if segment.opens_connection {
+    if opens_connection {
         if settings.max_concurrent != 0 {
             if let Some(open) = CONNECTIONS.get_ptr(key) {
                 if unsafe { *open } >= settings.max_concurrent as u64 {
@@ -174,12 +273,12 @@ fn per_source_limits(
 }
 
 #[inline(always)]
-fn global_limits(settings: &Settings, segment: &TcpSegment, now: u64, len: u64) -> Option<Reason> {
+fn global_limits(settings: &Settings, opens_connection: bool, now: u64, len: u64) -> Option<Reason> {
     let global = GLOBAL.get_ptr_mut(0)?;
     // SAFETY: array value pointer. Shared by all CPUs and updated without a
     // lock: a race can lose an update and let a packet or two through.
     let global = unsafe { &mut *global };
-    if segment.opens_connection
+    if opens_connection
         && !global
             .connections
             .take(&settings.global_connections, now, 1)

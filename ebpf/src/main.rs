@@ -2,6 +2,8 @@
 //!
 //! - `wsguard_ingress` (XDP, every protected interface): per-source and global
 //!   flood limits, allow/deny lists and bans on the protected TCP ports.
+//! - `wsguard_cookie_ack` (TC ingress, every protected interface): hands a
+//!   connection whose SYN cookie XDP validated to the TCP stack (`cookies.rs`).
 //! - `wsguard_connections` (sock_ops, cgroup v2 root): exact count of
 //!   established connections per source, read by the XDP program to enforce
 //!   the concurrency limit.
@@ -17,19 +19,41 @@
 #![allow(internal_features)]
 
 mod connections;
+mod cookies;
 mod ingress;
 mod inspect;
 mod maps;
 mod parse;
 
 use aya_ebpf::{
-    macros::{sk_msg, sock_ops, stream_verdict, xdp},
-    programs::{SkBuffContext, SkMsgContext, SockOpsContext, XdpContext},
+    macros::{classifier, sk_msg, sock_ops, stream_verdict, xdp},
+    programs::{SkBuffContext, SkMsgContext, SockOpsContext, TcContext, XdpContext},
 };
 
 #[xdp]
 pub fn wsguard_ingress(ctx: XdpContext) -> u32 {
     ingress::run(&ctx)
+}
+
+/// Tail-called by `wsguard_ingress`: answers a SYN with a SYN cookie.
+#[xdp]
+pub fn wsguard_cookie_syn(ctx: XdpContext) -> u32 {
+    ingress::answer_syn(&ctx)
+}
+
+/// Tail-called by `wsguard_ingress`: a segment of no connection must
+/// return a valid cookie.
+#[xdp]
+pub fn wsguard_cookie_check(ctx: XdpContext) -> u32 {
+    ingress::check_cookie(&ctx)
+}
+
+#[classifier]
+pub fn wsguard_cookie_ack(ctx: TcContext) -> i32 {
+    match maps::cookie_settings() {
+        Some(settings) => cookies::assign(&ctx, settings),
+        None => aya_ebpf::bindings::TC_ACT_UNSPEC,
+    }
 }
 
 #[sock_ops]

@@ -7,6 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash, SockMap},
 };
 use wsguard_common::{
+    cookie::CookieSettings,
     Ban, Counter, HandshakeSettings, ListEntry, LpmKey, Reason, Release, Settings, SourceKey,
     SourceState, Stream,
     counters::COUNTER_SLOTS,
@@ -92,6 +93,11 @@ pub static INJECT_TARGET: Array<u64> = Array::with_max_entries(1, 0);
 #[map(name = "WSG_HANDSHAKE")]
 pub static HANDSHAKE: Array<HandshakeSettings> = Array::with_max_entries(1, 0);
 
+/// SYN-cookie settings and key (agent-written; the key is kept across
+/// restarts in the pinned map).
+#[map(name = "WSG_SYN_COOKIES")]
+pub static SYN_COOKIES: Array<CookieSettings> = Array::with_max_entries(1, 0);
+
 #[map(name = "WSG_COUNTERS")]
 pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
@@ -107,6 +113,15 @@ pub fn emit(event: &wsguard_common::Event) {
 pub fn settings() -> Option<&'static Settings> {
     match SETTINGS.get(0) {
         Some(s) if s.enabled != 0 => Some(s),
+        _ => None,
+    }
+}
+
+/// The SYN-cookie settings, when cookies are on.
+#[inline(always)]
+pub fn cookie_settings() -> Option<&'static CookieSettings> {
+    match SYN_COOKIES.get(0) {
+        Some(c) if c.enabled != 0 => Some(c),
         _ => None,
     }
 }

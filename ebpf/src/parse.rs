@@ -53,6 +53,36 @@ pub struct TcpSegment {
     /// The header is cut short after the ports, its data offset is below 5,
     /// or it runs past the packet (flags are then unknown, and zero here).
     pub incomplete_header: bool,
+    /// TCP flags SYN, RST and ACK (bits as in byte 13 of the header; zero
+    /// when the header is incomplete).
+    pub flags: u8,
+    /// Where the IP header and the TCP header start in the frame.
+    pub network_offset: usize,
+    pub transport_offset: usize,
+    pub ipv4: bool,
+    /// IPv4 without options or IPv6 without extension headers: the only
+    /// shapes the SYN-cookie path answers.
+    pub plain: bool,
+}
+
+impl TcpSegment {
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+
+    /// ACK set, SYN and RST clear: what returns a SYN cookie.
+    #[inline(always)]
+    pub fn is_plain_ack(&self) -> bool {
+        self.flags & (Self::SYN | Self::RST | Self::ACK) == Self::ACK
+    }
+}
+
+/// Where the network header is and what it is, for [`tcp`].
+#[derive(Clone, Copy)]
+struct Network {
+    offset: usize,
+    ipv4: bool,
+    plain: bool,
 }
 
 pub enum Parsed {
@@ -141,7 +171,12 @@ fn ipv4<P: Packet>(packet: &P, offset: usize) -> Parsed {
     if ip.frag_offset() != 0 {
         return Parsed::Fragment(source);
     }
-    tcp(packet, offset + header_len, source)
+    let network = Network {
+        offset,
+        ipv4: true,
+        plain: header_len == Ipv4Hdr::LEN,
+    };
+    tcp(packet, offset + header_len, source, network)
 }
 
 #[inline(always)]
@@ -153,11 +188,23 @@ fn ipv6<P: Packet>(packet: &P, offset: usize) -> Parsed {
         return Parsed::Other;
     }
     let source = SourceKey::from_v6(ip.src_addr);
+    let plain = Network {
+        offset,
+        ipv4: false,
+        plain: true,
+    };
+    let extended = Network {
+        plain: false,
+        ..plain
+    };
+    if ip.next_hdr == IPPROTO_TCP {
+        return tcp(packet, offset + Ipv6Hdr::LEN, source, plain);
+    }
     let mut next = ip.next_hdr;
     let mut l4 = offset + Ipv6Hdr::LEN;
     for _ in 0..MAX_IPV6_EXTENSIONS {
         match next {
-            IPPROTO_TCP => return tcp(packet, l4, source),
+            IPPROTO_TCP => return tcp(packet, l4, source, extended),
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_MOBILITY
             | IPPROTO_HIP | IPPROTO_SHIM6 => {
                 // Next header, then length in 8-octet units not counting the first.
@@ -194,13 +241,13 @@ fn ipv6<P: Packet>(packet: &P, offset: usize) -> Parsed {
         }
     }
     if next == IPPROTO_TCP {
-        return tcp(packet, l4, source);
+        return tcp(packet, l4, source, extended);
     }
     Parsed::Malformed(source)
 }
 
 #[inline(always)]
-fn tcp<P: Packet>(packet: &P, offset: usize, source: SourceKey) -> Parsed {
+fn tcp<P: Packet>(packet: &P, offset: usize, source: SourceKey, network: Network) -> Parsed {
     if offset > MAX_L4_OFFSET {
         return Parsed::Malformed(source);
     }
@@ -215,15 +262,30 @@ fn tcp<P: Packet>(packet: &P, offset: usize, source: SourceKey) -> Parsed {
             destination_port,
             opens_connection: false,
             incomplete_header: true,
+            flags: 0,
+            network_offset: network.offset,
+            transport_offset: offset,
+            ipv4: network.ipv4,
+            plain: network.plain,
         });
     };
     let header_len = th.doff() as usize * 4;
     let header_end = offset + header_len;
     let incomplete_header = header_len < TcpHdr::LEN || packet.read::<u8>(header_end - 1).is_none();
+    let flags = if incomplete_header {
+        0
+    } else {
+        (th.syn() as u8) << 1 | (th.rst() as u8) << 2 | (th.ack() as u8) << 4
+    };
     Parsed::Tcp(TcpSegment {
         source,
         destination_port,
-        opens_connection: !incomplete_header && th.syn() != 0 && th.ack() == 0,
+        opens_connection: flags & (TcpSegment::SYN | TcpSegment::ACK) == TcpSegment::SYN,
         incomplete_header,
+        flags,
+        network_offset: network.offset,
+        transport_offset: offset,
+        ipv4: network.ipv4,
+        plain: network.plain,
     })
 }

@@ -48,8 +48,13 @@ pub struct Packet {
     pub protocol: u8,
     pub dst_port: u16,
     pub tcp_flags: u8,
-    /// TCP data offset in 32-bit words; 5 is a bare header.
+    /// TCP data offset in 32-bit words; 5 is a bare header. Ignored when
+    /// `tcp_options` is not empty.
     pub tcp_doff: u8,
+    /// TCP options (padded with NOPs to a multiple of 4 bytes).
+    pub tcp_options: Vec<u8>,
+    pub seq: u32,
+    pub ack_seq: u32,
     pub payload: usize,
     /// Cut the frame to this many bytes.
     pub truncate_to: Option<usize>,
@@ -72,8 +77,27 @@ impl Packet {
             dst_port,
             tcp_flags: flags,
             tcp_doff: 5,
+            tcp_options: vec![],
+            seq: 1,
+            ack_seq: 0,
             payload: 0,
             truncate_to: None,
+        }
+    }
+
+    /// A SYN with the options a Linux client sends: MSS, SACK permitted,
+    /// timestamps (tsval `tsval`), window scale 7.
+    pub fn syn_with_options(src: IpAddr, dst_port: u16, mss: u16, tsval: u32) -> Packet {
+        let mut options = vec![2, 4];
+        options.extend_from_slice(&mss.to_be_bytes());
+        options.extend_from_slice(&[4, 2, 8, 10]);
+        options.extend_from_slice(&tsval.to_be_bytes());
+        options.extend_from_slice(&0u32.to_be_bytes());
+        options.extend_from_slice(&[1, 3, 3, 7]);
+        Packet {
+            tcp_options: options,
+            seq: 0x1234_5678,
+            ..Packet::syn(src, dst_port)
         }
     }
 
@@ -125,13 +149,25 @@ impl Packet {
             6 => {
                 out.extend_from_slice(&self.src_port.to_be_bytes());
                 out.extend_from_slice(&self.dst_port.to_be_bytes());
-                out.extend_from_slice(&1u32.to_be_bytes());
-                out.extend_from_slice(&0u32.to_be_bytes());
-                out.push(self.tcp_doff << 4);
+                out.extend_from_slice(&self.seq.to_be_bytes());
+                out.extend_from_slice(&self.ack_seq.to_be_bytes());
+                let mut options = self.tcp_options.clone();
+                while options.len() % 4 != 0 {
+                    options.push(1); // NOP
+                }
+                let doff = if options.is_empty() {
+                    self.tcp_doff
+                } else {
+                    5 + (options.len() / 4) as u8
+                };
+                out.push(doff << 4);
                 out.push(self.tcp_flags);
                 out.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]);
-                let options = (self.tcp_doff as usize * 4).saturating_sub(20);
-                out.extend(std::iter::repeat_n(1u8, options)); // NOPs
+                if options.is_empty() {
+                    let nops = (self.tcp_doff as usize * 4).saturating_sub(20);
+                    options = vec![1u8; nops];
+                }
+                out.extend_from_slice(&options);
             }
             17 => {
                 out.extend_from_slice(&self.src_port.to_be_bytes());

@@ -24,6 +24,7 @@ use wsguard_common::{
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
 
 pub struct XdpHarness {
     pub kernel: Kernel,
@@ -37,9 +38,16 @@ impl XdpHarness {
         XdpHarness::with_agent_keys("", body)
     }
 
-    /// Like [`XdpHarness::new`], with extra lines for `[agent]`.
+    /// Like [`XdpHarness::new`], with extra lines for `[agent]`. SYN
+    /// cookies are off unless `body` has a `[syn_cookies]` table: most
+    /// verdict tests are about what a SYN costs without them.
     pub fn with_agent_keys(agent_keys: &str, body: &str) -> Result<XdpHarness> {
-        let text = format!("[agent]\ninterfaces = [\"lo\"]\n{agent_keys}\n\n{body}");
+        let cookies = if body.contains("[syn_cookies]") {
+            ""
+        } else {
+            "\n[syn_cookies]\nenabled = false\n"
+        };
+        let text = format!("[agent]\ninterfaces = [\"lo\"]\n{agent_keys}\n\n{body}{cookies}");
         let config = Config::parse(Path::new("test.toml"), &text)?;
         Ok(XdpHarness {
             kernel: Kernel::load(&config, None)?,
@@ -79,6 +87,32 @@ impl XdpHarness {
         }
         .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
         Ok((result.return_value, result.duration))
+    }
+
+    /// Runs one frame through the ingress program; its verdict and the
+    /// frame as the program left it (a SYN-ACK after XDP_TX).
+    pub fn run_out(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; 4096];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        let result = match self.kernel.ebpf().program(programs::INGRESS) {
+            Some(Program::Xdp(p)) => p.test_run(opts)?,
+            _ => anyhow::bail!("no ingress program"),
+        };
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
+    /// The SYN-cookie settings in the kernel's map (with its key).
+    pub fn cookie_settings(&self) -> wsguard_common::cookie::CookieSettings {
+        let map = self.kernel.ebpf().map(names::SYN_COOKIES).expect("cookie map");
+        Array::<_, wsguard_common::cookie::CookieSettings>::try_from(map)
+            .expect("array")
+            .get(&0, 0)
+            .expect("slot 0")
     }
 
     /// Runs one frame through the program and returns its verdict.

@@ -482,6 +482,22 @@ pub enum EventsOutput {
     File(PathBuf),
 }
 
+/// `[syn_cookies]`: answer SYNs to protected ports from XDP with a SYN
+/// cookie, so that only sources that prove they are real get state.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SynCookies {
+    /// On by default: a spoofed SYN then costs one SYN-ACK and nothing else.
+    #[serde(default = "d_true")]
+    pub enabled: bool,
+}
+
+impl Default for SynCookies {
+    fn default() -> Self {
+        SynCookies { enabled: true }
+    }
+}
+
 /// The file as written.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -502,6 +518,8 @@ struct RawConfig {
     events: Events,
     #[serde(default)]
     handshake: HandshakeKeys,
+    #[serde(default)]
+    syn_cookies: SynCookies,
 }
 
 /// A validated configuration.
@@ -522,6 +540,7 @@ pub struct Config {
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub events_output: EventsOutput,
     pub handshake: HandshakeConfig,
+    pub syn_cookies: SynCookies,
     /// What the kernel programs read, derived once here.
     pub settings: Settings,
 }
@@ -582,6 +601,7 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
         metrics,
         events,
         handshake,
+        syn_cookies,
     } = raw;
 
     if agent.interfaces.get_ref().is_empty() {
@@ -757,6 +777,7 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
         metrics_listen,
         events_output,
         handshake,
+        syn_cookies,
         settings,
     })
 }
@@ -1051,6 +1072,15 @@ impl Config {
                     .join(", ")
             }
         };
+        let _ = writeln!(
+            s,
+            "  syn cookies: {}",
+            match (self.syn_cookies.enabled, self.agent.dry_run || self.limits.dry_run) {
+                (false, _) => "off (SYNs go straight to the connection budgets)",
+                (true, false) => "on (a source gets state only once it returns its cookie)",
+                (true, true) => "off while the limits are in dry run",
+            }
+        );
         let _ = writeln!(s, "  allow: {}", list(&self.allow));
         let _ = writeln!(s, "  deny: {}", list(&self.deny));
         let _ = writeln!(

@@ -1,5 +1,6 @@
 //! Loading, configuring and attaching the kernel programs.
 
+mod kfuncs;
 pub mod lists;
 mod pins;
 mod system;
@@ -12,10 +13,12 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, SockHash, SockMap},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, ProgramArray, SockHash, SockMap},
     programs::{
-        CgroupAttachMode, SkMsg, SkSkb, SockOps, Xdp, XdpMode as AyaXdpMode,
+        CgroupAttachMode, SchedClassifier, SkMsg, SkSkb, SockOps, TcAttachType, Xdp,
+        XdpMode as AyaXdpMode,
         links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
         xdp::XdpLink,
     },
 };
@@ -23,6 +26,7 @@ use ipnet::IpNet;
 use tracing::info;
 use wsguard_common::{
     Counter, HandshakeSettings, Reason, Release, Settings, SourceKey, Stream,
+    cookie::CookieSettings,
     maps::{GlobalState, PORT_SLOTS, names, programs},
 };
 
@@ -51,6 +55,28 @@ pub fn source_key(addr: IpAddr) -> SourceKey {
     }
 }
 
+/// Puts the SYN-cookie programs where the XDP program tail-calls them.
+fn fill_cookie_programs(ebpf: &mut Ebpf) -> Result<()> {
+    let mut fds = Vec::new();
+    for (slot, name) in [
+        (wsguard_common::cookie::PROGRAM_SYN, programs::COOKIE_SYN),
+        (wsguard_common::cookie::PROGRAM_CHECK, programs::COOKIE_CHECK),
+    ] {
+        let program = ebpf
+            .program(name)
+            .with_context(|| format!("program {name} missing from the object"))?;
+        fds.push((slot, program.fd()?.try_clone()?));
+    }
+    let mut table: ProgramArray<&mut MapData> = ProgramArray::try_from(
+        ebpf.map_mut(names::COOKIE_PROGRAMS)
+            .context("map WSG_COOKIE_PROGS missing from the object")?,
+    )?;
+    for (slot, fd) in &fds {
+        table.set(*slot, fd, 0)?;
+    }
+    Ok(())
+}
+
 /// The loaded programs, their maps and their links.
 pub struct Kernel {
     ebpf: Ebpf,
@@ -61,6 +87,9 @@ pub struct Kernel {
     links: Vec<Held>,
     /// The interface index each interface had when attached.
     ifindex: std::collections::HashMap<String, u32>,
+    /// Whether this kernel can hand a cookie-validated connection to its
+    /// listener (`bpf_sk_assign_tcp_reqsk`, Linux 6.9+).
+    syn_cookies_supported: bool,
 }
 
 fn aya_mode(mode: XdpMode) -> AyaXdpMode {
@@ -151,11 +180,15 @@ impl Kernel {
         for (name, path) in &map_pins {
             loader.map_pin_path(name, path.as_path());
         }
+        let resolved = kfuncs::resolve(EBPF_OBJECT)?;
         let mut ebpf = loader
-            .load(EBPF_OBJECT)
+            .load(&resolved.object)
             .context("the kernel refused to create wsguard's maps")?;
         for name in [
             programs::INGRESS,
+            programs::COOKIE_SYN,
+            programs::COOKIE_CHECK,
+            programs::COOKIE_ACK,
             programs::CONNECTION_TRACKER,
             programs::STREAM_VERDICT,
             programs::INJECT,
@@ -168,15 +201,18 @@ impl Kernel {
                 aya::programs::Program::SockOps(p) => p.load(),
                 aya::programs::Program::SkSkb(p) => p.load(),
                 aya::programs::Program::SkMsg(p) => p.load(),
+                aya::programs::Program::SchedClassifier(p) => p.load(),
                 _ => bail!("program {name} has an unexpected type"),
             };
             loaded.with_context(|| format!("the kernel's verifier rejected program {name}"))?;
         }
+        fill_cookie_programs(&mut ebpf)?;
         let mut kernel = Kernel {
             ebpf,
             pins: pins.map(Path::to_owned),
             links: Vec::new(),
             ifindex: Default::default(),
+            syn_cookies_supported: resolved.has(kfuncs::ASSIGN_TCP_REQSK),
         };
         kernel.apply(config)?;
         Ok(kernel)
@@ -194,6 +230,8 @@ impl Kernel {
     /// which switch enforcement on. Used at start and on reload; per-source
     /// state and bans are left as they are.
     pub fn apply(&mut self, config: &Config) -> Result<()> {
+        // First, as it can refuse the config: nothing is changed then.
+        let cookies = self.cookie_settings(config)?;
         let mut ports: Array<&mut MapData, u8> = Array::try_from(self.map_mut(names::PORTS)?)?;
         for port in 0..PORT_SLOTS {
             let protected = u8::from(config.ports.contains(&(port as u16)));
@@ -223,6 +261,9 @@ impl Kernel {
             let mut list: lists::List<&mut MapData> = LpmTrie::try_from(self.map_mut(name)?)?;
             lists::sync_config(&mut list, nets).with_context(|| format!("filling {name}"))?;
         }
+        let mut cookie_map: Array<&mut MapData, CookieSettings> =
+            Array::try_from(self.map_mut(names::SYN_COOKIES)?)?;
+        cookie_map.set(0, cookies, 0)?;
         let mut settings: Array<&mut MapData, Settings> =
             Array::try_from(self.map_mut(names::SETTINGS)?)?;
         settings.set(0, config.settings, 0)?;
@@ -232,6 +273,62 @@ impl Kernel {
             Array::try_from(self.map_mut(names::GLOBAL)?)?;
         global.set(0, GlobalState::default(), 0)?;
         Ok(())
+    }
+
+    /// The SYN-cookie settings for `config`: what the SYN-ACK offers
+    /// mirrors the server's own TCP sysctls and interface MTUs; the key
+    /// already in the (pinned) map is kept, so cookies sent before a
+    /// restart or reload still check.
+    fn cookie_settings(&mut self, config: &Config) -> Result<CookieSettings> {
+        let enabled = config.syn_cookies.enabled;
+        if enabled && !self.syn_cookies_supported {
+            bail!(
+                "{}: syn_cookies.enabled = true needs the kernel function {} (Linux 6.9 or later), \
+                 which this kernel lacks; set `enabled = false` under [syn_cookies]",
+                config.file.display(),
+                kfuncs::ASSIGN_TCP_REQSK
+            );
+        }
+        let map: Array<&MapData, CookieSettings> = Array::try_from(
+            self.ebpf
+                .map(names::SYN_COOKIES)
+                .context("map WSG_SYN_COOKIES missing from the object")?,
+        )?;
+        let mut key = map.get(&0, 0)?.key;
+        if key == [0, 0] {
+            key = system::random_key()?;
+        }
+        if enabled {
+            system::ensure_tcp_syncookies()?;
+        }
+        let tcp = system::TcpSysctls::read();
+        let mtu = config
+            .agent
+            .interfaces
+            .get_ref()
+            .iter()
+            .map(|i| system::interface_mtu(i))
+            .min()
+            .unwrap_or(1500);
+        let mut offers = 0;
+        if tcp.timestamps {
+            offers |= CookieSettings::OFFER_TIMESTAMPS;
+        }
+        if tcp.sack {
+            offers |= CookieSettings::OFFER_SACK;
+        }
+        if tcp.window_scaling {
+            offers |= CookieSettings::OFFER_WSCALE;
+        }
+        Ok(CookieSettings {
+            enabled: u32::from(enabled),
+            offers,
+            mss_v4: mtu.saturating_sub(40).clamp(536, u16::MAX as u32) as u16,
+            mss_v6: mtu.saturating_sub(60).clamp(1220, u16::MAX as u32) as u16,
+            server_wscale: tcp.window_scale,
+            _pad: [0; 3],
+            key,
+        })
     }
 
     fn map_mut(&mut self, name: &str) -> Result<&mut Map> {
@@ -261,6 +358,7 @@ impl Kernel {
                 takeover.interfaces.push(interface.clone());
             }
             wanted.push(format!("xdp-{interface}"));
+            wanted.push(format!("tc-{interface}"));
         }
         let inspecting = !config.handshake.ports.is_empty();
         if inspecting {
@@ -360,10 +458,41 @@ impl Kernel {
             .try_into()
             .context("XDP attached without a BPF link (kernel older than 5.9?)")?;
         self.links.push(Held::new(link, path, pin)?);
+        self.attach_cookie_ack(interface, dir, pin)?;
 
         self.ifindex
             .insert(interface.to_string(), ifindex(interface));
         Ok(took_over)
+    }
+
+    /// Attaches the SYN-cookie hand-off (TC ingress) to one interface,
+    /// taking over the link an earlier run left. Attached whether or not
+    /// cookies are on: without XDP's metadata it lets every packet by, and
+    /// a reload can then switch cookies on or off at once.
+    fn attach_cookie_ack(&mut self, interface: &str, dir: &Path, pin: bool) -> Result<()> {
+        let path = link_path(dir, &format!("tc-{interface}"));
+        let tc: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(programs::COOKIE_ACK)
+            .context("tc program")?
+            .try_into()?;
+        let taken = PinnedLink::from_pin(&path)
+            .ok()
+            .and_then(|running| SchedClassifierLink::try_from(FdLink::from(running)).ok())
+            .and_then(|link| tc.attach_to_link(link).ok());
+        let _ = std::fs::remove_file(&path);
+        let id = match taken {
+            Some(id) => id,
+            None => tc
+                .attach(interface, TcAttachType::Ingress)
+                .with_context(|| format!("cannot attach the SYN-cookie hand-off (TC ingress) to {interface}"))?,
+        };
+        let link: FdLink = tc
+            .take_link(id)?
+            .try_into()
+            .context("TC attached without a BPF link (kernel older than 6.6?)")?;
+        self.links.push(Held::new(link, path, pin)?);
+        Ok(())
     }
 
     /// Interfaces that came back (or were re-created) since they were
@@ -382,8 +511,11 @@ impl Kernel {
             if now == 0 || self.ifindex.get(interface) == Some(&now) {
                 continue;
             }
-            let stale = link_path(&dir, &format!("xdp-{interface}"));
-            self.links.retain(|held| *held.path() != stale);
+            let stale = [
+                link_path(&dir, &format!("xdp-{interface}")),
+                link_path(&dir, &format!("tc-{interface}")),
+            ];
+            self.links.retain(|held| !stale.contains(held.path()));
             self.attach_interface(
                 interface,
                 mode,

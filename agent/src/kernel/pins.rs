@@ -4,7 +4,8 @@
 //!
 //! Layout under `<agent.pin_path>/v<LAYOUT_VERSION>/`: one file per map
 //! (`WSG_*`), and `links/` with the XDP link of each interface
-//! (`xdp-<interface>`) and the connection counter's (`sock_ops`). The
+//! (`xdp-<interface>`), the SYN-cookie hand-off of each (`tc-<interface>`)
+//! and the connection counter's (`sock_ops`). The
 //! inspection programs are attached to their maps (`WSG_INSPECTED`,
 //! `WSG_INJECTOR`) and need no link.
 
@@ -43,7 +44,7 @@ pub fn link_path(pin_dir: &Path, link: &str) -> PathBuf {
 }
 
 /// (name, key size, value size, max entries) of every pinned map.
-fn expected_layouts(config: &Config) -> [(&'static str, u32, u32, u32); 17] {
+fn expected_layouts(config: &Config) -> [(&'static str, u32, u32, u32); 19] {
     let inspected = super::inspected_capacity(config);
     let lpm_key = (4 + size_of::<[u8; 16]>()) as u32;
     let source_key = size_of::<SourceKey>() as u32;
@@ -98,6 +99,15 @@ fn expected_layouts(config: &Config) -> [(&'static str, u32, u32, u32); 17] {
             names::HANDSHAKE,
             4,
             size_of::<HandshakeSettings>() as u32,
+            1,
+        ),
+        // Pinned so that its entries outlive the agent with the XDP link
+        // (a program array is emptied when no one holds it).
+        (names::COOKIE_PROGRAMS, 4, 4, 2),
+        (
+            names::SYN_COOKIES,
+            4,
+            size_of::<wsguard_common::cookie::CookieSettings>() as u32,
             1,
         ),
     ]

@@ -309,3 +309,83 @@ pub fn netns_cookie() -> anyhow::Result<u64> {
     }
     Ok(cookie)
 }
+
+/// A 128-bit key from the kernel's random source.
+pub fn random_key() -> Result<[u64; 2]> {
+    let mut bytes = [0u8; 16];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        bail!("getrandom: {}", std::io::Error::last_os_error());
+    }
+    Ok([
+        u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")),
+        u64::from_le_bytes(bytes[8..].try_into().expect("8 bytes")),
+    ])
+}
+
+fn read_sysctl(path: &str) -> Option<String> {
+    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+}
+
+const TCP_SYNCOOKIES: &str = "/proc/sys/net/ipv4/tcp_syncookies";
+
+/// The TCP stack completes a connection handed over by wsguard's SYN-cookie
+/// path only when `net.ipv4.tcp_syncookies` is not 0 (it covers IPv6 too).
+/// At 0 it is set to 1 (the kernel's default: its own cookies only when a
+/// listen queue overflows), and that is said in the log.
+pub fn ensure_tcp_syncookies() -> Result<()> {
+    if read_sysctl(TCP_SYNCOOKIES).as_deref() != Some("0") {
+        return Ok(());
+    }
+    std::fs::write(TCP_SYNCOOKIES, "1").with_context(|| {
+        format!("syn_cookies need net.ipv4.tcp_syncookies >= 1, and {TCP_SYNCOOKIES} cannot be written")
+    })?;
+    tracing::warn!(
+        "net.ipv4.tcp_syncookies was 0: set to 1, without which the TCP stack refuses connections \
+         whose SYN cookie wsguard validated"
+    );
+    Ok(())
+}
+
+/// The server's TCP settings that shape a SYN-ACK.
+pub struct TcpSysctls {
+    pub timestamps: bool,
+    pub sack: bool,
+    pub window_scaling: bool,
+    /// The window scale the kernel would choose for a new connection.
+    pub window_scale: u8,
+}
+
+impl TcpSysctls {
+    pub fn read() -> TcpSysctls {
+        let on = |name: &str| read_sysctl(&format!("/proc/sys/net/ipv4/{name}")).as_deref() != Some("0");
+        let number = |path: &str, field: usize| {
+            read_sysctl(path)
+                .and_then(|s| s.split_whitespace().nth(field).and_then(|v| v.parse::<u64>().ok()))
+                .unwrap_or(0)
+        };
+        // As tcp_select_initial_window: the largest receive buffer a socket
+        // may grow to, scaled down until it fits in 16 bits.
+        let mut space = number("/proc/sys/net/ipv4/tcp_rmem", 2)
+            .max(number("/proc/sys/net/core/rmem_max", 0));
+        let mut window_scale = 0u8;
+        while space > u64::from(u16::MAX) && window_scale < wsguard_common::cookie::MAX_WSCALE {
+            space >>= 1;
+            window_scale += 1;
+        }
+        TcpSysctls {
+            timestamps: on("tcp_timestamps"),
+            sack: on("tcp_sack"),
+            window_scaling: on("tcp_window_scaling"),
+            window_scale,
+        }
+    }
+}
+
+/// An interface's MTU (1500 when it cannot be read).
+pub fn interface_mtu(interface: &str) -> u32 {
+    read_sysctl(&format!("/sys/class/net/{interface}/mtu"))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1500)
+}
