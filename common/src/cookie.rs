@@ -69,31 +69,6 @@ impl CookieSettings {
     }
 }
 
-/// What the XDP program learnt from a valid cookie, handed to the TC
-/// program in the packet's metadata area (which only XDP can write): the
-/// options of the connection the TCP stack is to create.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CookieMeta {
-    /// [`CookieMeta::MAGIC`]: tells this metadata from any other.
-    pub magic: u32,
-    pub mss: u16,
-    /// The client's window scale, or [`NO_WSCALE`].
-    pub client_wscale: u8,
-    /// [`CookieMeta::SACK`] | [`CookieMeta::TIMESTAMPS`].
-    pub flags: u8,
-    /// The ACK's timestamp option, when it has one.
-    pub tsval: u32,
-    pub tsecr: u32,
-}
-assert_size!(CookieMeta, 16);
-
-impl CookieMeta {
-    pub const MAGIC: u32 = 0x5753_434b; // "WSCK"
-    pub const SACK: u8 = 1;
-    pub const TIMESTAMPS: u8 = 2;
-}
-
 /// Both ends of a connection as the cookie covers them: addresses in the
 /// 16-byte key space (IPv4 mapped), ports and the client's initial sequence
 /// number in host byte order.

@@ -6,24 +6,28 @@
 //! - A segment that belongs to no connection (the socket lookup finds only
 //!   the listener, or nothing) must be the ACK returning a valid cookie.
 //!   Then XDP charges the new connection to the budgets and, if it passes,
-//!   leaves what the cookie carries in the packet's metadata.
-//! - The TC ingress program ([`assign`]) turns that metadata into a request
-//!   socket for the listener (`bpf_sk_assign_tcp_reqsk`, kernel 6.9+), which
-//!   the TCP stack completes into a connection without its SYN queue ever
-//!   seeing the flood, whatever its own `tcp_syncookies` setting.
+//!   marks it for the TC program with a reserved TCP header bit
+//!   ([`ADMITTED_HINT`]).
+//! - The TC ingress program ([`assign`]) checks the cookie of a marked
+//!   segment again (the mark is only a hint: anyone can set a bit), clears
+//!   the mark and hands the connection to its listener as a request socket
+//!   (`bpf_sk_assign_tcp_reqsk`, kernel 6.9+). The TCP stack completes it
+//!   without its SYN queue ever seeing the flood, whatever its own
+//!   `tcp_syncookies` setting. (XDP metadata would carry more, but neither
+//!   generic XDP nor every driver hands it on to TC.)
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, __sk_buff, bpf_sock, bpf_sock_tuple},
     helpers::{
-        bpf_sk_release, bpf_skc_lookup_tcp, bpf_skc_to_tcp_sock, bpf_xdp_adjust_meta,
-        bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
+        bpf_l4_csum_replace, bpf_sk_release, bpf_skb_load_bytes, bpf_skb_store_bytes,
+        bpf_skc_lookup_tcp, bpf_skc_to_tcp_sock, bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
     },
     macros::map,
     maps::PerCpuArray,
     programs::{TcContext, XdpContext},
 };
 use wsguard_common::cookie::{
-    self, CookieMeta, CookieOptions, CookieSettings, CookieTuple, MAX_WSCALE, MSS_V4, MSS_V6,
+    self, CookieOptions, CookieSettings, CookieTuple, MAX_WSCALE, MSS_V4, MSS_V6,
     NO_WSCALE,
 };
 
@@ -70,7 +74,7 @@ pub struct TcpOptions {
 /// values through map memory, so every step looks alike to it and the walk
 /// verifies in a few hundred steps instead of once per way through it.
 #[inline(always)]
-fn tcp_options(ctx: &XdpContext, offset: usize, header_len: usize) -> TcpOptions {
+fn tcp_options(load: impl FnOnce(u32, *mut core::ffi::c_void, u32) -> i64, offset: usize, header_len: usize) -> TcpOptions {
     let none = TcpOptions {
         wscale: NO_WSCALE,
         ..Default::default()
@@ -87,15 +91,13 @@ fn tcp_options(ctx: &XdpContext, offset: usize, header_len: usize) -> TcpOptions
         return none;
     }
     walk.len = len as u32;
-    // SAFETY: the helper writes at most `len` (<= 40) bytes into the slot.
-    let copied = unsafe {
-        bpf_xdp_load_bytes(
-            ctx.ctx,
-            (offset + 20) as u32,
-            walk.bytes.as_mut_ptr() as *mut _,
-            (len & 0x3f) as u32,
-        )
-    };
+    // The loader (bpf_xdp_load_bytes or bpf_skb_load_bytes) writes at most
+    // `len` (<= 40) bytes into the slot.
+    let copied = load(
+        (offset + 20) as u32,
+        walk.bytes.as_mut_ptr() as *mut _,
+        (len & 0x3f) as u32,
+    );
     if copied != 0 {
         return none;
     }
@@ -294,7 +296,7 @@ pub fn answer_syn(ctx: &XdpContext, segment: &TcpSegment, settings: &CookieSetti
         end: ctx.data_end(),
     };
     let ends = endpoints(&frame, segment).ok_or(())?;
-    let options = tcp_options(ctx, segment.transport_offset, ends.header_len);
+    let options = tcp_options(xdp_loader(ctx), segment.transport_offset, ends.header_len);
     let table = if segment.ipv4 { &MSS_V4 } else { &MSS_V6 };
     let wscale = if settings.offers(CookieSettings::OFFER_WSCALE) {
         options.wscale
@@ -446,14 +448,44 @@ pub fn answer_syn(ctx: &XdpContext, segment: &TcpSegment, settings: &CookieSetti
     Ok(())
 }
 
-/// Checks the cookie a plain ACK returns; what it carries, ready for the
-/// TC program, when valid.
+/// What a valid cookie admits: the options of the connection the TCP
+/// stack is to create.
+pub struct Admitted {
+    pub mss: u16,
+    /// The client's window scale, or [`NO_WSCALE`].
+    pub client_wscale: u8,
+    pub sack: bool,
+    /// The ACK's timestamp option, when timestamps were offered and it has one.
+    pub timestamps: bool,
+    pub tsval: u32,
+    pub tsecr: u32,
+}
+
+/// A reserved bit of the TCP header (byte 12) that XDP sets on a segment
+/// whose cookie it admitted, for the TC program to find it without a socket
+/// lookup per segment. TCP receivers ignore reserved bits, and TC clears it.
+pub const ADMITTED_HINT: u8 = 0x02;
+
+/// `bpf_xdp_load_bytes` on `ctx`, for [`tcp_options`].
 #[inline(always)]
-pub fn check_ack(ctx: &XdpContext, frame: &Frame, segment: &TcpSegment, settings: &CookieSettings, now_ns: u64) -> Option<CookieMeta> {
+fn xdp_loader(ctx: &XdpContext) -> impl FnOnce(u32, *mut core::ffi::c_void, u32) -> i64 + '_ {
+    move |offset, to, len| unsafe { bpf_xdp_load_bytes(ctx.ctx, offset, to, len) }
+}
+
+/// Checks the cookie a plain ACK returns (its acknowledgment number minus
+/// one); what it admits, when valid.
+#[inline(always)]
+fn verify_ack<P: Packet>(
+    packet: &P,
+    segment: &TcpSegment,
+    settings: &CookieSettings,
+    now_ns: u64,
+    load: impl FnOnce(u32, *mut core::ffi::c_void, u32) -> i64,
+) -> Option<Admitted> {
     if !answerable(segment) || !segment.is_plain_ack() {
         return None;
     }
-    let ends = endpoints(frame, segment)?;
+    let ends = endpoints(packet, segment)?;
     let tuple = CookieTuple {
         client: ends.client,
         server: ends.server,
@@ -467,55 +499,61 @@ pub fn check_ack(ctx: &XdpContext, frame: &Frame, segment: &TcpSegment, settings
         ends.ack_seq.wrapping_sub(1),
         cookie::slot(now_ns),
     )?;
-    let options = tcp_options(ctx, segment.transport_offset, ends.header_len);
+    let options = tcp_options(load, segment.transport_offset, ends.header_len);
     let table = if segment.ipv4 { &MSS_V4 } else { &MSS_V6 };
-    let timestamps = settings.offers(CookieSettings::OFFER_TIMESTAMPS) && options.timestamps;
-    let mut flags = 0;
-    if carried.sack {
-        flags |= CookieMeta::SACK;
-    }
-    if timestamps {
-        flags |= CookieMeta::TIMESTAMPS;
-    }
-    Some(CookieMeta {
-        magic: CookieMeta::MAGIC,
+    Some(Admitted {
         mss: table[(carried.mss_index & 3) as usize],
         client_wscale: carried.wscale,
-        flags,
+        sack: carried.sack,
+        timestamps: settings.offers(CookieSettings::OFFER_TIMESTAMPS) && options.timestamps,
         tsval: options.tsval,
         tsecr: options.tsecr,
     })
 }
 
-/// Leaves `meta` in the frame's metadata area for the TC program.
+/// XDP: whether a segment of no connection returns a valid cookie.
 #[inline(always)]
-pub fn hand_to_tc(ctx: &XdpContext, meta: &CookieMeta) -> Result<(), ()> {
-    let size = core::mem::size_of::<CookieMeta>();
-    // SAFETY: grows the metadata area in front of the frame.
-    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(size as i32)) } != 0 {
+pub fn check_ack(ctx: &XdpContext, frame: &Frame, segment: &TcpSegment, settings: &CookieSettings, now_ns: u64) -> bool {
+    verify_ack(frame, segment, settings, now_ns, xdp_loader(ctx)).is_some()
+}
+
+/// XDP: sets [`ADMITTED_HINT`] on an admitted segment, keeping its TCP
+/// checksum right (RFC 1624).
+#[inline(always)]
+pub fn mark_admitted(ctx: &XdpContext, segment: &TcpSegment) -> Result<(), ()> {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let l4 = segment.transport_offset;
+    if l4 > MAX_TCP_OFFSET || data + l4 + 18 > end {
         return Err(());
     }
-    let meta_start = ctx.metadata();
-    if meta_start + size > ctx.data() {
-        return Err(());
+    // SAFETY: bytes 12..18 of the TCP header are within the frame, checked above.
+    unsafe {
+        let word = (data + l4 + 12) as *mut [u8; 2];
+        let check = (data + l4 + 16) as *mut [u8; 2];
+        let old = u16::from_be_bytes(*word);
+        let new = old | u16::from(ADMITTED_HINT) << 8;
+        let sum = u64::from(!u16::from_be_bytes(*check)) + u64::from(!old) + u64::from(new);
+        *check = cookie::fold_checksum(sum).to_be_bytes();
+        *word = new.to_be_bytes();
     }
-    // SAFETY: within data_meta..data, checked above.
-    unsafe { core::ptr::write_unaligned(meta_start as *mut CookieMeta, *meta) };
     Ok(())
 }
 
-/// `struct bpf_tcp_req_attrs` (include/linux/bpf.h, kernel 6.9+).
+/// `struct bpf_tcp_req_attrs` (include/net/tcp.h, kernel 6.9+; the
+/// kernel refuses any other size).
 #[repr(C)]
 pub struct TcpReqAttrs {
-    pub mss: u32,
-    pub wscale_ok: u32,
-    pub snd_wscale: u32,
-    pub rcv_wscale: u32,
     pub rcv_tsval: u32,
     pub rcv_tsecr: u32,
-    pub tstamp_ok: u32,
-    pub sack_ok: u32,
-    pub ecn_ok: u32,
+    pub mss: u16,
+    pub rcv_wscale: u8,
+    pub snd_wscale: u8,
+    pub ecn_ok: u8,
+    pub wscale_ok: u8,
+    pub sack_ok: u8,
+    pub tstamp_ok: u8,
+    pub usec_ts_ok: u8,
+    pub reserved: [u8; 3],
 }
 
 unsafe extern "C" {
@@ -531,70 +569,89 @@ unsafe extern "C" {
     ) -> i32;
 }
 
-/// TC ingress: an ACK whose cookie XDP validated becomes a request socket
-/// of its listener. Everything else goes on untouched (TC_ACT_UNSPEC: the
-/// next program in the interface's chain, if any, still runs).
+/// TC ingress: a segment XDP marked as admitted becomes a request socket
+/// of its listener once its cookie checks here too. Everything else goes
+/// on untouched (TC_ACT_UNSPEC: the next program in the interface's chain,
+/// if any, still runs).
 #[inline(always)]
 pub fn assign(ctx: &TcContext, settings: &CookieSettings) -> i32 {
     const NEXT: i32 = TC_ACT_UNSPEC;
     let skb = ctx.skb.skb;
-    // Already given a socket (by another copy of this program while an
-    // upgrade overlaps them, for one).
-    if !unsafe { (*skb).__bindgen_anon_2.sk }.is_null() {
-        return NEXT;
-    }
-    // SAFETY: reading the context's own fields.
-    let (meta_start, data, end) = unsafe {
-        (
-            (*skb).data_meta as usize,
-            (*skb).data as usize,
-            (*skb).data_end as usize,
-        )
+    let frame = Frame {
+        data: ctx.data(),
+        end: ctx.data_end(),
     };
-    if meta_start + core::mem::size_of::<CookieMeta>() > data {
-        return NEXT;
-    }
-    // SAFETY: within data_meta..data, checked above.
-    let meta = unsafe { core::ptr::read_unaligned(meta_start as *const CookieMeta) };
-    if meta.magic != CookieMeta::MAGIC {
-        return NEXT;
-    }
-    let frame = Frame { data, end };
     let Parsed::Tcp(segment) = parse(&frame) else {
         return NEXT;
     };
-    let Some(sk) = lookup(skb as *mut _, &frame, &segment) else {
+    let l4 = segment.transport_offset;
+    let flags_word = segment.header_word;
+    if flags_word[0] & ADMITTED_HINT == 0 {
+        return NEXT;
+    }
+    let verdict = hand_to_listener(ctx, &frame, &segment, settings);
+    // The mark comes off whatever the verdict; the checksum follows.
+    let cleared = [flags_word[0] & !ADMITTED_HINT, flags_word[1]];
+    // SAFETY: helpers on the program's own packet, within its TCP header.
+    unsafe {
+        bpf_l4_csum_replace(
+            skb,
+            (l4 + 16) as u32,
+            u64::from(u16::from_ne_bytes(flags_word)),
+            u64::from(u16::from_ne_bytes(cleared)),
+            2,
+        );
+        bpf_skb_store_bytes(skb, (l4 + 12) as u32, cleared.as_ptr() as *const _, 1, 0);
+    }
+    verdict
+}
+
+#[inline(always)]
+fn hand_to_listener(ctx: &TcContext, frame: &Frame, segment: &TcpSegment, settings: &CookieSettings) -> i32 {
+    const NEXT: i32 = TC_ACT_UNSPEC;
+    let skb = ctx.skb.skb;
+    // `skb->sk` may be set already (a veth keeps the sender's socket across
+    // namespaces): the kfunc orphans the packet first. A second copy of
+    // this program (while an upgrade overlaps them) finds the mark cleared.
+    let Some(sk) = lookup(skb as *mut _, frame, segment) else {
         // No listener (it closed since XDP looked): the stack answers.
         return NEXT;
     };
+    let loader = |offset, to, len| unsafe { bpf_skb_load_bytes(skb as *const _, offset, to, len) };
+    let admitted = verify_ack(frame, segment, settings, crate::maps::now_ns(), loader);
     // SAFETY: a referenced socket, released below.
     let verdict = unsafe {
         let listener = bpf_skc_to_tcp_sock(sk as *mut _);
-        if (*sk).state != TCP_LISTEN || listener.is_null() {
-            NEXT
-        } else {
-            let wscale_ok = meta.client_wscale != NO_WSCALE;
-            let mut attrs = TcpReqAttrs {
-                mss: u32::from(meta.mss),
-                wscale_ok: u32::from(wscale_ok),
-                snd_wscale: if wscale_ok { u32::from(meta.client_wscale) } else { 0 },
-                rcv_wscale: if wscale_ok { u32::from(settings.server_wscale) } else { 0 },
-                rcv_tsval: meta.tsval,
-                rcv_tsecr: meta.tsecr,
-                tstamp_ok: u32::from(meta.flags & CookieMeta::TIMESTAMPS != 0),
-                sack_ok: u32::from(meta.flags & CookieMeta::SACK != 0),
-                ecn_ok: 0,
-            };
-            let assigned = bpf_sk_assign_tcp_reqsk(
-                skb,
-                listener as *mut _,
-                &mut attrs,
-                core::mem::size_of::<TcpReqAttrs>() as u32,
-            );
-            // Failing here, the listener would answer the ACK with a reset.
-            if assigned < 0 { TC_ACT_SHOT } else { NEXT }
+        match admitted {
+            Some(a) if (*sk).state == TCP_LISTEN && !listener.is_null() => {
+                let wscale_ok = a.client_wscale != NO_WSCALE;
+                let mut attrs = TcpReqAttrs {
+                    rcv_tsval: a.tsval,
+                    rcv_tsecr: a.tsecr,
+                    mss: a.mss,
+                    rcv_wscale: if wscale_ok { settings.server_wscale } else { 0 },
+                    snd_wscale: if wscale_ok { a.client_wscale } else { 0 },
+                    ecn_ok: 0,
+                    wscale_ok: u8::from(wscale_ok),
+                    sack_ok: u8::from(a.sack),
+                    tstamp_ok: u8::from(a.timestamps),
+                    usec_ts_ok: 0,
+                    reserved: [0; 3],
+                };
+                let assigned = bpf_sk_assign_tcp_reqsk(
+                    skb,
+                    listener as *mut _,
+                    &mut attrs,
+                    core::mem::size_of::<TcpReqAttrs>() as u32,
+                );
+                // Failing here, the listener would answer with a reset.
+                if assigned < 0 { TC_ACT_SHOT } else { NEXT }
+            }
+            // A forged mark, or a listener gone: the stack answers.
+            _ => NEXT,
         }
     };
     unsafe { bpf_sk_release(sk as *mut _) };
     verdict
 }
+const _: () = assert!(core::mem::size_of::<TcpReqAttrs>() == 20);

@@ -174,13 +174,13 @@ pub fn check_cookie(ctx: &XdpContext) -> u32 {
         return finish(settings, Reason::SynCookieFailed, len);
     };
     let now = now_ns();
-    let Some(meta) = cookies::check_ack(ctx, &frame, &segment, cookies, now) else {
+    if !cookies::check_ack(ctx, &frame, &segment, cookies, now) {
         return finish(settings, Reason::SynCookieFailed, len);
-    };
+    }
     count(Reason::SynCookieValidated, 0, false);
     let key = settings.tracking_key(&segment.source);
     let mut reason = judge_budgets(ctx, settings, &segment, &key, true, now, len);
-    if reason == Reason::Passed && cookies::hand_to_tc(ctx, &meta).is_err() {
+    if reason == Reason::Passed && cookies::mark_admitted(ctx, &segment).is_err() {
         reason = Reason::SynCookieFailed;
     }
     finish(settings, reason, len)

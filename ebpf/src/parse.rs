@@ -53,9 +53,11 @@ pub struct TcpSegment {
     /// The header is cut short after the ports, its data offset is below 5,
     /// or it runs past the packet (flags are then unknown, and zero here).
     pub incomplete_header: bool,
-    /// TCP flags SYN, RST and ACK (bits as in byte 13 of the header; zero
-    /// when the header is incomplete).
+    /// TCP flags (byte 13 of the header; zero when the header is incomplete).
     pub flags: u8,
+    /// Bytes 12 and 13 of the TCP header (data offset, reserved bits,
+    /// flags), as read; zero when the header is incomplete.
+    pub header_word: [u8; 2],
     /// Where the IP header and the TCP header start in the frame.
     pub network_offset: usize,
     pub transport_offset: usize,
@@ -263,6 +265,7 @@ fn tcp<P: Packet>(packet: &P, offset: usize, source: SourceKey, network: Network
             opens_connection: false,
             incomplete_header: true,
             flags: 0,
+            header_word: [0, 0],
             network_offset: network.offset,
             transport_offset: offset,
             ipv4: network.ipv4,
@@ -272,17 +275,22 @@ fn tcp<P: Packet>(packet: &P, offset: usize, source: SourceKey, network: Network
     let header_len = th.doff() as usize * 4;
     let header_end = offset + header_len;
     let incomplete_header = header_len < TcpHdr::LEN || packet.read::<u8>(header_end - 1).is_none();
-    let flags = if incomplete_header {
-        0
+    // From the copy already read: a second packet read here would be one
+    // the compiler merges with the first, which the verifier cannot follow.
+    // SAFETY: TcpHdr is 20 plain bytes.
+    let raw: [u8; TcpHdr::LEN] = unsafe { core::mem::transmute(th) };
+    let header_word = if incomplete_header {
+        [0, 0]
     } else {
-        (th.syn() as u8) << 1 | (th.rst() as u8) << 2 | (th.ack() as u8) << 4
+        [raw[12], raw[13]]
     };
     Parsed::Tcp(TcpSegment {
         source,
         destination_port,
-        opens_connection: flags & (TcpSegment::SYN | TcpSegment::ACK) == TcpSegment::SYN,
+        opens_connection: header_word[1] & (TcpSegment::SYN | TcpSegment::ACK) == TcpSegment::SYN,
         incomplete_header,
-        flags,
+        flags: header_word[1],
+        header_word,
         network_offset: network.offset,
         transport_offset: offset,
         ipv4: network.ipv4,

@@ -424,3 +424,92 @@ fn in_dry_run_syns_pass_to_the_server() {
     assert_eq!(h.run(&syn.bytes()), XDP_PASS, "a dry run does not answer for the server");
     assert_eq!(h.packets(Reason::SynCookieSent), 0);
 }
+
+mod real_traffic {
+    //! The agent on a test host's interface, real clients through the
+    //! cookie round trip into a real WebSocket server.
+
+    use std::{
+        net::{SocketAddr, TcpListener, TcpStream},
+        os::fd::AsRawFd,
+        time::Duration,
+    };
+
+    use anyhow::{Context, Result, ensure};
+    use wsguard_common::Reason;
+    use wsguard_tests::{
+        Agent, Lab, Setup,
+        peers::{echo, ws_connect},
+    };
+
+    const SECOND: Duration = Duration::from_secs(1);
+    const TCPI_OPT_TIMESTAMPS: u8 = 1;
+    const TCPI_OPT_SACK: u8 = 2;
+    const TCPI_OPT_WSCALE: u8 = 4;
+
+    /// (tcpi_options, tcpi_snd_wscale, tcpi_rcv_wscale) of a socket.
+    fn tcp_options(stream: &TcpStream) -> (u8, u8, u8) {
+        let mut info = [0u8; 232];
+        let mut len = info.len() as libc::socklen_t;
+        // SAFETY: TCP_INFO writes at most `len` bytes into `info`.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                info.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "TCP_INFO");
+        // struct tcp_info: state, ca_state, retransmits, probes, backoff,
+        // options, then snd_wscale:4 | rcv_wscale:4.
+        (info[5], info[6] & 0x0f, info[6] >> 4)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn websocket_clients_connect_through_the_cookie() -> Result<()> {
+        for v6 in [false, true] {
+            let body = "[protect]\nports = [8080]\n";
+            let setup = if v6 { Setup::start_v6(body).await? } else { Setup::start(body).await? };
+            let client = if v6 {
+                setup.lab.client_v6(3).into()
+            } else {
+                setup.lab.client_v4(3).into()
+            };
+            let mut ws = ws_connect(&setup.lab.client, client, setup.addr, 2 * SECOND).await?;
+            echo(&mut ws, "through the cookie", SECOND).await?;
+            ensure!(setup.agent.counter(Reason::SynCookieSent).packets >= 1, "no cookie sent");
+            ensure!(
+                setup.agent.counter(Reason::SynCookieValidated).packets >= 1,
+                "no cookie validated"
+            );
+            ensure!(
+                !setup.agent.state()?.tracked_sources()?.is_empty(),
+                "the verified client is tracked"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_server_socket_keeps_timestamps_sack_and_window_scaling() -> Result<()> {
+        let lab = Lab::new()?;
+        let _agent = Agent::start(&lab, "[protect]\nports = [8080]\n")?;
+        for server in [SocketAddr::new(lab.server_v4().into(), 8080), SocketAddr::new(lab.server_v6().into(), 8080)] {
+            let listener = lab.server.run(move || TcpListener::bind(server))?;
+            let client = lab.client.run(move || TcpStream::connect_timeout(&server, 2 * SECOND))?;
+            let (accepted, _) = listener.accept().context("accept")?;
+            let (options, snd_wscale, rcv_wscale) = tcp_options(&accepted);
+            ensure!(options & TCPI_OPT_TIMESTAMPS != 0, "{server}: timestamps lost ({options:#x})");
+            ensure!(options & TCPI_OPT_SACK != 0, "{server}: SACK lost ({options:#x})");
+            ensure!(options & TCPI_OPT_WSCALE != 0, "{server}: window scaling lost ({options:#x})");
+            let (client_options, client_snd, client_rcv) = tcp_options(&client);
+            ensure!(
+                client_options & 7 == 7 && client_snd == rcv_wscale && client_rcv == snd_wscale,
+                "{server}: both ends agree on the options: client {client_options:#x} {client_snd}/{client_rcv}, server {snd_wscale}/{rcv_wscale}"
+            );
+        }
+        Ok(())
+    }
+}

@@ -100,6 +100,31 @@ fn aya_mode(mode: XdpMode) -> AyaXdpMode {
     }
 }
 
+/// The XDP mode for one interface. SYN cookies send their SYN-ACKs with
+/// XDP_TX, which on a veth in native mode reaches the peer only when the
+/// peer runs an XDP program too: with `xdp_mode = "auto"` a veth is
+/// attached in generic mode instead, and `"native"` is warned about.
+fn attach_mode(interface: &str, config: &Config) -> AyaXdpMode {
+    if config.syn_cookies.enabled && system::is_veth(interface) {
+        match config.agent.xdp_mode {
+            XdpMode::Auto => {
+                info!(
+                    "{interface} is a veth: attaching XDP in generic (skb) mode, where SYN cookie \
+                     replies (XDP_TX) reach the peer without an XDP program on it"
+                );
+                return AyaXdpMode::Skb;
+            }
+            XdpMode::Native => tracing::warn!(
+                "{interface} is a veth in native XDP mode: SYN cookie replies (XDP_TX) are lost \
+                 unless the peer runs an XDP program; use xdp_mode = \"auto\" or \"skb\", or \
+                 turn syn_cookies off"
+            ),
+            XdpMode::Skb => {}
+        }
+    }
+    aya_mode(config.agent.xdp_mode)
+}
+
 fn ifindex(interface: &str) -> u32 {
     std::ffi::CString::new(interface)
         .map_or(0, |name| unsafe { libc::if_nametoindex(name.as_ptr()) })
@@ -351,9 +376,9 @@ impl Kernel {
             .clone()
             .context("attaching needs a pin directory")?;
         let mut takeover = Takeover::default();
-        let mode = aya_mode(config.agent.xdp_mode);
         let mut wanted = Vec::new();
         for interface in config.agent.interfaces.get_ref() {
+            let mode = attach_mode(interface, config);
             if self.attach_interface(interface, mode, config.agent.xdp_mode, &dir, pin)? {
                 takeover.interfaces.push(interface.clone());
             }
@@ -504,7 +529,6 @@ impl Kernel {
             .pins
             .clone()
             .context("attaching needs a pin directory")?;
-        let mode = aya_mode(config.agent.xdp_mode);
         let mut done = Vec::new();
         for interface in config.agent.interfaces.get_ref() {
             let now = ifindex(interface);
@@ -518,7 +542,7 @@ impl Kernel {
             self.links.retain(|held| !stale.contains(held.path()));
             self.attach_interface(
                 interface,
-                mode,
+                attach_mode(interface, config),
                 config.agent.xdp_mode,
                 &dir,
                 config.agent.keep_enforcing_on_exit,

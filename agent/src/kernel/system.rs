@@ -389,3 +389,48 @@ pub fn interface_mtu(interface: &str) -> u32 {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1500)
 }
+
+/// Whether `interface` is a veth device (its driver, as ethtool reports it).
+/// On a veth, frames sent back with XDP_TX from native-mode XDP reach the
+/// peer only when the peer runs an XDP program of its own.
+pub fn is_veth(interface: &str) -> bool {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 0x0000_0003;
+    #[repr(C)]
+    struct DriverInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 160],
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut DriverInfo,
+        _pad: [u8; 16],
+    }
+    if interface.len() >= libc::IFNAMSIZ {
+        return false;
+    }
+    let mut info = DriverInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 160],
+    };
+    let mut request = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        data: &mut info,
+        _pad: [0; 16],
+    };
+    request.name[..interface.len()].copy_from_slice(interface.as_bytes());
+    // SAFETY: a datagram socket for the ioctl only; the request and the
+    // driver info it points to outlive the call.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return false;
+        }
+        let ok = libc::ioctl(fd, SIOCETHTOOL, &mut request) == 0;
+        libc::close(fd);
+        ok && info.driver.starts_with(b"veth\0")
+    }
+}
