@@ -179,6 +179,24 @@ impl Collector for KernelCollector {
                 .map(|(r, c)| (vec![("event", r.name().to_string())], c.packets))
                 .collect::<Vec<_>>(),
         )?;
+        let cookie = |reason: wsguard_common::Reason| {
+            snapshot
+                .counters
+                .iter()
+                .find(|(r, _)| *r == reason)
+                .map_or(0, |(_, c)| c.packets)
+        };
+        counter(
+            &mut encoder,
+            "wsguard_syn_cookies",
+            "SYN cookies: SYNs answered with one (sent), ACKs that returned a valid one (validated), segments of no connection without one (failed).",
+            None,
+            &[
+                (vec![("result", "sent".to_string())], cookie(wsguard_common::Reason::SynCookieSent)),
+                (vec![("result", "validated".to_string())], cookie(wsguard_common::Reason::SynCookieValidated)),
+                (vec![("result", "failed".to_string())], cookie(wsguard_common::Reason::SynCookieFailed)),
+            ],
+        )?;
         let would_ban = snapshot
             .would_drop
             .iter()

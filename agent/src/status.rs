@@ -17,9 +17,12 @@ pub fn source_addr(key: &SourceKey) -> IpAddr {
     IpAddr::V6(std::net::Ipv6Addr::from(key.addr)).to_canonical()
 }
 
-/// "passed", "dropped" or "event", for a reason.
+/// "passed", "dropped", "answered" (a SYN answered with a cookie) or
+/// "event", for a reason.
 pub fn verdict(reason: Reason) -> &'static str {
-    if reason.is_drop() {
+    if reason == Reason::SynCookieSent {
+        "answered"
+    } else if reason.is_drop() {
         "dropped"
     } else if matches!(
         reason,

@@ -3,7 +3,7 @@
 use std::{collections::HashMap, time::Duration};
 
 use anyhow::Result;
-use wsguard_common::{SourceKey, SourceState};
+use wsguard_common::{Reason, SourceKey, SourceState};
 
 use crate::{
     kernel::{PinnedState, monotonic_ns},
@@ -45,12 +45,40 @@ fn rates(
         .collect()
 }
 
+/// SYN cookies per second between two samples: sent, validated, failed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CookieRates {
+    pub sent: f64,
+    pub validated: f64,
+    pub failed: f64,
+}
+
+fn cookie_counts(state: &PinnedState) -> Result<[u64; 3]> {
+    Ok([
+        state.counter(Reason::SynCookieSent)?.packets,
+        state.counter(Reason::SynCookieValidated)?.packets,
+        state.counter(Reason::SynCookieFailed)?.packets,
+    ])
+}
+
 /// Samples twice, `interval` apart, and returns the `limit` busiest sources
-/// (by bytes per second), banned sources first.
-pub fn sample(state: &PinnedState, interval: Duration, limit: usize) -> Result<Vec<SourceRates>> {
+/// (by bytes per second), banned sources first, and the SYN-cookie rates.
+pub fn sample(
+    state: &PinnedState,
+    interval: Duration,
+    limit: usize,
+) -> Result<(Vec<SourceRates>, CookieRates)> {
     let before: HashMap<_, _> = state.tracked_sources()?.into_iter().collect();
+    let cookies_before = cookie_counts(state)?;
     std::thread::sleep(interval);
     let after = state.tracked_sources()?;
+    let cookies_after = cookie_counts(state)?;
+    let per_s = |i: usize| cookies_after[i].saturating_sub(cookies_before[i]) as f64 / interval.as_secs_f64();
+    let cookies = CookieRates {
+        sent: per_s(0),
+        validated: per_s(1),
+        failed: per_s(2),
+    };
     let now = monotonic_ns();
     let bans: HashMap<_, _> = state
         .bans()?
@@ -77,11 +105,15 @@ pub fn sample(state: &PinnedState, interval: Duration, limit: usize) -> Result<V
             .then(b.bytes_per_s.total_cmp(&a.bytes_per_s))
     });
     rows.truncate(limit);
-    Ok(rows)
+    Ok((rows, cookies))
 }
 
-pub fn render(rows: &[SourceRates]) -> String {
+pub fn render(rows: &[SourceRates], cookies: &CookieRates) -> String {
     let mut out = format!(
+        "syn cookies/s: sent {:.0}, validated {:.0}, failed {:.0}\n",
+        cookies.sent, cookies.validated, cookies.failed
+    );
+    out += &format!(
         "{:<40} {:>10} {:>12} {:>10} {:>10} {:>10} {:>6} {:>10}\n",
         "source", "pkts/s", "bytes/s", "conn-drop", "byte-drop", "conc-drop", "open", "banned"
     );
@@ -107,9 +139,9 @@ pub fn render(rows: &[SourceRates]) -> String {
 /// Refreshes until interrupted; with `once`, prints one sample and returns.
 pub fn run(state: &PinnedState, interval: Duration, limit: usize, once: bool) -> Result<()> {
     loop {
-        let rows = sample(state, interval, limit)?;
+        let (rows, cookies) = sample(state, interval, limit)?;
         if once {
-            print!("{}", render(&rows));
+            print!("{}", render(&rows, &cookies));
             return Ok(());
         }
         // Clear the screen and go home, then draw.
@@ -117,7 +149,7 @@ pub fn run(state: &PinnedState, interval: Duration, limit: usize, once: bool) ->
             "\x1b[2J\x1b[H{} sources shown, refreshed every {:?}\n{}",
             rows.len(),
             interval,
-            render(&rows)
+            render(&rows, &cookies)
         );
         use std::io::Write;
         std::io::stdout().flush()?;

@@ -160,7 +160,7 @@ impl FloodLab {
     /// `block` (0–255) picks the flood's /24 in 198.19.0.0/16, so that no
     /// phase inherits per-source state (buckets, conntrack entries) from
     /// another.
-    fn flood_frames(&self, attack: Attack, block: u8) -> Vec<Vec<u8>> {
+    pub fn flood_frames(&self, attack: Attack, block: u8) -> Vec<Vec<u8>> {
         let server = self.lab.server_v4().octets();
         let (src_mac, dst_mac) = ([0x02, 0, 0, 0, 0x19, 0x01], self.server_mac);
         let mut frames = Vec::new();
@@ -318,7 +318,7 @@ impl FloodLab {
     }
 }
 
-async fn echo_once(ws: &mut WsClient, payload: &str) -> Result<()> {
+pub async fn echo_once(ws: &mut WsClient, payload: &str) -> Result<()> {
     tokio::time::timeout(Duration::from_secs(1), async {
         ws.send(Message::text(payload)).await?;
         while let Some(msg) = ws.next().await {
@@ -333,13 +333,13 @@ async fn echo_once(ws: &mut WsClient, payload: &str) -> Result<()> {
 }
 
 /// CPU time on all cores so far, from the first line of /proc/stat.
-struct Cpu {
-    softirq_ms: f64,
-    busy_ms: f64,
+pub struct Cpu {
+    pub softirq_ms: f64,
+    pub busy_ms: f64,
 }
 
 impl Cpu {
-    fn now() -> Result<Cpu> {
+    pub fn now() -> Result<Cpu> {
         let stat = std::fs::read_to_string("/proc/stat")?;
         // cpu user nice system idle iowait irq softirq …
         let ticks: Vec<u64> = stat
@@ -360,7 +360,7 @@ impl Cpu {
         })
     }
 
-    fn since(&self, before: &Cpu) -> Cpu {
+    pub fn since(&self, before: &Cpu) -> Cpu {
         Cpu {
             softirq_ms: self.softirq_ms - before.softirq_ms,
             busy_ms: self.busy_ms - before.busy_ms,

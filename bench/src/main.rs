@@ -8,6 +8,7 @@ mod kernel_cost;
 mod latency;
 mod report;
 mod stats;
+mod syn_flood;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -32,6 +33,8 @@ struct Plan {
     scales: [u32; 3],
     flood_rounds: usize,
     flood_phase: Duration,
+    syn_flood_rounds: usize,
+    syn_flood_phase: Duration,
     rejected_handshakes: usize,
     parallel_handshakes: usize,
     ban_sources: u8,
@@ -55,6 +58,8 @@ impl Plan {
                 scales: [1_000, 100_000, 1_000_000],
                 flood_rounds: 2,
                 flood_phase: Duration::from_secs(2),
+                syn_flood_rounds: 1,
+                syn_flood_phase: Duration::from_secs(3),
                 rejected_handshakes: 1_000,
                 parallel_handshakes: 8,
                 ban_sources: 10,
@@ -73,6 +78,8 @@ impl Plan {
                 scales: [1_000, 100_000, 1_000_000],
                 flood_rounds: 5,
                 flood_phase: Duration::from_secs(5),
+                syn_flood_rounds: 3,
+                syn_flood_phase: Duration::from_secs(5),
                 rejected_handshakes: 3_000,
                 parallel_handshakes: 8,
                 ban_sources: 40,
@@ -100,6 +107,15 @@ impl Plan {
                     "{} rounds of {} s per phase, contenders in rotating order",
                     self.flood_rounds,
                     self.flood_phase.as_secs()
+                ),
+            ),
+            (
+                "section 6".into(),
+                format!(
+                    "{} rounds per contender, each on a fresh lab: {} s without a flood, then {} s of flood",
+                    self.syn_flood_rounds,
+                    self.syn_flood_phase.as_secs(),
+                    self.syn_flood_phase.as_secs()
                 ),
             ),
             (
@@ -151,6 +167,8 @@ async fn measure(args: &Args) -> Result<()> {
     let ban_kernel = kernel_cost::ban_latency(plan.kernel)?;
     eprintln!("bench: 3 and 5. protection under flood, overhead");
     let flood = flood::run(plan.flood_rounds, plan.flood_phase).await?;
+    eprintln!("bench: 6. spoofed SYN flood: new clients");
+    let syn_flood = syn_flood::run(plan.syn_flood_rounds, plan.syn_flood_phase).await?;
     eprintln!("bench: 4. enforcement latency");
     let rejected =
         latency::rejected_handshakes(plan.rejected_handshakes, plan.parallel_handshakes).await?;
@@ -167,6 +185,7 @@ async fn measure(args: &Args) -> Result<()> {
         scale,
         ban_kernel,
         flood,
+        syn_flood,
         rejected,
         ban_agent,
         accepted,

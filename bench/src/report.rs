@@ -68,6 +68,7 @@ pub struct Results {
     pub scale: Vec<ScaleRow>,
     pub ban_kernel: BanLatency,
     pub flood: Vec<Phase>,
+    pub syn_flood: Vec<crate::syn_flood::SynFloodRun>,
     pub rejected: Latency,
     pub ban_agent: Latency,
     pub accepted: crate::latency::Accepted,
@@ -391,6 +392,7 @@ fn markdown(r: &Results) -> String {
         );
     }
 
+    md.push_str(&crate::syn_flood::markdown(&r.syn_flood));
     md.push_str(&findings(r));
     md.push_str(READING);
     md

@@ -30,6 +30,16 @@ impl Netns {
             name: name.to_string(),
         };
         ns.ip(&["link", "set", "lo", "up"])?;
+        // No duplicate address detection on links created here: while a new
+        // link's own link-local address is tentative (about a second), the
+        // namespace cannot resolve a neighbour it has not heard from, and
+        // an IPv6 reply to a second client would wait on it.
+        ns.run(|| -> Result<()> {
+            for conf in ["all", "default"] {
+                std::fs::write(format!("/proc/sys/net/ipv6/conf/{conf}/accept_dad"), "0")?;
+            }
+            Ok(())
+        })?;
         Ok(ns)
     }
 

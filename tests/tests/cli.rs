@@ -130,7 +130,7 @@ fn status_without_an_agent_fails_clearly() {
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("no wsguard state pinned at /sys/fs/bpf/wsguard-test-nobody-here/v2"),
+        stderr(&out).contains("no wsguard state pinned at /sys/fs/bpf/wsguard-test-nobody-here/v3"),
         "{}",
         stderr(&out)
     );
@@ -152,7 +152,7 @@ async fn run_under_ip_netns_exec() -> anyhow::Result<()> {
     let agent = Agent::start_with_ip_netns_exec(
         &lab,
         &format!(
-            "[protect]\nports = [8080]\n[limits.per_source]\nconcurrent_connections = 1\n[lists]\ndeny = [\"{}\"]\n",
+            "[protect]\nports = [8080]\n[limits.per_source]\nconcurrent_connections = 1\n[lists]\ndeny = [\"{}\"]\n[syn_cookies]\nenabled = false\n",
             lab.client_v4(9)
         ),
     )?;
@@ -316,12 +316,12 @@ fn bad_cli_input_is_refused_with_exit_code_and_reason() {
         (
             &["deny", "list", "--pin-path", pins],
             1,
-            "no wsguard state pinned at /sys/fs/bpf/wsguard-test-nobody-here/v2",
+            "no wsguard state pinned at /sys/fs/bpf/wsguard-test-nobody-here/v3",
         ),
         (
             &["reload", "--pin-path", pins],
             1,
-            "no wsguard agent is running with its state at /sys/fs/bpf/wsguard-test-nobody-here/v2",
+            "no wsguard agent is running with its state at /sys/fs/bpf/wsguard-test-nobody-here/v3",
         ),
         (
             &["status", "--config", "/nonexistent.toml"],

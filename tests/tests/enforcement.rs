@@ -38,8 +38,10 @@ fn bucket_bound(burst: f64, rate_per_s: f64, elapsed: Duration) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_flood_is_cut_to_rate_and_burst_while_another_source_keeps_echoing()
 -> Result<()> {
+    // SYN cookies off: this counts SYNs; syn_cookies.rs has the same limit
+    // charged at the cookie ACK.
     let Setup { agent, server, addr, lab } = Setup::start(
-        "[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"10/s\"\nnew_connections_burst = 20\nconcurrent_connections = 0\n[ban]\nafter_drops = 0\n",
+        "[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"10/s\"\nnew_connections_burst = 20\nconcurrent_connections = 0\n[ban]\nafter_drops = 0\n[syn_cookies]\nenabled = false\n",
     )
     .await?;
     let mut legit = ws_connect(&lab.client, lab.client_v4(3).into(), addr, 2 * SECOND).await?;
@@ -248,8 +250,11 @@ async fn a_banned_source_is_dropped_and_recovers_when_the_ban_expires() -> Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_concurrent_connection_limit_holds_and_frees_up_as_connections_close() -> Result<()> {
+    // SYN cookies off: a refused connection fails at connect(); with
+    // cookies, connect() succeeds and the server never sees the connection
+    // (syn_cookies.rs).
     let Setup { agent, server: _server, addr, lab } = Setup::start(
-        "[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"100/s\"\nnew_connections_burst = 100\nconcurrent_connections = 3\n[ban]\nafter_drops = 0\n",
+        "[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"100/s\"\nnew_connections_burst = 100\nconcurrent_connections = 3\n[ban]\nafter_drops = 0\n[syn_cookies]\nenabled = false\n",
     )
     .await?;
     let source: IpAddr = lab.client_v4(12).into();
@@ -310,7 +315,7 @@ async fn the_concurrent_connection_limit_holds_and_frees_up_as_connections_close
 async fn ipv6_sources_meet_the_same_flood_limits_and_lists() -> Result<()> {
     // Allowed: host ::4 of the second /64; denied: ::20 to ::3f of it.
     let Setup { agent, server, addr, lab } = Setup::start_v6(
-        "[protect]\nports = [8080]\nipv6_prefix = 64\n[limits.per_source]\nnew_connections = \"10/s\"\nnew_connections_burst = 10\nconcurrent_connections = 0\n[ban]\nafter_drops = 0\n\
+        "[protect]\nports = [8080]\nipv6_prefix = 64\n[limits.per_source]\nnew_connections = \"10/s\"\nnew_connections_burst = 10\nconcurrent_connections = 0\n[ban]\nafter_drops = 0\n[syn_cookies]\nenabled = false\n\
          [lists]\nallow = [\"2001:db8:{id6}:1::4/128\"]\ndeny = [\"2001:db8:{id6}:1::20/123\"]\n",
     )
     .await?;
@@ -385,8 +390,11 @@ async fn every_xdp_mode_attaches_and_enforces() -> Result<()> {
     let _server = EchoServer::start(&lab.server, PORT).await?;
     let addr = target(&lab);
     for mode in ["auto", "native", "skb"] {
+        // On a veth, SYN cookie replies from native XDP need an XDP program
+        // on the peer (the agent warns): native mode runs without cookies.
+        let cookies = mode != "native";
         let config = format!(
-            "[protect]\nports = [8080]\n[lists]\ndeny = [\"{}\"]\n",
+            "[protect]\nports = [8080]\n[lists]\ndeny = [\"{}\"]\n[syn_cookies]\nenabled = {cookies}\n",
             lab.client_v4(9)
         );
         // xdp_mode sits in [agent]: written by hand here rather than by Agent::start.

@@ -63,9 +63,12 @@ async fn a_spoofed_flood_past_the_source_map_and_a_kill_9_lose_nothing() -> Resu
     let addr = SocketAddr::new(lab.server_v4().into(), 8080);
     let body = format!(
         "[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"3/m\"\nnew_connections_burst = 3\n\
-         [ban]\nafter_drops = 3\nduration = \"1h\"\n[lists]\nallow = [\"{}\"]\n[tracking]\nmax_sources = {MAX_SOURCES}\n",
+         [ban]\nafter_drops = 3\nduration = \"1h\"\n[lists]\nallow = [\"{}\"]\n[tracking]\nmax_sources = {MAX_SOURCES}\n\
+         [syn_cookies]\nenabled = false\n",
         lab.client_v4(4)
     );
+    // SYN cookies off: with them, spoofed SYNs never reach the source map
+    // (syn_cookies.rs shows that); here the map itself is under test.
     let agent = Agent::start_with_agent_keys(&lab, "keep_enforcing_on_exit = true", &body)?;
     let pin_path = agent.pin_path.clone();
     struct Cleanup(std::path::PathBuf);

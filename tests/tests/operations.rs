@@ -35,9 +35,12 @@ impl Drop for StateGuard {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// These count one SYN per connection attempt and see a refused connection
+// fail at connect(): SYN cookies are off (with them, the budget is charged
+// when the ACK returns the cookie; syn_cookies.rs).
 async fn status_and_top_match_the_traffic_sent() -> Result<()> {
     let Setup { agent, server: _server, addr, lab } = Setup::start(
-        "[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"5/m\"\nnew_connections_burst = 5\n[ban]\nafter_drops = 0\n",
+        "[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"5/m\"\nnew_connections_burst = 5\n[ban]\nafter_drops = 0\n[syn_cookies]\nenabled = false\n",
     )
     .await?;
     // Five connections pass, five more are dropped for the rate.
@@ -115,7 +118,7 @@ async fn status_and_top_match_the_traffic_sent() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_deny_and_allow_take_effect_at_once_and_expire() -> Result<()> {
     let Setup { agent, server: _server, addr, lab } = Setup::start(
-        "[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"1/m\"\nnew_connections_burst = 1\n[ban]\nafter_drops = 0\n",
+        "[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"1/m\"\nnew_connections_burst = 1\n[ban]\nafter_drops = 0\n[syn_cookies]\nenabled = false\n",
     )
     .await?;
     let source = lab.client_v4(7);
@@ -389,7 +392,7 @@ async fn dry_run_drops_nothing_and_counts_what_enforcing_drops() -> Result<()> {
     let mut dropped = Vec::new();
     for dry_run in [false, true] {
         let Setup { agent, server, addr, lab } = Setup::start(&format!(
-            "[protect]\nports = [8080]\n[limits]\ndry_run = {dry_run}\n[limits.per_source]\nnew_connections = \"5/m\"\nnew_connections_burst = 5\n[ban]\nafter_drops = 0\n"
+            "[protect]\nports = [8080]\n[limits]\ndry_run = {dry_run}\n[limits.per_source]\nnew_connections = \"5/m\"\nnew_connections_burst = 5\n[ban]\nafter_drops = 0\n[syn_cookies]\nenabled = false\n"
         ))
         .await?;
         let mut connected = 0;
