@@ -192,9 +192,18 @@ impl Collector for KernelCollector {
             "SYN cookies: SYNs answered with one (sent), ACKs that returned a valid one (validated), segments of no connection without one (failed).",
             None,
             &[
-                (vec![("result", "sent".to_string())], cookie(wsguard_common::Reason::SynCookieSent)),
-                (vec![("result", "validated".to_string())], cookie(wsguard_common::Reason::SynCookieValidated)),
-                (vec![("result", "failed".to_string())], cookie(wsguard_common::Reason::SynCookieFailed)),
+                (
+                    vec![("result", "sent".to_string())],
+                    cookie(wsguard_common::Reason::SynCookieSent),
+                ),
+                (
+                    vec![("result", "validated".to_string())],
+                    cookie(wsguard_common::Reason::SynCookieValidated),
+                ),
+                (
+                    vec![("result", "failed".to_string())],
+                    cookie(wsguard_common::Reason::SynCookieFailed),
+                ),
             ],
         )?;
         let would_ban = snapshot

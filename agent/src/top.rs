@@ -73,7 +73,9 @@ pub fn sample(
     std::thread::sleep(interval);
     let after = state.tracked_sources()?;
     let cookies_after = cookie_counts(state)?;
-    let per_s = |i: usize| cookies_after[i].saturating_sub(cookies_before[i]) as f64 / interval.as_secs_f64();
+    let per_s = |i: usize| {
+        cookies_after[i].saturating_sub(cookies_before[i]) as f64 / interval.as_secs_f64()
+    };
     let cookies = CookieRates {
         sent: per_s(0),
         validated: per_s(1),

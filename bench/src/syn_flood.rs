@@ -187,12 +187,23 @@ async fn echoes(ws: &mut WsClient, deadline: Instant) -> Vec<f64> {
     rtts
 }
 
-async fn one_run(lab: &FloodLab, defence: Defence, round: usize, block: u8, phase: Duration) -> Result<SynFloodRun> {
+async fn one_run(
+    lab: &FloodLab,
+    defence: Defence,
+    round: usize,
+    block: u8,
+    phase: Duration,
+) -> Result<SynFloodRun> {
     let installed = Installed::new(lab, defence)?;
     let long_lived: IpAddr = lab.lab.client_v4(2).into();
-    let mut ws = ws_connect(&lab.lab.client, long_lived, lab.addr, Duration::from_secs(3))
-        .await
-        .context("long-lived client")?;
+    let mut ws = ws_connect(
+        &lab.lab.client,
+        long_lived,
+        lab.addr,
+        Duration::from_secs(3),
+    )
+    .await
+    .context("long-lived client")?;
     let baseline = echoes(&mut ws, Instant::now() + phase).await;
 
     let frames = lab.flood_frames(Attack::SynFloodFullSpeed, block);
@@ -220,7 +231,9 @@ async fn one_run(lab: &FloodLab, defence: Defence, round: usize, block: u8, phas
             let source: IpAddr = lab.lab.client_v4(host).into();
             host = if host >= 41 { 3 } else { host + 1 };
             tried += 1;
-            if let Ok(mut client) = ws_connect(&lab.lab.client, source, lab.addr, Duration::from_secs(1)).await {
+            if let Ok(mut client) =
+                ws_connect(&lab.lab.client, source, lab.addr, Duration::from_secs(1)).await
+            {
                 in_time += 1;
                 let _ = futures_util::SinkExt::close(&mut client).await;
             }
@@ -228,7 +241,8 @@ async fn one_run(lab: &FloodLab, defence: Defence, round: usize, block: u8, phas
         }
         (tried, in_time)
     };
-    let (flood_rtts, (new_clients, new_clients_in_time)) = tokio::join!(echoes(&mut ws, deadline), newcomers);
+    let (flood_rtts, (new_clients, new_clients_in_time)) =
+        tokio::join!(echoes(&mut ws, deadline), newcomers);
     stop.store(true, Ordering::Relaxed);
     let flood_sent = sender.await??;
     let seconds = started.elapsed().as_secs_f64();
@@ -281,7 +295,13 @@ pub async fn run(rounds: usize, phase: Duration) -> Result<Vec<SynFloodRun>> {
 pub fn markdown(runs: &[SynFloodRun]) -> String {
     use crate::stats::Spread;
     let of = |d: Defence, f: fn(&SynFloodRun) -> f64| {
-        Spread::of(&runs.iter().filter(|r| r.defence == d).map(f).collect::<Vec<_>>())
+        Spread::of(
+            &runs
+                .iter()
+                .filter(|r| r.defence == d)
+                .map(f)
+                .collect::<Vec<_>>(),
+        )
     };
     let kernel_ns = of(Defence::KernelCookies, SynFloodRun::softirq_ns_per_packet).median;
     let synproxy_ns = of(Defence::Synproxy, SynFloodRun::softirq_ns_per_packet).median;
@@ -302,17 +322,29 @@ pub fn markdown(runs: &[SynFloodRun]) -> String {
         let tracked = runs
             .iter()
             .filter(|r| r.defence == d)
-            .filter_map(|r| Some(format!("{} of {}", r.flood_sources_tracked?, r.sources_tracked?)))
+            .filter_map(|r| {
+                Some(format!(
+                    "{} of {}",
+                    r.flood_sources_tracked?, r.sources_tracked?
+                ))
+            })
             .collect::<Vec<_>>();
         md.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} |\n",
             d.name(),
             of(d, |r| r.flood_pps() / 1e3).show(0),
             of(d, SynFloodRun::softirq_ns_per_packet).show(0),
-            format!("{:.2}", of(d, SynFloodRun::softirq_ns_per_packet).median / kernel_ns),
+            format!(
+                "{:.2}",
+                of(d, SynFloodRun::softirq_ns_per_packet).median / kernel_ns
+            ),
             of(d, |r| 100.0 * r.new_clients_ratio()).show(1) + " %",
             of(d, |r| r.flood_p99_us / r.baseline_p99_us).show(2),
-            if tracked.is_empty() { "–".to_string() } else { tracked.join(", ") },
+            if tracked.is_empty() {
+                "–".to_string()
+            } else {
+                tracked.join(", ")
+            },
         ));
     }
     let cookies_ns = of(Defence::WsguardCookies, SynFloodRun::softirq_ns_per_packet).median;

@@ -128,7 +128,12 @@ pub fn make(key: &[u64; 2], tuple: &CookieTuple, options: CookieOptions, slot: u
 /// Checks `cookie` (the ACK's acknowledgment number minus one) against the
 /// tuple at `now_slot`; the options it carries when valid.
 #[inline(always)]
-pub fn check(key: &[u64; 2], tuple: &CookieTuple, cookie: u32, now_slot: u64) -> Option<CookieOptions> {
+pub fn check(
+    key: &[u64; 2],
+    tuple: &CookieTuple,
+    cookie: u32,
+    now_slot: u64,
+) -> Option<CookieOptions> {
     let parity = u64::from(cookie >> 5 & 1);
     let slot = if now_slot & 1 == parity {
         now_slot

@@ -17,7 +17,7 @@
 //!   generic XDP nor every driver hands it on to TC.)
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, __sk_buff, bpf_sock, bpf_sock_tuple},
+    bindings::{__sk_buff, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_sock, bpf_sock_tuple},
     helpers::{
         bpf_l4_csum_replace, bpf_sk_release, bpf_skb_load_bytes, bpf_skb_store_bytes,
         bpf_skc_lookup_tcp, bpf_skc_to_tcp_sock, bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
@@ -27,8 +27,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use wsguard_common::cookie::{
-    self, CookieOptions, CookieSettings, CookieTuple, MAX_WSCALE, MSS_V4, MSS_V6,
-    NO_WSCALE,
+    self, CookieOptions, CookieSettings, CookieTuple, MAX_WSCALE, MSS_V4, MSS_V6, NO_WSCALE,
 };
 
 use crate::parse::{Frame, Packet, Parsed, TcpSegment, parse};
@@ -74,7 +73,11 @@ pub struct TcpOptions {
 /// values through map memory, so every step looks alike to it and the walk
 /// verifies in a few hundred steps instead of once per way through it.
 #[inline(always)]
-fn tcp_options(load: impl FnOnce(u32, *mut core::ffi::c_void, u32) -> i64, offset: usize, header_len: usize) -> TcpOptions {
+fn tcp_options(
+    load: impl FnOnce(u32, *mut core::ffi::c_void, u32) -> i64,
+    offset: usize,
+    header_len: usize,
+) -> TcpOptions {
     let none = TcpOptions {
         wscale: NO_WSCALE,
         ..Default::default()
@@ -214,7 +217,11 @@ pub enum Belongs {
 /// Looks the segment's 4-tuple up among the TCP sockets of the packet's
 /// network namespace.
 #[inline(always)]
-pub fn belongs(ctx_ptr: *mut core::ffi::c_void, packet: &impl Packet, segment: &TcpSegment) -> Belongs {
+pub fn belongs(
+    ctx_ptr: *mut core::ffi::c_void,
+    packet: &impl Packet,
+    segment: &TcpSegment,
+) -> Belongs {
     match lookup(ctx_ptr, packet, segment) {
         Some(sk) => {
             // SAFETY: a socket reference from bpf_skc_lookup_tcp, released below.
@@ -242,7 +249,11 @@ struct SockTuple {
 
 /// A referenced socket for the segment's 4-tuple (released by the caller).
 #[inline(always)]
-fn lookup(ctx_ptr: *mut core::ffi::c_void, packet: &impl Packet, segment: &TcpSegment) -> Option<*mut bpf_sock> {
+fn lookup(
+    ctx_ptr: *mut core::ffi::c_void,
+    packet: &impl Packet,
+    segment: &TcpSegment,
+) -> Option<*mut bpf_sock> {
     let l3 = segment.network_offset;
     let ports = packet.read::<[u8; 4]>(segment.transport_offset)?;
     let mut tuple = SockTuple {
@@ -287,7 +298,12 @@ fn answerable(segment: &TcpSegment) -> bool {
 /// returns XDP_TX. `Err` when the SYN cannot be answered (IP options, IPv6
 /// extension headers, a frame that cannot be resized).
 #[inline(always)]
-pub fn answer_syn(ctx: &XdpContext, segment: &TcpSegment, settings: &CookieSettings, now_ns: u64) -> Result<(), ()> {
+pub fn answer_syn(
+    ctx: &XdpContext,
+    segment: &TcpSegment,
+    settings: &CookieSettings,
+    now_ns: u64,
+) -> Result<(), ()> {
     if !answerable(segment) {
         return Err(());
     }
@@ -322,7 +338,11 @@ pub fn answer_syn(ctx: &XdpContext, segment: &TcpSegment, settings: &CookieSetti
     // The SYN-ACK's TCP options, in the kernel's own order.
     let mut words = [0u32; 5];
     let mut n = 0usize;
-    let our_mss = if segment.ipv4 { settings.mss_v4 } else { settings.mss_v6 };
+    let our_mss = if segment.ipv4 {
+        settings.mss_v4
+    } else {
+        settings.mss_v6
+    };
     words[0] = 0x0204_0000 | u32::from(our_mss);
     n += 1;
     if timestamps {
@@ -408,8 +428,18 @@ pub fn answer_syn(ctx: &XdpContext, segment: &TcpSegment, settings: &CookieSetti
         *eth.add(1) = destination;
     }
     if segment.ipv4 {
-        let server = u32::from_be_bytes([ends.server[12], ends.server[13], ends.server[14], ends.server[15]]);
-        let client = u32::from_be_bytes([ends.client[12], ends.client[13], ends.client[14], ends.client[15]]);
+        let server = u32::from_be_bytes([
+            ends.server[12],
+            ends.server[13],
+            ends.server[14],
+            ends.server[15],
+        ]);
+        let client = u32::from_be_bytes([
+            ends.client[12],
+            ends.client[13],
+            ends.client[14],
+            ends.client[15],
+        ]);
         let mut ip = [
             0x4500_0000 | (new_len - l3) as u32,
             0x0000_4000, // DF
@@ -432,12 +462,22 @@ pub fn answer_syn(ctx: &XdpContext, segment: &TcpSegment, settings: &CookieSetti
             let at = 4 * i;
             let s = &ends.server;
             let c = &ends.client;
-            put(l3 + 8 + at, u32::from_be_bytes([s[at], s[at + 1], s[at + 2], s[at + 3]]))?;
-            put(l3 + 24 + at, u32::from_be_bytes([c[at], c[at + 1], c[at + 2], c[at + 3]]))?;
+            put(
+                l3 + 8 + at,
+                u32::from_be_bytes([s[at], s[at + 1], s[at + 2], s[at + 3]]),
+            )?;
+            put(
+                l3 + 24 + at,
+                u32::from_be_bytes([c[at], c[at + 1], c[at + 2], c[at + 3]]),
+            )?;
         }
     }
     for (i, word) in header.iter().enumerate() {
-        let word = if i == 4 { u32::from(tcp_check) << 16 } else { *word };
+        let word = if i == 4 {
+            u32::from(tcp_check) << 16
+        } else {
+            *word
+        };
         put(l4 + 4 * i, word)?;
     }
     for i in 0..5 {
@@ -513,7 +553,13 @@ fn verify_ack<P: Packet>(
 
 /// XDP: whether a segment of no connection returns a valid cookie.
 #[inline(always)]
-pub fn check_ack(ctx: &XdpContext, frame: &Frame, segment: &TcpSegment, settings: &CookieSettings, now_ns: u64) -> bool {
+pub fn check_ack(
+    ctx: &XdpContext,
+    frame: &Frame,
+    segment: &TcpSegment,
+    settings: &CookieSettings,
+    now_ns: u64,
+) -> bool {
     verify_ack(frame, segment, settings, now_ns, xdp_loader(ctx)).is_some()
 }
 
@@ -607,7 +653,12 @@ pub fn assign(ctx: &TcContext, settings: &CookieSettings) -> i32 {
 }
 
 #[inline(always)]
-fn hand_to_listener(ctx: &TcContext, frame: &Frame, segment: &TcpSegment, settings: &CookieSettings) -> i32 {
+fn hand_to_listener(
+    ctx: &TcContext,
+    frame: &Frame,
+    segment: &TcpSegment,
+    settings: &CookieSettings,
+) -> i32 {
     const NEXT: i32 = TC_ACT_UNSPEC;
     let skb = ctx.skb.skb;
     // `skb->sk` may be set already (a veth keeps the sender's socket across

@@ -3,7 +3,9 @@
 
 use aya_ebpf::{bindings::xdp_action, macros::map, maps::ProgramArray, programs::XdpContext};
 use aya_log_ebpf::info;
-use wsguard_common::{Ban, Event, Reason, Settings, SourceKey, SourceState, cookie::CookieSettings};
+use wsguard_common::{
+    Ban, Event, Reason, Settings, SourceKey, SourceState, cookie::CookieSettings,
+};
 
 use crate::{
     cookies::{self, Belongs},
@@ -109,7 +111,12 @@ fn active_cookies(settings: &Settings) -> Option<&'static CookieSettings> {
 }
 
 #[inline(always)]
-fn judge_segment(ctx: &XdpContext, frame: &Frame, settings: &Settings, segment: &TcpSegment) -> Reason {
+fn judge_segment(
+    ctx: &XdpContext,
+    frame: &Frame,
+    settings: &Settings,
+    segment: &TcpSegment,
+) -> Reason {
     let now = now_ns();
     let key = settings.tracking_key(&segment.source);
     if let Some(reason) = source_rules(&segment.source, &key, now) {
@@ -128,7 +135,15 @@ fn judge_segment(ctx: &XdpContext, frame: &Frame, settings: &Settings, segment: 
             return Reason::SynCookieFailed;
         }
     }
-    judge_budgets(ctx, settings, segment, &key, segment.opens_connection, now, frame.len())
+    judge_budgets(
+        ctx,
+        settings,
+        segment,
+        &key,
+        segment.opens_connection,
+        now,
+        frame.len(),
+    )
 }
 
 /// `wsguard_cookie_syn`, reached from `wsguard_ingress` for a SYN from a
@@ -207,9 +222,8 @@ fn judge_budgets(
     // A new connection to an inspected port is refused while inspection
     // has no room for it: it would go unjudged.
     if opens_connection
-        && handshake_settings().is_some_and(|h| {
-            is_inspected_port(segment.destination_port) && inspection_full(h)
-        })
+        && handshake_settings()
+            .is_some_and(|h| is_inspected_port(segment.destination_port) && inspection_full(h))
     {
         return Reason::InspectFull;
     }
@@ -273,7 +287,12 @@ fn per_source_limits(
 }
 
 #[inline(always)]
-fn global_limits(settings: &Settings, opens_connection: bool, now: u64, len: u64) -> Option<Reason> {
+fn global_limits(
+    settings: &Settings,
+    opens_connection: bool,
+    now: u64,
+    len: u64,
+) -> Option<Reason> {
     let global = GLOBAL.get_ptr_mut(0)?;
     // SAFETY: array value pointer. Shared by all CPUs and updated without a
     // lock: a race can lose an update and let a packet or two through.

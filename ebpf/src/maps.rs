@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash, SockMap},
 };
 use wsguard_common::{
-    cookie::CookieSettings,
     Ban, Counter, HandshakeSettings, ListEntry, LpmKey, Reason, Release, Settings, SourceKey,
     SourceState, Stream,
+    cookie::CookieSettings,
     counters::COUNTER_SLOTS,
     maps::{EVENTS_BYTES, GlobalState, LIST_CAPACITY, PORT_SLOTS, STREAM_RECORDS_BYTES},
 };

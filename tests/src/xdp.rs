@@ -108,7 +108,11 @@ impl XdpHarness {
 
     /// The SYN-cookie settings in the kernel's map (with its key).
     pub fn cookie_settings(&self) -> wsguard_common::cookie::CookieSettings {
-        let map = self.kernel.ebpf().map(names::SYN_COOKIES).expect("cookie map");
+        let map = self
+            .kernel
+            .ebpf()
+            .map(names::SYN_COOKIES)
+            .expect("cookie map");
         Array::<_, wsguard_common::cookie::CookieSettings>::try_from(map)
             .expect("array")
             .get(&0, 0)

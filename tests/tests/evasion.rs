@@ -301,7 +301,10 @@ async fn spoofed_syns_never_earn_their_address_a_ban() -> Result<()> {
     // With SYN cookies (the default) each is answered from XDP and gets no
     // state at all; without, each passes to the listener.
     wait_until("the SYNs to reach XDP", 2 * SECOND, || {
-        let answered = setup.agent.counter(wsguard_common::Reason::SynCookieSent).packets;
+        let answered = setup
+            .agent
+            .counter(wsguard_common::Reason::SynCookieSent)
+            .packets;
         let passed = setup.agent.counter(wsguard_common::Reason::Passed).packets;
         (answered + passed >= 20).then_some(())
     })
@@ -506,7 +509,9 @@ async fn requests_in_the_syn_with_tcp_fast_open_are_judged_too() -> Result<()> {
     const TFO_PORT: u16 = 8083;
     // SYN cookies off: with them, data on a SYN is dropped (the SYN is
     // answered with a cookie, without Fast Open) and sent again later.
-    let setup = Setup::start(&body("[syn_cookies]\nenabled = false\n").replace("8082]", "8082, 8083]")).await?;
+    let setup =
+        Setup::start(&body("[syn_cookies]\nenabled = false\n").replace("8082]", "8082, 8083]"))
+            .await?;
     for ns in [&setup.lab.server, &setup.lab.client] {
         let out = std::process::Command::new("ip")
             .args([

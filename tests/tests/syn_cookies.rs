@@ -94,8 +94,16 @@ struct SynAck {
 /// Checks the reply to `syn` field by field and returns its TCP part.
 fn check_syn_ack(syn: &Packet, out: &[u8], settings: &CookieSettings) -> SynAck {
     let sent = syn.bytes();
-    assert_eq!(&out[0..6], &sent[6..12], "destination MAC is the SYN's source");
-    assert_eq!(&out[6..12], &sent[0..6], "source MAC is the SYN's destination");
+    assert_eq!(
+        &out[0..6],
+        &sent[6..12],
+        "destination MAC is the SYN's source"
+    );
+    assert_eq!(
+        &out[6..12],
+        &sent[0..6],
+        "source MAC is the SYN's destination"
+    );
     let l3 = 12 + 4 * syn.vlan_tpids.len();
     assert_eq!(&out[12..l3], &sent[12..l3], "VLAN tags kept as they came");
     let l3 = l3 + 2;
@@ -162,8 +170,10 @@ fn check_syn_ack(syn: &Packet, out: &[u8], settings: &CookieSettings) -> SynAck 
                     3 => reply.wscale = Some(tcp[at + 2]),
                     4 => reply.sack_permitted = true,
                     8 => {
-                        reply.tsval = Some(u32::from_be_bytes(tcp[at + 2..at + 6].try_into().unwrap()));
-                        reply.tsecr = Some(u32::from_be_bytes(tcp[at + 6..at + 10].try_into().unwrap()));
+                        reply.tsval =
+                            Some(u32::from_be_bytes(tcp[at + 2..at + 6].try_into().unwrap()));
+                        reply.tsecr =
+                            Some(u32::from_be_bytes(tcp[at + 6..at + 10].try_into().unwrap()));
                     }
                     other => panic!("unexpected option {other}"),
                 }
@@ -186,7 +196,11 @@ fn ack_for(syn: &Packet, reply: &SynAck) -> Packet {
     options.extend_from_slice(&(CLIENT_TSVAL + 1).to_be_bytes());
     options.extend_from_slice(&reply.tsval.unwrap_or(0).to_be_bytes());
     Packet {
-        tcp_options: if reply.tsval.is_some() { options } else { vec![] },
+        tcp_options: if reply.tsval.is_some() {
+            options
+        } else {
+            vec![]
+        },
         seq: syn.seq.wrapping_add(1),
         ack_seq: reply.seq.wrapping_add(1),
         tcp_flags: TCP_ACK,
@@ -206,11 +220,18 @@ fn a_syn_is_answered_with_a_cookie_and_gets_no_state() {
     let settings = h.cookie_settings();
     assert_ne!(settings.key, [0, 0], "the agent set a key");
     let cases = [
-        ("IPv4", Packet::syn_with_options(v4(2), PORT, 1460, CLIENT_TSVAL)),
-        ("IPv6", Packet::syn_with_options(v6(2), PORT, 1440, CLIENT_TSVAL)),
+        (
+            "IPv4",
+            Packet::syn_with_options(v4(2), PORT, 1460, CLIENT_TSVAL),
+        ),
+        (
+            "IPv6",
+            Packet::syn_with_options(v6(2), PORT, 1440, CLIENT_TSVAL),
+        ),
         (
             "IPv4 in 802.1Q",
-            Packet::syn_with_options(v4(3), PORT, 1460, CLIENT_TSVAL).with(|p| p.vlan_tpids = vec![ETH_P_8021Q]),
+            Packet::syn_with_options(v4(3), PORT, 1460, CLIENT_TSVAL)
+                .with(|p| p.vlan_tpids = vec![ETH_P_8021Q]),
         ),
         (
             "IPv6 in QinQ",
@@ -221,10 +242,18 @@ fn a_syn_is_answered_with_a_cookie_and_gets_no_state() {
     for (name, syn) in cases {
         let reply = answered(&h, &syn);
         assert_eq!(reply.ack, syn.seq + 1, "{name}: acknowledges the SYN");
-        assert_eq!(reply.tsecr, Some(CLIENT_TSVAL), "{name}: echoes the client's timestamp");
+        assert_eq!(
+            reply.tsecr,
+            Some(CLIENT_TSVAL),
+            "{name}: echoes the client's timestamp"
+        );
         assert!(reply.tsval.is_some(), "{name}: timestamps kept");
         assert!(reply.sack_permitted, "{name}: SACK kept");
-        assert_eq!(reply.wscale, Some(settings.server_wscale), "{name}: window scaling kept");
+        assert_eq!(
+            reply.wscale,
+            Some(settings.server_wscale),
+            "{name}: window scaling kept"
+        );
         let carried = cookie::check(
             &settings.key,
             &tuple(syn.src, syn.src_port, syn.seq),
@@ -234,12 +263,18 @@ fn a_syn_is_answered_with_a_cookie_and_gets_no_state() {
         .unwrap_or_else(|| panic!("{name}: the sequence number is a valid cookie"));
         let table = if syn.src.is_ipv4() { MSS_V4 } else { MSS_V6 };
         let client_mss = if syn.src.is_ipv4() { 1460 } else { 1440 };
-        assert_eq!(table[carried.mss_index as usize], client_mss, "{name}: client MSS kept");
+        assert_eq!(
+            table[carried.mss_index as usize], client_mss,
+            "{name}: client MSS kept"
+        );
         assert_eq!(carried.wscale, 7, "{name}: the client's window scale");
         assert!(carried.sack, "{name}");
     }
     assert_eq!(h.packets(Reason::SynCookieSent), 4);
-    assert!(h.tracked_sources().is_empty(), "no per-source state for a SYN");
+    assert!(
+        h.tracked_sources().is_empty(),
+        "no per-source state for a SYN"
+    );
 }
 
 #[test]
@@ -257,7 +292,10 @@ fn a_bare_syn_gets_a_bare_syn_ack() {
         cookie::slot(monotonic_ns()),
     )
     .expect("valid cookie");
-    assert_eq!(MSS_V4[carried.mss_index as usize], 536, "RFC 9293's default MSS");
+    assert_eq!(
+        MSS_V4[carried.mss_index as usize], 536,
+        "RFC 9293's default MSS"
+    );
 }
 
 #[test]
@@ -267,7 +305,11 @@ fn a_valid_cookie_admits_the_connection_and_only_then_creates_state() {
         let syn = Packet::syn_with_options(src, PORT, 1460, CLIENT_TSVAL);
         let reply = answered(&h, &syn);
         let ack = ack_for(&syn, &reply);
-        assert_eq!(h.run(&ack.bytes()), XDP_PASS, "{src}: the cookie ACK passes");
+        assert_eq!(
+            h.run(&ack.bytes()),
+            XDP_PASS,
+            "{src}: the cookie ACK passes"
+        );
     }
     assert_eq!(h.packets(Reason::SynCookieValidated), 2);
     assert_eq!(h.packets(Reason::Passed), 2);
@@ -276,7 +318,10 @@ fn a_valid_cookie_admits_the_connection_and_only_then_creates_state() {
     // IPv6 sources are tracked by /64 (the default prefix).
     let mut v6_prefix = key16(v6(5));
     v6_prefix[8..].fill(0);
-    let mut expected = vec![SourceKey { addr: key16(v4(5)) }, SourceKey { addr: v6_prefix }];
+    let mut expected = vec![
+        SourceKey { addr: key16(v4(5)) },
+        SourceKey { addr: v6_prefix },
+    ];
     expected.sort();
     assert_eq!(tracked, expected, "state for the verified sources only");
 }
@@ -298,19 +343,32 @@ fn wrong_stale_and_borrowed_cookies_are_dropped_and_counted() {
         src_port: syn.src_port + 1,
         ..good.clone()
     };
-    assert_eq!(h.run(&borrowed.bytes()), XDP_DROP, "a cookie replayed on another port");
+    assert_eq!(
+        h.run(&borrowed.bytes()),
+        XDP_DROP,
+        "a cookie replayed on another port"
+    );
     let borrowed = Packet {
         src: v4(7),
         ..good.clone()
     };
-    assert_eq!(h.run(&borrowed.bytes()), XDP_DROP, "a cookie replayed from another address");
+    assert_eq!(
+        h.run(&borrowed.bytes()),
+        XDP_DROP,
+        "a cookie replayed from another address"
+    );
     let options = CookieOptions {
         mss_index: 3,
         wscale: 7,
         sack: true,
     };
     let now = cookie::slot(monotonic_ns());
-    let stale = cookie::make(&key, &tuple(syn.src, syn.src_port, syn.seq), options, now - 2);
+    let stale = cookie::make(
+        &key,
+        &tuple(syn.src, syn.src_port, syn.seq),
+        options,
+        now - 2,
+    );
     let stale = Packet {
         ack_seq: stale.wrapping_add(1),
         ..good.clone()
@@ -321,23 +379,40 @@ fn wrong_stale_and_borrowed_cookies_are_dropped_and_counted() {
         tcp_options: vec![],
         ..Packet::data(v4(8), PORT, 10)
     };
-    assert_eq!(h.run(&no_cookie.bytes()), XDP_DROP, "data for no connection");
+    assert_eq!(
+        h.run(&no_cookie.bytes()),
+        XDP_DROP,
+        "data for no connection"
+    );
     assert_eq!(h.packets(Reason::SynCookieFailed), 5);
     assert!(h.tracked_sources().is_empty(), "failures create no state");
 
-    let previous = cookie::make(&key, &tuple(syn.src, syn.src_port, syn.seq), options, now - 1);
+    let previous = cookie::make(
+        &key,
+        &tuple(syn.src, syn.src_port, syn.seq),
+        options,
+        now - 1,
+    );
     let previous = Packet {
         ack_seq: previous.wrapping_add(1),
         ..good
     };
-    assert_eq!(h.run(&previous.bytes()), XDP_PASS, "last slot's cookie still holds");
+    assert_eq!(
+        h.run(&previous.bytes()),
+        XDP_PASS,
+        "last slot's cookie still holds"
+    );
 }
 
 #[test]
 fn lists_and_bans_come_before_cookies() {
     let h = harness("\n[lists]\nallow = [\"198.18.0.9/32\"]\ndeny = [\"198.18.0.10/32\"]\n");
     let allowed = Packet::syn_with_options(v4(9), PORT, 1460, CLIENT_TSVAL);
-    assert_eq!(h.run(&allowed.bytes()), XDP_PASS, "allow-listed: no round trip");
+    assert_eq!(
+        h.run(&allowed.bytes()),
+        XDP_PASS,
+        "allow-listed: no round trip"
+    );
     let denied = Packet::syn_with_options(v4(10), PORT, 1460, CLIENT_TSVAL);
     assert_eq!(h.run(&denied.bytes()), XDP_DROP, "denied: no SYN-ACK");
     assert_eq!(h.packets(Reason::SynCookieSent), 0);
@@ -346,7 +421,9 @@ fn lists_and_bans_come_before_cookies() {
 #[test]
 fn a_banned_source_gets_no_syn_ack() {
     let mut h = harness("");
-    let banned = SourceKey { addr: key16(v4(11)) };
+    let banned = SourceKey {
+        addr: key16(v4(11)),
+    };
     h.set_ban(
         &banned,
         wsguard_common::Ban {
@@ -373,7 +450,11 @@ fn spoofed_syns_cannot_earn_their_address_a_ban() {
         without.run(&Packet::syn(victim, PORT).bytes());
     }
     assert!(
-        without.ban(&SourceKey { addr: key16(victim) }).is_some(),
+        without
+            .ban(&SourceKey {
+                addr: key16(victim)
+            })
+            .is_some(),
         "the attack works without cookies"
     );
 
@@ -382,7 +463,13 @@ fn spoofed_syns_cannot_earn_their_address_a_ban() {
         let syn = Packet::syn(victim, PORT).with(|p| p.src_port = 1000 + i);
         assert_eq!(h.run(&syn.bytes()), XDP_TX);
     }
-    assert_eq!(h.ban(&SourceKey { addr: key16(victim) }), None, "no ban");
+    assert_eq!(
+        h.ban(&SourceKey {
+            addr: key16(victim)
+        }),
+        None,
+        "no ban"
+    );
     assert!(h.tracked_sources().is_empty(), "no state");
     // The victim's own connection still gets in.
     let syn = Packet::syn_with_options(victim, PORT, 1460, CLIENT_TSVAL);
@@ -396,7 +483,8 @@ fn the_connection_budget_is_charged_at_the_cookie_ack() {
     let h = harness("");
     let mut verdicts = Vec::new();
     for i in 0..3u16 {
-        let syn = Packet::syn_with_options(v4(13), PORT, 1460, CLIENT_TSVAL).with(|p| p.src_port = 2000 + i);
+        let syn = Packet::syn_with_options(v4(13), PORT, 1460, CLIENT_TSVAL)
+            .with(|p| p.src_port = 2000 + i);
         let reply = answered(&h, &syn);
         verdicts.push(h.run(&ack_for(&syn, &reply).bytes()));
     }
@@ -407,9 +495,11 @@ fn the_connection_budget_is_charged_at_the_cookie_ack() {
 #[test]
 fn syns_that_cannot_be_answered_are_dropped() {
     let h = harness("");
-    let with_ip_options = Packet::syn_with_options(v4(14), PORT, 1460, CLIENT_TSVAL).with(|p| p.ipv4_option_words = 2);
+    let with_ip_options = Packet::syn_with_options(v4(14), PORT, 1460, CLIENT_TSVAL)
+        .with(|p| p.ipv4_option_words = 2);
     assert_eq!(h.run(&with_ip_options.bytes()), XDP_DROP);
-    let with_extension = Packet::syn_with_options(v6(14), PORT, 1440, CLIENT_TSVAL).with(|p| p.ipv6_ext = vec![Ext::DestOpts]);
+    let with_extension = Packet::syn_with_options(v6(14), PORT, 1440, CLIENT_TSVAL)
+        .with(|p| p.ipv6_ext = vec![Ext::DestOpts]);
     assert_eq!(h.run(&with_extension.bytes()), XDP_DROP);
     let syn_rst = Packet::tcp(v4(15), PORT, TCP_SYN | TCP_RST);
     assert_eq!(h.run(&syn_rst.bytes()), XDP_DROP);
@@ -421,7 +511,11 @@ fn syns_that_cannot_be_answered_are_dropped() {
 fn in_dry_run_syns_pass_to_the_server() {
     let h = harness("\n[limits]\ndry_run = true\n");
     let syn = Packet::syn_with_options(v4(16), PORT, 1460, CLIENT_TSVAL);
-    assert_eq!(h.run(&syn.bytes()), XDP_PASS, "a dry run does not answer for the server");
+    assert_eq!(
+        h.run(&syn.bytes()),
+        XDP_PASS,
+        "a dry run does not answer for the server"
+    );
     assert_eq!(h.packets(Reason::SynCookieSent), 0);
 }
 
@@ -473,7 +567,11 @@ mod real_traffic {
     async fn websocket_clients_connect_through_the_cookie() -> Result<()> {
         for v6 in [false, true] {
             let body = "[protect]\nports = [8080]\n";
-            let setup = if v6 { Setup::start_v6(body).await? } else { Setup::start(body).await? };
+            let setup = if v6 {
+                Setup::start_v6(body).await?
+            } else {
+                Setup::start(body).await?
+            };
             let client = if v6 {
                 setup.lab.client_v6(3).into()
             } else {
@@ -481,7 +579,10 @@ mod real_traffic {
             };
             let mut ws = ws_connect(&setup.lab.client, client, setup.addr, 2 * SECOND).await?;
             echo(&mut ws, "through the cookie", SECOND).await?;
-            ensure!(setup.agent.counter(Reason::SynCookieSent).packets >= 1, "no cookie sent");
+            ensure!(
+                setup.agent.counter(Reason::SynCookieSent).packets >= 1,
+                "no cookie sent"
+            );
             ensure!(
                 setup.agent.counter(Reason::SynCookieValidated).packets >= 1,
                 "no cookie validated"
@@ -498,14 +599,28 @@ mod real_traffic {
     fn the_server_socket_keeps_timestamps_sack_and_window_scaling() -> Result<()> {
         let lab = Lab::new()?;
         let _agent = Agent::start(&lab, "[protect]\nports = [8080]\n")?;
-        for server in [SocketAddr::new(lab.server_v4().into(), 8080), SocketAddr::new(lab.server_v6().into(), 8080)] {
+        for server in [
+            SocketAddr::new(lab.server_v4().into(), 8080),
+            SocketAddr::new(lab.server_v6().into(), 8080),
+        ] {
             let listener = lab.server.run(move || TcpListener::bind(server))?;
-            let client = lab.client.run(move || TcpStream::connect_timeout(&server, 2 * SECOND))?;
+            let client = lab
+                .client
+                .run(move || TcpStream::connect_timeout(&server, 2 * SECOND))?;
             let (accepted, _) = listener.accept().context("accept")?;
             let (options, snd_wscale, rcv_wscale) = tcp_options(&accepted);
-            ensure!(options & TCPI_OPT_TIMESTAMPS != 0, "{server}: timestamps lost ({options:#x})");
-            ensure!(options & TCPI_OPT_SACK != 0, "{server}: SACK lost ({options:#x})");
-            ensure!(options & TCPI_OPT_WSCALE != 0, "{server}: window scaling lost ({options:#x})");
+            ensure!(
+                options & TCPI_OPT_TIMESTAMPS != 0,
+                "{server}: timestamps lost ({options:#x})"
+            );
+            ensure!(
+                options & TCPI_OPT_SACK != 0,
+                "{server}: SACK lost ({options:#x})"
+            );
+            ensure!(
+                options & TCPI_OPT_WSCALE != 0,
+                "{server}: window scaling lost ({options:#x})"
+            );
             let (client_options, client_snd, client_rcv) = tcp_options(&client);
             ensure!(
                 client_options & 7 == 7 && client_snd == rcv_wscale && client_rcv == snd_wscale,
@@ -523,7 +638,17 @@ mod real_traffic {
         Ok((0..count)
             .map(|i| {
                 let source: std::net::IpAddr = if v6 {
-                    std::net::Ipv6Addr::from([0x2001, 0xdb8, 0xffff, fastrand::u16(..), 0, 0, 0, fastrand::u16(1..)]).into()
+                    std::net::Ipv6Addr::from([
+                        0x2001,
+                        0xdb8,
+                        0xffff,
+                        fastrand::u16(..),
+                        0,
+                        0,
+                        0,
+                        fastrand::u16(1..),
+                    ])
+                    .into()
                 } else {
                     std::net::Ipv4Addr::new(198, 19, fastrand::u8(..), fastrand::u8(1..)).into()
                 };
@@ -539,7 +664,8 @@ mod real_traffic {
     }
 
     fn in_flood_range(key: &SourceKey) -> bool {
-        key.addr[10..14] == [0xff, 0xff, 198, 19] || key.addr[..6] == [0x20, 0x01, 0x0d, 0xb8, 0xff, 0xff]
+        key.addr[10..14] == [0xff, 0xff, 198, 19]
+            || key.addr[..6] == [0x20, 0x01, 0x0d, 0xb8, 0xff, 0xff]
     }
 
     /// The scenario: a spoofed SYN flood against default limits and
@@ -549,18 +675,33 @@ mod real_traffic {
     async fn new_clients_get_in_while_spoofed_syns_flood_the_port() -> Result<()> {
         for v6 in [false, true] {
             let body = "[protect]\nports = [8080]\n[tracking]\nmax_sources = 1024\n";
-            let setup = if v6 { Setup::start_v6(body).await? } else { Setup::start(body).await? };
+            let setup = if v6 {
+                Setup::start_v6(body).await?
+            } else {
+                Setup::start(body).await?
+            };
             let client = |host: u8| -> std::net::IpAddr {
-                if v6 { setup.lab.client_v6(host).into() } else { setup.lab.client_v4(host).into() }
+                if v6 {
+                    setup.lab.client_v6(host).into()
+                } else {
+                    setup.lab.client_v4(host).into()
+                }
             };
             // The SYN-ACKs to the spoofed sources come back to the client's
             // namespace (the only peer): there they are dropped as cheaply
             // and silently as they would be lost on the way to addresses
             // that sent nothing, rather than costing route misses and
             // ICMPv6 errors next to the real clients.
-            setup.lab.client.ip(&["route", "add", "blackhole", "198.19.0.0/16"])?;
-            setup.lab.client.ip(&["-6", "route", "add", "blackhole", "2001:db8:ffff::/48"])?;
-            let mut session = ws_connect(&setup.lab.client, client(40), setup.addr, 2 * SECOND).await?;
+            setup
+                .lab
+                .client
+                .ip(&["route", "add", "blackhole", "198.19.0.0/16"])?;
+            setup
+                .lab
+                .client
+                .ip(&["-6", "route", "add", "blackhole", "2001:db8:ffff::/48"])?;
+            let mut session =
+                ws_connect(&setup.lab.client, client(40), setup.addr, 2 * SECOND).await?;
             echo(&mut session, "before", SECOND).await?;
 
             // 40,000 SYNs at 20,000 per second: a veth hands every frame to
@@ -592,9 +733,19 @@ mod real_traffic {
                         .collect::<Vec<_>>()
                         .join(", ")
                 };
-                let mut ws = ws_connect(&setup.lab.client, client(10 + newcomers % 30), setup.addr, SECOND)
-                    .await
-                    .with_context(|| format!("new client {newcomers} during the flood (v6 {v6}; {})", counters()))?;
+                let mut ws = ws_connect(
+                    &setup.lab.client,
+                    client(10 + newcomers % 30),
+                    setup.addr,
+                    SECOND,
+                )
+                .await
+                .with_context(|| {
+                    format!(
+                        "new client {newcomers} during the flood (v6 {v6}; {})",
+                        counters()
+                    )
+                })?;
                 echo(&mut ws, "new", SECOND).await?;
                 echo(&mut session, "during", SECOND).await?;
                 newcomers += 1;
@@ -611,7 +762,11 @@ mod real_traffic {
                 !tracked.iter().any(|(key, _)| in_flood_range(key)),
                 "a flood source got state"
             );
-            ensure!(tracked.len() <= 31, "only the real clients are tracked: {}", tracked.len());
+            ensure!(
+                tracked.len() <= 31,
+                "only the real clients are tracked: {}",
+                tracked.len()
+            );
             ensure!(state.bans()?.is_empty(), "no one was banned");
         }
         Ok(())
@@ -634,10 +789,15 @@ mod real_traffic {
             open.push(ws);
         }
         ensure!(
-            ws_connect(&setup.lab.client, source, setup.addr, SECOND).await.is_err(),
+            ws_connect(&setup.lab.client, source, setup.addr, SECOND)
+                .await
+                .is_err(),
             "a 4th concurrent connection was served"
         );
-        ensure!(setup.agent.counter(Reason::Concurrency).packets >= 1, "counted as concurrency");
+        ensure!(
+            setup.agent.counter(Reason::Concurrency).packets >= 1,
+            "counted as concurrency"
+        );
         // Two tokens left of the burst of 5 (the refused one took none):
         // after closing all, two more connections, then the bucket is empty.
         drop(open);
@@ -647,11 +807,20 @@ mod real_traffic {
             echo(&mut ws, &format!("again {i}"), SECOND).await?;
         }
         ensure!(
-            ws_connect(&setup.lab.client, source, setup.addr, SECOND).await.is_err(),
+            ws_connect(&setup.lab.client, source, setup.addr, SECOND)
+                .await
+                .is_err(),
             "a connection over the rate was served"
         );
-        ensure!(setup.agent.counter(Reason::ConnectionRate).packets >= 1, "counted as connection_rate");
-        ensure!(setup.server.accepted() == 5, "the server accepted {} connections", setup.server.accepted());
+        ensure!(
+            setup.agent.counter(Reason::ConnectionRate).packets >= 1,
+            "counted as connection_rate"
+        );
+        ensure!(
+            setup.server.accepted() == 5,
+            "the server accepted {} connections",
+            setup.server.accepted()
+        );
         Ok(())
     }
 }

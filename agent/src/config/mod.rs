@@ -1075,7 +1075,10 @@ impl Config {
         let _ = writeln!(
             s,
             "  syn cookies: {}",
-            match (self.syn_cookies.enabled, self.agent.dry_run || self.limits.dry_run) {
+            match (
+                self.syn_cookies.enabled,
+                self.agent.dry_run || self.limits.dry_run
+            ) {
                 (false, _) => "off (SYNs go straight to the connection budgets)",
                 (true, false) => "on (a source gets state only once it returns its cookie)",
                 (true, true) => "off while the limits are in dry run",

@@ -60,7 +60,10 @@ fn fill_cookie_programs(ebpf: &mut Ebpf) -> Result<()> {
     let mut fds = Vec::new();
     for (slot, name) in [
         (wsguard_common::cookie::PROGRAM_SYN, programs::COOKIE_SYN),
-        (wsguard_common::cookie::PROGRAM_CHECK, programs::COOKIE_CHECK),
+        (
+            wsguard_common::cookie::PROGRAM_CHECK,
+            programs::COOKIE_CHECK,
+        ),
     ] {
         let program = ebpf
             .program(name)
@@ -510,7 +513,9 @@ impl Kernel {
             Some(id) => id,
             None => tc
                 .attach(interface, TcAttachType::Ingress)
-                .with_context(|| format!("cannot attach the SYN-cookie hand-off (TC ingress) to {interface}"))?,
+                .with_context(|| {
+                    format!("cannot attach the SYN-cookie hand-off (TC ingress) to {interface}")
+                })?,
         };
         let link: FdLink = tc
             .take_link(id)?

@@ -325,7 +325,9 @@ pub fn random_key() -> Result<[u64; 2]> {
 }
 
 fn read_sysctl(path: &str) -> Option<String> {
-    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 const TCP_SYNCOOKIES: &str = "/proc/sys/net/ipv4/tcp_syncookies";
@@ -339,7 +341,9 @@ pub fn ensure_tcp_syncookies() -> Result<()> {
         return Ok(());
     }
     std::fs::write(TCP_SYNCOOKIES, "1").with_context(|| {
-        format!("syn_cookies need net.ipv4.tcp_syncookies >= 1, and {TCP_SYNCOOKIES} cannot be written")
+        format!(
+            "syn_cookies need net.ipv4.tcp_syncookies >= 1, and {TCP_SYNCOOKIES} cannot be written"
+        )
     })?;
     tracing::warn!(
         "net.ipv4.tcp_syncookies was 0: set to 1, without which the TCP stack refuses connections \
@@ -359,16 +363,21 @@ pub struct TcpSysctls {
 
 impl TcpSysctls {
     pub fn read() -> TcpSysctls {
-        let on = |name: &str| read_sysctl(&format!("/proc/sys/net/ipv4/{name}")).as_deref() != Some("0");
+        let on =
+            |name: &str| read_sysctl(&format!("/proc/sys/net/ipv4/{name}")).as_deref() != Some("0");
         let number = |path: &str, field: usize| {
             read_sysctl(path)
-                .and_then(|s| s.split_whitespace().nth(field).and_then(|v| v.parse::<u64>().ok()))
+                .and_then(|s| {
+                    s.split_whitespace()
+                        .nth(field)
+                        .and_then(|v| v.parse::<u64>().ok())
+                })
                 .unwrap_or(0)
         };
         // As tcp_select_initial_window: the largest receive buffer a socket
         // may grow to, scaled down until it fits in 16 bits.
-        let mut space = number("/proc/sys/net/ipv4/tcp_rmem", 2)
-            .max(number("/proc/sys/net/core/rmem_max", 0));
+        let mut space =
+            number("/proc/sys/net/ipv4/tcp_rmem", 2).max(number("/proc/sys/net/core/rmem_max", 0));
         let mut window_scale = 0u8;
         while space > u64::from(u16::MAX) && window_scale < wsguard_common::cookie::MAX_WSCALE {
             space >>= 1;
