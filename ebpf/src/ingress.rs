@@ -146,16 +146,25 @@ fn judge_segment(
     )
 }
 
+/// What both cookie programs start from. `None` (settings gone since the
+/// tail call) drops the packet: nothing passes unjudged.
+#[inline(always)]
+fn cookie_program_start(
+    ctx: &XdpContext,
+) -> Option<(&'static Settings, &'static CookieSettings, Frame)> {
+    let frame = Frame {
+        data: ctx.data(),
+        end: ctx.data_end(),
+    };
+    Some((settings()?, cookie_settings()?, frame))
+}
+
 /// `wsguard_cookie_syn`, reached from `wsguard_ingress` for a SYN from a
 /// source no list or ban decided: answers it with a SYN cookie.
 #[inline(always)]
 pub fn answer_syn(ctx: &XdpContext) -> u32 {
-    let (Some(settings), Some(cookies)) = (settings(), cookie_settings()) else {
+    let Some((settings, cookies, frame)) = cookie_program_start(ctx) else {
         return xdp_action::XDP_DROP;
-    };
-    let frame = Frame {
-        data: ctx.data(),
-        end: ctx.data_end(),
     };
     let len = frame.len();
     let answered = match parse(&frame) {
@@ -177,12 +186,8 @@ pub fn answer_syn(ctx: &XdpContext) -> u32 {
 /// it opens a connection, charged to the budgets like a SYN without cookies.
 #[inline(always)]
 pub fn check_cookie(ctx: &XdpContext) -> u32 {
-    let (Some(settings), Some(cookies)) = (settings(), cookie_settings()) else {
+    let Some((settings, cookies, frame)) = cookie_program_start(ctx) else {
         return xdp_action::XDP_DROP;
-    };
-    let frame = Frame {
-        data: ctx.data(),
-        end: ctx.data_end(),
     };
     let len = frame.len();
     let Parsed::Tcp(segment) = parse(&frame) else {
