@@ -102,8 +102,10 @@ async fn status_and_top_match_the_traffic_sent() -> Result<()> {
     };
     let (_, top) = tokio::join!(flood, top);
     let top = top??;
+    // The first row under the table's header.
     let first = String::from_utf8_lossy(&top.stdout)
         .lines()
+        .skip_while(|line| !line.starts_with("source"))
         .nth(1)
         .unwrap_or_default()
         .to_string();
