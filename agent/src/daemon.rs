@@ -190,7 +190,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
                     }
                 }
                 sweeps += 1;
-                if inspecting && sweeps % 30 == 0 {
+                if inspecting && sweeps.is_multiple_of(30) {
                     // Verdicts whose close record was lost.
                     if let Err(e) = kernel.sweep_releases() {
                         warn!("cannot sweep handshake verdicts: {e:#}");

@@ -132,6 +132,14 @@ impl<'a> Installed<'a> {
                 for rule in SYNPROXY_RULES {
                     iptables(lab, rule)?;
                 }
+                // Also part of SYNPROXY's documented setup: an ACK that
+                // conntrack has not seen stays INVALID and reaches SYNPROXY,
+                // instead of being picked up mid-stream and reset by the
+                // listener.
+                lab.lab.server.run(|| {
+                    std::fs::write("/proc/sys/net/netfilter/nf_conntrack_tcp_loose", "0")
+                        .context("nf_conntrack_tcp_loose")
+                })?;
             }
             Defence::WsguardWithoutCookies | Defence::WsguardCookies => {
                 let on = defence == Defence::WsguardCookies;
@@ -216,7 +224,9 @@ async fn one_run(
     let mut n = 0usize;
     let stream = std::iter::from_fn(move || {
         n += 1;
-        if n % 64 == 0 && (Instant::now() >= deadline || sender_stop.load(Ordering::Relaxed)) {
+        if n.is_multiple_of(64)
+            && (Instant::now() >= deadline || sender_stop.load(Ordering::Relaxed))
+        {
             return None;
         }
         Some(frames[n % frames.len()].clone())
@@ -330,14 +340,11 @@ pub fn markdown(runs: &[SynFloodRun]) -> String {
             })
             .collect::<Vec<_>>();
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {:.2} | {} | {} | {} |\n",
             d.name(),
             of(d, |r| r.flood_pps() / 1e3).show(0),
             of(d, SynFloodRun::softirq_ns_per_packet).show(0),
-            format!(
-                "{:.2}",
-                of(d, SynFloodRun::softirq_ns_per_packet).median / kernel_ns
-            ),
+            of(d, SynFloodRun::softirq_ns_per_packet).median / kernel_ns,
             of(d, |r| 100.0 * r.new_clients_ratio()).show(1) + " %",
             of(d, |r| r.flood_p99_us / r.baseline_p99_us).show(2),
             if tracked.is_empty() {

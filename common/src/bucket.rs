@@ -67,11 +67,7 @@ impl BucketParams {
 
     /// Whole tokens the bucket holds when full.
     pub fn burst(&self) -> u64 {
-        if self.unit == 0 {
-            0
-        } else {
-            self.capacity / self.unit
-        }
+        self.capacity.checked_div(self.unit).unwrap_or(0)
     }
 }
 

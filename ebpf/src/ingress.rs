@@ -127,11 +127,11 @@ fn judge_segment(
         // must return one: each in its own program (a tail call), so that
         // this one stays small enough to verify. They return for good.
         if segment.opens_connection {
-            let _ = unsafe { COOKIE_PROGRAMS.tail_call(ctx, COOKIE_SYN) };
+            unsafe { COOKIE_PROGRAMS.tail_call(ctx, COOKIE_SYN) };
             return Reason::SynCookieFailed;
         }
         if let Belongs::Nothing = cookies::belongs(ctx.ctx as *mut _, frame, segment) {
-            let _ = unsafe { COOKIE_PROGRAMS.tail_call(ctx, COOKIE_CHECK) };
+            unsafe { COOKIE_PROGRAMS.tail_call(ctx, COOKIE_CHECK) };
             return Reason::SynCookieFailed;
         }
     }

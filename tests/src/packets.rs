@@ -152,7 +152,7 @@ impl Packet {
                 out.extend_from_slice(&self.seq.to_be_bytes());
                 out.extend_from_slice(&self.ack_seq.to_be_bytes());
                 let mut options = self.tcp_options.clone();
-                while options.len() % 4 != 0 {
+                while !options.len().is_multiple_of(4) {
                     options.push(1); // NOP
                 }
                 let doff = if options.is_empty() {

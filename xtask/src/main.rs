@@ -45,6 +45,9 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Check formatting (rustfmt) and lints (clippy, warnings denied) for the
+    /// host crates and the kernel crate. `cargo xtask test` runs it first.
+    Lint,
     /// Run the fuzz targets (fuzz/) for longer than the test run does.
     Fuzz {
         /// Seconds per target.
@@ -101,13 +104,16 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("wsguard exited with {status}");
             }
         }
+        Task::Lint => lint(&root)?,
         Task::Test { args } => {
+            lint(&root)?;
             let binary = build(&root)?;
             require_root("cargo xtask test")?;
             prerequisites::ensure_test_tools()?;
             let mut child = Command::new(cargo())
                 .current_dir(&root)
-                .args(["test", "--release", "--no-fail-fast"])
+                .args(["test", "--release", "--no-fail-fast", "--workspace"])
+                .args(["--exclude", "wsguard-ebpf"])
                 .args(&args)
                 .env("WSGUARD_BIN", &binary)
                 .stdout(Stdio::piped())
@@ -173,6 +179,45 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// rustfmt, then clippy with warnings denied: the host crates with the
+/// kernel build skipped (a stub object stands in, so no BPF toolchain is
+/// needed for this half), then the kernel crate for its own target.
+fn lint(root: &Path) -> Result<()> {
+    let step = |what: &str, cmd: &mut Command| -> Result<()> {
+        eprintln!("xtask: lint: {what}");
+        let status = cmd
+            .current_dir(root)
+            .status()
+            .with_context(|| format!("cannot run {cmd:?}"))?;
+        if !status.success() {
+            bail!("lint: {what} failed ({status})");
+        }
+        Ok(())
+    };
+    step(
+        "rustfmt",
+        Command::new(cargo()).args(["fmt", "--all", "--", "--check"]),
+    )?;
+    step(
+        "clippy, host crates",
+        Command::new(cargo())
+            .args(["clippy", "--workspace", "--exclude", "wsguard-ebpf"])
+            .args(["--all-targets", "--", "-D", "warnings"])
+            .env("AYA_BUILD_SKIP", "1"),
+    )?;
+    prerequisites::ensure_build_tools()?;
+    step(
+        "clippy, kernel crate",
+        Command::new("rustup")
+            .args(["run", prerequisites::KERNEL_TOOLCHAIN, "cargo", "clippy"])
+            .args(["--package", "wsguard-ebpf", "--release"])
+            .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+            .args(["--", "-D", "warnings"])
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WRAPPER"),
+    )
 }
 
 /// Runs one fuzz target for `seconds`, starting from its committed corpus

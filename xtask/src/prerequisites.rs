@@ -5,8 +5,13 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-/// The toolchain that builds the kernel side (`-Z build-std=core`).
-const KERNEL_TOOLCHAIN: &str = "nightly";
+/// The toolchain that builds the kernel side (`-Z build-std=core`): the
+/// nightly this kind of machine ships. agent/build.rs names it through
+/// aya-build's `Toolchain::Nightly`; this is the one other place.
+pub const KERNEL_TOOLCHAIN: &str = "nightly";
+/// The nightly the kernel programs were last built and verified with. Another
+/// one is used with a warning: it may build a different object.
+const KERNEL_TOOLCHAIN_TESTED: &str = "1.97.0-nightly";
 /// bpf-linker 0.10.0 links with the LLVM inside the Rust toolchain; later
 /// versions want a system LLVM 21+ that Debian 12 does not package.
 const BPF_LINKER_VERSION: &str = "0.10.0";
@@ -36,6 +41,18 @@ pub fn ensure_build_tools() -> Result<()> {
         bail!(
             "the {KERNEL_TOOLCHAIN} Rust toolchain is needed to build the kernel programs: \
              rustup toolchain install {KERNEL_TOOLCHAIN} --profile minimal"
+        );
+    }
+    let version =
+        quiet(Command::new("rustup").args(["run", KERNEL_TOOLCHAIN, "rustc", "--version"]))
+            .context(format!(
+                "the {KERNEL_TOOLCHAIN} toolchain is listed but its rustc does not run"
+            ))?;
+    if !version.contains(KERNEL_TOOLCHAIN_TESTED) {
+        eprintln!(
+            "xtask: warning: the kernel programs were tested with {KERNEL_TOOLCHAIN_TESTED}; \
+             this machine's {KERNEL_TOOLCHAIN} is {}: the build goes on, but the object may differ",
+            version.trim()
         );
     }
     let components = quiet(Command::new("rustup").args([

@@ -187,3 +187,23 @@ fn handshake_settings_are_validated_with_their_line() {
         "no inspect_ports: inspection off"
     );
 }
+
+#[test]
+fn the_summary_names_every_family_in_dry_run() {
+    let mode = |extra: &str| {
+        let summary = parse(&format!("{MINIMAL}{extra}")).unwrap().summary();
+        summary.lines().last().unwrap().trim().to_string()
+    };
+    assert_eq!(mode(""), "mode: enforcing");
+    assert_eq!(
+        mode("[handshake]\ndry_run = true\n"),
+        "mode: dry run for handshake verdicts (counted as would-drop), enforcing the rest"
+    );
+    assert_eq!(
+        mode("[limits]\ndry_run = true\n[lists]\ndry_run = true\n"),
+        "mode: dry run for limits and bans and deny list (counted as would-drop), enforcing the rest"
+    );
+    let all = "[agent]\ninterfaces = [\"eth0\"]\ndry_run = true\n[protect]\nports = [8080]\n";
+    let summary = parse(all).unwrap().summary();
+    assert!(summary.ends_with("mode: dry run: everything counted as would-drop, nothing dropped"));
+}

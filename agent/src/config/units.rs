@@ -114,7 +114,7 @@ impl fmt::Display for ByteSize {
             ("MiB", 1 << 20),
             ("KiB", 1 << 10),
         ] {
-            if self.0 >= factor && self.0 % factor == 0 {
+            if self.0 >= factor && self.0.is_multiple_of(factor) {
                 return write!(f, "{}{unit}", self.0 / factor);
             }
         }
@@ -179,7 +179,7 @@ impl fmt::Display for HumanDuration {
             ("m", 60_000_000_000),
             ("s", 1_000_000_000),
         ] {
-            if ns >= factor && ns % factor == 0 {
+            if ns >= factor && ns.is_multiple_of(factor) {
                 return write!(f, "{}{unit}", ns / factor);
             }
         }

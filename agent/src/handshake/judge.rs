@@ -621,12 +621,10 @@ pub fn judge_request(policy: &Policy, bytes: &[u8], source: IpAddr, now: u64) ->
         None if policy.missing_origin == MissingOrigin::Reject => {
             return Judgement::Reject(Rejection::MissingOrigin);
         }
-        None => {}
-        Some(origin) => {
-            if !policy.allowed_origins.iter().any(|p| p.matches(origin)) {
-                return Judgement::Reject(Rejection::BadOrigin);
-            }
+        Some(origin) if !policy.allowed_origins.iter().any(|p| p.matches(origin)) => {
+            return Judgement::Reject(Rejection::BadOrigin);
         }
+        None | Some(_) => {}
     }
     let mut presented_ticket = None;
     if let Some(t) = policy.ticket.as_ref().filter(|t| t.required) {

@@ -158,10 +158,9 @@ pub fn verify(
     if opened.expires_at <= now || opened.expires_at > now.saturating_add(max_age_secs) {
         return Err(TicketError::Expired);
     }
-    if bind_to_source_ip {
-        if opened.address.map(|a| a.to_canonical()) != Some(source.to_canonical()) {
-            return Err(TicketError::WrongIp);
-        }
+    if bind_to_source_ip && opened.address.map(|a| a.to_canonical()) != Some(source.to_canonical())
+    {
+        return Err(TicketError::WrongIp);
     }
     Ok(opened)
 }

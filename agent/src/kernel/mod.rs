@@ -208,6 +208,11 @@ impl Kernel {
         for (name, path) in &map_pins {
             loader.map_pin_path(name, path.as_path());
         }
+        if EBPF_OBJECT.is_empty() {
+            anyhow::bail!(
+                "this wsguard was built with AYA_BUILD_SKIP=1 and carries no kernel programs: build it with `cargo xtask build`"
+            );
+        }
         let resolved = kfuncs::resolve(EBPF_OBJECT)?;
         let mut ebpf = loader
             .load(&resolved.object)
