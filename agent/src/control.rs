@@ -2,6 +2,7 @@
 //! and reload. These work whether or not the agent runs (except reload): the
 //! kernel programs read the same maps.
 
+use crate::kernel::Maps;
 use std::{net::IpAddr, path::Path, time::Duration};
 
 use anyhow::{Context, Result, bail};
@@ -13,7 +14,6 @@ use crate::{
     agent_file::AgentFile,
     config::{HumanDuration, parse_cidr},
     kernel::{PinnedState, lists, monotonic_ns},
-    status::source_addr,
 };
 
 /// Bad operator input (exit code 2), as opposed to a failure to carry it out.
@@ -38,13 +38,13 @@ fn list_name(allow: bool) -> &'static str {
 }
 
 pub fn list_add(
-    state: &PinnedState,
+    state: &mut PinnedState,
     allow: bool,
     net: &IpNet,
     ttl: Option<HumanDuration>,
 ) -> Result<()> {
     let expires = ttl.map_or(0, |t| monotonic_ns() + t.nanos());
-    lists::add_runtime(&mut state.list(allow)?, net, expires)?;
+    state.with_list(allow, |list| lists::add_runtime(list, net, expires))?;
     match ttl {
         Some(t) => println!("{} {net}: added for {t}", list_name(allow)),
         None => println!("{} {net}: added until removed", list_name(allow)),
@@ -52,8 +52,8 @@ pub fn list_add(
     Ok(())
 }
 
-pub fn list_del(state: &PinnedState, allow: bool, net: &IpNet) -> Result<()> {
-    lists::remove_runtime(&mut state.list(allow)?, net)?;
+pub fn list_del(state: &mut PinnedState, allow: bool, net: &IpNet) -> Result<()> {
+    state.with_list(allow, |list| lists::remove_runtime(list, net))?;
     println!("{} {net}: removed", list_name(allow));
     Ok(())
 }
@@ -107,7 +107,7 @@ pub fn bans_print(state: &PinnedState, as_json: bool) -> Result<()> {
             .iter()
             .map(|(k, b)| {
                 json!({
-                    "source": source_addr(k).to_string(),
+                    "source": IpAddr::from(*k).to_string(),
                     "banned_for_seconds": (now.saturating_sub(b.since_ns)) as f64 / 1e9,
                     "remaining_seconds": (b.until_ns - now) as f64 / 1e9,
                 })
@@ -118,7 +118,7 @@ pub fn bans_print(state: &PinnedState, as_json: bool) -> Result<()> {
         for (k, b) in bans {
             println!(
                 "{}\t{:.0}s left",
-                source_addr(&k),
+                IpAddr::from(k),
                 (b.until_ns - now) as f64 / 1e9
             );
         }
@@ -126,8 +126,8 @@ pub fn bans_print(state: &PinnedState, as_json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn bans_del(state: &PinnedState, addr: IpAddr) -> Result<()> {
-    if !state.remove_ban(addr)? {
+pub fn bans_del(state: &mut PinnedState, addr: IpAddr) -> Result<()> {
+    if !state.remove_ban_of(addr)? {
         bail!("{addr} is not banned");
     }
     println!("{addr}: ban lifted");

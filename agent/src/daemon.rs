@@ -1,6 +1,7 @@
 //! `wsguard run`: load, attach, enforce until told to stop, then detach or
 //! (fail-closed) leave the programs enforcing.
 
+use crate::kernel::Maps;
 use std::{
     os::fd::AsRawFd,
     path::Path,
@@ -10,18 +11,17 @@ use std::{
 
 use anyhow::{Context, Result};
 use sd_notify::NotifyState;
-use serde_json::json;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
 };
 use tracing::{error, info, warn};
-use wsguard_common::Event;
+use wsguard_common::Event as KernelEvent;
 
 use crate::{
     agent_file::{self, AgentFile},
     config::Config,
-    events::{BanEnd, BanWatch, EventSink, source_prefix},
+    events::{BanWatch, Event, EventSink, source_prefix},
     handshake::inspection::{self, Inspection},
     kernel::{self, Kernel},
     metrics::{self, AgentCounters},
@@ -102,10 +102,12 @@ pub async fn run(config_path: &Path) -> Result<()> {
         ..Default::default()
     };
     agent_file.write(&pins)?;
-    sink.lock().unwrap().emit(
-        "agent_started",
-        json!({"config": agent_file.config, "interfaces": agent_file.interfaces, "dry_run": config.settings.dry_run != 0, "took_over": takeover.interfaces}),
-    );
+    sink.lock().unwrap().emit(Event::AgentStarted {
+        config: agent_file.config.clone(),
+        interfaces: agent_file.interfaces.clone(),
+        dry_run: config.settings.dry_run != 0,
+        took_over: takeover.interfaces.clone(),
+    });
     notify(&[NotifyState::Ready]);
 
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
@@ -162,13 +164,13 @@ pub async fn run(config_path: &Path) -> Result<()> {
                         agent_file.config_loaded_at = agent_file::now_unix();
                         agent_file.last_reload_error = None;
                         counters.reloads_ok.fetch_add(1, Ordering::Relaxed);
-                        sink.lock().unwrap().emit("config_reloaded", json!({"config": agent_file.config}));
+                        sink.lock().unwrap().emit(Event::ConfigReloaded { config: agent_file.config.clone() });
                     }
                     Err(e) => {
                         error!("reload rejected, the running config keeps enforcing: {e:#}");
                         agent_file.last_reload_error = Some(format!("{e:#}"));
                         counters.reloads_rejected.fetch_add(1, Ordering::Relaxed);
-                        sink.lock().unwrap().emit("config_rejected", json!({"config": agent_file.config, "error": format!("{e:#}")}));
+                        sink.lock().unwrap().emit(Event::ConfigRejected { config: agent_file.config.clone(), error: format!("{e:#}") });
                     }
                 }
                 if let Err(e) = agent_file.write(&pins) {
@@ -215,9 +217,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let counters = kernel.counters()?;
     let keep = config.agent.keep_enforcing_on_exit;
     kernel.release(keep)?;
-    sink.lock()
-        .unwrap()
-        .emit("agent_stopped", json!({"programs_stay_attached": keep}));
+    sink.lock().unwrap().emit(Event::AgentStopped {
+        programs_stay_attached: keep,
+    });
     let how = if keep {
         "stopped; the programs stay attached (keep_enforcing_on_exit)"
     } else {
@@ -246,21 +248,18 @@ fn housekeep(
     let now = kernel::monotonic_ns();
     let mut sink = sink.lock().unwrap();
     for (allow, net) in kernel.sweep_expired_lists(now)? {
-        sink.emit(
-            "list_entry_expired",
-            json!({"list": if allow { "allow" } else { "deny" }, "cidr": net.to_string()}),
-        );
+        sink.emit(Event::ListEntryExpired {
+            list: if allow { "allow" } else { "deny" },
+            cidr: net.to_string(),
+        });
     }
     let (ended, expired) = ban_watch.update(&kernel.bans()?, now);
     for key in expired {
         let _ = kernel.remove_ban(&key);
     }
-    for (key, end) in ended {
-        let how = match end {
-            BanEnd::Expired => "expired",
-            BanEnd::Lifted => "lifted",
-        };
-        sink.emit("ban_ended", json!({"source": source_prefix(&key, config.ipv4_prefix, config.ipv6_prefix), "how": how}));
+    for (key, how) in ended {
+        let source = source_prefix(&key, config.ipv4_prefix, config.ipv6_prefix);
+        sink.emit(Event::BanEnded { source, how });
     }
     sink.roll_window();
     Ok(())
@@ -338,9 +337,9 @@ fn watch_interfaces(kernel: &mut Kernel, config: &Config, sink: &Sink, missing: 
     for interface in Kernel::missing_interfaces(config) {
         if !missing.contains(&interface) {
             warn!("interface {interface} is gone; wsguard attaches again when it returns");
-            sink.lock()
-                .unwrap()
-                .emit("interface_gone", json!({"interface": interface}));
+            sink.lock().unwrap().emit(Event::InterfaceGone {
+                interface: interface.clone(),
+            });
             missing.push(interface);
         }
     }
@@ -348,9 +347,9 @@ fn watch_interfaces(kernel: &mut Kernel, config: &Config, sink: &Sink, missing: 
         Ok(back) => {
             for interface in back {
                 info!("interface {interface} is back: attached again");
-                sink.lock()
-                    .unwrap()
-                    .emit("interface_reattached", json!({"interface": interface}));
+                sink.lock().unwrap().emit(Event::InterfaceReattached {
+                    interface: interface.clone(),
+                });
                 missing.retain(|m| *m != interface);
             }
         }
@@ -372,18 +371,19 @@ fn spawn_kernel_events(kernel: &mut Kernel, sink: Sink, config: &Config) -> Resu
                 break;
             };
             while let Some(item) = ready.get_inner_mut().next() {
-                if item.len() < std::mem::size_of::<Event>() {
+                if item.len() < std::mem::size_of::<KernelEvent>() {
                     continue;
                 }
                 // SAFETY: the kernel wrote an Event; read it unaligned.
-                let event: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                if event.kind == Event::BAN_STARTED {
+                let event: KernelEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                if event.kind == KernelEvent::BAN_STARTED {
                     let seconds =
                         event.until_ns.saturating_sub(kernel::monotonic_ns()) as f64 / 1e9;
-                    sink.lock().unwrap().emit(
-                        "ban_started",
-                        json!({"source": source_prefix(&event.source, v4, v6), "duration_seconds": seconds.round(), "dry_run": event.dry_run != 0}),
-                    );
+                    sink.lock().unwrap().emit(Event::BanStarted {
+                        source: source_prefix(&event.source, v4, v6),
+                        duration_seconds: seconds.round() as u64,
+                        dry_run: event.dry_run != 0,
+                    });
                 }
             }
             ready.clear_ready();

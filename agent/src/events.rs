@@ -11,17 +11,80 @@ use std::{
     fs::OpenOptions,
     io::Write,
     net::IpAddr,
+    path::PathBuf,
     sync::{Arc, atomic::Ordering},
     time::{Instant, SystemTime},
 };
 
 use anyhow::{Context, Result};
+use serde::Serialize;
 use serde_json::{Value, json};
 use wsguard_common::{Ban, SourceKey};
 
-use crate::{config::EventsOutput, metrics::AgentCounters, status::source_addr};
+use crate::{config::EventsOutput, metrics::AgentCounters};
 
 pub const MAX_PER_KIND_PER_SECOND: u32 = 50;
+
+/// Every event record the agent writes, with the fields the README's event
+/// table lists (a test holds the two together). Serialised as
+/// `{"ts": …, "event": "<snake_case kind>", …fields}`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    AgentStarted {
+        config: PathBuf,
+        interfaces: Vec<String>,
+        dry_run: bool,
+        took_over: Vec<String>,
+    },
+    AgentStopped {
+        programs_stay_attached: bool,
+    },
+    ConfigReloaded {
+        config: PathBuf,
+    },
+    ConfigRejected {
+        config: PathBuf,
+        error: String,
+    },
+    HandshakeRejected {
+        source: String,
+        server: String,
+        reason: &'static str,
+        dry_run: bool,
+    },
+    DeadlineCut {
+        source: String,
+        server: String,
+        reason: &'static str,
+        dry_run: bool,
+    },
+    BanStarted {
+        /// `address/prefix`.
+        source: String,
+        duration_seconds: u64,
+        dry_run: bool,
+    },
+    BanEnded {
+        source: String,
+        how: BanEnd,
+    },
+    ListEntryExpired {
+        list: &'static str,
+        cidr: String,
+    },
+    InterfaceGone {
+        interface: String,
+    },
+    InterfaceReattached {
+        interface: String,
+    },
+    Summary {
+        of: String,
+        suppressed: u64,
+        window_seconds: u64,
+    },
+}
 
 pub struct EventSink {
     out: Box<dyn Write + Send>,
@@ -56,26 +119,27 @@ impl EventSink {
         }
     }
 
-    /// Writes `{"ts": …, "event": kind, …fields}` as one line, unless this
-    /// kind already used its share of the current second.
-    pub fn emit(&mut self, kind: &str, fields: Value) {
+    /// Writes the event as one line, unless its kind already used its share
+    /// of the current second.
+    pub fn emit(&mut self, event: Event) {
         self.roll_window();
-        let written = self.written.entry(kind.to_string()).or_default();
+        let record = serde_json::to_value(&event).expect("events serialise");
+        let kind = record["event"].as_str().unwrap_or_default().to_string();
+        let written = self.written.entry(kind.clone()).or_default();
         if *written >= MAX_PER_KIND_PER_SECOND {
-            *self.suppressed.entry(kind.to_string()).or_default() += 1;
+            *self.suppressed.entry(kind).or_default() += 1;
             self.counters
                 .events_suppressed
                 .fetch_add(1, Ordering::Relaxed);
             return;
         }
         *written += 1;
-        self.write(kind, fields);
+        self.write(record);
     }
 
-    fn write(&mut self, kind: &str, fields: Value) {
+    fn write(&mut self, fields: Value) {
         let mut record = json!({
             "ts": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            "event": kind,
         });
         if let (Some(record), Value::Object(fields)) = (record.as_object_mut(), fields) {
             record.extend(fields);
@@ -91,18 +155,20 @@ impl EventSink {
         }
         self.window_start = Instant::now();
         self.written.clear();
-        for (kind, count) in std::mem::take(&mut self.suppressed) {
-            self.write(
-                "summary",
-                json!({"of": kind, "suppressed": count, "window_seconds": 1}),
-            );
+        for (of, suppressed) in std::mem::take(&mut self.suppressed) {
+            let summary = Event::Summary {
+                of,
+                suppressed,
+                window_seconds: 1,
+            };
+            self.write(serde_json::to_value(&summary).expect("events serialise"));
         }
     }
 }
 
 /// The source a ban key stands for, as "address/prefix".
 pub fn source_prefix(key: &SourceKey, ipv4_prefix: u8, ipv6_prefix: u8) -> String {
-    match source_addr(key) {
+    match IpAddr::from(*key) {
         IpAddr::V4(a) => format!("{a}/{ipv4_prefix}"),
         IpAddr::V6(a) => format!("{a}/{ipv6_prefix}"),
     }
@@ -115,6 +181,8 @@ pub struct BanWatch {
     known: HashMap<SourceKey, Ban>,
 }
 
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum BanEnd {
     Expired,
     Lifted,
@@ -179,9 +247,15 @@ mod tests {
         let counters = Arc::new(AgentCounters::default());
         let mut sink = EventSink::to_writer(Box::new(buffer.clone()), counters.clone());
         for i in 0..120 {
-            sink.emit("ban_started", json!({"n": i}));
+            sink.emit(Event::BanStarted {
+                source: format!("198.18.0.{i}/32"),
+                duration_seconds: 60,
+                dry_run: false,
+            });
         }
-        sink.emit("config_reloaded", json!({}));
+        sink.emit(Event::ConfigReloaded {
+            config: "/etc/wsguard/wsguard.toml".into(),
+        });
         sink.window_start -= std::time::Duration::from_secs(2);
         sink.roll_window();
         let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
@@ -205,5 +279,137 @@ mod tests {
                 .iter()
                 .all(|r| r["ts"].as_str().is_some_and(|t| t.ends_with('Z')))
         );
+    }
+
+    /// One record of every kind. The match has no wildcard, so a new kind
+    /// does not compile until it is here (and then in the README).
+    fn one_of_each() -> Vec<Event> {
+        let s = String::new;
+        let all = vec![
+            Event::AgentStarted {
+                config: PathBuf::new(),
+                interfaces: vec![],
+                dry_run: false,
+                took_over: vec![],
+            },
+            Event::AgentStopped {
+                programs_stay_attached: false,
+            },
+            Event::ConfigReloaded {
+                config: PathBuf::new(),
+            },
+            Event::ConfigRejected {
+                config: PathBuf::new(),
+                error: s(),
+            },
+            Event::HandshakeRejected {
+                source: s(),
+                server: s(),
+                reason: "",
+                dry_run: false,
+            },
+            Event::DeadlineCut {
+                source: s(),
+                server: s(),
+                reason: "",
+                dry_run: false,
+            },
+            Event::BanStarted {
+                source: s(),
+                duration_seconds: 0,
+                dry_run: false,
+            },
+            Event::BanEnded {
+                source: s(),
+                how: BanEnd::Expired,
+            },
+            Event::ListEntryExpired {
+                list: "",
+                cidr: s(),
+            },
+            Event::InterfaceGone { interface: s() },
+            Event::InterfaceReattached { interface: s() },
+            Event::Summary {
+                of: s(),
+                suppressed: 0,
+                window_seconds: 0,
+            },
+        ];
+        for event in &all {
+            match event {
+                Event::AgentStarted { .. }
+                | Event::AgentStopped { .. }
+                | Event::ConfigReloaded { .. }
+                | Event::ConfigRejected { .. }
+                | Event::HandshakeRejected { .. }
+                | Event::DeadlineCut { .. }
+                | Event::BanStarted { .. }
+                | Event::BanEnded { .. }
+                | Event::ListEntryExpired { .. }
+                | Event::InterfaceGone { .. }
+                | Event::InterfaceReattached { .. }
+                | Event::Summary { .. } => {}
+            }
+        }
+        all
+    }
+
+    /// (kind, sorted fields) from the README's event table: the backticked
+    /// names of the fields column, leaving out the values in parentheses.
+    fn readme_table() -> Vec<(String, Vec<String>)> {
+        let readme = include_str!("../../README.md");
+        let table = readme
+            .split("| event | fields |")
+            .nth(1)
+            .expect("the README has an event table");
+        let backticked = |text: &str| -> Vec<String> {
+            text.split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_string)
+                .collect()
+        };
+        table
+            .lines()
+            .skip(2)
+            .take_while(|line| line.starts_with('|'))
+            .map(|line| {
+                let cells: Vec<&str> = line.split('|').collect();
+                let mut fields = String::new();
+                let mut depth = 0;
+                for c in cells[2].chars() {
+                    match c {
+                        '(' => depth += 1,
+                        ')' => depth -= 1,
+                        _ if depth == 0 => fields.push(c),
+                        _ => {}
+                    }
+                }
+                let mut fields = backticked(&fields);
+                fields.sort();
+                (backticked(cells[1]).concat(), fields)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_readme_event_table_lists_every_kind_with_its_fields() {
+        let mut written: Vec<(String, Vec<String>)> = one_of_each()
+            .iter()
+            .map(|event| {
+                let Value::Object(record) = serde_json::to_value(event).unwrap() else {
+                    panic!("an event is an object");
+                };
+                let kind = record["event"].as_str().unwrap().to_string();
+                let mut fields: Vec<String> =
+                    record.keys().filter(|k| *k != "event").cloned().collect();
+                fields.sort();
+                (kind, fields)
+            })
+            .collect();
+        written.sort();
+        let mut documented = readme_table();
+        documented.sort();
+        assert_eq!(written, documented);
     }
 }

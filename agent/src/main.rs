@@ -183,10 +183,10 @@ fn list_command(allow: bool, action: ListAction) -> anyhow::Result<()> {
         ListAction::Add { cidr, ttl, target } => {
             let net = control::cidr(&cidr)?;
             let ttl = ttl.as_deref().map(control::ttl).transpose()?;
-            control::list_add(&target.state()?, allow, &net, ttl)
+            control::list_add(&mut target.state()?, allow, &net, ttl)
         }
         ListAction::Del { cidr, target } => {
-            control::list_del(&target.state()?, allow, &control::cidr(&cidr)?)
+            control::list_del(&mut target.state()?, allow, &control::cidr(&cidr)?)
         }
         ListAction::List { target, json } => control::list_print(&target.state()?, allow, json),
     }
@@ -233,7 +233,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .trim()
                     .parse()
                     .map_err(|_| InputError(format!("\"{addr}\" is not an IP address")))?;
-                control::bans_del(&target.state()?, addr)
+                control::bans_del(&mut target.state()?, addr)
             }
         },
         Command::Reload { target } => control::reload(&target.pin_dir()?),

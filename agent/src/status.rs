@@ -1,6 +1,7 @@
 //! What an agent enforces and has done, read from its pins: `wsguard status`,
 //! the metrics endpoint and `wsguard top` all start from a [`Snapshot`].
 
+use crate::kernel::Maps;
 use std::{net::IpAddr, path::PathBuf};
 
 use anyhow::Result;
@@ -11,11 +12,6 @@ use crate::{
     agent_file::AgentFile,
     kernel::{PinnedState, monotonic_ns},
 };
-
-/// A source key as an address (IPv4 keys unmapped).
-pub fn source_addr(key: &SourceKey) -> IpAddr {
-    IpAddr::V6(std::net::Ipv6Addr::from(key.addr)).to_canonical()
-}
 
 /// "passed", "dropped", "answered" (a SYN answered with a cookie) or
 /// "event", for a reason.
@@ -171,10 +167,10 @@ impl Snapshot {
             "counters": self.counters.iter().map(|(r, c)| (r.name().to_string(), json!({"packets": c.packets, "bytes": c.bytes, "verdict": verdict(*r)}))).collect::<serde_json::Map<_, _>>(),
             "would_drop": self.would_drop.iter().filter(|(r, _)| r.is_drop() || *r == Reason::BanStarted).map(|(r, c)| (r.name().to_string(), json!({"packets": c.packets, "bytes": c.bytes}))).collect::<serde_json::Map<_, _>>(),
             "bans": self.bans.iter().map(|(k, b)| json!({
-                "source": source_addr(k).to_string(),
+                "source": IpAddr::from(*k).to_string(),
                 "remaining_seconds": (b.until_ns - self.now_ns) as f64 / 1e9,
             })).collect::<Vec<_>>(),
-            "open_connections": self.open_connections.iter().map(|(k, n)| json!({"source": source_addr(k).to_string(), "open": n})).collect::<Vec<_>>(),
+            "open_connections": self.open_connections.iter().map(|(k, n)| json!({"source": IpAddr::from(*k).to_string(), "open": n})).collect::<Vec<_>>(),
         })
     }
 
@@ -257,7 +253,7 @@ impl Snapshot {
         for (key, ban) in &self.bans {
             out += &format!(
                 "\n  banned: {} for {:.0} s more",
-                source_addr(key),
+                IpAddr::from(*key),
                 (ban.until_ns - self.now_ns) as f64 / 1e9
             );
         }

@@ -1,14 +1,12 @@
 //! `wsguard top`: the busiest sources, refreshed in place.
 
+use crate::kernel::Maps;
 use std::{collections::HashMap, time::Duration};
 
 use anyhow::Result;
 use wsguard_common::{Reason, SourceKey, SourceState};
 
-use crate::{
-    kernel::{PinnedState, monotonic_ns},
-    status::source_addr,
-};
+use crate::kernel::{PinnedState, monotonic_ns};
 
 /// One source's rates between two samples.
 #[derive(Debug, Clone)]
@@ -125,7 +123,7 @@ pub fn render(rows: &[SourceRates], cookies: &CookieRates) -> String {
             .map_or("-".to_string(), |s| format!("{s:.0}s"));
         out += &format!(
             "{:<40} {:>10.0} {:>12.0} {:>10.0} {:>10.0} {:>10.0} {:>6} {:>10}\n",
-            source_addr(&r.source).to_string(),
+            std::net::IpAddr::from(r.source).to_string(),
             r.packets_per_s,
             r.bytes_per_s,
             r.drops_per_s[0],

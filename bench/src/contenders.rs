@@ -3,6 +3,7 @@
 //! nftables (dynamic sets with limits and ct count), and wsguard.
 
 use std::process::Command;
+use wsguard::kernel::Maps;
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;

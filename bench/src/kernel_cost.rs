@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Result, bail, ensure};
 use serde::Serialize;
-use wsguard::{kernel::source_key, status::source_addr};
+use wsguard_common::SourceKey;
 use wsguard_common::{Ban, Reason};
 use wsguard_tests::{
     packets::Packet,
@@ -234,7 +234,7 @@ pub fn per_packet(effort: Effort) -> Result<Vec<CostRow>> {
     strict.run(&syn(over, PORT)); // the one connection the bucket holds
     let banned = v4(12);
     open.set_ban(
-        &source_key(banned),
+        &SourceKey::from(banned),
         Ban {
             since_ns: 0,
             until_ns: u64::MAX,
@@ -311,7 +311,11 @@ pub fn scale(sources: u32, effort: Effort) -> Result<ScaleRow> {
     }
     // An LRU map starts evicting a little before it is full (its free list
     // is split between CPUs), so what it holds is read back.
-    let tracked: Vec<IpAddr> = h.tracked_sources().iter().map(source_addr).collect();
+    let tracked: Vec<IpAddr> = h
+        .tracked_sources()
+        .iter()
+        .map(|k| IpAddr::from(*k))
+        .collect();
     ensure!(
         tracked.len() as f64 >= 0.9 * f64::from(sources),
         "only {} of {sources} sources tracked",

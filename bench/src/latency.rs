@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Result, bail};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use wsguard::status::source_addr;
+use wsguard::kernel::Maps;
 use wsguard_tests::{Lab, Setup, peers::connect_from};
 
 use crate::stats::p50_p99;
@@ -127,7 +127,7 @@ pub async fn ban_after_rejections(sources: u8) -> Result<Latency> {
         // Polled every millisecond: the figure is within 1 ms of the truth.
         loop {
             let bans = state.bans()?;
-            if bans.iter().any(|(k, _)| source_addr(k) == source) {
+            if bans.iter().any(|(k, _)| IpAddr::from(*k) == source) {
                 break;
             }
             if reset_at.elapsed() > 3 * SECOND {

@@ -17,6 +17,7 @@ use std::{
     },
     time::{Duration, Instant},
 };
+use wsguard::kernel::Maps;
 
 use anyhow::{Context, Result};
 use serde::Serialize;

@@ -326,3 +326,117 @@ assert_size!(GlobalState, 32);
 /// Version of the map layout above; pins live under `<pin_path>/v<LAYOUT_VERSION>`
 /// so that a new layout never reads maps pinned by an older one.
 pub const LAYOUT_VERSION: u32 = 3;
+
+/// Per-CPU scratch space the kernel programs alone use (a record being
+/// assembled, a TCP option walk); user space never opens these.
+pub const KERNEL_ONLY_MAPS: [&str; 2] = ["WSG_SCRATCH", "WSG_TCP_OPTIONS"];
+
+/// How many entries a map holds: a fixed number, or a size the config sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Capacity {
+    Fixed(u32),
+    /// `tracking.max_sources`.
+    Sources,
+    /// `tracking.max_bans`.
+    Bans,
+    /// Twice `handshake.max_connections` (see the agent's
+    /// `inspected_capacity`).
+    Inspected,
+}
+
+/// What user space must know about one map: its name, key and value sizes,
+/// capacity, and whether it is pinned (its state outlives the agent).
+#[derive(Clone, Copy, Debug)]
+pub struct MapFact {
+    pub name: &'static str,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub capacity: Capacity,
+    pub pinned: bool,
+}
+
+const fn fact(
+    name: &'static str,
+    key_size: usize,
+    value_size: usize,
+    capacity: Capacity,
+) -> MapFact {
+    MapFact {
+        name,
+        key_size: key_size as u32,
+        value_size: value_size as u32,
+        capacity,
+        pinned: true,
+    }
+}
+
+const LPM_KEY: usize = 4 + 16;
+const SOURCE_KEY: usize = size_of::<crate::SourceKey>();
+
+/// Every map of the kernel programs. The agent sizes and checks pins with
+/// it; a test compares it with the compiled object.
+pub const MAP_FACTS: [MapFact; 21] = {
+    use Capacity::*;
+    [
+        fact(names::SETTINGS, 4, size_of::<Settings>(), Fixed(1)),
+        fact(names::PORTS, 4, 1, Fixed(PORT_SLOTS)),
+        fact(
+            names::ALLOW,
+            LPM_KEY,
+            size_of::<ListEntry>(),
+            Fixed(LIST_CAPACITY),
+        ),
+        fact(
+            names::DENY,
+            LPM_KEY,
+            size_of::<ListEntry>(),
+            Fixed(LIST_CAPACITY),
+        ),
+        fact(
+            names::SOURCES,
+            SOURCE_KEY,
+            size_of::<crate::SourceState>(),
+            Sources,
+        ),
+        fact(names::BANS, SOURCE_KEY, size_of::<crate::Ban>(), Bans),
+        fact(names::CONNECTIONS, SOURCE_KEY, 8, Sources),
+        fact(names::GLOBAL, 4, size_of::<GlobalState>(), Fixed(1)),
+        fact(
+            names::COUNTERS,
+            4,
+            size_of::<crate::Counter>(),
+            Fixed(crate::counters::COUNTER_SLOTS),
+        ),
+        fact(names::EVENTS, 0, 0, Fixed(EVENTS_BYTES)),
+        fact(names::INSPECT, 4, 1, Fixed(PORT_SLOTS)),
+        fact(names::INSPECTED, 8, 4, Inspected),
+        fact(names::STREAMS, 8, size_of::<Stream>(), Inspected),
+        fact(names::RELEASES, 8, size_of::<Release>(), Inspected),
+        fact(names::INSPECTED_COUNT, 4, 8, Fixed(1)),
+        fact(names::STREAM_RECORDS, 0, 0, Fixed(STREAM_RECORDS_BYTES)),
+        fact(
+            names::HANDSHAKE,
+            4,
+            size_of::<HandshakeSettings>(),
+            Fixed(1),
+        ),
+        // Pinned so that its entries outlive the agent with the XDP link (a
+        // program array is emptied when no one holds it).
+        fact(names::COOKIE_PROGRAMS, 4, 4, Fixed(2)),
+        fact(
+            names::SYN_COOKIES,
+            4,
+            size_of::<crate::cookie::CookieSettings>(),
+            Fixed(1),
+        ),
+        // The agent's own injection socket and target: nothing to keep.
+        MapFact {
+            pinned: false,
+            ..fact(names::INJECTOR, 4, 4, Fixed(1))
+        },
+        MapFact {
+            pinned: false,
+            ..fact(names::INJECT_TARGET, 4, 8, Fixed(1))
+        },
+    ]
+};

@@ -74,6 +74,25 @@ impl SourceKey {
     }
 }
 
+/// The full key of an address (before prefix aggregation); an
+/// IPv4-mapped IPv6 address gets the same key as the IPv4 address.
+impl From<core::net::IpAddr> for SourceKey {
+    fn from(addr: core::net::IpAddr) -> SourceKey {
+        match addr.to_canonical() {
+            core::net::IpAddr::V4(a) => SourceKey::from_v4(a.octets()),
+            core::net::IpAddr::V6(a) => SourceKey::from_v6(a.octets()),
+        }
+    }
+}
+
+/// The address a key stands for (its first address after aggregation);
+/// IPv4 keys come back as IPv4 addresses.
+impl From<SourceKey> for core::net::IpAddr {
+    fn from(key: SourceKey) -> core::net::IpAddr {
+        core::net::IpAddr::V6(core::net::Ipv6Addr::from(key.addr)).to_canonical()
+    }
+}
+
 #[inline(always)]
 fn split(b: &[u8; 16]) -> (u64, u64) {
     (

@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use wsguard::kernel::{PinnedState, pin_dir};
+use wsguard::kernel::{Maps, PinnedState, pin_dir};
 use wsguard_common::{Counter, Reason};
 
 use crate::{Lab, lab::enter_netns, wait_until};

@@ -10,12 +10,12 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{Array, HashMap, IterableMap, LpmTrie, MapData},
+    maps::{HashMap, IterableMap, MapData},
     programs::{Program, TestRun, TestRunOptions, Xdp},
 };
 use wsguard::{
     config::Config,
-    kernel::{Kernel, lists},
+    kernel::{Kernel, MapSource, Maps, lists},
 };
 use wsguard_common::{
     Ban, Counter, HandshakeSettings, Reason, Release, SourceKey, SourceState, Stream,
@@ -108,15 +108,7 @@ impl XdpHarness {
 
     /// The SYN-cookie settings in the kernel's map (with its key).
     pub fn cookie_settings(&self) -> wsguard_common::cookie::CookieSettings {
-        let map = self
-            .kernel
-            .ebpf()
-            .map(names::SYN_COOKIES)
-            .expect("cookie map");
-        Array::<_, wsguard_common::cookie::CookieSettings>::try_from(map)
-            .expect("array")
-            .get(&0, 0)
-            .expect("slot 0")
+        self.kernel.cookie_settings().expect("cookie settings")
     }
 
     /// Runs one frame through the program and returns its verdict.
@@ -166,36 +158,27 @@ impl XdpHarness {
     }
 
     pub fn handshake_settings(&self) -> HandshakeSettings {
-        let map: Array<&MapData, HandshakeSettings> =
-            Array::try_from(self.kernel.ebpf().map(names::HANDSHAKE).unwrap()).unwrap();
-        map.get(&0, 0).unwrap()
+        self.kernel
+            .handshake_settings()
+            .expect("handshake settings")
     }
 
     /// Sets the kernel's count of open inspected connections.
     pub fn set_inspected_count(&mut self, open: u64) {
-        let mut map: Array<&mut MapData, u64> = Array::try_from(
-            self.kernel
-                .ebpf_mut()
-                .map_mut(names::INSPECTED_COUNT)
-                .unwrap(),
-        )
-        .unwrap();
-        map.set(0, open, 0).unwrap();
+        self.kernel.set_inspected_connections(open).unwrap();
     }
 
     /// Creates the kernel's entry for connection `cookie`, as sock_ops does
     /// when it is established.
     pub fn open_stream(&mut self, cookie: u64) {
-        let mut map: HashMap<&mut MapData, u64, Stream> =
-            HashMap::try_from(self.kernel.ebpf_mut().map_mut(names::STREAMS).unwrap()).unwrap();
-        map.insert(cookie, Stream::default(), 0).unwrap();
+        self.kernel
+            .set_stream(cookie, Some(Stream::default()))
+            .unwrap();
     }
 
     /// Removes the kernel's entry for connection `cookie`.
     pub fn close_stream(&mut self, cookie: u64) {
-        let mut map: HashMap<&mut MapData, u64, Stream> =
-            HashMap::try_from(self.kernel.ebpf_mut().map_mut(names::STREAMS).unwrap()).unwrap();
-        map.remove(&cookie).unwrap();
+        self.kernel.set_stream(cookie, None).unwrap();
     }
 
     pub fn stream(&self, cookie: u64) -> Option<Stream> {
@@ -254,49 +237,32 @@ impl XdpHarness {
         v
     }
 
-    fn hash<V: aya::Pod>(&self, name: &str) -> HashMap<&MapData, SourceKey, V> {
-        let map = self.kernel.ebpf().map(name).expect("map");
-        HashMap::try_from(map).expect("hash map")
-    }
-
-    fn hash_mut<V: aya::Pod>(&mut self, name: &str) -> HashMap<&mut MapData, SourceKey, V> {
-        let map = self.kernel.ebpf_mut().map_mut(name).expect("map");
-        HashMap::try_from(map).expect("hash map")
-    }
-
     pub fn tracked_sources(&self) -> Vec<SourceKey> {
-        self.hash::<SourceState>(names::SOURCES)
-            .keys()
-            .filter_map(|k| k.ok())
-            .collect()
+        let sources = self.kernel.tracked_sources().expect("tracked sources");
+        sources.into_iter().map(|(key, _)| key).collect()
     }
 
     pub fn ban(&self, key: &SourceKey) -> Option<Ban> {
-        self.hash::<Ban>(names::BANS).get(key, 0).ok()
+        let bans = self.kernel.bans().expect("bans");
+        bans.into_iter().find(|(k, _)| k == key).map(|(_, ban)| ban)
     }
 
     pub fn set_ban(&mut self, key: &SourceKey, ban: Ban) {
-        self.hash_mut::<Ban>(names::BANS)
-            .insert(key, ban, 0)
-            .expect("writing ban");
+        self.kernel.set_ban(key, ban).expect("writing ban");
     }
 
     /// Adds `net` to the deny list, as `wsguard deny add` does.
     pub fn deny(&mut self, net: &ipnet::IpNet) -> Result<()> {
-        let map = self
-            .kernel
-            .ebpf_mut()
-            .map_mut(names::DENY)
-            .context("deny map")?;
-        let mut list: lists::List<&mut MapData> = LpmTrie::try_from(map)?;
-        lists::add_runtime(&mut list, net, 0)
+        self.kernel
+            .with_list(false, |list| lists::add_runtime(list, net, 0))
     }
 
     /// Bytes the kernel charges for the map of tracked sources (`memlock` in
     /// its fdinfo), which is preallocated for `tracking.max_sources` entries.
     pub fn sources_map_bytes(&self) -> Result<u64> {
-        let map = self.hash::<SourceState>(names::SOURCES);
-        let fd = map.map().fd().as_fd().as_raw_fd();
+        let map = self.kernel.map(names::SOURCES)?;
+        let sources: HashMap<&MapData, SourceKey, SourceState> = HashMap::try_from(&*map)?;
+        let fd = sources.map().fd().as_fd().as_raw_fd();
         let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
         info.lines()
             .find_map(|l| l.strip_prefix("memlock:"))
@@ -305,8 +271,8 @@ impl XdpHarness {
     }
 
     pub fn set_open_connections(&mut self, key: &SourceKey, open: u64) {
-        self.hash_mut::<u64>(names::CONNECTIONS)
-            .insert(key, open, 0)
+        self.kernel
+            .set_open_connections(key, open)
             .expect("writing connection count");
     }
 }

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Result, ensure};
 use futures_util::SinkExt;
-use wsguard::status::source_addr;
+use wsguard::kernel::Maps;
 use wsguard_common::Reason;
 use wsguard_tests::{
     Agent, Lab, Setup,
@@ -218,7 +218,7 @@ async fn a_banned_source_is_dropped_and_recovers_when_the_ban_expires() -> Resul
     agent.wait_counter(Reason::BanStarted, 1, SECOND).await?;
     let bans = agent.state()?.bans()?;
     ensure!(
-        bans.len() == 1 && source_addr(&bans[0].0) == source,
+        bans.len() == 1 && IpAddr::from(bans[0].0) == source,
         "bans: {bans:?} after {report:?}"
     );
 
@@ -264,7 +264,7 @@ async fn the_concurrent_connection_limit_holds_and_frees_up_as_connections_close
             .and_then(|s| s.connections())
             .unwrap_or_default()
             .iter()
-            .filter(|(k, _)| source_addr(k) == source)
+            .filter(|(k, _)| IpAddr::from(*k) == source)
             .map(|(_, n)| *n)
             .sum()
     };

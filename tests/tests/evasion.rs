@@ -6,6 +6,7 @@
 //! docs/reliability.md lists each class with its test.
 
 use std::time::Duration;
+use wsguard::kernel::Maps;
 
 use anyhow::{Context, Result, ensure};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Result, ensure};
+use wsguard::kernel::Maps;
 use wsguard_common::Reason;
 use wsguard_tests::{
     Agent, Lab,
@@ -134,7 +135,7 @@ async fn a_spoofed_flood_past_the_source_map_and_a_kill_9_lose_nothing() -> Resu
         state
             .bans()?
             .iter()
-            .any(|(k, _)| wsguard::status::source_addr(k) == banned),
+            .any(|(k, _)| std::net::IpAddr::from(*k) == banned),
         "the ban was evicted by the flood or lost across the kill"
     );
     // Every spoofed SYN was judged and counted, before and after the kill

@@ -6,6 +6,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::Output, time::Duration};
 
 use anyhow::{Context, Result, ensure};
+use wsguard::kernel::Maps;
 use wsguard_common::Reason;
 use wsguard_tests::{
     Agent, Lab, Setup,

@@ -41,7 +41,7 @@ fn harness(extra: &str) -> XdpHarness {
 }
 
 fn key16(addr: IpAddr) -> [u8; 16] {
-    wsguard::kernel::source_key(addr).addr
+    wsguard_common::SourceKey::from(addr).addr
 }
 
 fn tuple(src: IpAddr, src_port: u16, client_isn: u32) -> CookieTuple {
@@ -530,6 +530,7 @@ mod real_traffic {
     };
 
     use anyhow::{Context, Result, ensure};
+    use wsguard::kernel::Maps;
     use wsguard_common::{Reason, SourceKey};
     use wsguard_tests::{
         Agent, Lab, Setup,

@@ -4,6 +4,7 @@
 //! for the kernel, rejected connections cut (SOCK_DESTROY), events,
 //! counters and bans for repeat offenders.
 
+use crate::kernel::Maps;
 use std::{
     collections::HashMap,
     io::Write,
@@ -12,7 +13,6 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use serde_json::json;
 use tracing::{debug, warn};
 use wsguard_common::{RecordHeader, Release, SourceKey, StreamPeers};
 
@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     config::Config,
-    events::{EventSink, source_prefix},
+    events::{Event, EventSink, source_prefix},
     kernel::{self, Kernel},
     metrics::AgentCounters,
 };
@@ -384,22 +384,30 @@ impl Inspection {
             if dry_run { "would_reject" } else { "rejected" },
             reason.name(),
         );
-        let kind = if reason == Rejection::Deadline {
-            "deadline_cut"
+        let (source, server) = (client.ip().to_canonical().to_string(), server.to_string());
+        let reason_name = reason.name();
+        cx.sink.emit(if reason == Rejection::Deadline {
+            Event::DeadlineCut {
+                source,
+                server,
+                reason: reason_name,
+                dry_run,
+            }
         } else {
-            "handshake_rejected"
-        };
-        cx.sink.emit(
-            kind,
-            json!({"source": client.ip().to_canonical().to_string(), "server": server.to_string(), "reason": reason.name(), "dry_run": dry_run}),
-        );
+            Event::HandshakeRejected {
+                source,
+                server,
+                reason: reason_name,
+                dry_run,
+            }
+        });
         if !reason.counts_towards_ban() {
             return;
         }
         let source = cx
             .config
             .settings
-            .tracking_key(&kernel::source_key(client.ip()));
+            .tracking_key(&SourceKey::from(client.ip()));
         let window = cx.config.ban.window.get_ref().0;
         if !self.failures.add(
             source,
@@ -418,14 +426,11 @@ impl Inspection {
                 warn!("cannot ban {}: {e:#}", client.ip().to_canonical());
             }
         }
-        cx.sink.emit(
-            "ban_started",
-            json!({
-                "source": source_prefix(&source, cx.config.ipv4_prefix, cx.config.ipv6_prefix),
-                "duration_seconds": duration.as_secs(),
-                "dry_run": dry_run,
-            }),
-        );
+        cx.sink.emit(Event::BanStarted {
+            source: source_prefix(&source, cx.config.ipv4_prefix, cx.config.ipv6_prefix),
+            duration_seconds: duration.as_secs(),
+            dry_run,
+        });
     }
 }
 

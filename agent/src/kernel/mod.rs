@@ -2,18 +2,16 @@
 
 mod kfuncs;
 pub mod lists;
+pub mod maps;
 mod pins;
 mod system;
 
-use std::{
-    net::IpAddr,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, ProgramArray, SockHash, SockMap},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, ProgramArray, SockHash, SockMap},
     programs::{
         CgroupAttachMode, SchedClassifier, SkMsg, SkSkb, SockOps, TcAttachType, Xdp,
         XdpMode as AyaXdpMode,
@@ -22,16 +20,16 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use ipnet::IpNet;
 use tracing::info;
 use wsguard_common::{
-    Counter, HandshakeSettings, Reason, Release, Settings, SourceKey, Stream,
+    HandshakeSettings, Settings, SourceKey,
     cookie::CookieSettings,
-    maps::{GlobalState, PORT_SLOTS, names, programs},
+    maps::{Capacity, GlobalState, MAP_FACTS, PORT_SLOTS, names, programs},
 };
 
 use crate::config::{Config, XdpMode};
 pub use lists::lpm_key;
+pub use maps::{MapMut, MapRef, MapSource, Maps, sum_counters};
 pub use pins::{PinnedState, link_path, pin_dir, unpin_all};
 pub use system::{
     bring_up_loopback, check_privileges, monotonic_ns, open_cgroup, raise_memlock, resolve_pin_path,
@@ -47,11 +45,13 @@ pub fn inspected_capacity(config: &Config) -> u32 {
     config.handshake.max_connections.saturating_mul(2)
 }
 
-/// The full key of an address (before prefix aggregation).
-pub fn source_key(addr: IpAddr) -> SourceKey {
-    match addr.to_canonical() {
-        IpAddr::V4(a) => SourceKey::from_v4(a.octets()),
-        IpAddr::V6(a) => SourceKey::from_v6(a.octets()),
+/// The number of entries a map gets under `config`.
+pub fn capacity(capacity: Capacity, config: &Config) -> u32 {
+    match capacity {
+        Capacity::Fixed(n) => n,
+        Capacity::Sources => config.max_sources,
+        Capacity::Bans => config.max_bans,
+        Capacity::Inspected => inspected_capacity(config),
     }
 }
 
@@ -198,13 +198,11 @@ impl Kernel {
             None => Vec::new(),
         };
         let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(names::SOURCES, config.max_sources)
-            .map_max_entries(names::CONNECTIONS, config.max_sources)
-            .map_max_entries(names::BANS, config.max_bans)
-            .map_max_entries(names::INSPECTED, inspected_capacity(config))
-            .map_max_entries(names::STREAMS, inspected_capacity(config))
-            .map_max_entries(names::RELEASES, inspected_capacity(config));
+        for fact in &MAP_FACTS {
+            if !matches!(fact.capacity, Capacity::Fixed(_)) {
+                loader.map_max_entries(fact.name, capacity(fact.capacity, config));
+            }
+        }
         for (name, path) in &map_pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -265,14 +263,16 @@ impl Kernel {
     pub fn apply(&mut self, config: &Config) -> Result<()> {
         // First, as it can refuse the config: nothing is changed then.
         let cookies = self.cookie_settings(config)?;
-        let mut ports: Array<&mut MapData, u8> = Array::try_from(self.map_mut(names::PORTS)?)?;
+        let mut ports: Array<&mut MapData, u8> =
+            Array::try_from(self.loaded_map_mut(names::PORTS)?)?;
         for port in 0..PORT_SLOTS {
             let protected = u8::from(config.ports.contains(&(port as u16)));
             if ports.get(&port, 0)? != protected {
                 ports.set(port, protected, 0)?;
             }
         }
-        let mut inspect: Array<&mut MapData, u8> = Array::try_from(self.map_mut(names::INSPECT)?)?;
+        let mut inspect: Array<&mut MapData, u8> =
+            Array::try_from(self.loaded_map_mut(names::INSPECT)?)?;
         for port in 0..PORT_SLOTS {
             let inspected = u8::from(config.handshake.ports.contains(&(port as u16)));
             if inspect.get(&port, 0)? != inspected {
@@ -280,7 +280,7 @@ impl Kernel {
             }
         }
         let mut hs: Array<&mut MapData, HandshakeSettings> =
-            Array::try_from(self.map_mut(names::HANDSHAKE)?)?;
+            Array::try_from(self.loaded_map_mut(names::HANDSHAKE)?)?;
         // The agent's "pending table full" flag outlives a reload.
         let pending_full = hs.get(&0, 0).map_or(0, |h| h.pending_full);
         let handshake = HandshakeSettings {
@@ -291,19 +291,20 @@ impl Kernel {
         };
         hs.set(0, handshake, 0)?;
         for (name, nets) in [(names::ALLOW, &config.allow), (names::DENY, &config.deny)] {
-            let mut list: lists::List<&mut MapData> = LpmTrie::try_from(self.map_mut(name)?)?;
+            let mut list: lists::List<&mut MapData> =
+                LpmTrie::try_from(self.loaded_map_mut(name)?)?;
             lists::sync_config(&mut list, nets).with_context(|| format!("filling {name}"))?;
         }
         let mut cookie_map: Array<&mut MapData, CookieSettings> =
-            Array::try_from(self.map_mut(names::SYN_COOKIES)?)?;
+            Array::try_from(self.loaded_map_mut(names::SYN_COOKIES)?)?;
         cookie_map.set(0, cookies, 0)?;
         let mut settings: Array<&mut MapData, Settings> =
-            Array::try_from(self.map_mut(names::SETTINGS)?)?;
+            Array::try_from(self.loaded_map_mut(names::SETTINGS)?)?;
         settings.set(0, config.settings, 0)?;
         // New limits take effect from a full bucket rather than carrying the
         // old state over.
         let mut global: Array<&mut MapData, GlobalState> =
-            Array::try_from(self.map_mut(names::GLOBAL)?)?;
+            Array::try_from(self.loaded_map_mut(names::GLOBAL)?)?;
         global.set(0, GlobalState::default(), 0)?;
         Ok(())
     }
@@ -364,7 +365,7 @@ impl Kernel {
         })
     }
 
-    fn map_mut(&mut self, name: &str) -> Result<&mut Map> {
+    fn loaded_map_mut(&mut self, name: &str) -> Result<&mut Map> {
         self.ebpf
             .map_mut(name)
             .with_context(|| format!("map {name} missing from the object"))
@@ -576,7 +577,7 @@ impl Kernel {
 
     fn clear_connections(&mut self) -> Result<()> {
         let mut map: HashMap<&mut MapData, SourceKey, u64> =
-            HashMap::try_from(self.map_mut(names::CONNECTIONS)?)?;
+            HashMap::try_from(self.loaded_map_mut(names::CONNECTIONS)?)?;
         let keys: Vec<SourceKey> = map.keys().filter_map(|k| k.ok()).collect();
         for key in keys {
             let _ = map.remove(&key);
@@ -661,84 +662,10 @@ impl Kernel {
             .attach(&fd)
             .context("cannot attach the injection program")?;
         let mut injector: SockMap<&mut MapData> =
-            SockMap::try_from(self.map_mut(names::INJECTOR)?)?;
+            SockMap::try_from(self.loaded_map_mut(names::INJECTOR)?)?;
         injector
             .set(0, socket, 0)
             .context("cannot put the injection socket into its map")?;
-        Ok(())
-    }
-
-    /// Names the connection the next injected bytes go to.
-    pub fn set_inject_target(&mut self, cookie: u64) -> Result<()> {
-        let mut target: Array<&mut MapData, u64> =
-            Array::try_from(self.map_mut(names::INJECT_TARGET)?)?;
-        target.set(0, cookie, 0)?;
-        Ok(())
-    }
-
-    /// Records the agent's verdict on an inspected connection.
-    pub fn set_release(&mut self, cookie: u64, release: Release) -> Result<()> {
-        let mut releases: HashMap<&mut MapData, u64, Release> =
-            HashMap::try_from(self.map_mut(names::RELEASES)?)?;
-        releases.insert(cookie, release, 0)?;
-        Ok(())
-    }
-
-    pub fn release_of(&self, cookie: u64) -> Option<Release> {
-        let map = self.ebpf.map(names::RELEASES)?;
-        let releases: HashMap<&MapData, u64, Release> = HashMap::try_from(map).ok()?;
-        releases.get(&cookie, 0).ok()
-    }
-
-    pub fn remove_release(&mut self, cookie: u64) {
-        if let Ok(map) = self.map_mut(names::RELEASES) {
-            if let Ok(mut releases) = HashMap::<&mut MapData, u64, Release>::try_from(map) {
-                let _ = releases.remove(&cookie);
-            }
-        }
-    }
-
-    /// The kernel's entry for an inspected connection, if it is open.
-    pub fn stream(&self, cookie: u64) -> Option<Stream> {
-        let map = self.ebpf.map(names::STREAMS)?;
-        let streams: HashMap<&MapData, u64, Stream> = HashMap::try_from(map).ok()?;
-        streams.get(&cookie, 0).ok()
-    }
-
-    /// Every open inspected connection, by cookie.
-    pub fn streams(&self) -> Result<Vec<(u64, Stream)>> {
-        let map = self.ebpf.map(names::STREAMS).context("streams map")?;
-        let streams: HashMap<&MapData, u64, Stream> = HashMap::try_from(map)?;
-        Ok(streams.iter().filter_map(|r| r.ok()).collect())
-    }
-
-    /// Verdicts whose connection is gone (its close record was lost).
-    pub fn sweep_releases(&mut self) -> Result<usize> {
-        let open: std::collections::HashSet<u64> =
-            self.streams()?.into_iter().map(|(c, _)| c).collect();
-        let mut releases: HashMap<&mut MapData, u64, Release> =
-            HashMap::try_from(self.map_mut(names::RELEASES)?)?;
-        let stale: Vec<u64> = releases
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !open.contains(k))
-            .collect();
-        for cookie in &stale {
-            let _ = releases.remove(cookie);
-        }
-        Ok(stale.len())
-    }
-
-    /// Tells XDP to refuse (or admit again) new connections to inspected
-    /// ports while the agent's table of pending handshakes is full.
-    pub fn set_pending_full(&mut self, full: bool) -> Result<()> {
-        let mut hs: Array<&mut MapData, HandshakeSettings> =
-            Array::try_from(self.map_mut(names::HANDSHAKE)?)?;
-        let mut settings = hs.get(&0, 0)?;
-        if settings.pending_full != u32::from(full) {
-            settings.pending_full = u32::from(full);
-            hs.set(0, settings, 0)?;
-        }
         Ok(())
     }
 
@@ -750,74 +677,18 @@ impl Kernel {
             .context("stream records map")?;
         Ok(aya::maps::RingBuf::try_from(map)?)
     }
+}
 
-    /// Bans a source (by its tracking key) until `until_ns`.
-    pub fn ban(&mut self, key: &SourceKey, until_ns: u64) -> Result<()> {
-        let mut bans: HashMap<&mut MapData, SourceKey, wsguard_common::Ban> =
-            HashMap::try_from(self.map_mut(names::BANS)?)?;
-        bans.insert(
-            key,
-            wsguard_common::Ban {
-                since_ns: monotonic_ns(),
-                until_ns,
-            },
-            0,
-        )?;
-        Ok(())
+impl MapSource for Kernel {
+    fn map(&self, name: &'static str) -> Result<MapRef<'_>> {
+        self.ebpf
+            .map(name)
+            .map(MapRef::Loaded)
+            .with_context(|| format!("map {name} missing from the object"))
     }
 
-    /// Whether an address is on the allow list now.
-    pub fn is_allow_listed(&self, addr: IpAddr) -> bool {
-        let Some(map) = self.ebpf.map(names::ALLOW) else {
-            return false;
-        };
-        let Ok(list) = lists::List::<&MapData>::try_from(map) else {
-            return false;
-        };
-        let key = aya::maps::lpm_trie::Key::new(128, source_key(addr).addr);
-        list.get(&key, 0).is_ok_and(|e| e.applies(monotonic_ns()))
-    }
-
-    pub fn bans(&self) -> Result<Vec<(SourceKey, wsguard_common::Ban)>> {
-        let map: HashMap<&MapData, SourceKey, wsguard_common::Ban> =
-            HashMap::try_from(self.ebpf.map(names::BANS).context("bans map")?)?;
-        Ok(map.iter().filter_map(|r| r.ok()).collect())
-    }
-
-    pub fn remove_ban(&mut self, key: &SourceKey) -> Result<()> {
-        let mut map: HashMap<&mut MapData, SourceKey, wsguard_common::Ban> =
-            HashMap::try_from(self.map_mut(names::BANS)?)?;
-        map.remove(key)?;
-        Ok(())
-    }
-
-    /// Removes runtime list entries whose TTL has passed.
-    pub fn sweep_expired_lists(&mut self, now_ns: u64) -> Result<Vec<(bool, IpNet)>> {
-        let mut swept = Vec::new();
-        for (allow, name) in [(true, names::ALLOW), (false, names::DENY)] {
-            let mut list: lists::List<&mut MapData> = LpmTrie::try_from(self.map_mut(name)?)?;
-            swept.extend(
-                lists::sweep_expired(&mut list, now_ns)?
-                    .into_iter()
-                    .map(|n| (allow, n)),
-            );
-        }
-        Ok(swept)
-    }
-
-    pub fn counters(&self) -> Result<Vec<(Reason, Counter)>> {
-        self.counter_set(false)
-    }
-
-    /// What dry-run counted as would-drop (and would-ban).
-    pub fn would_drop(&self) -> Result<Vec<(Reason, Counter)>> {
-        self.counter_set(true)
-    }
-
-    fn counter_set(&self, dry_run: bool) -> Result<Vec<(Reason, Counter)>> {
-        let map = self.ebpf.map(names::COUNTERS).context("counters map")?;
-        let counters: PerCpuArray<&MapData, Counter> = PerCpuArray::try_from(map)?;
-        sum_counters(&counters, dry_run)
+    fn map_mut(&mut self, name: &'static str) -> Result<MapMut<'_>> {
+        self.loaded_map_mut(name).map(MapMut::Loaded)
     }
 }
 
@@ -836,23 +707,4 @@ fn attach_error(interface: &str, mode: XdpMode, e: aya::programs::ProgramError) 
         String::new()
     };
     anyhow::anyhow!("cannot attach XDP ({mode}) to interface {interface}{hint}: {detail}")
-}
-
-/// Sums a per-CPU counters array into one value per reason, for what was
-/// done or (with `dry_run`) what dry-run would have done.
-pub fn sum_counters<T: std::borrow::Borrow<MapData>>(
-    counters: &PerCpuArray<T, Counter>,
-    dry_run: bool,
-) -> Result<Vec<(Reason, Counter)>> {
-    Reason::ALL
-        .iter()
-        .map(|&reason| {
-            let per_cpu = counters.get(&reason.slot(dry_run), 0)?;
-            let total = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
-                packets: acc.packets + c.packets,
-                bytes: acc.bytes + c.bytes,
-            });
-            Ok((reason, total))
-        })
-        .collect()
 }

@@ -9,29 +9,20 @@
 //! inspection programs are attached to their maps (`WSG_INSPECTED`,
 //! `WSG_INJECTOR`) and need no link.
 
-use std::{
-    mem::size_of,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray},
+    maps::{Map, MapData},
     programs::links::{FdLink, PinnedLink},
 };
-use ipnet::IpNet;
 use tracing::warn;
 use wsguard_common::{
-    Ban, Counter, HandshakeSettings, ListEntry, Reason, Release, Settings, SourceKey, SourceState,
-    Stream,
-    counters::COUNTER_SLOTS,
-    maps::{
-        EVENTS_BYTES, GlobalState, LAYOUT_VERSION, LIST_CAPACITY, PORT_SLOTS, STREAM_RECORDS_BYTES,
-        names,
-    },
+    SourceKey,
+    maps::{LAYOUT_VERSION, MAP_FACTS, names},
 };
 
-use super::lists::{self, List};
+use super::maps::{MapMut, MapRef, MapSource, Maps};
 use crate::config::Config;
 
 /// The versioned directory maps are pinned in.
@@ -44,73 +35,11 @@ pub fn link_path(pin_dir: &Path, link: &str) -> PathBuf {
 }
 
 /// (name, key size, value size, max entries) of every pinned map.
-fn expected_layouts(config: &Config) -> [(&'static str, u32, u32, u32); 19] {
-    let inspected = super::inspected_capacity(config);
-    let lpm_key = (4 + size_of::<[u8; 16]>()) as u32;
-    let source_key = size_of::<SourceKey>() as u32;
-    [
-        (names::SETTINGS, 4, size_of::<Settings>() as u32, 1),
-        (names::PORTS, 4, 1, PORT_SLOTS),
-        (
-            names::ALLOW,
-            lpm_key,
-            size_of::<ListEntry>() as u32,
-            LIST_CAPACITY,
-        ),
-        (
-            names::DENY,
-            lpm_key,
-            size_of::<ListEntry>() as u32,
-            LIST_CAPACITY,
-        ),
-        (
-            names::SOURCES,
-            source_key,
-            size_of::<SourceState>() as u32,
-            config.max_sources,
-        ),
-        (
-            names::BANS,
-            source_key,
-            size_of::<Ban>() as u32,
-            config.max_bans,
-        ),
-        (
-            names::CONNECTIONS,
-            source_key,
-            size_of::<u64>() as u32,
-            config.max_sources,
-        ),
-        (names::GLOBAL, 4, size_of::<GlobalState>() as u32, 1),
-        (
-            names::COUNTERS,
-            4,
-            size_of::<Counter>() as u32,
-            COUNTER_SLOTS,
-        ),
-        (names::EVENTS, 0, 0, EVENTS_BYTES),
-        (names::INSPECT, 4, 1, PORT_SLOTS),
-        (names::INSPECTED, 8, 4, inspected),
-        (names::STREAMS, 8, size_of::<Stream>() as u32, inspected),
-        (names::RELEASES, 8, size_of::<Release>() as u32, inspected),
-        (names::INSPECTED_COUNT, 4, 8, 1),
-        (names::STREAM_RECORDS, 0, 0, STREAM_RECORDS_BYTES),
-        (
-            names::HANDSHAKE,
-            4,
-            size_of::<HandshakeSettings>() as u32,
-            1,
-        ),
-        // Pinned so that its entries outlive the agent with the XDP link
-        // (a program array is emptied when no one holds it).
-        (names::COOKIE_PROGRAMS, 4, 4, 2),
-        (
-            names::SYN_COOKIES,
-            4,
-            size_of::<wsguard_common::cookie::CookieSettings>() as u32,
-            1,
-        ),
-    ]
+fn expected_layouts(config: &Config) -> impl Iterator<Item = (&'static str, u32, u32, u32)> {
+    MAP_FACTS.iter().filter(|fact| fact.pinned).map(|fact| {
+        let max = super::capacity(fact.capacity, config);
+        (fact.name, fact.key_size, fact.value_size, max)
+    })
 }
 
 /// Paths for the loader: every map pinned by name under `dir`. A pinned map
@@ -194,10 +123,14 @@ impl PinnedState {
         &self.dir
     }
 
-    fn map(&self, name: &str) -> Result<MapData> {
+    fn open_map_data(&self, name: &str) -> Result<MapData> {
         let path = self.dir.join(name);
         MapData::from_pin(&path)
             .with_context(|| format!("cannot open pinned map {}", path.display()))
+    }
+
+    fn open_map(&self, name: &str) -> Result<Map> {
+        Ok(Map::from_map_data(self.open_map_data(name)?)?)
     }
 
     /// Whether programs are attached through pinned links (the agent runs,
@@ -216,7 +149,7 @@ impl PinnedState {
 
     /// A map's capacity (max_entries).
     pub fn capacity(&self, name: &str) -> Result<u32> {
-        Ok(self.map(name)?.info()?.max_entries())
+        Ok(self.open_map_data(name)?.info()?.max_entries())
     }
 
     /// Pinned links with the id of the program each runs.
@@ -233,78 +166,20 @@ impl PinnedState {
             .collect()
     }
 
-    pub fn counters(&self) -> Result<Vec<(Reason, Counter)>> {
-        self.counter_set(false)
-    }
-
-    /// What dry-run counted as would-drop (and would-ban).
-    pub fn would_drop(&self) -> Result<Vec<(Reason, Counter)>> {
-        self.counter_set(true)
-    }
-
-    fn counter_set(&self, dry_run: bool) -> Result<Vec<(Reason, Counter)>> {
-        let map: PerCpuArray<MapData, Counter> =
-            PerCpuArray::try_from(Map::PerCpuArray(self.map(names::COUNTERS)?))?;
-        super::sum_counters(&map, dry_run)
-    }
-
-    pub fn counter(&self, reason: Reason) -> Result<Counter> {
-        Ok(self
-            .counters()?
-            .into_iter()
-            .find(|(r, _)| *r == reason)
-            .map(|(_, c)| c)
-            .unwrap_or_default())
-    }
-
-    pub fn settings(&self) -> Result<Settings> {
-        let map: Array<MapData, Settings> =
-            Array::try_from(Map::Array(self.map(names::SETTINGS)?))?;
-        Ok(map.get(&0, 0)?)
-    }
-
-    fn bans_map(&self) -> Result<HashMap<MapData, SourceKey, Ban>> {
-        Ok(HashMap::try_from(Map::HashMap(self.map(names::BANS)?))?)
-    }
-
-    pub fn bans(&self) -> Result<Vec<(SourceKey, Ban)>> {
-        Ok(self.bans_map()?.iter().filter_map(|r| r.ok()).collect())
-    }
-
     /// Lifts the ban on the source that `addr` belongs to (after prefix
     /// aggregation). Returns whether there was one.
-    pub fn remove_ban(&self, addr: std::net::IpAddr) -> Result<bool> {
-        let key = self.settings()?.tracking_key(&super::source_key(addr));
-        let mut bans = self.bans_map()?;
-        Ok(bans.remove(&key).is_ok())
+    pub fn remove_ban_of(&mut self, addr: std::net::IpAddr) -> Result<bool> {
+        let key = self.settings()?.tracking_key(&SourceKey::from(addr));
+        self.remove_ban(&key)
+    }
+}
+
+impl MapSource for PinnedState {
+    fn map(&self, name: &'static str) -> Result<MapRef<'_>> {
+        Ok(MapRef::Pinned(self.open_map(name)?))
     }
 
-    pub fn tracked_sources(&self) -> Result<Vec<(SourceKey, SourceState)>> {
-        let map: HashMap<MapData, SourceKey, SourceState> =
-            HashMap::try_from(Map::LruHashMap(self.map(names::SOURCES)?))?;
-        Ok(map.iter().filter_map(|r| r.ok()).collect())
-    }
-
-    /// Inspected connections open now (kept by the kernel).
-    pub fn inspected_connections(&self) -> Result<u64> {
-        let map: Array<MapData, u64> =
-            Array::try_from(Map::Array(self.map(names::INSPECTED_COUNT)?))?;
-        Ok(map.get(&0, 0)?)
-    }
-
-    pub fn connections(&self) -> Result<Vec<(SourceKey, u64)>> {
-        let map: HashMap<MapData, SourceKey, u64> =
-            HashMap::try_from(Map::HashMap(self.map(names::CONNECTIONS)?))?;
-        Ok(map.iter().filter_map(|r| r.ok()).collect())
-    }
-
-    /// The allow (`allow = true`) or deny list.
-    pub fn list(&self, allow: bool) -> Result<List<MapData>> {
-        let name = if allow { names::ALLOW } else { names::DENY };
-        Ok(LpmTrie::try_from(Map::LpmTrie(self.map(name)?))?)
-    }
-
-    pub fn list_entries(&self, allow: bool) -> Result<Vec<(IpNet, ListEntry)>> {
-        Ok(lists::entries(&self.list(allow)?))
+    fn map_mut(&mut self, name: &'static str) -> Result<MapMut<'_>> {
+        Ok(MapMut::Pinned(self.open_map(name)?))
     }
 }

@@ -1,0 +1,364 @@
+//! Typed reads and writes of wsguard's maps, written once. The running agent
+//! (the maps it loaded, [`super::Kernel`]), the CLI (maps opened from their
+//! pins, [`super::PinnedState`]) and the test harness all go through
+//! [`Maps`]; each only says where a map comes from ([`MapSource`]).
+
+use std::{
+    net::IpAddr,
+    ops::{Deref, DerefMut},
+};
+
+use anyhow::Result;
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use ipnet::IpNet;
+use wsguard_common::{
+    Ban, Counter, HandshakeSettings, ListEntry, Reason, Release, Settings, SourceKey, SourceState,
+    Stream, cookie::CookieSettings, maps::names,
+};
+
+use super::{
+    lists::{self, List},
+    system::monotonic_ns,
+};
+
+/// A map borrowed from the loaded programs, or opened from its pin.
+pub enum MapRef<'a> {
+    Loaded(&'a Map),
+    Pinned(Map),
+}
+
+impl Deref for MapRef<'_> {
+    type Target = Map;
+    fn deref(&self) -> &Map {
+        match self {
+            MapRef::Loaded(map) => map,
+            MapRef::Pinned(map) => map,
+        }
+    }
+}
+
+/// A map to write, borrowed from the loaded programs or opened from its pin.
+pub enum MapMut<'a> {
+    Loaded(&'a mut Map),
+    Pinned(Map),
+}
+
+impl Deref for MapMut<'_> {
+    type Target = Map;
+    fn deref(&self) -> &Map {
+        match self {
+            MapMut::Loaded(map) => map,
+            MapMut::Pinned(map) => map,
+        }
+    }
+}
+
+impl DerefMut for MapMut<'_> {
+    fn deref_mut(&mut self) -> &mut Map {
+        match self {
+            MapMut::Loaded(map) => map,
+            MapMut::Pinned(map) => map,
+        }
+    }
+}
+
+/// Where a map by name comes from.
+pub trait MapSource {
+    fn map(&self, name: &'static str) -> Result<MapRef<'_>>;
+    fn map_mut(&mut self, name: &'static str) -> Result<MapMut<'_>>;
+}
+
+/// Every typed operation on wsguard's maps, for anything that has them.
+pub trait Maps: MapSource {
+    /// What was done, per reason.
+    fn counters(&self) -> Result<Vec<(Reason, Counter)>> {
+        counter_set(self, false)
+    }
+
+    /// What dry-run counted as would-drop (and would-ban), per reason.
+    fn would_drop(&self) -> Result<Vec<(Reason, Counter)>> {
+        counter_set(self, true)
+    }
+
+    fn counter(&self, reason: Reason) -> Result<Counter> {
+        Ok(self
+            .counters()?
+            .into_iter()
+            .find(|(r, _)| *r == reason)
+            .map(|(_, c)| c)
+            .unwrap_or_default())
+    }
+
+    fn settings(&self) -> Result<Settings> {
+        let map = self.map(names::SETTINGS)?;
+        let settings: Array<&MapData, Settings> = Array::try_from(&*map)?;
+        Ok(settings.get(&0, 0)?)
+    }
+
+    fn handshake_settings(&self) -> Result<HandshakeSettings> {
+        let map = self.map(names::HANDSHAKE)?;
+        let settings: Array<&MapData, HandshakeSettings> = Array::try_from(&*map)?;
+        Ok(settings.get(&0, 0)?)
+    }
+
+    /// Tells XDP to refuse (or admit again) new connections to inspected
+    /// ports while the agent's table of pending handshakes is full.
+    fn set_pending_full(&mut self, full: bool) -> Result<()> {
+        let mut map = self.map_mut(names::HANDSHAKE)?;
+        let mut hs: Array<&mut MapData, HandshakeSettings> = Array::try_from(&mut *map)?;
+        let mut settings = hs.get(&0, 0)?;
+        if settings.pending_full != u32::from(full) {
+            settings.pending_full = u32::from(full);
+            hs.set(0, settings, 0)?;
+        }
+        Ok(())
+    }
+
+    fn bans(&self) -> Result<Vec<(SourceKey, Ban)>> {
+        let map = self.map(names::BANS)?;
+        let bans: HashMap<&MapData, SourceKey, Ban> = HashMap::try_from(&*map)?;
+        Ok(bans.iter().filter_map(|r| r.ok()).collect())
+    }
+
+    /// Bans a source (by its tracking key) from now until `until_ns`.
+    fn ban(&mut self, key: &SourceKey, until_ns: u64) -> Result<()> {
+        let since_ns = monotonic_ns();
+        self.set_ban(key, Ban { since_ns, until_ns })
+    }
+
+    fn set_ban(&mut self, key: &SourceKey, ban: Ban) -> Result<()> {
+        let mut map = self.map_mut(names::BANS)?;
+        let mut bans: HashMap<&mut MapData, SourceKey, Ban> = HashMap::try_from(&mut *map)?;
+        bans.insert(key, ban, 0)?;
+        Ok(())
+    }
+
+    /// Lifts the ban on a source (by its tracking key); whether there was one.
+    fn remove_ban(&mut self, key: &SourceKey) -> Result<bool> {
+        let mut map = self.map_mut(names::BANS)?;
+        let mut bans: HashMap<&mut MapData, SourceKey, Ban> = HashMap::try_from(&mut *map)?;
+        Ok(bans.remove(key).is_ok())
+    }
+
+    fn tracked_sources(&self) -> Result<Vec<(SourceKey, SourceState)>> {
+        let map = self.map(names::SOURCES)?;
+        let sources: HashMap<&MapData, SourceKey, SourceState> = HashMap::try_from(&*map)?;
+        Ok(sources.iter().filter_map(|r| r.ok()).collect())
+    }
+
+    /// Established connections per source (kept by sock_ops).
+    fn connections(&self) -> Result<Vec<(SourceKey, u64)>> {
+        let map = self.map(names::CONNECTIONS)?;
+        let connections: HashMap<&MapData, SourceKey, u64> = HashMap::try_from(&*map)?;
+        Ok(connections.iter().filter_map(|r| r.ok()).collect())
+    }
+
+    /// Sets a source's count of established connections, as sock_ops does.
+    fn set_open_connections(&mut self, key: &SourceKey, open: u64) -> Result<()> {
+        let mut map = self.map_mut(names::CONNECTIONS)?;
+        let mut connections: HashMap<&mut MapData, SourceKey, u64> = HashMap::try_from(&mut *map)?;
+        connections.insert(key, open, 0)?;
+        Ok(())
+    }
+
+    /// The SYN-cookie settings (with the cookie key).
+    fn cookie_settings(&self) -> Result<CookieSettings> {
+        let map = self.map(names::SYN_COOKIES)?;
+        let settings: Array<&MapData, CookieSettings> = Array::try_from(&*map)?;
+        Ok(settings.get(&0, 0)?)
+    }
+
+    /// Inspected connections open now (kept by the kernel).
+    fn inspected_connections(&self) -> Result<u64> {
+        let map = self.map(names::INSPECTED_COUNT)?;
+        let count: Array<&MapData, u64> = Array::try_from(&*map)?;
+        Ok(count.get(&0, 0)?)
+    }
+
+    /// Sets the kernel's count of open inspected connections.
+    fn set_inspected_connections(&mut self, open: u64) -> Result<()> {
+        let mut map = self.map_mut(names::INSPECTED_COUNT)?;
+        let mut count: Array<&mut MapData, u64> = Array::try_from(&mut *map)?;
+        count.set(0, open, 0)?;
+        Ok(())
+    }
+
+    /// The kernel's entry for an inspected connection, if it is open.
+    fn stream(&self, cookie: u64) -> Option<Stream> {
+        let map = self.map(names::STREAMS).ok()?;
+        let streams: HashMap<&MapData, u64, Stream> = HashMap::try_from(&*map).ok()?;
+        streams.get(&cookie, 0).ok()
+    }
+
+    /// Every open inspected connection, by cookie.
+    fn streams(&self) -> Result<Vec<(u64, Stream)>> {
+        let map = self.map(names::STREAMS)?;
+        let streams: HashMap<&MapData, u64, Stream> = HashMap::try_from(&*map)?;
+        Ok(streams.iter().filter_map(|r| r.ok()).collect())
+    }
+
+    /// Creates (`Some`) or removes (`None`) the kernel's entry for connection
+    /// `cookie`, as sock_ops does when it is established and closed.
+    fn set_stream(&mut self, cookie: u64, stream: Option<Stream>) -> Result<()> {
+        let mut map = self.map_mut(names::STREAMS)?;
+        let mut streams: HashMap<&mut MapData, u64, Stream> = HashMap::try_from(&mut *map)?;
+        match stream {
+            Some(stream) => streams.insert(cookie, stream, 0)?,
+            None => streams.remove(&cookie)?,
+        }
+        Ok(())
+    }
+
+    /// Records the agent's verdict on an inspected connection.
+    fn set_release(&mut self, cookie: u64, release: Release) -> Result<()> {
+        let mut map = self.map_mut(names::RELEASES)?;
+        let mut releases: HashMap<&mut MapData, u64, Release> = HashMap::try_from(&mut *map)?;
+        releases.insert(cookie, release, 0)?;
+        Ok(())
+    }
+
+    fn release_of(&self, cookie: u64) -> Option<Release> {
+        let map = self.map(names::RELEASES).ok()?;
+        let releases: HashMap<&MapData, u64, Release> = HashMap::try_from(&*map).ok()?;
+        releases.get(&cookie, 0).ok()
+    }
+
+    fn remove_release(&mut self, cookie: u64) {
+        if let Ok(mut map) = self.map_mut(names::RELEASES)
+            && let Ok(mut releases) = HashMap::<&mut MapData, u64, Release>::try_from(&mut *map)
+        {
+            let _ = releases.remove(&cookie);
+        }
+    }
+
+    /// Removes verdicts whose connection is gone (its close record was
+    /// lost); how many.
+    fn sweep_releases(&mut self) -> Result<usize> {
+        let open: std::collections::HashSet<u64> =
+            self.streams()?.into_iter().map(|(c, _)| c).collect();
+        let mut map = self.map_mut(names::RELEASES)?;
+        let mut releases: HashMap<&mut MapData, u64, Release> = HashMap::try_from(&mut *map)?;
+        let stale: Vec<u64> = releases
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !open.contains(k))
+            .collect();
+        for cookie in &stale {
+            let _ = releases.remove(cookie);
+        }
+        Ok(stale.len())
+    }
+
+    /// Names the connection the next injected bytes go to.
+    fn set_inject_target(&mut self, cookie: u64) -> Result<()> {
+        let mut map = self.map_mut(names::INJECT_TARGET)?;
+        let mut target: Array<&mut MapData, u64> = Array::try_from(&mut *map)?;
+        target.set(0, cookie, 0)?;
+        Ok(())
+    }
+
+    /// Whether an address is on the allow list now.
+    fn is_allow_listed(&self, addr: IpAddr) -> bool {
+        let Ok(map) = self.map(names::ALLOW) else {
+            return false;
+        };
+        let Ok(list) = List::<&MapData>::try_from(&*map) else {
+            return false;
+        };
+        let key = aya::maps::lpm_trie::Key::new(128, SourceKey::from(addr).addr);
+        list.get(&key, 0).is_ok_and(|e| e.applies(monotonic_ns()))
+    }
+
+    /// The allow (`allow = true`) or deny list's entries.
+    fn list_entries(&self, allow: bool) -> Result<Vec<(IpNet, ListEntry)>> {
+        let map = self.map(list_name(allow))?;
+        let list: List<&MapData> = LpmTrie::try_from(&*map)?;
+        Ok(lists::entries(&list))
+    }
+
+    /// Runs `f` on the allow (`allow = true`) or deny list, to change it.
+    fn with_list<R>(
+        &mut self,
+        allow: bool,
+        f: impl FnOnce(&mut List<&mut MapData>) -> Result<R>,
+    ) -> Result<R> {
+        let mut map = self.map_mut(list_name(allow))?;
+        let mut list: List<&mut MapData> = LpmTrie::try_from(&mut *map)?;
+        f(&mut list)
+    }
+
+    /// Removes runtime list entries whose TTL has passed: (allow list?, CIDR).
+    fn sweep_expired_lists(&mut self, now_ns: u64) -> Result<Vec<(bool, IpNet)>> {
+        let mut swept = Vec::new();
+        for allow in [true, false] {
+            let gone = self.with_list(allow, |list| lists::sweep_expired(list, now_ns))?;
+            swept.extend(gone.into_iter().map(|n| (allow, n)));
+        }
+        Ok(swept)
+    }
+}
+
+impl<T: MapSource + ?Sized> Maps for T {}
+
+fn list_name(allow: bool) -> &'static str {
+    if allow { names::ALLOW } else { names::DENY }
+}
+
+fn counter_set<S: Maps + ?Sized>(maps: &S, dry_run: bool) -> Result<Vec<(Reason, Counter)>> {
+    let map = maps.map(names::COUNTERS)?;
+    let counters: PerCpuArray<&MapData, Counter> = PerCpuArray::try_from(&*map)?;
+    sum_counters(&counters, dry_run)
+}
+
+/// Sums a per-CPU counters array into one value per reason, for what was
+/// done or (with `dry_run`) what dry-run would have done.
+pub fn sum_counters<T: std::borrow::Borrow<MapData>>(
+    counters: &PerCpuArray<T, Counter>,
+    dry_run: bool,
+) -> Result<Vec<(Reason, Counter)>> {
+    Reason::ALL
+        .iter()
+        .map(|&reason| {
+            let per_cpu = counters.get(&reason.slot(dry_run), 0)?;
+            let total = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+                packets: acc.packets + c.packets,
+                bytes: acc.bytes + c.bytes,
+            });
+            Ok((reason, total))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use wsguard_common::maps::{Capacity, KERNEL_ONLY_MAPS, MAP_FACTS};
+
+    /// The table user space sizes and checks maps with says what the
+    /// compiled kernel programs declare, map by map (needs no root: only
+    /// the object is read).
+    #[test]
+    fn map_facts_match_the_compiled_object() {
+        let object = aya_obj::Object::parse(super::super::EBPF_OBJECT).expect("the object parses");
+        let mut in_object: Vec<&str> = object.maps.keys().map(String::as_str).collect();
+        // Sections the toolchain adds (.rodata, .bss, aya-log's ring) are
+        // not wsguard's maps, and the kernel-only scratch maps are not in
+        // the table.
+        in_object.retain(|name| name.starts_with("WSG_") && !KERNEL_ONLY_MAPS.contains(name));
+        in_object.sort_unstable();
+        let mut in_table: Vec<&str> = MAP_FACTS.iter().map(|f| f.name).collect();
+        in_table.sort_unstable();
+        assert_eq!(in_object, in_table, "maps in the object and in MAP_FACTS");
+        for fact in &MAP_FACTS {
+            let map = &object.maps[fact.name];
+            assert_eq!(
+                (map.key_size(), map.value_size()),
+                (fact.key_size, fact.value_size),
+                "key and value size of {}",
+                fact.name
+            );
+            if let Capacity::Fixed(n) = fact.capacity {
+                assert_eq!(map.max_entries(), n, "max entries of {}", fact.name);
+            }
+        }
+    }
+}
