@@ -1,0 +1,122 @@
+//! Writing a config into the loaded maps, at start and on every reload.
+
+use anyhow::{Context, Result, bail};
+use aya::maps::{Array, LpmTrie, MapData};
+use wsguard_common::{
+    HandshakeSettings, Settings,
+    cookie::CookieSettings,
+    maps::{GlobalState, PORT_SLOTS, names},
+};
+
+use super::{Kernel, kfuncs, lists, system};
+use crate::config::Config;
+
+impl Kernel {
+    /// Writes the config into the maps: ports, lists, then the settings,
+    /// which switch enforcement on. Used at start and on reload; per-source
+    /// state and bans are left as they are.
+    pub fn apply(&mut self, config: &Config) -> Result<()> {
+        // First, as it can refuse the config: nothing is changed then.
+        let cookies = self.cookie_settings(config)?;
+        let mut ports: Array<&mut MapData, u8> =
+            Array::try_from(self.loaded_map_mut(names::PORTS)?)?;
+        for port in 0..PORT_SLOTS {
+            let protected = u8::from(config.ports.contains(&(port as u16)));
+            if ports.get(&port, 0)? != protected {
+                ports.set(port, protected, 0)?;
+            }
+        }
+        let mut inspect: Array<&mut MapData, u8> =
+            Array::try_from(self.loaded_map_mut(names::INSPECT)?)?;
+        for port in 0..PORT_SLOTS {
+            let inspected = u8::from(config.handshake.ports.contains(&(port as u16)));
+            if inspect.get(&port, 0)? != inspected {
+                inspect.set(port, inspected, 0)?;
+            }
+        }
+        let mut hs: Array<&mut MapData, HandshakeSettings> =
+            Array::try_from(self.loaded_map_mut(names::HANDSHAKE)?)?;
+        // The agent's "pending table full" flag outlives a reload.
+        let pending_full = hs.get(&0, 0).map_or(0, |h| h.pending_full);
+        let handshake = HandshakeSettings {
+            enabled: u32::from(!config.handshake.ports.is_empty()),
+            pending_full,
+            max_connections: u64::from(config.handshake.max_connections),
+            netns_cookie: system::netns_cookie()?,
+        };
+        hs.set(0, handshake, 0)?;
+        for (name, nets) in [(names::ALLOW, &config.allow), (names::DENY, &config.deny)] {
+            let mut list: lists::List<&mut MapData> =
+                LpmTrie::try_from(self.loaded_map_mut(name)?)?;
+            lists::sync_config(&mut list, nets).with_context(|| format!("filling {name}"))?;
+        }
+        let mut cookie_map: Array<&mut MapData, CookieSettings> =
+            Array::try_from(self.loaded_map_mut(names::SYN_COOKIES)?)?;
+        cookie_map.set(0, cookies, 0)?;
+        let mut settings: Array<&mut MapData, Settings> =
+            Array::try_from(self.loaded_map_mut(names::SETTINGS)?)?;
+        settings.set(0, config.settings, 0)?;
+        // New limits take effect from a full bucket rather than carrying the
+        // old state over.
+        let mut global: Array<&mut MapData, GlobalState> =
+            Array::try_from(self.loaded_map_mut(names::GLOBAL)?)?;
+        global.set(0, GlobalState::default(), 0)?;
+        Ok(())
+    }
+
+    /// The SYN-cookie settings for `config`: what the SYN-ACK offers
+    /// mirrors the server's own TCP sysctls and interface MTUs; the key
+    /// already in the (pinned) map is kept, so cookies sent before a
+    /// restart or reload still check.
+    fn cookie_settings(&mut self, config: &Config) -> Result<CookieSettings> {
+        let enabled = config.syn_cookies.enabled;
+        if enabled && !self.syn_cookies_supported {
+            bail!(
+                "{}: syn_cookies.enabled = true needs the kernel function {} (Linux 6.9 or later), \
+                 which this kernel lacks; set `enabled = false` under [syn_cookies]",
+                config.file.display(),
+                kfuncs::ASSIGN_TCP_REQSK
+            );
+        }
+        let map: Array<&MapData, CookieSettings> = Array::try_from(
+            self.ebpf
+                .map(names::SYN_COOKIES)
+                .context("map WSG_SYN_COOKIES missing from the object")?,
+        )?;
+        let mut key = map.get(&0, 0)?.key;
+        if key == [0, 0] {
+            key = system::random_key()?;
+        }
+        if enabled {
+            system::ensure_tcp_syncookies()?;
+        }
+        let tcp = system::TcpSysctls::read();
+        let mtu = config
+            .agent
+            .interfaces
+            .get_ref()
+            .iter()
+            .map(|i| system::interface_mtu(i))
+            .min()
+            .unwrap_or(1500);
+        let mut offers = 0;
+        if tcp.timestamps {
+            offers |= CookieSettings::OFFER_TIMESTAMPS;
+        }
+        if tcp.sack {
+            offers |= CookieSettings::OFFER_SACK;
+        }
+        if tcp.window_scaling {
+            offers |= CookieSettings::OFFER_WSCALE;
+        }
+        Ok(CookieSettings {
+            enabled: u32::from(enabled),
+            offers,
+            mss_v4: mtu.saturating_sub(40).clamp(536, u16::MAX as u32) as u16,
+            mss_v6: mtu.saturating_sub(60).clamp(1220, u16::MAX as u32) as u16,
+            server_wscale: tcp.window_scale,
+            _pad: [0; 3],
+            key,
+        })
+    }
+}
