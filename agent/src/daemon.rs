@@ -269,44 +269,7 @@ fn housekeep(
 /// bans are kept. Settings that size or place kernel objects need a restart.
 fn reload(kernel: &mut Kernel, current: &Config) -> Result<Config> {
     let new = Config::load(&current.file)?;
-    let fixed = [
-        (
-            "agent.interfaces",
-            current.agent.interfaces.get_ref() != new.agent.interfaces.get_ref(),
-        ),
-        (
-            "agent.xdp_mode",
-            current.agent.xdp_mode != new.agent.xdp_mode,
-        ),
-        (
-            "agent.pin_path",
-            current.agent.pin_path != new.agent.pin_path,
-        ),
-        ("agent.cgroup", current.agent.cgroup != new.agent.cgroup),
-        (
-            "tracking.max_sources",
-            current.max_sources != new.max_sources,
-        ),
-        ("tracking.max_bans", current.max_bans != new.max_bans),
-        (
-            "handshake.max_connections",
-            current.handshake.max_connections != new.handshake.max_connections,
-        ),
-        (
-            "metrics.listen",
-            current.metrics_listen != new.metrics_listen,
-        ),
-        ("events.output", current.events_output != new.events_output),
-        (
-            "handshake.inspect_ports (turning inspection on or off)",
-            current.handshake.ports.is_empty() != new.handshake.ports.is_empty(),
-        ),
-        (
-            "limits.per_source.concurrent_connections (turning it on or off)",
-            (current.settings.max_concurrent == 0) != (new.settings.max_concurrent == 0),
-        ),
-    ];
-    let changed: Vec<&str> = fixed.iter().filter(|(_, c)| *c).map(|(k, _)| *k).collect();
+    let changed = current.restart_only_changes(&new);
     if !changed.is_empty() {
         anyhow::bail!(
             "{} changed; these take effect only on restart",

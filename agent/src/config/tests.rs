@@ -207,3 +207,24 @@ fn the_summary_names_every_family_in_dry_run() {
     let summary = parse(all).unwrap().summary();
     assert!(summary.ends_with("mode: dry run: everything counted as would-drop, nothing dropped"));
 }
+
+#[test]
+fn a_reload_names_the_settings_that_need_a_restart() {
+    let old = parse(MINIMAL).unwrap();
+    let same = parse(&format!(
+        "{MINIMAL}[limits.per_source]\nbytes = \"2MiB/s\"\n"
+    ))
+    .unwrap();
+    assert!(
+        old.restart_only_changes(&same).is_empty(),
+        "limits reload in place"
+    );
+    let resized = parse(&format!(
+        "{MINIMAL}[tracking]\nmax_sources = 1000\n[metrics]\nlisten = \"\"\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        old.restart_only_changes(&resized),
+        vec!["tracking.max_sources", "metrics.listen"]
+    );
+}

@@ -1,0 +1,440 @@
+//! Validation: from the file as written to a [`Config`], or the first
+//! problem with its place in the file.
+
+use super::*;
+
+/// Largest map sizes accepted, to keep a typo from asking the kernel for
+/// gigabytes of memory.
+const MAX_TRACKED_SOURCES: u32 = 16 << 20;
+const MAX_BANS: u32 = 4 << 20;
+
+type Invalid = (Option<Range<usize>>, String);
+
+fn at<T>(value: &Spanned<T>, reason: impl Into<String>) -> Invalid {
+    (Some(value.span()), reason.into())
+}
+
+pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
+    let RawConfig {
+        agent,
+        protect,
+        limits,
+        ban,
+        lists,
+        tracking,
+        metrics,
+        events,
+        handshake,
+        syn_cookies,
+    } = raw;
+
+    if agent.interfaces.get_ref().is_empty() {
+        return Err(at(
+            &agent.interfaces,
+            "agent.interfaces is empty: name at least one interface to protect",
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for name in agent.interfaces.get_ref() {
+        if name.is_empty()
+            || name.len() > 15
+            || name.contains('/')
+            || name.contains(char::is_whitespace)
+        {
+            return Err(at(
+                &agent.interfaces,
+                format!("\"{name}\" is not a valid interface name"),
+            ));
+        }
+        if !seen.insert(name) {
+            return Err(at(
+                &agent.interfaces,
+                format!("interface \"{name}\" is listed twice"),
+            ));
+        }
+    }
+    if !agent.pin_path.is_absolute() {
+        return Err((
+            None,
+            format!(
+                "agent.pin_path \"{}\" must be an absolute path",
+                agent.pin_path.display()
+            ),
+        ));
+    }
+
+    let ports = validate_ports(&protect.ports)?;
+    let ipv4_prefix = *protect.ipv4_prefix.get_ref();
+    if !(1..=32).contains(&ipv4_prefix) {
+        return Err(at(
+            &protect.ipv4_prefix,
+            format!("protect.ipv4_prefix must be 1 to 32, not {ipv4_prefix}"),
+        ));
+    }
+    let ipv6_prefix = *protect.ipv6_prefix.get_ref();
+    if !(1..=128).contains(&ipv6_prefix) {
+        return Err(at(
+            &protect.ipv6_prefix,
+            format!("protect.ipv6_prefix must be 1 to 128, not {ipv6_prefix}"),
+        ));
+    }
+
+    let source = &limits.per_source;
+    let spanned = |b: &Spanned<u64>| (b.span(), *b.get_ref());
+    let spanned_size = |b: &Spanned<ByteSize>| (b.span(), b.get_ref().0);
+    let count = |n: u64| n.to_string();
+    let size = |n: u64| ByteSize(n).to_string();
+    let source_connections = bucket(
+        &source.new_connections,
+        Some(spanned(&source.new_connections_burst)),
+        "limits.per_source.new_connections_burst",
+        count,
+    )?;
+    let source_bytes = bucket(
+        &source.bytes,
+        Some(spanned_size(&source.bytes_burst)),
+        "limits.per_source.bytes_burst",
+        size,
+    )?;
+    let global = &limits.global;
+    let global_connections = bucket(
+        &global.new_connections,
+        global.new_connections_burst.as_ref().map(spanned),
+        "limits.global.new_connections_burst",
+        count,
+    )?;
+    let global_bytes = bucket(
+        &global.bytes,
+        global.bytes_burst.as_ref().map(spanned_size),
+        "limits.global.bytes_burst",
+        size,
+    )?;
+
+    if ban.window.get_ref().0.is_zero() {
+        return Err(at(&ban.window, "ban.window must be longer than zero"));
+    }
+    if ban.duration.get_ref().0.is_zero() {
+        return Err(at(&ban.duration, "ban.duration must be longer than zero"));
+    }
+
+    let allow = parse_cidrs(&lists.allow, "lists.allow")?;
+    let deny = parse_cidrs(&lists.deny, "lists.deny")?;
+
+    let max_sources = *tracking.max_sources.get_ref();
+    if !(1..=MAX_TRACKED_SOURCES).contains(&max_sources) {
+        return Err(at(
+            &tracking.max_sources,
+            format!("tracking.max_sources must be 1 to {MAX_TRACKED_SOURCES}, not {max_sources}"),
+        ));
+    }
+    let max_bans = *tracking.max_bans.get_ref();
+    if !(1..=MAX_BANS).contains(&max_bans) {
+        return Err(at(
+            &tracking.max_bans,
+            format!("tracking.max_bans must be 1 to {MAX_BANS}, not {max_bans}"),
+        ));
+    }
+
+    let listen = metrics.listen.get_ref().trim();
+    let metrics_listen = if listen.is_empty() {
+        None
+    } else {
+        Some(listen.parse::<std::net::SocketAddr>().map_err(|_| {
+            at(&metrics.listen, format!("metrics.listen \"{listen}\" is not an address:port such as \"127.0.0.1:9464\" (\"\" turns metrics off)"))
+        })?)
+    };
+    let events_output = match events.output.get_ref().as_str() {
+        "stdout" => EventsOutput::Stdout,
+        path if Path::new(path).is_absolute() => EventsOutput::File(PathBuf::from(path)),
+        other => {
+            return Err(at(
+                &events.output,
+                format!("events.output \"{other}\" must be \"stdout\" or an absolute file path"),
+            ));
+        }
+    };
+
+    let handshake = validate_handshake(handshake, &ports)?;
+
+    let settings = Settings {
+        enabled: 1,
+        max_concurrent: source.concurrent_connections,
+        ipv4_mask: prefix_mask(V4_MAPPED_BITS + ipv4_prefix as u32),
+        ipv6_mask: prefix_mask(ipv6_prefix as u32),
+        source_connections,
+        source_bytes,
+        global_connections,
+        global_bytes,
+        ban_after_drops: ban.after_drops,
+        dry_run: if agent.dry_run {
+            Settings::DRY_RUN_ALL
+        } else {
+            (if limits.dry_run {
+                Settings::DRY_RUN_LIMITS
+            } else {
+                0
+            }) | (if lists.dry_run {
+                Settings::DRY_RUN_LISTS
+            } else {
+                0
+            }) | (if handshake.dry_run {
+                Settings::DRY_RUN_HANDSHAKE
+            } else {
+                0
+            })
+        },
+        ban_window_ns: ban.window.get_ref().nanos(),
+        ban_duration_ns: ban.duration.get_ref().nanos(),
+    };
+    Ok(Config {
+        file: file.to_owned(),
+        agent,
+        ports,
+        ipv4_prefix,
+        ipv6_prefix,
+        limits,
+        ban,
+        allow,
+        deny,
+        max_sources,
+        max_bans,
+        metrics_listen,
+        events_output,
+        handshake,
+        syn_cookies,
+        settings,
+    })
+}
+
+fn validate_handshake(keys: HandshakeKeys, protected: &[u16]) -> Result<HandshakeConfig, Invalid> {
+    use crate::handshake::{
+        MissingOrigin, NonUpgrade, OriginPattern, PathPattern, Policy, TicketPolicy, ticket,
+    };
+    let mut ports = Vec::new();
+    for port in keys.inspect_ports.get_ref() {
+        let n = *port.get_ref();
+        let Some(p) = u16::try_from(n).ok().filter(|p| protected.contains(p)) else {
+            return Err(at(
+                port,
+                format!("handshake.inspect_ports: {n} is not one of protect.ports"),
+            ));
+        };
+        if ports.contains(&p) {
+            return Err(at(
+                port,
+                format!("handshake.inspect_ports: {p} is listed twice"),
+            ));
+        }
+        ports.push(p);
+    }
+    let allowed_origins = keys
+        .allowed_origins
+        .iter()
+        .map(|o| {
+            OriginPattern::parse(o.get_ref())
+                .map_err(|e| at(o, format!("handshake.allowed_origins: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let allowed_paths = keys
+        .allowed_paths
+        .iter()
+        .map(|p| {
+            PathPattern::parse(p.get_ref())
+                .map_err(|e| at(p, format!("handshake.allowed_paths: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let max_request = keys.max_request_bytes.get_ref().0;
+    if !(256..=1 << 20).contains(&max_request) {
+        return Err(at(
+            &keys.max_request_bytes,
+            "handshake.max_request_bytes must be 256B to 1MiB",
+        ));
+    }
+    for (removed, key) in [
+        (&keys.verdict_timeout, "verdict_timeout"),
+        (&keys.on_verdict_timeout, "on_verdict_timeout"),
+    ] {
+        if let Some(value) = removed {
+            return Err(at(
+                value,
+                format!(
+                    "handshake.{key} is no longer a setting: the server now reads a request only after its verdict, so there is no answer to hold back or release (remove the key)"
+                ),
+            ));
+        }
+    }
+    if keys.deadline.get_ref().0.is_zero() {
+        return Err(at(
+            &keys.deadline,
+            "handshake.deadline must be longer than zero",
+        ));
+    }
+    if !(1..=4_194_304).contains(keys.max_connections.get_ref()) {
+        return Err(at(
+            &keys.max_connections,
+            "handshake.max_connections must be 1 to 4194304",
+        ));
+    }
+    if *keys.max_pending.get_ref() == 0 {
+        return Err(at(
+            &keys.max_pending,
+            "handshake.max_pending must be at least 1",
+        ));
+    }
+    let mut replay_cache_size = None;
+    let ticket = match keys.ticket {
+        None => None,
+        Some(t) => {
+            let secret = if t.required {
+                ticket::read_secret(t.secret_file.get_ref()).map_err(|e| {
+                    at(
+                        &t.secret_file,
+                        format!("handshake.ticket.secret_file: {e:#}"),
+                    )
+                })?
+            } else {
+                Vec::new()
+            };
+            if t.max_age.get_ref().0.is_zero() {
+                return Err(at(
+                    &t.max_age,
+                    "handshake.ticket.max_age must be longer than zero",
+                ));
+            }
+            if !(1..=10_000_000).contains(t.replay_cache_size.get_ref()) {
+                return Err(at(
+                    &t.replay_cache_size,
+                    "handshake.ticket.replay_cache_size must be 1 to 10000000",
+                ));
+            }
+            if t.required && t.single_use {
+                replay_cache_size = Some(*t.replay_cache_size.get_ref());
+            }
+            Some(TicketPolicy {
+                required: t.required,
+                secret,
+                query_param: t.query_param,
+                max_age_secs: t.max_age.get_ref().0.as_secs().max(1),
+                bind_to_source_ip: t.bind_to_source_ip,
+            })
+        }
+    };
+    Ok(HandshakeConfig {
+        ports,
+        policy: Policy {
+            allowed_origins,
+            missing_origin: match keys.missing_origin {
+                AllowOrReject::Allow => MissingOrigin::Allow,
+                AllowOrReject::Reject => MissingOrigin::Reject,
+            },
+            allowed_hosts: keys
+                .allowed_hosts
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+            allowed_paths,
+            max_request_bytes: max_request as usize,
+            non_upgrade_requests: match keys.non_upgrade_requests {
+                AllowOrReject::Allow => NonUpgrade::Allow,
+                AllowOrReject::Reject => NonUpgrade::Reject,
+            },
+            ticket,
+        },
+        deadline: keys.deadline.get_ref().0,
+        failures_before_ban: keys.failures_before_ban,
+        max_pending: *keys.max_pending.get_ref(),
+        max_connections: *keys.max_connections.get_ref(),
+        dry_run: keys.dry_run,
+        replay_cache_size,
+    })
+}
+
+fn validate_ports(ports: &Spanned<Vec<Spanned<i64>>>) -> Result<Vec<u16>, Invalid> {
+    if ports.get_ref().is_empty() {
+        return Err(at(
+            ports,
+            "protect.ports is empty: name at least one TCP port",
+        ));
+    }
+    let mut out = Vec::new();
+    for port in ports.get_ref() {
+        let n = *port.get_ref();
+        let Ok(p) = u16::try_from(n) else {
+            return Err(at(port, format!("port {n} is out of range (1 to 65535)")));
+        };
+        if p == 0 {
+            return Err(at(port, "port 0 is out of range (1 to 65535)"));
+        }
+        if out.contains(&p) {
+            return Err(at(port, format!("port {p} is listed twice")));
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// Bucket parameters for a rate; `burst` (span and amount) defaults to one
+/// period's worth and must hold at least one second of the rate.
+fn bucket<Q: Quantity>(
+    rate_at: &Spanned<Rate<Q>>,
+    burst: Option<(Range<usize>, u64)>,
+    burst_key: &str,
+    show: fn(u64) -> String,
+) -> Result<BucketParams, Invalid> {
+    let rate = *rate_at.get_ref();
+    let Rate::Per { amount, period } = rate else {
+        return Ok(BucketParams::UNLIMITED);
+    };
+    let burst_value = burst.as_ref().map_or(amount.amount(), |b| b.1);
+    let minimum = rate.per_second_ceil().unwrap_or(1);
+    if let Some((span, _)) = burst {
+        if burst_value < minimum {
+            return Err((
+                Some(span),
+                format!(
+                    "{burst_key} ({}) is below the rate ({rate}); it must hold at least one second of it ({})",
+                    show(burst_value),
+                    show(minimum)
+                ),
+            ));
+        }
+    }
+    BucketParams::new(amount.amount(), period.nanos(), burst_value).ok_or_else(|| {
+        at(rate_at, format!(
+            "rate {rate} with burst {} is beyond what the kernel's arithmetic holds (at most 4GiB of burst for a per-second byte rate)",
+            show(burst_value)
+        ))
+    })
+}
+
+/// A CIDR or a plain address (a /32 or /128). Host bits must be zero:
+/// "10.0.0.1/24" is probably a typo for "10.0.0.0/24", and silently widening
+/// it would be wrong.
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    let text = text.trim();
+    let net = match text.parse::<IpNet>() {
+        Ok(net) => net,
+        Err(_) => match text.parse::<std::net::IpAddr>() {
+            Ok(addr) => IpNet::from(addr),
+            Err(_) => {
+                return Err(format!(
+                    "\"{text}\" is not a CIDR (such as 198.51.100.0/24 or 2001:db8::/32) or an address"
+                ));
+            }
+        },
+    };
+    if net.trunc() != net {
+        return Err(format!(
+            "\"{text}\" has host bits set; did you mean {}?",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+fn parse_cidrs(entries: &[Spanned<String>], key: &str) -> Result<Vec<IpNet>, Invalid> {
+    entries
+        .iter()
+        .map(|entry| parse_cidr(entry.get_ref()).map_err(|e| at(entry, format!("{key}: {e}"))))
+        .collect()
+}
