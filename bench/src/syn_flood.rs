@@ -17,10 +17,10 @@ use std::{
     },
     time::{Duration, Instant},
 };
-use wsguard::kernel::Maps;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
+use wsguard::kernel::Maps;
 use wsguard_tests::{
     Agent,
     lab::send_frames,
@@ -30,6 +30,7 @@ use wsguard_tests::{
 use crate::{
     contenders::PORT,
     flood::{Attack, Cpu, FloodLab, echo_once},
+    report::table::Table,
     stats::p50_p99,
 };
 
@@ -326,9 +327,17 @@ pub fn markdown(runs: &[SynFloodRun]) -> String {
          within 1 s. \"p99 × calm\" is the long-lived client's echo p99 under the flood over its p99 \
          just before, in the same run (a lost echo counts as 1 s). The softirq time per flood packet \
          is tick-sampled over the phase and includes the legitimate clients' packets; the sender runs \
-         on the same two cores, so a cheaper defence also lets it send more.\n\n\
-         | defence | flood kpps | softirq ns per flood packet | × kernel cookies | new clients in 1 s | p99 × calm | flood sources in wsguard's map |\n|---|---|---|---|---|---|---|\n",
+         on the same two cores, so a cheaper defence also lets it send more.\n\n",
     );
+    let mut table = Table::new([
+        "defence",
+        "flood kpps",
+        "softirq ns per flood packet",
+        "× kernel cookies",
+        "new clients in 1 s",
+        "p99 × calm",
+        "flood sources in wsguard's map",
+    ]);
     for d in Defence::ALL {
         let tracked = runs
             .iter()
@@ -340,12 +349,14 @@ pub fn markdown(runs: &[SynFloodRun]) -> String {
                 ))
             })
             .collect::<Vec<_>>();
-        md.push_str(&format!(
-            "| {} | {} | {} | {:.2} | {} | {} | {} |\n",
-            d.name(),
+        table.row([
+            d.name().to_string(),
             of(d, |r| r.flood_pps() / 1e3).show(0),
             of(d, SynFloodRun::softirq_ns_per_packet).show(0),
-            of(d, SynFloodRun::softirq_ns_per_packet).median / kernel_ns,
+            format!(
+                "{:.2}",
+                of(d, SynFloodRun::softirq_ns_per_packet).median / kernel_ns
+            ),
             of(d, |r| 100.0 * r.new_clients_ratio()).show(1) + " %",
             of(d, |r| r.flood_p99_us / r.baseline_p99_us).show(2),
             if tracked.is_empty() {
@@ -353,8 +364,9 @@ pub fn markdown(runs: &[SynFloodRun]) -> String {
             } else {
                 tracked.join(", ")
             },
-        ));
+        ]);
     }
+    md.push_str(&table.to_string());
     let cookies_ns = of(Defence::WsguardCookies, SynFloodRun::softirq_ns_per_packet).median;
     md.push_str(&format!(
         "\nSoftirq time per flood packet, wsguard with cookies against iptables SYNPROXY: {:.1}× lower \

@@ -1,126 +1,15 @@
-//! docs/benchmarks.md, the SVG charts next to it, and the raw results as JSON.
+//! One function per section of docs/benchmarks.md.
 
-use std::{fmt::Write as _, path::Path};
+use std::fmt::Write as _;
 
-use anyhow::Result;
-use plotters::prelude::*;
-use serde::Serialize;
-
+use super::{Results, over_rounds, ratio_over_rounds, table::Table};
 use crate::{
     contenders::{self, Contender},
     flood::{Attack, Phase},
-    kernel_cost::{BanLatency, CostRow, ScaleRow},
-    latency::Latency,
-    stats::Spread,
 };
 
-#[derive(Serialize)]
-pub struct Machine {
-    pub date: String,
-    pub kernel: String,
-    pub cpu: String,
-    pub cores: usize,
-    pub memory_gib: f64,
-    pub iptables: String,
-    pub nftables: String,
-}
-
-impl Machine {
-    pub fn describe() -> Machine {
-        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-        let cpuinfo = read("/proc/cpuinfo");
-        let cpu = cpuinfo
-            .lines()
-            .find_map(|l| l.strip_prefix("model name"))
-            .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-            .unwrap_or_else(|| "unknown".into());
-        let memory_kib: f64 = read("/proc/meminfo")
-            .lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0.0);
-        let version = |program: &str, arg: &str| {
-            std::process::Command::new(program)
-                .arg(arg)
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-                .unwrap_or_else(|_| "not installed".into())
-        };
-        Machine {
-            date: version("date", "-u"),
-            kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
-            cpu,
-            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            memory_gib: memory_kib / (1024.0 * 1024.0),
-            iptables: version("iptables", "-V"),
-            nftables: version("nft", "-v"),
-        }
-    }
-}
-
-#[derive(Serialize)]
-pub struct Results {
-    pub quick: bool,
-    pub machine: Machine,
-    /// What each section ran, in words (repeat counts, rounds, durations).
-    pub effort: Vec<(String, String)>,
-    pub per_packet: Vec<CostRow>,
-    pub scale: Vec<ScaleRow>,
-    pub ban_kernel: BanLatency,
-    pub flood: Vec<Phase>,
-    pub syn_flood: Vec<crate::syn_flood::SynFloodRun>,
-    pub rejected: Latency,
-    pub ban_agent: Latency,
-    pub accepted: crate::latency::Accepted,
-    pub accepted_held: crate::latency::Accepted,
-}
-
-/// Median (with spread) over rounds of `f` for one contender and attack.
-fn over_rounds(phases: &[Phase], c: Contender, a: Attack, f: impl Fn(&Phase) -> f64) -> Spread {
-    let v: Vec<f64> = phases
-        .iter()
-        .filter(|p| p.contender == c && p.attack == a)
-        .map(f)
-        .collect();
-    Spread::of(&v)
-}
-
-/// Per round, `f(phase) / f(reference phase of the same round)`.
-fn ratio_over_rounds(
-    phases: &[Phase],
-    (c, a): (Contender, Attack),
-    (rc, ra): (Contender, Attack),
-    f: impl Fn(&Phase) -> f64,
-) -> Spread {
-    let v: Vec<f64> = phases
-        .iter()
-        .filter(|p| p.contender == c && p.attack == a)
-        .filter_map(|p| {
-            let r = phases
-                .iter()
-                .find(|q| q.contender == rc && q.attack == ra && q.round == p.round)?;
-            Some(f(p) / f(r))
-        })
-        .collect();
-    Spread::of(&v)
-}
-
-pub fn write(results: &Results, docs: &Path) -> Result<()> {
-    let charts = docs.join("benchmarks");
-    std::fs::create_dir_all(&charts)?;
-    cost_chart(&results.per_packet, &charts.join("cost-per-packet.svg"))?;
-    flood_chart(&results.flood, &charts.join("flood-p99.svg"))?;
-    flood_cpu_chart(&results.flood, &charts.join("flood-cpu.svg"))?;
-    latency_chart(&results.rejected, &charts.join("enforcement-latency.svg"))?;
-    std::fs::write(
-        charts.join("results.json"),
-        serde_json::to_string_pretty(results)?,
-    )?;
-    std::fs::write(docs.join("benchmarks.md"), markdown(results))?;
-    Ok(())
-}
-
-fn markdown(r: &Results) -> String {
+/// The title, the machine and what each section ran.
+pub(super) fn header(r: &Results) -> String {
     let mut md = String::new();
     let m = &r.machine;
     let _ = writeln!(
@@ -148,8 +37,12 @@ fn markdown(r: &Results) -> String {
     for (what, how) in &r.effort {
         let _ = writeln!(md, "| {what} | {how} |");
     }
+    md
+}
 
-    // 1. Cost per packet.
+/// Section 1: BPF_PROG_TEST_RUN against the floor.
+pub(super) fn cost_per_packet(r: &Results) -> String {
+    let mut md = String::new();
     let _ = writeln!(
         md,
         "\n## 1. Cost per packet in the kernel\n\n\
@@ -160,21 +53,24 @@ fn markdown(r: &Results) -> String {
          (its second run would no longer be a new source), so each frame runs once and the figure \
          includes the kernel's clock reads around a single run; they are compared with the floor run \
          the same way.\n\n\
-         ![cost per packet](benchmarks/cost-per-packet.svg)\n\n\
-         | case | verdict | ns per packet | × floor |\n|---|---|---|---|"
+         ![cost per packet](benchmarks/cost-per-packet.svg)\n"
     );
+    let mut table = Table::new(["case", "verdict", "ns per packet", "× floor"]);
     for row in &r.per_packet {
-        let _ = writeln!(
-            md,
-            "| {} | {} | {} | {} |",
-            row.case,
-            row.verdict,
+        table.row([
+            row.case.to_string(),
+            row.verdict.to_string(),
             row.ns.show(1),
-            row.ratio.show(2)
-        );
+            row.ratio.show(2),
+        ]);
     }
+    md.push_str(&table.to_string());
+    md
+}
 
-    // 2. Scale.
+/// Section 2: the map of tracked sources at capacity.
+pub(super) fn scale(r: &Results) -> String {
+    let mut md = String::new();
     let _ = writeln!(
         md,
         "\n## 2. Scale: many sources tracked\n\n\
@@ -182,26 +78,35 @@ fn markdown(r: &Results) -> String {
          repeated (the entry stays in the CPU cache), a different known source on each packet (cold \
          lookups; one run per frame), and new sources into the full map (each insert evicts the least \
          recently used entry). Memory is what the kernel charges for the map (`memlock` in its fdinfo); \
-         the LRU hash preallocates every entry, so it is paid at start-up, whatever the traffic.\n\n\
-         | max_sources (held) | map memory | bytes per source | case | ns per packet | × floor |\n|---|---|---|---|---|---|"
+         the LRU hash preallocates every entry, so it is paid at start-up, whatever the traffic.\n"
     );
+    let mut table = Table::new([
+        "max_sources (held)",
+        "map memory",
+        "bytes per source",
+        "case",
+        "ns per packet",
+        "× floor",
+    ]);
     for s in &r.scale {
         for row in &s.rows {
-            let _ = writeln!(
-                md,
-                "| {} ({}) | {:.1} MiB | {:.0} | {} | {} | {} |",
-                s.sources,
-                s.tracked,
-                s.map_mib(),
-                s.bytes_per_source(),
-                row.case,
+            table.row([
+                format!("{} ({})", s.sources, s.tracked),
+                format!("{:.1} MiB", s.map_mib()),
+                format!("{:.0}", s.bytes_per_source()),
+                row.case.to_string(),
                 row.ns.show(1),
-                row.ratio.show(2)
-            );
+                row.ratio.show(2),
+            ]);
         }
     }
+    md.push_str(&table.to_string());
+    md
+}
 
-    // 3. Flood.
+/// Section 3: a real client under SYN and byte floods, next to iptables and nftables.
+pub(super) fn flood(r: &Results) -> String {
+    let mut md = String::new();
     let _ = writeln!(
         md,
         "\n## 3. Protection under flood\n\n\
@@ -264,17 +169,22 @@ fn markdown(r: &Results) -> String {
         }
     };
     for attack in [Attack::Baseline, Attack::SynFlood, Attack::ByteFlood] {
-        let _ = writeln!(
-            md,
-            "\n### {}\n\n| contender | p50 µs | p99 µs | p99 × no attack | msg/s | msg/s × no attack | failed echoes | flood dropped | softirq ms |\n|---|---|---|---|---|---|---|---|---|",
-            attack.name()
-        );
+        let _ = writeln!(md, "\n### {}\n", attack.name());
+        let mut table = Table::new([
+            "contender",
+            "p50 µs",
+            "p99 µs",
+            "p99 × no attack",
+            "msg/s",
+            "msg/s × no attack",
+            "failed echoes",
+            "flood dropped",
+            "softirq ms",
+        ]);
         for c in Contender::ALL {
             let base = (c, Attack::Baseline);
-            let _ = writeln!(
-                md,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                c.name(),
+            table.row([
+                c.name().to_string(),
                 over_rounds(f, c, attack, |p| p.rtt_p50_us).show(0),
                 over_rounds(f, c, attack, |p| p.rtt_p99_us).show(0),
                 ratio_over_rounds(f, (c, attack), base, |p| p.rtt_p99_us).show(2),
@@ -283,30 +193,43 @@ fn markdown(r: &Results) -> String {
                 over_rounds(f, c, attack, |p| p.client_errors as f64).show(0),
                 dropped(c, attack),
                 over_rounds(f, c, attack, |p| p.softirq_ms).show(0),
-            );
+            ]);
         }
+        md.push_str(&table.to_string());
     }
     let full = Attack::SynFloodFullSpeed;
     let _ = writeln!(
         md,
-        "\n### {}\n\n![CPU per flood packet](benchmarks/flood-cpu.svg)\n\n| contender | flood kpps | × none | flood dropped | softirq ns per packet | all CPU ns per packet | softirq ns per drop |\n|---|---|---|---|---|---|---|",
+        "\n### {}\n\n![CPU per flood packet](benchmarks/flood-cpu.svg)\n",
         full.name()
     );
+    let mut table = Table::new([
+        "contender",
+        "flood kpps",
+        "× none",
+        "flood dropped",
+        "softirq ns per packet",
+        "all CPU ns per packet",
+        "softirq ns per drop",
+    ]);
     for c in Contender::ALL {
-        let _ = writeln!(
-            md,
-            "| {} | {} | {} | {} | {} | {} | {} |",
-            c.name(),
+        table.row([
+            c.name().to_string(),
             over_rounds(f, c, full, |p| p.flood_pps() / 1000.0).show(0),
             ratio_over_rounds(f, (c, full), (Contender::None, full), |p| p.flood_pps()).show(2),
             dropped(c, full),
             over_rounds(f, c, full, |p| p.softirq_ns_per_flood_packet()).show(0),
             over_rounds(f, c, full, |p| p.busy_ns_per_flood_packet()).show(0),
             over_rounds(f, c, full, |p| p.softirq_ns_per_drop()).show(0),
-        );
+        ]);
     }
+    md.push_str(&table.to_string());
+    md
+}
 
-    // 4. Enforcement latency.
+/// Section 4: from a rejected handshake to the reset, and to the ban.
+pub(super) fn enforcement_latency(r: &Results) -> String {
+    let mut md = String::new();
     let (rj, ban) = (&r.rejected, &r.ban_agent);
     let _ = writeln!(
         md,
@@ -366,35 +289,41 @@ fn markdown(r: &Results) -> String {
         r.accepted_held.latency.p99_ms,
         r.accepted_held.slow,
     );
+    md
+}
 
-    // 5. Overhead.
+/// Section 5: the no-attack phases, each protection against none.
+pub(super) fn overhead(r: &Results) -> String {
+    let mut md = String::new();
     let _ = writeln!(
         md,
         "\n## 5. Overhead on legitimate traffic\n\n\
          The no-attack phases of section 3: the echo client with each protection in place versus none, \
          as ratios within the same round (1.00 is no difference; above 1 is slower for p99, below 1 is \
          fewer messages for throughput). For wsguard this is the agent attached (XDP ingress, TC \
-         egress, sock_ops) versus not attached at all.\n\n\
-         | contender | p50 µs | p99 µs | p99 × none | msg/s | msg/s × none |\n|---|---|---|---|---|---|"
+         egress, sock_ops) versus not attached at all.\n"
     );
+    let mut table = Table::new([
+        "contender",
+        "p50 µs",
+        "p99 µs",
+        "p99 × none",
+        "msg/s",
+        "msg/s × none",
+    ]);
     for c in Contender::ALL {
         let f = &r.flood;
         let a = Attack::Baseline;
-        let _ = writeln!(
-            md,
-            "| {} | {} | {} | {} | {} | {} |",
-            c.name(),
+        table.row([
+            c.name().to_string(),
             over_rounds(f, c, a, |p| p.rtt_p50_us).show(0),
             over_rounds(f, c, a, |p| p.rtt_p99_us).show(0),
             ratio_over_rounds(f, (c, a), (Contender::None, a), |p| p.rtt_p99_us).show(2),
             over_rounds(f, c, a, |p| p.messages_per_second).show(0),
             ratio_over_rounds(f, (c, a), (Contender::None, a), |p| p.messages_per_second).show(2),
-        );
+        ]);
     }
-
-    md.push_str(&crate::syn_flood::markdown(&r.syn_flood));
-    md.push_str(&findings(r));
-    md.push_str(READING);
+    md.push_str(&table.to_string());
     md
 }
 
@@ -402,7 +331,7 @@ fn markdown(r: &Results) -> String {
 type Metric = fn(&Phase) -> f64;
 
 /// Where wsguard came out behind a contender in this run, figure by figure.
-fn findings(r: &Results) -> String {
+pub(super) fn findings(r: &Results) -> String {
     let mut out = String::from(
         "\n## Where wsguard lost in this run\n\n\
          Every figure of sections 3 and 5 where wsguard's, divided by a contender's in the same round, \
@@ -511,7 +440,7 @@ within a few hundred microseconds; differences there are of the order of the spr
 shared 2-core machine. The full-speed phase is where the cost per packet shows.
 ";
 
-const READING: &str = "
+pub(super) const READING: &str = "
 ## How to read these figures, and what moves them
 
 - **The physical limit.** The floor in section 1 is what the kernel spends to run any XDP program on \
@@ -533,210 +462,3 @@ tracked sources holds (every packet an insert and an eviction, section 2), large
 trie's depth, not its size, sets the cost), and `xdp_mode = \"skb\"` (generic XDP, after the socket \
 buffer is built, which costs more per packet).
 ";
-
-/// One horizontal bar per row: the median, with a line over the range.
-struct Bar {
-    label: String,
-    value: Spread,
-    color: RGBColor,
-}
-
-fn bar_chart(title: &str, unit: &str, bars: &[Bar], path: &Path) -> Result<()> {
-    let bars: Vec<&Bar> = bars.iter().filter(|b| b.value.runs > 0).collect();
-    let max = bars.iter().map(|b| b.value.max).fold(1.0, f64::max) * 1.15;
-    let height = 80 + 32 * bars.len() as u32;
-    let root = SVGBackend::new(path, (900, height)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 18))
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(330)
-        .build_cartesian_2d(0.0..max, (0..bars.len()).into_segmented())?;
-    chart
-        .configure_mesh()
-        .disable_y_mesh()
-        .x_desc(unit)
-        .y_labels(bars.len())
-        .y_label_formatter(&|v| match v {
-            SegmentValue::CenterOf(i) => bars.get(*i).map_or(String::new(), |b| b.label.clone()),
-            _ => String::new(),
-        })
-        .draw()?;
-    chart.draw_series(bars.iter().enumerate().map(|(i, b)| {
-        let mut bar = Rectangle::new(
-            [
-                (0.0, SegmentValue::Exact(i)),
-                (b.value.median, SegmentValue::Exact(i + 1)),
-            ],
-            b.color.mix(0.7).filled(),
-        );
-        bar.set_margin(4, 4, 0, 0);
-        bar
-    }))?;
-    chart.draw_series(bars.iter().enumerate().map(|(i, b)| {
-        PathElement::new(
-            vec![
-                (b.value.min, SegmentValue::CenterOf(i)),
-                (b.value.max, SegmentValue::CenterOf(i)),
-            ],
-            BLACK.stroke_width(2),
-        )
-    }))?;
-    root.present()?;
-    Ok(())
-}
-
-const FLOOR_COLOR: RGBColor = RGBColor(60, 120, 200);
-const PASS_COLOR: RGBColor = RGBColor(40, 160, 80);
-const DROP_COLOR: RGBColor = RGBColor(210, 60, 50);
-const CONTENDER_COLORS: [RGBColor; 5] = [
-    RGBColor(120, 120, 120),
-    RGBColor(230, 140, 30),
-    RGBColor(60, 120, 200),
-    RGBColor(40, 160, 80),
-    RGBColor(150, 210, 160),
-];
-
-fn cost_chart(rows: &[CostRow], path: &Path) -> Result<()> {
-    let bars: Vec<Bar> = rows
-        .iter()
-        .map(|r| Bar {
-            label: r.case.clone(),
-            value: r.ns,
-            color: match (r.case.starts_with("floor"), r.verdict) {
-                (true, _) => FLOOR_COLOR,
-                (false, "drop") => DROP_COLOR,
-                _ => PASS_COLOR,
-            },
-        })
-        .collect();
-    bar_chart(
-        "XDP cost per packet (BPF_PROG_TEST_RUN), median and range",
-        "ns per packet",
-        &bars,
-        path,
-    )
-}
-
-fn flood_cpu_chart(phases: &[Phase], path: &Path) -> Result<()> {
-    let bars: Vec<Bar> = Contender::ALL
-        .iter()
-        .zip(CONTENDER_COLORS)
-        .map(|(&c, color)| Bar {
-            label: c.name().to_string(),
-            value: over_rounds(phases, c, Attack::SynFloodFullSpeed, |p| {
-                p.softirq_ns_per_flood_packet()
-            }),
-            color,
-        })
-        .collect();
-    bar_chart(
-        "SYN flood at full speed: softirq CPU per flood packet, median and range",
-        "ns per packet",
-        &bars,
-        path,
-    )
-}
-
-fn flood_chart(phases: &[Phase], path: &Path) -> Result<()> {
-    let attacks = [Attack::Baseline, Attack::SynFlood, Attack::ByteFlood];
-    // (At full speed each contender faces a different rate: not charted.)
-    let colors = CONTENDER_COLORS;
-    let width = 0.8 / Contender::ALL.len() as f64;
-    let value = |c, a| over_rounds(phases, c, a, |p| p.rtt_p99_us / 1000.0);
-    let max = attacks
-        .iter()
-        .flat_map(|&a| Contender::ALL.map(|c| value(c, a).max))
-        .filter(|v| v.is_finite())
-        .fold(0.1, f64::max)
-        * 1.15;
-    let root = SVGBackend::new(path, (900, 420)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Legitimate echo client p99 (ms), median and range over rounds",
-            ("sans-serif", 18),
-        )
-        .margin(10)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..(attacks.len() as f64), 0.0..max)?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(attacks.len() * 2 + 1)
-        .x_label_formatter(&|x| {
-            let i = x.floor() as usize;
-            if (x - x.floor() - 0.5).abs() < 1e-6 && i < attacks.len() {
-                attacks[i].name().to_string()
-            } else {
-                String::new()
-            }
-        })
-        .y_desc("p99 round trip, ms")
-        .draw()?;
-    for (k, c) in Contender::ALL.iter().enumerate() {
-        let color = colors[k];
-        let bars: Vec<_> = attacks
-            .iter()
-            .enumerate()
-            .map(|(i, &a)| (i as f64 + 0.1 + width * k as f64, value(*c, a)))
-            .collect();
-        chart
-            .draw_series(bars.iter().map(|(x, v)| {
-                Rectangle::new(
-                    [(*x, 0.0), (x + width * 0.9, v.median.max(0.0))],
-                    color.mix(0.8).filled(),
-                )
-            }))?
-            .label(c.name())
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
-        chart.draw_series(bars.iter().map(|(x, v)| {
-            PathElement::new(
-                vec![(x + width * 0.45, v.min), (x + width * 0.45, v.max)],
-                BLACK.stroke_width(1),
-            )
-        }))?;
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()?;
-    root.present()?;
-    Ok(())
-}
-
-fn latency_chart(latency: &Latency, path: &Path) -> Result<()> {
-    let mut sorted = latency.samples_ms.clone();
-    sorted.sort_by(f64::total_cmp);
-    let max = sorted.last().copied().unwrap_or(1.0).max(0.001) * 1.05;
-    let root = SVGBackend::new(path, (900, 400)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Rejected handshake: request to reset, cumulative share",
-            ("sans-serif", 18),
-        )
-        .margin(10)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..max, 0.0..1.0)?;
-    chart
-        .configure_mesh()
-        .x_desc("milliseconds")
-        .y_desc("share of handshakes")
-        .draw()?;
-    let n = sorted.len().max(1) as f64;
-    chart.draw_series(LineSeries::new(
-        sorted
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (*v, (i + 1) as f64 / n)),
-        BLUE.stroke_width(2),
-    ))?;
-    root.present()?;
-    Ok(())
-}
