@@ -1,10 +1,9 @@
 //! `wsguard run`: load, attach, enforce until told to stop, then detach or
 //! (fail-closed) leave the programs enforcing.
 
-use crate::kernel::Maps;
 use std::{
     os::fd::AsRawFd,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex, atomic::Ordering},
     time::Duration,
 };
@@ -23,246 +22,373 @@ use crate::{
     config::Config,
     events::{BanWatch, Event, EventSink, source_prefix},
     handshake::inspection::{self, Inspection},
-    kernel::{self, Kernel},
+    kernel::{self, Kernel, Maps},
     metrics::{self, AgentCounters},
     status,
 };
 
 type Sink = Arc<Mutex<EventSink>>;
 
+/// Writes one event record. The sink is shared with the task that reads the
+/// kernel's events; a panic there must not silence this side.
+fn emit(sink: &Sink, event: Event) {
+    sink.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .emit(event);
+}
+
+/// The inspection ring buffer, polled by the runtime.
+type Records = AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>;
+
+/// The running agent's state, with one method per thing that happens to it.
+struct Daemon {
+    config: Config,
+    pins: PathBuf,
+    kernel: Kernel,
+    sink: Sink,
+    counters: Arc<AgentCounters>,
+    inspection: Option<Inspection>,
+    agent_file: AgentFile,
+    ban_watch: BanWatch,
+    /// Configured interfaces that are gone (attached again when they return).
+    missing: Vec<String>,
+    housekeeping_ticks: u32,
+    /// Interfaces whose running programs this agent took over at start.
+    took_over: Vec<String>,
+}
+
 pub async fn run(config_path: &Path) -> Result<()> {
-    let mut config = Config::load(config_path)?;
-    kernel::check_privileges()?;
-    kernel::raise_memlock();
-    let pins = kernel::pin_dir(&kernel::resolve_pin_path(&config.agent.pin_path, true)?);
-    let counters = Arc::new(AgentCounters::default());
-    let sink: Sink = Arc::new(Mutex::new(EventSink::open(
-        &config.events_output,
-        counters.clone(),
-    )?));
-
-    let mut kernel = Kernel::load(&config, Some(&pins))?;
-    spawn_kernel_log_drain(&mut kernel)?;
-    spawn_kernel_events(&mut kernel, sink.clone(), &config)?;
-    let inspecting = !config.handshake.ports.is_empty();
-    // Read before attaching, so that no record of a new connection is missed.
-    let mut records = if inspecting {
-        let ring = kernel.take_stream_records()?;
-        // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it.
-        Some(
-            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-                .map_err(std::io::Error::from)
-                .context("cannot poll the inspection ring buffer")?,
-        )
-    } else {
-        None
-    };
-    let mut inspection = if inspecting {
-        let mut sink = sink.lock().unwrap();
-        Some(Inspection::start(&mut inspection::Context {
-            kernel: &mut kernel,
-            config: &config,
-            sink: &mut sink,
-            counters: &counters,
-        })?)
-    } else {
-        None
-    };
-    let takeover = kernel.attach(&config)?;
-    let mut missing: Vec<String> = Vec::new();
-    if let Some(listen) = config.metrics_listen {
-        metrics::serve(listen, pins.clone(), counters.clone()).await?;
-    }
-
+    let (mut daemon, mut records) = Daemon::start(config_path).await?;
     // Signals are caught before readiness is announced: a stop that follows
     // the announcement at once is a clean stop, not a kill.
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut hangup = signal(SignalKind::hangup())?;
-    println!(
-        "wsguard {}: enforcing {} (state pinned at {})\n{}",
-        env!("CARGO_PKG_VERSION"),
-        config.file.display(),
-        pins.display(),
-        config.summary()
-    );
-    if !takeover.interfaces.is_empty() {
-        println!(
-            "  took over the programs left running on {} without a gap",
-            takeover.interfaces.join(", ")
-        );
-    }
-    info!(config = %config.file.display(), "attached and enforcing");
-    let mut agent_file = AgentFile {
-        pid: std::process::id(),
-        config: std::fs::canonicalize(&config.file).unwrap_or_else(|_| config.file.clone()),
-        config_loaded_at: agent_file::now_unix(),
-        interfaces: config.agent.interfaces.get_ref().clone(),
-        xdp_mode: config.agent.xdp_mode.to_string(),
-        ..Default::default()
-    };
-    agent_file.write(&pins)?;
-    sink.lock().unwrap().emit(Event::AgentStarted {
-        config: agent_file.config.clone(),
-        interfaces: agent_file.interfaces.clone(),
-        dry_run: config.settings.dry_run != 0,
-        took_over: takeover.interfaces.clone(),
-    });
-    notify(&[NotifyState::Ready]);
+    daemon.announce()?;
 
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     let mut deadlines = tokio::time::interval(Duration::from_millis(100));
-    let mut ban_watch = BanWatch::default();
-    let mut sweeps = 0u32;
     loop {
         tokio::select! {
             ready = readable(&mut records) => {
                 let Ok(mut ready) = ready else { break };
-                let mut sink = sink.lock().unwrap();
-                let mut cx = inspection::Context { kernel: &mut kernel, config: &config, sink: &mut sink, counters: &counters };
-                if let Some(inspection) = inspection.as_mut() {
-                    // A bounded batch, so that timers and signals get their turn.
-                    for _ in 0..4096 {
-                        let Some(item) = ready.get_inner_mut().next() else {
-                            ready.clear_ready();
-                            break;
-                        };
-                        inspection.on_record(&mut cx, &item);
-                    }
-                    counters.pending_handshakes.store(inspection.pending() as u64, Ordering::Relaxed);
+                if daemon.on_records(ready.get_inner_mut()) {
+                    ready.clear_ready();
                 }
             }
-            _ = deadlines.tick() => {
-                if let Some(inspection) = inspection.as_mut() {
-                    let mut sink = sink.lock().unwrap();
-                    inspection.tick(&mut inspection::Context { kernel: &mut kernel, config: &config, sink: &mut sink, counters: &counters });
-                    counters.pending_handshakes.store(inspection.pending() as u64, Ordering::Relaxed);
-                    if let Some((used, capacity)) = inspection.replay_fill() {
-                        counters.replay_cache_entries.store(used as u64, Ordering::Relaxed);
-                        counters.replay_cache_capacity.store(capacity as u64, Ordering::Relaxed);
-                    }
-                }
-            }
+            _ = deadlines.tick() => daemon.on_deadline_tick(),
             _ = terminate.recv() => { info!("SIGTERM: stopping"); break; }
             _ = interrupt.recv() => { info!("interrupted: stopping"); break; }
-            _ = hangup.recv() => {
-                notify(&[NotifyState::Reloading]);
-                agent_file.reloads += 1;
-                match reload(&mut kernel, &config) {
-                    Ok(new) => {
-                        if new.agent.keep_enforcing_on_exit != config.agent.keep_enforcing_on_exit {
-                            if let Err(e) = kernel.set_keep_enforcing(new.agent.keep_enforcing_on_exit) {
-                                warn!("cannot switch keep_enforcing_on_exit: {e:#}");
-                            }
-                        }
-                        info!(config = %new.file.display(), "reloaded");
-                        println!("wsguard: reloaded {}\n{}", new.file.display(), new.summary());
-                        config = new;
-                        if let Some(inspection) = inspection.as_mut() {
-                            inspection.reconfigure(&config);
-                        }
-                        agent_file.config_loaded_at = agent_file::now_unix();
-                        agent_file.last_reload_error = None;
-                        counters.reloads_ok.fetch_add(1, Ordering::Relaxed);
-                        sink.lock().unwrap().emit(Event::ConfigReloaded { config: agent_file.config.clone() });
-                    }
-                    Err(e) => {
-                        error!("reload rejected, the running config keeps enforcing: {e:#}");
-                        agent_file.last_reload_error = Some(format!("{e:#}"));
-                        counters.reloads_rejected.fetch_add(1, Ordering::Relaxed);
-                        sink.lock().unwrap().emit(Event::ConfigRejected { config: agent_file.config.clone(), error: format!("{e:#}") });
-                    }
-                }
-                if let Err(e) = agent_file.write(&pins) {
-                    warn!("cannot update the agent file: {e:#}");
-                }
-                notify(&[NotifyState::Ready]);
-            }
-            _ = housekeeping.tick() => {
-                if let Err(e) = housekeep(&mut kernel, &config, &sink, &mut ban_watch) {
-                    warn!("housekeeping: {e:#}");
-                }
-                if let Some(inspection) = inspection.as_ref() {
-                    let fill = (inspection.pending() as u64, inspection.replay_fill().map(|(u, c)| (u as u64, c as u64)));
-                    if fill != (agent_file.pending_handshakes, agent_file.ticket_replay_cache) {
-                        (agent_file.pending_handshakes, agent_file.ticket_replay_cache) = fill;
-                        if let Err(e) = agent_file.write(&pins) {
-                            warn!("cannot update the agent file: {e:#}");
-                        }
-                    }
-                }
-                sweeps += 1;
-                if inspecting && sweeps.is_multiple_of(30) {
-                    // Verdicts whose close record was lost.
-                    if let Err(e) = kernel.sweep_releases() {
-                        warn!("cannot sweep handshake verdicts: {e:#}");
-                    }
-                }
-                watch_interfaces(&mut kernel, &config, &sink, &mut missing);
-            }
+            _ = hangup.recv() => daemon.on_reload(),
+            _ = housekeeping.tick() => daemon.on_housekeeping(),
+        }
+    }
+    daemon.shutdown()
+}
+
+impl Daemon {
+    /// Loads the programs, starts inspection and attaches: enforcing from
+    /// here on. Returns the inspection records to poll, when inspecting.
+    async fn start(config_path: &Path) -> Result<(Daemon, Option<Records>)> {
+        let config = Config::load(config_path)?;
+        kernel::check_privileges()?;
+        kernel::raise_memlock();
+        let pins = kernel::pin_dir(&kernel::resolve_pin_path(&config.agent.pin_path, true)?);
+        let counters = Arc::new(AgentCounters::default());
+        let sink: Sink = Arc::new(Mutex::new(EventSink::open(
+            &config.events_output,
+            counters.clone(),
+        )?));
+
+        let mut kernel = Kernel::load(&config, Some(&pins))?;
+        spawn_kernel_log_drain(&mut kernel)?;
+        spawn_kernel_events(&mut kernel, sink.clone(), &config)?;
+        let inspecting = !config.handshake.ports.is_empty();
+        // Read before attaching, so that no record of a new connection is missed.
+        let records = if inspecting {
+            let ring = kernel.take_stream_records()?;
+            // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it.
+            Some(
+                unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                    .map_err(std::io::Error::from)
+                    .context("cannot poll the inspection ring buffer")?,
+            )
+        } else {
+            None
+        };
+        let inspection = if inspecting {
+            let mut sink = sink
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            Some(Inspection::start(&mut inspection::Context {
+                kernel: &mut kernel,
+                config: &config,
+                sink: &mut sink,
+                counters: &counters,
+            })?)
+        } else {
+            None
+        };
+        let takeover = kernel.attach(&config)?;
+        if let Some(listen) = config.metrics_listen {
+            metrics::serve(listen, pins.clone(), counters.clone()).await?;
+        }
+        let agent_file = AgentFile {
+            pid: std::process::id(),
+            config: std::fs::canonicalize(&config.file).unwrap_or_else(|_| config.file.clone()),
+            config_loaded_at: agent_file::now_unix(),
+            interfaces: config.agent.interfaces.get_ref().clone(),
+            xdp_mode: config.agent.xdp_mode.to_string(),
+            ..Default::default()
+        };
+        emit(
+            &sink,
+            Event::AgentStarted {
+                config: agent_file.config.clone(),
+                interfaces: agent_file.interfaces.clone(),
+                dry_run: config.settings.dry_run != 0,
+                took_over: takeover.interfaces.clone(),
+            },
+        );
+        let daemon = Daemon {
+            config,
+            pins,
+            kernel,
+            sink,
+            counters,
+            inspection,
+            agent_file,
+            ban_watch: BanWatch::default(),
+            missing: Vec::new(),
+            housekeeping_ticks: 0,
+            took_over: takeover.interfaces,
+        };
+        Ok((daemon, records))
+    }
+
+    /// Says what is enforced, writes the agent file and tells systemd.
+    fn announce(&mut self) -> Result<()> {
+        println!(
+            "wsguard {}: enforcing {} (state pinned at {})\n{}",
+            env!("CARGO_PKG_VERSION"),
+            self.config.file.display(),
+            self.pins.display(),
+            self.config.summary()
+        );
+        if !self.took_over.is_empty() {
+            println!(
+                "  took over the programs left running on {} without a gap",
+                self.took_over.join(", ")
+            );
+        }
+        info!(config = %self.config.file.display(), "attached and enforcing");
+        self.agent_file.write(&self.pins)?;
+        notify(&[NotifyState::Ready]);
+        Ok(())
+    }
+
+    /// Runs `f` with what inspection needs, when inspecting.
+    fn with_inspection(&mut self, f: impl FnOnce(&mut Inspection, &mut inspection::Context)) {
+        if let Some(inspection) = self.inspection.as_mut() {
+            let mut sink = self
+                .sink
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut cx = inspection::Context {
+                kernel: &mut self.kernel,
+                config: &self.config,
+                sink: &mut sink,
+                counters: &self.counters,
+            };
+            f(inspection, &mut cx);
+            self.counters
+                .pending_handshakes
+                .store(inspection.pending() as u64, Ordering::Relaxed);
         }
     }
 
-    notify(&[NotifyState::Stopping]);
-    if let Some(inspection) = inspection.as_mut() {
-        let mut sink = sink.lock().unwrap();
-        inspection.stop(&mut inspection::Context {
-            kernel: &mut kernel,
-            config: &config,
-            sink: &mut sink,
-            counters: &counters,
+    /// Inspection records from the kernel, a bounded batch so that timers
+    /// and signals get their turn. Returns whether the ring was drained.
+    fn on_records(&mut self, ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> bool {
+        let mut drained = false;
+        self.with_inspection(|inspection, cx| {
+            for _ in 0..4096 {
+                let Some(item) = ring.next() else {
+                    drained = true;
+                    return;
+                };
+                inspection.on_record(cx, &item);
+            }
         });
+        drained
     }
-    AgentFile::remove(&pins);
-    let counters = kernel.counters()?;
-    let keep = config.agent.keep_enforcing_on_exit;
-    kernel.release(keep)?;
-    sink.lock().unwrap().emit(Event::AgentStopped {
-        programs_stay_attached: keep,
-    });
-    let how = if keep {
-        "stopped; the programs stay attached (keep_enforcing_on_exit)"
-    } else {
-        "detached"
-    };
-    println!(
-        "wsguard: {how}; counters at exit:\n{}",
-        status::format_counters(&counters)
-    );
-    Ok(())
+
+    /// Every 100 ms: handshake deadlines.
+    fn on_deadline_tick(&mut self) {
+        self.with_inspection(|inspection, cx| inspection.tick(cx));
+        if let Some((used, capacity)) = self.inspection.as_ref().and_then(|i| i.replay_fill()) {
+            let c = &self.counters;
+            c.replay_cache_entries.store(used as u64, Ordering::Relaxed);
+            c.replay_cache_capacity
+                .store(capacity as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// SIGHUP: the new config enforces, or the old one keeps enforcing and
+    /// the rejection is reported.
+    fn on_reload(&mut self) {
+        notify(&[NotifyState::Reloading]);
+        self.agent_file.reloads += 1;
+        match reload(&mut self.kernel, &self.config) {
+            Ok(new) => {
+                let keep = new.agent.keep_enforcing_on_exit;
+                if keep != self.config.agent.keep_enforcing_on_exit {
+                    if let Err(e) = self.kernel.set_keep_enforcing(keep) {
+                        warn!("cannot switch keep_enforcing_on_exit: {e:#}");
+                    }
+                }
+                info!(config = %new.file.display(), "reloaded");
+                println!(
+                    "wsguard: reloaded {}\n{}",
+                    new.file.display(),
+                    new.summary()
+                );
+                self.config = new;
+                if let Some(inspection) = self.inspection.as_mut() {
+                    inspection.reconfigure(&self.config);
+                }
+                self.agent_file.config_loaded_at = agent_file::now_unix();
+                self.agent_file.last_reload_error = None;
+                self.counters.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                let config = self.agent_file.config.clone();
+                emit(&self.sink, Event::ConfigReloaded { config });
+            }
+            Err(e) => {
+                error!("reload rejected, the running config keeps enforcing: {e:#}");
+                self.agent_file.last_reload_error = Some(format!("{e:#}"));
+                self.counters
+                    .reloads_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+                let (config, error) = (self.agent_file.config.clone(), format!("{e:#}"));
+                emit(&self.sink, Event::ConfigRejected { config, error });
+            }
+        }
+        if let Err(e) = self.agent_file.write(&self.pins) {
+            warn!("cannot update the agent file: {e:#}");
+        }
+        notify(&[NotifyState::Ready]);
+    }
+
+    /// Once a second: expire runtime list entries, notice bans that ended,
+    /// close the events window, keep the agent file's fill levels current,
+    /// sweep lost verdicts (every 30 s) and watch the interfaces.
+    fn on_housekeeping(&mut self) {
+        if let Err(e) = self.expire_lists_and_bans() {
+            warn!("housekeeping: {e:#}");
+        }
+        if let Some(inspection) = self.inspection.as_ref() {
+            let fill = (
+                inspection.pending() as u64,
+                inspection.replay_fill().map(|(u, c)| (u as u64, c as u64)),
+            );
+            let file = &mut self.agent_file;
+            if fill != (file.pending_handshakes, file.ticket_replay_cache) {
+                (file.pending_handshakes, file.ticket_replay_cache) = fill;
+                if let Err(e) = file.write(&self.pins) {
+                    warn!("cannot update the agent file: {e:#}");
+                }
+            }
+        }
+        self.housekeeping_ticks += 1;
+        if self.inspection.is_some() && self.housekeeping_ticks.is_multiple_of(30) {
+            // Verdicts whose close record was lost.
+            if let Err(e) = self.kernel.sweep_releases() {
+                warn!("cannot sweep handshake verdicts: {e:#}");
+            }
+        }
+        self.watch_interfaces();
+    }
+
+    /// Stops inspection and lets go of the programs: detached, or (with
+    /// `keep_enforcing_on_exit`) left enforcing.
+    fn shutdown(mut self) -> Result<()> {
+        notify(&[NotifyState::Stopping]);
+        self.with_inspection(|inspection, cx| inspection.stop(cx));
+        AgentFile::remove(&self.pins);
+        let counters = self.kernel.counters()?;
+        let keep = self.config.agent.keep_enforcing_on_exit;
+        self.kernel.release(keep)?;
+        emit(
+            &self.sink,
+            Event::AgentStopped {
+                programs_stay_attached: keep,
+            },
+        );
+        let how = if keep {
+            "stopped; the programs stay attached (keep_enforcing_on_exit)"
+        } else {
+            "detached"
+        };
+        println!(
+            "wsguard: {how}; counters at exit:\n{}",
+            status::format_counters(&counters)
+        );
+        Ok(())
+    }
+
+    fn expire_lists_and_bans(&mut self) -> Result<()> {
+        let now = kernel::monotonic_ns();
+        let config = &self.config;
+        let mut sink = self
+            .sink
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (allow, net) in self.kernel.sweep_expired_lists(now)? {
+            sink.emit(Event::ListEntryExpired {
+                list: if allow { "allow" } else { "deny" },
+                cidr: net.to_string(),
+            });
+        }
+        let (ended, expired) = self.ban_watch.update(&self.kernel.bans()?, now);
+        for key in expired {
+            let _ = self.kernel.remove_ban(&key);
+        }
+        for (key, how) in ended {
+            let source = source_prefix(&key, config.ipv4_prefix, config.ipv6_prefix);
+            sink.emit(Event::BanEnded { source, how });
+        }
+        sink.roll_window();
+        Ok(())
+    }
+
+    /// Notices interfaces that went away and re-attaches to those that came
+    /// back (a re-created veth, a re-plugged NIC): their programs died with
+    /// the old device.
+    fn watch_interfaces(&mut self) {
+        for interface in Kernel::missing_interfaces(&self.config) {
+            if !self.missing.contains(&interface) {
+                warn!("interface {interface} is gone; wsguard attaches again when it returns");
+                let gone = interface.clone();
+                emit(&self.sink, Event::InterfaceGone { interface: gone });
+                self.missing.push(interface);
+            }
+        }
+        match self.kernel.reattach_changed(&self.config) {
+            Ok(back) => {
+                for interface in back {
+                    info!("interface {interface} is back: attached again");
+                    self.missing.retain(|m| *m != interface);
+                    emit(&self.sink, Event::InterfaceReattached { interface });
+                }
+            }
+            Err(e) => warn!("cannot attach again: {e:#}"),
+        }
+    }
 }
 
 /// systemd readiness and state (a no-op outside systemd).
 fn notify(state: &[NotifyState]) {
     let _ = sd_notify::notify(state);
-}
-
-/// Once a second: expire runtime list entries, notice bans that ended, and
-/// close the events window.
-fn housekeep(
-    kernel: &mut Kernel,
-    config: &Config,
-    sink: &Sink,
-    ban_watch: &mut BanWatch,
-) -> Result<()> {
-    let now = kernel::monotonic_ns();
-    let mut sink = sink.lock().unwrap();
-    for (allow, net) in kernel.sweep_expired_lists(now)? {
-        sink.emit(Event::ListEntryExpired {
-            list: if allow { "allow" } else { "deny" },
-            cidr: net.to_string(),
-        });
-    }
-    let (ended, expired) = ban_watch.update(&kernel.bans()?, now);
-    for key in expired {
-        let _ = kernel.remove_ban(&key);
-    }
-    for (key, how) in ended {
-        let source = source_prefix(&key, config.ipv4_prefix, config.ipv6_prefix);
-        sink.emit(Event::BanEnded { source, how });
-    }
-    sink.roll_window();
-    Ok(())
 }
 
 /// Re-reads the config and rewrites the maps in place. Per-source state and
@@ -283,40 +409,13 @@ fn reload(kernel: &mut Kernel, current: &Config) -> Result<Config> {
 /// Waits until the inspection ring buffer has records (forever when
 /// inspection is off).
 async fn readable(
-    records: &mut Option<AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>>,
+    records: &mut Option<Records>,
 ) -> std::io::Result<
     tokio::io::unix::AsyncFdReadyMutGuard<'_, aya::maps::RingBuf<aya::maps::MapData>>,
 > {
     match records {
         Some(ring) => ring.readable_mut().await,
         None => std::future::pending().await,
-    }
-}
-
-/// Notices interfaces that went away and re-attaches to those that came back
-/// (a re-created veth, a re-plugged NIC): their programs died with the old
-/// device.
-fn watch_interfaces(kernel: &mut Kernel, config: &Config, sink: &Sink, missing: &mut Vec<String>) {
-    for interface in Kernel::missing_interfaces(config) {
-        if !missing.contains(&interface) {
-            warn!("interface {interface} is gone; wsguard attaches again when it returns");
-            sink.lock().unwrap().emit(Event::InterfaceGone {
-                interface: interface.clone(),
-            });
-            missing.push(interface);
-        }
-    }
-    match kernel.reattach_changed(config) {
-        Ok(back) => {
-            for interface in back {
-                info!("interface {interface} is back: attached again");
-                sink.lock().unwrap().emit(Event::InterfaceReattached {
-                    interface: interface.clone(),
-                });
-                missing.retain(|m| *m != interface);
-            }
-        }
-        Err(e) => warn!("cannot attach again: {e:#}"),
     }
 }
 
@@ -342,11 +441,14 @@ fn spawn_kernel_events(kernel: &mut Kernel, sink: Sink, config: &Config) -> Resu
                 if event.kind == KernelEvent::BAN_STARTED {
                     let seconds =
                         event.until_ns.saturating_sub(kernel::monotonic_ns()) as f64 / 1e9;
-                    sink.lock().unwrap().emit(Event::BanStarted {
-                        source: source_prefix(&event.source, v4, v6),
-                        duration_seconds: seconds.round() as u64,
-                        dry_run: event.dry_run != 0,
-                    });
+                    emit(
+                        &sink,
+                        Event::BanStarted {
+                            source: source_prefix(&event.source, v4, v6),
+                            duration_seconds: seconds.round() as u64,
+                            dry_run: event.dry_run != 0,
+                        },
+                    );
                 }
             }
             ready.clear_ready();
