@@ -21,7 +21,7 @@ use crate::{
     agent_file::{self, AgentFile},
     config::Config,
     events::{BanWatch, Event, EventSink, source_prefix},
-    handshake::inspection::{self, Inspection},
+    inspection::{self, Inspection},
     kernel::{self, Kernel, Maps},
     metrics::{self, AgentCounters},
     status,

@@ -8,6 +8,7 @@ pub mod control;
 pub mod daemon;
 pub mod events;
 pub mod handshake;
+pub mod inspection;
 pub mod kernel;
 pub mod metrics;
 pub mod status;

@@ -1,12 +1,9 @@
-//! Handshake inspection: judging WebSocket upgrade requests against the
-//! policy of `[handshake]` on the stream the server will read.
-//!
-//! Pure policy, no I/O: `judge` (one request head in, a verdict out),
-//! `streams` (connections' bytes in, actions out), `ticket` and `replay`.
-//! I/O: `inspection` (kernel records, injection, cutting) and `destroy`.
+//! Handshake policy: judging WebSocket upgrade requests against the policy
+//! of `[handshake]`. Pure, no I/O: `judge` (one request head in, a verdict
+//! out), `streams` (connections' bytes in, actions out), `ticket` and
+//! `replay`. The I/O around it (kernel records, injection, cutting) is
+//! `crate::inspection`.
 
-pub mod destroy;
-pub mod inspection;
 pub mod judge;
 pub mod replay;
 pub mod streams;

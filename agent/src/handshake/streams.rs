@@ -1,7 +1,7 @@
 //! The connections under inspection, as the agent holds them: the stream
 //! bytes the kernel handed over (in order, by offset), judged request by
 //! request until the connection upgrades. No I/O here: bytes and clock in,
-//! actions out (`inspection.rs` carries them out).
+//! actions out (`crate::inspection` carries them out).
 //!
 //! Guarantees:
 //! - A byte is given back to the application (an [`Action::Inject`]) only

@@ -4,7 +4,8 @@
 //! for the kernel, rejected connections cut (SOCK_DESTROY), events,
 //! counters and bans for repeat offenders.
 
-use crate::kernel::Maps;
+mod destroy;
+
 use std::{
     collections::HashMap,
     io::Write,
@@ -16,14 +17,14 @@ use anyhow::{Context as _, Result};
 use tracing::{debug, warn};
 use wsguard_common::{RecordHeader, Release, SourceKey, StreamPeers};
 
-use super::{
-    Rejection, destroy,
-    streams::{Action, Peers, Settings, Streams},
-};
 use crate::{
     config::Config,
     events::{Event, EventSink, source_prefix},
-    kernel::{self, Kernel},
+    handshake::{
+        Rejection,
+        streams::{Action, Peers, Settings, Streams},
+    },
+    kernel::{self, Kernel, Maps},
     metrics::AgentCounters,
 };
 
