@@ -11,7 +11,7 @@ use wsguard_common::SourceKey;
 use wsguard_common::{Ban, Reason};
 use wsguard_tests::{
     packets::Packet,
-    xdp::{XDP_DROP, XDP_PASS, XdpHarness},
+    xdp::{XDP_DROP, XDP_PASS, XDP_TX, XdpHarness},
 };
 
 use crate::stats::Spread;
@@ -119,6 +119,7 @@ fn verdict_name(v: u32) -> &'static str {
     match v {
         XDP_PASS => "pass",
         XDP_DROP => "drop",
+        XDP_TX => "answered (XDP_TX)",
         _ => "other",
     }
 }
@@ -228,6 +229,13 @@ pub fn per_packet(effort: Effort) -> Result<Vec<CostRow>> {
         "[protect]\nports = [8080]\n[limits.per_source]\nnew_connections = \"1/m\"\nnew_connections_burst = 1\n[ban]\nafter_drops = 0\n",
     )?;
 
+    // The default: SYNs are answered with cookies, and a segment that
+    // belongs to no connection must carry one.
+    let cookies = XdpHarness::new(&format!(
+        "{}[syn_cookies]\nenabled = true\n",
+        open_config(65536, 64)
+    ))?;
+
     let known = v4(10);
     open.run(&data(known)); // the first packet inserts the source
     let over = v4(11);
@@ -276,6 +284,18 @@ pub fn per_packet(effort: Effort) -> Result<Vec<CostRow>> {
             expect: XDP_DROP,
         },
     ];
+    cases.push(Case {
+        name: "SYN with syn_cookies on: answered with a cookie".into(),
+        harness: &cookies,
+        frame: syn(v4(20), PORT),
+        expect: XDP_TX,
+    });
+    cases.push(Case {
+        name: "segment of no connection with syn_cookies on (cookie check fails)".into(),
+        harness: &cookies,
+        frame: data(v4(21)),
+        expect: XDP_DROP,
+    });
     for (entries, h, source) in &deny_lists {
         cases.push(Case {
             name: format!("denied CIDR, {entries} in the deny list"),
