@@ -107,7 +107,8 @@ pub struct Installed<'a> {
 }
 
 impl Installed<'_> {
-    /// Packets the protection has dropped so far.
+    /// Flood packets the protection has stopped before the TCP stack so far:
+    /// dropped, or (wsguard with SYN cookies) answered from XDP.
     pub fn dropped(&self) -> Result<u64> {
         let ns = &self.lab.server.name;
         match self.contender {
@@ -135,7 +136,11 @@ impl Installed<'_> {
                     .state()?
                     .counters()?
                     .into_iter()
-                    .filter(|(reason, _)| reason.is_drop())
+                    // A SYN answered with a cookie from XDP is stopped
+                    // as surely as a dropped one: the TCP stack never sees it.
+                    .filter(|(reason, _)| {
+                        reason.is_drop() || *reason == wsguard_common::Reason::SynCookieSent
+                    })
                     .map(|(_, c)| c.packets)
                     .sum())
             }

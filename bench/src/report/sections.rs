@@ -133,10 +133,11 @@ pub(super) fn flood(r: &Results) -> String {
          ```sh\n{iptables}\n```\n\n```\n{nft}```\n\n```toml\n{wsguard}```\n\n\
          Columns, for the paced phases: the client's p50 and p99 round trip, and its p99 and messages \
          per second as a ratio to the same contender's no-attack phase of the same round; echoes that \
-         failed; flood packets dropped by the contender (of those sent); softirq CPU time during the \
+         failed; flood packets the contender stopped before the TCP stack (of those sent: dropped, or, \
+         for wsguard with its default SYN cookies, answered from XDP); softirq CPU time during the \
          phase (all cores, from `/proc/stat`, sampled at the scheduler tick; the client's own traffic \
          is in it too). For the full-speed phase, which runs without the client: the rate the sender \
-         reached, the packets dropped, and CPU time per flood packet: softirq (the receiving side's \
+         reached, the packets stopped, and CPU time per flood packet: softirq (the receiving side's \
          work) and all CPU time (the sender's system calls included).\n\n\
          Every phase floods from its own /24, so none inherits per-source state from another. The \
          dry-run row is wsguard attached with `[agent] dry_run = true`: it shows what attaching costs \
@@ -178,7 +179,7 @@ pub(super) fn flood(r: &Results) -> String {
             "msg/s",
             "msg/s × no attack",
             "failed echoes",
-            "flood dropped",
+            "flood stopped",
             "softirq ms",
         ]);
         for c in Contender::ALL {
@@ -207,10 +208,10 @@ pub(super) fn flood(r: &Results) -> String {
         "contender",
         "flood kpps",
         "× none",
-        "flood dropped",
+        "flood stopped",
         "softirq ns per packet",
         "all CPU ns per packet",
-        "softirq ns per drop",
+        "softirq ns per stopped packet",
     ]);
     for c in Contender::ALL {
         table.row([
@@ -344,13 +345,13 @@ pub(super) fn findings(r: &Results) -> String {
     let figures: [(Attack, &str, Metric, bool); 10] = [
         (
             Attack::SynFlood,
-            "% of the flood dropped",
+            "% of the flood stopped",
             share_dropped,
             false,
         ),
         (
             Attack::ByteFlood,
-            "% of the flood dropped",
+            "% of the flood stopped",
             share_dropped,
             false,
         ),
@@ -425,9 +426,11 @@ Why wsguard trails where it does (these hold for any run; the list above says wh
 
 - **Half-open connections.** `connlimit` and nftables' `ct count` count conntrack entries, which \
 include half-open connections (a SYN seen, no handshake completed), so under a SYN flood they reach \
-their 64 quickly and drop more SYNs than the rate limit alone would. wsguard's concurrency limit counts \
-established connections only (from sock_ops), so under the same flood only the rate limit drops, and a \
-larger share of the SYNs reaches the server (which answers them with SYN cookies).
+their 64 quickly and drop more SYNs than the rate limit alone would. wsguard (with its default SYN \
+cookies) answers every SYN from XDP and charges no budget until the cookie comes back, so none of a \
+spoofed flood reaches the server; with `syn_cookies` off, its concurrency limit counts established \
+connections only (from sock_ops), so only the rate limit drops and a larger share of the SYNs reaches \
+the server (which answers them with its own SYN cookies).
 - **UDP is not filtered.** wsguard limits TCP to the protected ports and lets UDP to those ports \
 through untouched (WebSocket runs over TCP). In the byte flood the UDP half reaches the kernel with every \
 contender configured here; an iptables or nftables rule could drop it, wsguard does not.
