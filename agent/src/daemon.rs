@@ -137,7 +137,7 @@ impl Daemon {
             pid: std::process::id(),
             config: std::fs::canonicalize(&config.file).unwrap_or_else(|_| config.file.clone()),
             config_loaded_at: agent_file::now_unix(),
-            interfaces: config.agent.interfaces.get_ref().clone(),
+            interfaces: config.interfaces.clone(),
             xdp_mode: config.agent.xdp_mode.to_string(),
             ..Default::default()
         };

@@ -1,7 +1,7 @@
 //! The policy the targets judge with: every check on, tickets required.
 
 use wsguard::handshake::{
-    MissingOrigin, NonUpgrade, OriginPattern, PathPattern, Policy, TicketPolicy,
+    AllowOrReject, OriginPattern, PathPattern, Policy, TicketPolicy,
 };
 
 pub const SECRET: &[u8] = b"a fuzzing secret that is long enough to use";
@@ -12,14 +12,14 @@ pub fn policy(max_request_bytes: usize) -> Policy {
             .iter()
             .map(|o| OriginPattern::parse(o).unwrap())
             .collect(),
-        missing_origin: MissingOrigin::Reject,
+        missing_origin: AllowOrReject::Reject,
         allowed_hosts: vec!["chat.example.com".into()],
         allowed_paths: ["/ws", "/live/*"]
             .iter()
             .map(|p| PathPattern::parse(p).unwrap())
             .collect(),
         max_request_bytes,
-        non_upgrade_requests: NonUpgrade::Reject,
+        non_upgrade_requests: AllowOrReject::Reject,
         ticket: Some(TicketPolicy {
             required: true,
             secret: SECRET.to_vec(),

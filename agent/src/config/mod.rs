@@ -61,12 +61,20 @@ impl std::error::Error for ConfigError {}
 #[derive(Clone, Debug)]
 pub struct Config {
     pub file: PathBuf,
+    /// The `[agent]` table; its `interfaces` are [`Config::interfaces`].
     pub agent: Agent,
+    /// The interfaces to protect (`agent.interfaces`).
+    pub interfaces: Vec<String>,
     pub ports: Vec<u16>,
     pub ipv4_prefix: u8,
     pub ipv6_prefix: u8,
-    pub limits: Limits,
-    pub ban: Ban,
+    /// As written, for the summary; the kernel reads them from `settings`.
+    pub(in crate::config) limits: Limits,
+    pub(in crate::config) ban: Ban,
+    /// How long rejections are counted towards a ban (`ban.window`).
+    pub ban_window: std::time::Duration,
+    /// How long a ban lasts (`ban.duration`).
+    pub ban_duration: std::time::Duration,
     pub allow: Vec<IpNet>,
     pub deny: Vec<IpNet>,
     pub max_sources: u32,
@@ -111,10 +119,7 @@ impl Config {
     pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
         let (old, new) = (self, new);
         [
-            (
-                "agent.interfaces",
-                old.agent.interfaces.get_ref() != new.agent.interfaces.get_ref(),
-            ),
+            ("agent.interfaces", old.interfaces != new.interfaces),
             ("agent.xdp_mode", old.agent.xdp_mode != new.agent.xdp_mode),
             ("agent.pin_path", old.agent.pin_path != new.agent.pin_path),
             ("agent.cgroup", old.agent.cgroup != new.agent.cgroup),

@@ -29,7 +29,7 @@ impl fmt::Display for XdpMode {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Agent {
-    pub interfaces: Spanned<Vec<String>>,
+    pub(in crate::config) interfaces: Spanned<Vec<String>>,
     #[serde(default)]
     pub xdp_mode: XdpMode,
     /// Where maps are pinned (a versioned directory is created below it).
@@ -63,64 +63,43 @@ pub struct Protect {
 }
 
 fn default_ipv4_prefix() -> Spanned<u8> {
-    Spanned::new(0..0, 32)
+    unplaced(32)
 }
 fn default_ipv6_prefix() -> Spanned<u8> {
-    Spanned::new(0..0, 64)
+    unplaced(64)
+}
+
+/// A default: a value with no place in the file.
+fn unplaced<T>(value: T) -> Spanned<T> {
+    Spanned::new(0..0, value)
+}
+
+fn per_second<Q>(amount: Q) -> Rate<Q> {
+    Rate::Per {
+        amount,
+        period: Period::Second,
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct SourceLimits {
-    #[serde(default = "d_source_connections")]
     pub new_connections: Spanned<ConnectionRate>,
-    #[serde(default = "d_source_connections_burst")]
     pub new_connections_burst: Spanned<u64>,
-    #[serde(default = "d_source_bytes")]
     pub bytes: Spanned<ByteRate>,
-    #[serde(default = "d_source_bytes_burst")]
     pub bytes_burst: Spanned<ByteSize>,
     /// 0 disables the limit.
-    #[serde(default = "d_concurrent")]
     pub concurrent_connections: u32,
-}
-
-fn d_source_connections() -> Spanned<ConnectionRate> {
-    Spanned::new(
-        0..0,
-        Rate::Per {
-            amount: Count(20),
-            period: Period::Second,
-        },
-    )
-}
-fn d_source_connections_burst() -> Spanned<u64> {
-    Spanned::new(0..0, 40)
-}
-fn d_source_bytes() -> Spanned<ByteRate> {
-    Spanned::new(
-        0..0,
-        Rate::Per {
-            amount: ByteSize(1 << 20),
-            period: Period::Second,
-        },
-    )
-}
-fn d_source_bytes_burst() -> Spanned<ByteSize> {
-    Spanned::new(0..0, ByteSize(4 << 20))
-}
-fn d_concurrent() -> u32 {
-    64
 }
 
 impl Default for SourceLimits {
     fn default() -> Self {
         SourceLimits {
-            new_connections: d_source_connections(),
-            new_connections_burst: d_source_connections_burst(),
-            bytes: d_source_bytes(),
-            bytes_burst: d_source_bytes_burst(),
-            concurrent_connections: d_concurrent(),
+            new_connections: unplaced(per_second(Count(20))),
+            new_connections_burst: unplaced(40),
+            bytes: unplaced(per_second(ByteSize(1 << 20))),
+            bytes_burst: unplaced(ByteSize(4 << 20)),
+            concurrent_connections: 64,
         }
     }
 }
@@ -128,287 +107,186 @@ impl Default for SourceLimits {
 /// Global limits. Bursts default to one second (or one minute, for "/m"
 /// rates) of the rate.
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct GlobalLimits {
-    #[serde(default = "d_global_connections")]
     pub new_connections: Spanned<ConnectionRate>,
-    #[serde(default)]
     pub new_connections_burst: Option<Spanned<u64>>,
-    #[serde(default = "d_global_bytes")]
     pub bytes: Spanned<ByteRate>,
-    #[serde(default)]
     pub bytes_burst: Option<Spanned<ByteSize>>,
-}
-
-fn d_global_connections() -> Spanned<ConnectionRate> {
-    Spanned::new(
-        0..0,
-        Rate::Per {
-            amount: Count(5000),
-            period: Period::Second,
-        },
-    )
-}
-fn d_global_bytes() -> Spanned<ByteRate> {
-    Spanned::new(
-        0..0,
-        Rate::Per {
-            amount: ByteSize(1 << 30),
-            period: Period::Second,
-        },
-    )
 }
 
 impl Default for GlobalLimits {
     fn default() -> Self {
         GlobalLimits {
-            new_connections: d_global_connections(),
+            new_connections: unplaced(per_second(Count(5000))),
             new_connections_burst: None,
-            bytes: d_global_bytes(),
+            bytes: unplaced(per_second(ByteSize(1 << 30))),
             bytes_burst: None,
         }
     }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Count what the limits (and the bans they earn) would drop; drop nothing for them.
-    #[serde(default)]
     pub dry_run: bool,
-    #[serde(default)]
     pub per_source: SourceLimits,
-    #[serde(default)]
     pub global: GlobalLimits,
 }
 
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Ban {
     /// Limit drops within `window` that earn a ban; 0 disables bans.
-    #[serde(default = "d_after_drops")]
     pub after_drops: u32,
-    #[serde(default = "d_window")]
-    pub window: Spanned<HumanDuration>,
-    #[serde(default = "d_duration")]
-    pub duration: Spanned<HumanDuration>,
-}
-
-fn d_after_drops() -> u32 {
-    200
-}
-fn d_window() -> Spanned<HumanDuration> {
-    Spanned::new(0..0, HumanDuration(std::time::Duration::from_secs(10)))
-}
-fn d_duration() -> Spanned<HumanDuration> {
-    Spanned::new(0..0, HumanDuration(std::time::Duration::from_secs(300)))
+    pub(in crate::config) window: Spanned<HumanDuration>,
+    pub(in crate::config) duration: Spanned<HumanDuration>,
 }
 
 impl Default for Ban {
     fn default() -> Self {
         Ban {
-            after_drops: d_after_drops(),
-            window: d_window(),
-            duration: d_duration(),
+            after_drops: 200,
+            window: unplaced(HumanDuration(std::time::Duration::from_secs(10))),
+            duration: unplaced(HumanDuration(std::time::Duration::from_secs(300))),
         }
     }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Lists {
     /// Count what the deny list would drop; drop nothing for it.
-    #[serde(default)]
     pub dry_run: bool,
-    #[serde(default)]
     pub allow: Vec<Spanned<String>>,
-    #[serde(default)]
     pub deny: Vec<Spanned<String>>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Tracking {
     /// Sources with live buckets (LRU beyond that).
-    #[serde(default = "d_max_sources")]
     pub max_sources: Spanned<u32>,
     /// Bans held at once.
-    #[serde(default = "d_max_bans")]
     pub max_bans: Spanned<u32>,
-}
-
-fn d_max_sources() -> Spanned<u32> {
-    Spanned::new(0..0, 1_000_000)
-}
-fn d_max_bans() -> Spanned<u32> {
-    Spanned::new(0..0, 100_000)
 }
 
 impl Default for Tracking {
     fn default() -> Self {
         Tracking {
-            max_sources: d_max_sources(),
-            max_bans: d_max_bans(),
+            max_sources: unplaced(1_000_000),
+            max_bans: unplaced(100_000),
         }
     }
 }
 
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Metrics {
     /// Address for Prometheus text exposition at /metrics; "" turns it off.
-    #[serde(default = "d_metrics_listen")]
     pub listen: Spanned<String>,
-}
-
-fn d_metrics_listen() -> Spanned<String> {
-    Spanned::new(0..0, "127.0.0.1:9464".to_string())
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
-            listen: d_metrics_listen(),
+            listen: unplaced("127.0.0.1:9464".to_string()),
         }
     }
 }
 
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Events {
     /// "stdout", or the path of a file to append JSON lines to.
-    #[serde(default = "d_events_output")]
     pub output: Spanned<String>,
-}
-
-fn d_events_output() -> Spanned<String> {
-    Spanned::new(0..0, "stdout".to_string())
 }
 
 impl Default for Events {
     fn default() -> Self {
         Events {
-            output: d_events_output(),
+            output: unplaced("stdout".to_string()),
         }
     }
 }
 
+/// `[handshake.ticket]` as written. `secret_file` has no default, so the
+/// other defaults are per key.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TicketKeys {
     #[serde(default)]
     pub required: bool,
     pub secret_file: Spanned<PathBuf>,
-    #[serde(default = "d_query_param")]
+    #[serde(default = "TicketKeys::default_query_param")]
     pub query_param: String,
-    #[serde(default = "d_max_age")]
+    #[serde(default = "TicketKeys::default_max_age")]
     pub max_age: Spanned<HumanDuration>,
-    #[serde(default = "d_true")]
+    #[serde(default = "TicketKeys::yes")]
     pub bind_to_source_ip: bool,
-    #[serde(default = "d_true")]
+    #[serde(default = "TicketKeys::yes")]
     pub single_use: bool,
-    #[serde(default = "d_replay_cache")]
+    #[serde(default = "TicketKeys::default_replay_cache")]
     pub replay_cache_size: Spanned<u32>,
 }
 
-fn d_replay_cache() -> Spanned<u32> {
-    Spanned::new(0..0, 100_000)
+impl TicketKeys {
+    fn default_query_param() -> String {
+        "ticket".into()
+    }
+    fn default_max_age() -> Spanned<HumanDuration> {
+        unplaced(HumanDuration(std::time::Duration::from_secs(60)))
+    }
+    fn yes() -> bool {
+        true
+    }
+    fn default_replay_cache() -> Spanned<u32> {
+        unplaced(100_000)
+    }
 }
 
-fn d_query_param() -> String {
-    "ticket".into()
-}
-fn d_max_age() -> Spanned<HumanDuration> {
-    Spanned::new(0..0, HumanDuration(std::time::Duration::from_secs(60)))
-}
-fn d_true() -> bool {
-    true
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AllowOrReject {
-    #[default]
-    Allow,
-    Reject,
-}
+pub use crate::handshake::AllowOrReject;
 
 /// `[handshake]` as written.
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct HandshakeKeys {
-    #[serde(default = "d_no_ports")]
     pub inspect_ports: Spanned<Vec<Spanned<i64>>>,
-    #[serde(default)]
     pub allowed_origins: Vec<Spanned<String>>,
-    #[serde(default = "d_reject")]
     pub missing_origin: AllowOrReject,
-    #[serde(default)]
     pub allowed_hosts: Vec<String>,
-    #[serde(default)]
     pub allowed_paths: Vec<Spanned<String>>,
-    #[serde(default = "d_max_request")]
     pub max_request_bytes: Spanned<ByteSize>,
-    #[serde(default = "d_deadline")]
     pub deadline: Spanned<HumanDuration>,
-    #[serde(default)]
     pub non_upgrade_requests: AllowOrReject,
-    #[serde(default = "d_failures")]
     pub failures_before_ban: u32,
-    #[serde(default)]
     pub dry_run: bool,
     /// Removed keys, kept only to say why they are refused.
-    #[serde(default)]
     pub verdict_timeout: Option<Spanned<toml::Value>>,
-    #[serde(default)]
     pub on_verdict_timeout: Option<Spanned<toml::Value>>,
-    #[serde(default = "d_max_pending")]
     pub max_pending: Spanned<u32>,
-    #[serde(default = "d_max_connections")]
     pub max_connections: Spanned<u32>,
-    #[serde(default)]
     pub ticket: Option<TicketKeys>,
-}
-
-fn d_no_ports() -> Spanned<Vec<Spanned<i64>>> {
-    Spanned::new(0..0, vec![])
-}
-fn d_reject() -> AllowOrReject {
-    AllowOrReject::Reject
-}
-fn d_max_request() -> Spanned<ByteSize> {
-    Spanned::new(0..0, ByteSize(8192))
-}
-fn d_deadline() -> Spanned<HumanDuration> {
-    Spanned::new(0..0, HumanDuration(std::time::Duration::from_secs(5)))
-}
-fn d_failures() -> u32 {
-    5
-}
-fn d_max_pending() -> Spanned<u32> {
-    Spanned::new(0..0, 4096)
-}
-fn d_max_connections() -> Spanned<u32> {
-    Spanned::new(0..0, 65536)
 }
 
 impl Default for HandshakeKeys {
     fn default() -> Self {
         HandshakeKeys {
-            inspect_ports: Spanned::new(0..0, vec![]),
+            inspect_ports: unplaced(vec![]),
             allowed_origins: vec![],
-            missing_origin: d_reject(),
+            missing_origin: AllowOrReject::Reject,
             allowed_hosts: vec![],
             allowed_paths: vec![],
-            max_request_bytes: d_max_request(),
-            deadline: d_deadline(),
+            max_request_bytes: unplaced(ByteSize(8192)),
+            deadline: unplaced(HumanDuration(std::time::Duration::from_secs(5))),
             non_upgrade_requests: AllowOrReject::Allow,
-            failures_before_ban: d_failures(),
+            failures_before_ban: 5,
             dry_run: false,
             verdict_timeout: None,
             on_verdict_timeout: None,
-            max_pending: d_max_pending(),
-            max_connections: d_max_connections(),
+            max_pending: unplaced(4096),
+            max_connections: unplaced(65536),
             ticket: None,
         }
     }
@@ -440,10 +318,9 @@ pub enum EventsOutput {
 /// `[syn_cookies]`: answer SYNs to protected ports from XDP with a SYN
 /// cookie, so that only sources that prove they are real get state.
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct SynCookies {
     /// On by default: a spoofed SYN then costs one SYN-ACK and nothing else.
-    #[serde(default = "d_true")]
     pub enabled: bool,
 }
 
@@ -476,3 +353,34 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) syn_cookies: SynCookies,
 }
+
+/// A rule family that its table's `dry_run` key puts in dry run on its own.
+pub struct DryRunFamily {
+    /// The kernel's bit for it (`Settings::DRY_RUN_*`).
+    pub bit: u32,
+    /// How `check-config` and the agent's summary name it.
+    pub name: &'static str,
+    /// Whether the file as written puts it in dry run.
+    pub(super) on: fn(&RawConfig) -> bool,
+}
+
+/// Every family with its own `dry_run` key: the settings the kernel reads
+/// and the summary are both made from this table (`agent.dry_run` covers
+/// them all).
+pub const DRY_RUN_FAMILIES: [DryRunFamily; 3] = [
+    DryRunFamily {
+        bit: Settings::DRY_RUN_LIMITS,
+        name: "limits and bans",
+        on: |raw| raw.limits.dry_run,
+    },
+    DryRunFamily {
+        bit: Settings::DRY_RUN_LISTS,
+        name: "deny list",
+        on: |raw| raw.lists.dry_run,
+    },
+    DryRunFamily {
+        bit: Settings::DRY_RUN_HANDSHAKE,
+        name: "handshake verdicts",
+        on: |raw| raw.handshake.dry_run,
+    },
+];

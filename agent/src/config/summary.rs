@@ -112,15 +112,11 @@ impl Config {
         } else if dry == Settings::DRY_RUN_ALL {
             "dry run: everything counted as would-drop, nothing dropped".to_string()
         } else {
-            let families: Vec<&str> = [
-                (Settings::DRY_RUN_LIMITS, "limits and bans"),
-                (Settings::DRY_RUN_LISTS, "deny list"),
-                (Settings::DRY_RUN_HANDSHAKE, "handshake verdicts"),
-            ]
-            .iter()
-            .filter(|(bit, _)| dry & bit != 0)
-            .map(|(_, name)| *name)
-            .collect();
+            let families: Vec<&str> = DRY_RUN_FAMILIES
+                .iter()
+                .filter(|family| dry & family.bit != 0)
+                .map(|family| family.name)
+                .collect();
             format!(
                 "dry run for {} (counted as would-drop), enforcing the rest",
                 families.join(" and ")

@@ -15,6 +15,14 @@ fn at<T>(value: &Spanned<T>, reason: impl Into<String>) -> Invalid {
 }
 
 pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
+    let dry_run = if raw.agent.dry_run {
+        Settings::DRY_RUN_ALL
+    } else {
+        DRY_RUN_FAMILIES
+            .iter()
+            .filter(|family| (family.on)(&raw))
+            .fold(0, |bits, family| bits | family.bit)
+    };
     let RawConfig {
         agent,
         protect,
@@ -166,28 +174,15 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
         global_connections,
         global_bytes,
         ban_after_drops: ban.after_drops,
-        dry_run: if agent.dry_run {
-            Settings::DRY_RUN_ALL
-        } else {
-            (if limits.dry_run {
-                Settings::DRY_RUN_LIMITS
-            } else {
-                0
-            }) | (if lists.dry_run {
-                Settings::DRY_RUN_LISTS
-            } else {
-                0
-            }) | (if handshake.dry_run {
-                Settings::DRY_RUN_HANDSHAKE
-            } else {
-                0
-            })
-        },
+        dry_run,
         ban_window_ns: ban.window.get_ref().nanos(),
         ban_duration_ns: ban.duration.get_ref().nanos(),
     };
     Ok(Config {
         file: file.to_owned(),
+        interfaces: agent.interfaces.get_ref().clone(),
+        ban_window: ban.window.get_ref().0,
+        ban_duration: ban.duration.get_ref().0,
         agent,
         ports,
         ipv4_prefix,
@@ -207,9 +202,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
 }
 
 fn validate_handshake(keys: HandshakeKeys, protected: &[u16]) -> Result<HandshakeConfig, Invalid> {
-    use crate::handshake::{
-        MissingOrigin, NonUpgrade, OriginPattern, PathPattern, Policy, TicketPolicy, ticket,
-    };
+    use crate::handshake::{OriginPattern, PathPattern, Policy, TicketPolicy, ticket};
     let mut ports = Vec::new();
     for port in keys.inspect_ports.get_ref() {
         let n = *port.get_ref();
@@ -323,10 +316,7 @@ fn validate_handshake(keys: HandshakeKeys, protected: &[u16]) -> Result<Handshak
         ports,
         policy: Policy {
             allowed_origins,
-            missing_origin: match keys.missing_origin {
-                AllowOrReject::Allow => MissingOrigin::Allow,
-                AllowOrReject::Reject => MissingOrigin::Reject,
-            },
+            missing_origin: keys.missing_origin,
             allowed_hosts: keys
                 .allowed_hosts
                 .iter()
@@ -334,10 +324,7 @@ fn validate_handshake(keys: HandshakeKeys, protected: &[u16]) -> Result<Handshak
                 .collect(),
             allowed_paths,
             max_request_bytes: max_request as usize,
-            non_upgrade_requests: match keys.non_upgrade_requests {
-                AllowOrReject::Allow => NonUpgrade::Allow,
-                AllowOrReject::Reject => NonUpgrade::Reject,
-            },
+            non_upgrade_requests: keys.non_upgrade_requests,
             ticket,
         },
         deadline: keys.deadline.get_ref().0,

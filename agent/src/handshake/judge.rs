@@ -110,14 +110,12 @@ pub enum Verdict {
     Reject(Rejection),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MissingOrigin {
-    Reject,
-    Allow,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NonUpgrade {
+/// What a policy does with a request of a kind (one without `Origin`, or
+/// one that is not an upgrade): let it through or reject it. Read straight
+/// from the config (`"allow"` or `"reject"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllowOrReject {
     Allow,
     Reject,
 }
@@ -260,13 +258,13 @@ pub struct TicketPolicy {
 #[derive(Clone, Debug)]
 pub struct Policy {
     pub allowed_origins: Vec<OriginPattern>,
-    pub missing_origin: MissingOrigin,
+    pub missing_origin: AllowOrReject,
     /// Empty: any host.
     pub allowed_hosts: Vec<String>,
     /// Empty: any path.
     pub allowed_paths: Vec<PathPattern>,
     pub max_request_bytes: usize,
-    pub non_upgrade_requests: NonUpgrade,
+    pub non_upgrade_requests: AllowOrReject,
     pub ticket: Option<TicketPolicy>,
 }
 
@@ -571,7 +569,7 @@ pub fn judge_request(policy: &Policy, bytes: &[u8], source: IpAddr, now: u64) ->
     };
 
     if !looks_like_upgrade {
-        if policy.non_upgrade_requests == NonUpgrade::Reject {
+        if policy.non_upgrade_requests == AllowOrReject::Reject {
             return Judgement::Reject(Rejection::NotAnUpgrade);
         }
         return Judgement::PlainHttp {
@@ -618,7 +616,7 @@ pub fn judge_request(policy: &Policy, bytes: &[u8], source: IpAddr, now: u64) ->
         return Judgement::Reject(Rejection::BadPath);
     }
     match header(&request, "Origin") {
-        None if policy.missing_origin == MissingOrigin::Reject => {
+        None if policy.missing_origin == AllowOrReject::Reject => {
             return Judgement::Reject(Rejection::MissingOrigin);
         }
         Some(origin) if !policy.allowed_origins.iter().any(|p| p.matches(origin)) => {

@@ -10,6 +10,6 @@ pub mod streams;
 pub mod ticket;
 
 pub use judge::{
-    Judgement, MissingOrigin, NonUpgrade, OriginPattern, PathPattern, Policy, Rejection,
-    TicketPolicy, Verdict, judge, judge_request,
+    AllowOrReject, Judgement, OriginPattern, PathPattern, Policy, Rejection, TicketPolicy, Verdict,
+    judge, judge_request,
 };

@@ -409,7 +409,7 @@ impl Inspection {
             .config
             .settings
             .tracking_key(&SourceKey::from(client.ip()));
-        let window = cx.config.ban.window.get_ref().0;
+        let window = cx.config.ban_window;
         if !self.failures.add(
             source,
             window,
@@ -418,7 +418,7 @@ impl Inspection {
         ) {
             return;
         }
-        let duration = cx.config.ban.duration.get_ref().0;
+        let duration = cx.config.ban_duration;
         if !dry_run {
             if let Err(e) = cx
                 .kernel

@@ -92,9 +92,7 @@ impl Kernel {
         }
         let tcp = system::TcpSysctls::read();
         let mtu = config
-            .agent
             .interfaces
-            .get_ref()
             .iter()
             .map(|i| system::interface_mtu(i))
             .min()

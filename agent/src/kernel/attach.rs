@@ -129,7 +129,7 @@ impl Kernel {
             .context("attaching needs a pin directory")?;
         let mut takeover = Takeover::default();
         let mut wanted = Vec::new();
-        for interface in config.agent.interfaces.get_ref() {
+        for interface in &config.interfaces {
             let mode = attach_mode(interface, config);
             if self.attach_interface(interface, mode, config.agent.xdp_mode, &dir, pin)? {
                 takeover.interfaces.push(interface.clone());
@@ -283,7 +283,7 @@ impl Kernel {
             .clone()
             .context("attaching needs a pin directory")?;
         let mut done = Vec::new();
-        for interface in config.agent.interfaces.get_ref() {
+        for interface in &config.interfaces {
             let now = ifindex(interface);
             if now == 0 || self.ifindex.get(interface) == Some(&now) {
                 continue;
@@ -308,9 +308,7 @@ impl Kernel {
     /// Configured interfaces that do not exist now.
     pub fn missing_interfaces(config: &Config) -> Vec<String> {
         config
-            .agent
             .interfaces
-            .get_ref()
             .iter()
             .filter(|i| ifindex(i) == 0)
             .cloned()

@@ -10,14 +10,14 @@ fn policy() -> Policy {
             .iter()
             .map(|o| OriginPattern::parse(o).unwrap())
             .collect(),
-        missing_origin: MissingOrigin::Reject,
+        missing_origin: AllowOrReject::Reject,
         allowed_hosts: vec![],
         allowed_paths: ["/ws", "/live/*"]
             .iter()
             .map(|p| PathPattern::parse(p).unwrap())
             .collect(),
         max_request_bytes: 8192,
-        non_upgrade_requests: NonUpgrade::Allow,
+        non_upgrade_requests: AllowOrReject::Allow,
         ticket: None,
     }
 }
@@ -88,7 +88,7 @@ fn origins_match_exactly_or_by_subdomain_never_by_suffix() {
         Verdict::Reject(Rejection::MissingOrigin)
     );
     let allow_missing = Policy {
-        missing_origin: MissingOrigin::Allow,
+        missing_origin: AllowOrReject::Allow,
         ..policy()
     };
     assert_eq!(judged(&allow_missing, "/ws", &[]), Verdict::Accept);
@@ -147,7 +147,7 @@ fn the_rfc_6455_request_checks() {
         Verdict::AcceptPlainHttp
     );
     let strict = Policy {
-        non_upgrade_requests: NonUpgrade::Reject,
+        non_upgrade_requests: AllowOrReject::Reject,
         ..policy()
     };
     assert_eq!(

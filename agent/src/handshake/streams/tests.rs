@@ -1,7 +1,7 @@
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::handshake::{MissingOrigin, NonUpgrade, OriginPattern, TicketPolicy, ticket};
+use crate::handshake::{AllowOrReject, OriginPattern, TicketPolicy, ticket};
 
 const SECRET: &[u8] = b"a test secret that is long enough to use";
 const NOW: u64 = 1_800_000_000;
@@ -10,11 +10,11 @@ fn settings(max_pending: u32, single_use: bool) -> Settings {
     Settings {
         policy: Policy {
             allowed_origins: vec![OriginPattern::parse("https://app.example.com").unwrap()],
-            missing_origin: MissingOrigin::Reject,
+            missing_origin: AllowOrReject::Reject,
             allowed_hosts: vec![],
             allowed_paths: vec![],
             max_request_bytes: 1024,
-            non_upgrade_requests: NonUpgrade::Allow,
+            non_upgrade_requests: AllowOrReject::Allow,
             ticket: Some(TicketPolicy {
                 required: true,
                 secret: SECRET.to_vec(),
