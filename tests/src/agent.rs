@@ -16,14 +16,12 @@ use wsguard_common::{Counter, Reason};
 
 use crate::{Lab, lab::enter_netns, wait_until};
 
-/// Path of the binary under test: `cargo xtask test` passes it in
-/// WSGUARD_BIN; otherwise the release build in this workspace.
+/// Path of the binary under test, which `cargo xtask test` (and bench)
+/// build and pass in WSGUARD_BIN: never whatever build happens to lie around.
 pub fn binary() -> PathBuf {
-    std::env::var_os("WSGUARD_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/wsguard")
-        })
+    std::env::var_os("WSGUARD_BIN").map(PathBuf::from).expect(
+        "WSGUARD_BIN names the wsguard binary under test: run these through `cargo xtask test`",
+    )
 }
 
 enum Launch {
