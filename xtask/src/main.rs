@@ -246,6 +246,8 @@ fn fuzz(root: &Path, target: &str, seconds: u64) -> Result<()> {
 /// binary (namespace tests, run one at a time).
 struct TestBinary {
     path: PathBuf,
+    /// Its package's folder, the working directory `cargo test` gives it.
+    package_dir: PathBuf,
     integration: bool,
 }
 
@@ -274,8 +276,10 @@ fn test_binaries(root: &Path) -> Result<Vec<TestBinary>> {
         let is_test =
             message["reason"] == "compiler-artifact" && message["profile"]["test"] == true;
         if let (true, Some(path)) = (is_test, message["executable"].as_str()) {
+            let manifest = PathBuf::from(message["manifest_path"].as_str().unwrap_or_default());
             binaries.push(TestBinary {
                 path: PathBuf::from(path),
+                package_dir: manifest.parent().unwrap_or(root).to_path_buf(),
                 integration: message["target"]["name"] == "integration",
             });
         }
@@ -297,6 +301,7 @@ struct Outcome {
 /// unless libtest's own "failures:" list says which.
 fn run_test_binary(test: &TestBinary, wsguard: &Path, args: &[String]) -> Result<Outcome> {
     let listed = Command::new(&test.path)
+        .current_dir(&test.package_dir)
         .args(["--list", "--format", "terse"])
         .args(args)
         .output()
@@ -313,6 +318,7 @@ fn run_test_binary(test: &TestBinary, wsguard: &Path, args: &[String]) -> Result
     }
     eprintln!("xtask: running {} ({count} tests)", test.path.display());
     let mut command = Command::new(&test.path);
+    command.current_dir(&test.package_dir);
     if test.integration {
         command.arg("--test-threads=1");
     }
