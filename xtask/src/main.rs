@@ -111,11 +111,12 @@ fn run(cli: Cli) -> Result<()> {
             let binary = build(&root)?;
             require_root("cargo xtask test")?;
             prerequisites::ensure_test_tools()?;
-            let (mut passed, mut failed) = (0u64, 0u64);
+            let (mut passed, mut failed, mut failures) = (0u64, 0u64, Vec::<String>::new());
             for test_binary in test_binaries(&root)? {
                 let outcome = run_test_binary(&test_binary, &binary, &args)?;
                 passed += outcome.passed;
                 failed += outcome.failed;
+                failures.extend(outcome.failures);
             }
             // The fuzz targets, each for a bounded time, count as tests too.
             let seconds = std::env::var("WSGUARD_FUZZ_SECONDS")
@@ -124,13 +125,18 @@ fn run(cli: Cli) -> Result<()> {
                 .unwrap_or(TEST_FUZZ_SECONDS);
             prerequisites::ensure_cargo_fuzz()?;
             for target in FUZZ_TARGETS {
-                match fuzz(&root, target, seconds) {
+                match fuzz(&root, target, seconds, FuzzOutput::LogFile) {
                     Ok(()) => passed += 1,
                     Err(e) => {
                         eprintln!("xtask: fuzz target {target} failed: {e:#}");
                         failed += 1;
+                        failures.push(format!("fuzz target {target}"));
                     }
                 }
+            }
+            // The names again at the very end, where a CI log's tail shows them.
+            for failure in &failures {
+                println!("failed: {failure}");
             }
             println!("tests: {passed} passed, {failed} failed");
             if failed > 0 {
@@ -161,7 +167,7 @@ fn run(cli: Cli) -> Result<()> {
                 None => FUZZ_TARGETS.to_vec(),
             };
             for target in targets {
-                fuzz(&root, target, seconds)?;
+                fuzz(&root, target, seconds, FuzzOutput::Terminal)?;
             }
         }
     }
@@ -209,12 +215,35 @@ fn lint(root: &Path) -> Result<()> {
 
 /// Runs one fuzz target for `seconds`, starting from its committed corpus
 /// (new inputs go to a scratch directory, so the tree stays as it is).
-fn fuzz(root: &Path, target: &str, seconds: u64) -> Result<()> {
+/// Where libFuzzer's progress lines go: to the terminal for `cargo xtask
+/// fuzz`, to a log file under `target/fuzz-logs/` for `cargo xtask test`
+/// (thousands of lines that would bury the test summary; the tail is
+/// printed when a target fails).
+#[derive(Clone, Copy, PartialEq)]
+enum FuzzOutput {
+    Terminal,
+    LogFile,
+}
+
+fn fuzz(root: &Path, target: &str, seconds: u64, output: FuzzOutput) -> Result<()> {
     let scratch =
         std::env::temp_dir().join(format!("wsguard-fuzz-{target}-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
-    eprintln!("xtask: fuzzing {target} for {seconds} s");
-    let status = Command::new("cargo")
+    let log_path = root.join("target/fuzz-logs").join(format!("{target}.log"));
+    let mut command = Command::new("cargo");
+    if output == FuzzOutput::LogFile {
+        std::fs::create_dir_all(log_path.parent().expect("has a parent"))?;
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("cannot create {}", log_path.display()))?;
+        command.stdout(log.try_clone()?).stderr(log);
+        eprintln!(
+            "xtask: fuzzing {target} for {seconds} s (output in {})",
+            log_path.display()
+        );
+    } else {
+        eprintln!("xtask: fuzzing {target} for {seconds} s");
+    }
+    let status = command
         .current_dir(root)
         .args([
             "+nightly",
@@ -236,6 +265,13 @@ fn fuzz(root: &Path, target: &str, seconds: u64) -> Result<()> {
         .status()
         .context("cannot run cargo fuzz")?;
     let _ = std::fs::remove_dir_all(&scratch);
+    if !status.success() && output == FuzzOutput::LogFile {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        for line in &lines[lines.len().saturating_sub(60)..] {
+            eprintln!("{line}");
+        }
+    }
     if !status.success() {
         bail!("{target}: {status} (the crashing input is under fuzz/artifacts/{target})");
     }
@@ -293,6 +329,8 @@ fn test_binaries(root: &Path) -> Result<Vec<TestBinary>> {
 struct Outcome {
     passed: u64,
     failed: u64,
+    /// The failed tests' names (the binary's name when libtest named none).
+    failures: Vec<String>,
 }
 
 /// Runs one test executable against the wsguard binary just built (passed
@@ -314,6 +352,7 @@ fn run_test_binary(test: &TestBinary, wsguard: &Path, args: &[String]) -> Result
         return Ok(Outcome {
             passed: 0,
             failed: 0,
+            failures: Vec::new(),
         });
     }
     eprintln!("xtask: running {} ({count} tests)", test.path.display());
@@ -340,16 +379,26 @@ fn run_test_binary(test: &TestBinary, wsguard: &Path, args: &[String]) -> Result
         return Ok(Outcome {
             passed: count,
             failed: 0,
+            failures: Vec::new(),
         });
     }
-    let failed = text
+    let mut failures: Vec<String> = text
         .lines()
-        .filter(|l| l.starts_with("test ") && l.ends_with(" ... FAILED"))
-        .count() as u64;
-    let failed = if failed == 0 { count } else { failed };
+        .filter_map(|l| l.strip_prefix("test ")?.strip_suffix(" ... FAILED"))
+        .map(str::to_string)
+        .collect();
+    let failed = if failures.is_empty() {
+        // It died without naming a test (a crash, a panic outside a test):
+        // every listed test counts as failed.
+        failures.push(format!("{} (all {count} tests)", test.path.display()));
+        count
+    } else {
+        failures.len() as u64
+    };
     Ok(Outcome {
         passed: count.saturating_sub(failed),
         failed,
+        failures,
     })
 }
 
