@@ -13,8 +13,8 @@ pub mod source;
 pub use bucket::{BucketParams, TokenBucket};
 pub use counters::{Counter, Reason};
 pub use maps::{
-    Ban, Event, HandshakeSettings, ListEntry, LpmKey, RecordHeader, Release, Settings, SourceState,
-    Stream, StreamPeers,
+    Ban, Event, HandshakeSettings, ListEntry, LpmKey, PortSet, RecordHeader, Release, Settings,
+    SourceState, Stream, StreamPeers,
 };
 pub use source::SourceKey;
 

@@ -5,7 +5,8 @@ use crate::{BucketParams, SourceKey, TokenBucket, assert_size};
 /// Names of the maps, as declared by the kernel programs.
 pub mod names {
     pub const SETTINGS: &str = "WSG_SETTINGS";
-    pub const PORTS: &str = "WSG_PORTS";
+    /// What lets the XDP program skip a lookup (see [`super::shortcuts`]).
+    pub const SHORTCUTS: &str = "WSG_SHORTCUTS";
     pub const ALLOW: &str = "WSG_ALLOW";
     pub const DENY: &str = "WSG_DENY";
     pub const SOURCES: &str = "WSG_SOURCES";
@@ -14,7 +15,6 @@ pub mod names {
     pub const GLOBAL: &str = "WSG_GLOBAL";
     pub const COUNTERS: &str = "WSG_COUNTERS";
     pub const EVENTS: &str = "WSG_EVENTS";
-    pub const INSPECT: &str = "WSG_INSPECT";
     pub const HANDSHAKE: &str = "WSG_HANDSHAKE";
     /// Sockets of inspected connections (SOCKHASH by cookie).
     pub const INSPECTED: &str = "WSG_INSPECTED";
@@ -54,8 +54,25 @@ pub mod programs {
     pub const FLOOR: &str = "wsguard_floor";
 }
 
-/// Entries in the port array: one per TCP port, non-zero when protected.
-pub const PORT_SLOTS: u32 = 65536;
+/// Slots of `WSG_SHORTCUTS`, one `u64` each, written by user space (the
+/// agent and the CLI) and read by the XDP program to skip lookups that
+/// cannot match. Each slot is written on its own, so two writers never
+/// overwrite each other's slot.
+pub mod shortcuts {
+    /// Non-zero while the allow list may hold an entry: 0 lets the program
+    /// skip the allow trie. Set after every insert; cleared only by a
+    /// writer that found the list empty, which then looks again and sets
+    /// it back if an entry arrived meanwhile.
+    pub const ALLOW_USED: u32 = 0;
+    /// The same for the deny list.
+    pub const DENY_USED: u32 = 1;
+    /// Changed after every ban user space writes (a ban the kernel writes
+    /// itself resets the banned source's own cache). A source entry whose
+    /// `unbanned_at_epoch` equals it had no ban at that epoch, so its ban
+    /// lookup is skipped; 0 turns the shortcut off.
+    pub const BAN_EPOCH: u32 = 2;
+    pub const SLOTS: u32 = 3;
+}
 /// Capacity of each CIDR list (LPM tries allocate per entry, so a large bound
 /// costs nothing until used).
 pub const LIST_CAPACITY: u32 = 1 << 20;
@@ -89,8 +106,57 @@ impl ListEntry {
 /// (IPv4 prefixes are offset by 96 bits into `::ffff:0:0/96`).
 pub type LpmKey = [u8; 16];
 
+/// A set of TCP ports, one bit each: a membership test is one load.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct PortSet {
+    pub bits: [u64; 1024],
+}
+assert_size!(PortSet, 8192);
+
+impl PortSet {
+    pub const EMPTY: PortSet = PortSet { bits: [0; 1024] };
+
+    #[inline(always)]
+    pub fn contains(&self, port: u16) -> bool {
+        // port >> 6 < 1024: no bounds check survives.
+        (self.bits[(port >> 6) as usize] >> (port & 63)) & 1 != 0
+    }
+
+    pub fn insert(&mut self, port: u16) {
+        self.bits[(port >> 6) as usize] |= 1 << (port & 63);
+    }
+
+    pub fn of(ports: impl IntoIterator<Item = u16>) -> PortSet {
+        let mut set = PortSet::EMPTY;
+        for port in ports {
+            set.insert(port);
+        }
+        set
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bits.iter().all(|w| *w == 0)
+    }
+}
+
+impl Default for PortSet {
+    fn default() -> PortSet {
+        PortSet::EMPTY
+    }
+}
+
+impl core::fmt::Debug for PortSet {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_set()
+            .entries((0..=u16::MAX).filter(|p| self.contains(*p)))
+            .finish()
+    }
+}
+
 /// Everything the kernel programs need from the configuration, in one array
-/// slot that user space rewrites on (re)load.
+/// slot that user space rewrites on (re)load: the XDP program reads it once
+/// per packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Settings {
@@ -99,9 +165,10 @@ pub struct Settings {
     pub enabled: u32,
     /// Concurrent established connections allowed per source; 0 = no limit.
     pub max_concurrent: u32,
-    /// Masks applied to a source address before it is used as a key.
-    pub ipv4_mask: [u8; 16],
-    pub ipv6_mask: [u8; 16],
+    /// Masks applied to a source address before it is used as a key (the
+    /// 16 bytes as two native-order words, see `source::prefix_mask`).
+    pub ipv4_mask: [u64; 2],
+    pub ipv6_mask: [u64; 2],
     pub source_connections: BucketParams,
     pub source_bytes: BucketParams,
     pub global_connections: BucketParams,
@@ -113,8 +180,16 @@ pub struct Settings {
     pub dry_run: u32,
     pub ban_window_ns: u64,
     pub ban_duration_ns: u64,
+    /// Non-zero when SYN cookies are on (the key and options are in
+    /// `WSG_SYN_COOKIES`, which the cookie programs read).
+    pub syn_cookies: u32,
+    pub _pad: u32,
+    /// The protected ports (`protect.ports`).
+    pub protected_ports: PortSet,
+    /// The ports whose handshakes are inspected (`handshake.ports`).
+    pub inspected_ports: PortSet,
 }
-assert_size!(Settings, 8 + 32 + 4 * 32 + 8 + 16);
+assert_size!(Settings, 8 + 32 + 4 * 32 + 8 + 16 + 8 + 2 * 8192);
 
 impl Settings {
     /// Limits, concurrency, and the bans they earn.
@@ -171,8 +246,12 @@ pub struct SourceState {
     pub drops_connection_rate: u64,
     pub drops_byte_rate: u64,
     pub drops_concurrency: u64,
+    /// The ban epoch (`WSG_SHORTCUTS`) at which the ban map last had no
+    /// ban for this source: while the epoch is unchanged, the XDP program
+    /// skips the ban lookup. 0 = not checked yet.
+    pub unbanned_at_epoch: u64,
 }
-assert_size!(SourceState, 88);
+assert_size!(SourceState, 96);
 
 /// An active ban. Expiry is enforced by the kernel on lookup.
 #[repr(C)]
@@ -325,7 +404,7 @@ assert_size!(GlobalState, 32);
 
 /// Version of the map layout above; pins live under `<pin_path>/v<LAYOUT_VERSION>`
 /// so that a new layout never reads maps pinned by an older one.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Per-CPU scratch space the kernel programs alone use (a record being
 /// assembled, a TCP option walk); user space never opens these.
@@ -375,11 +454,11 @@ const SOURCE_KEY: usize = size_of::<crate::SourceKey>();
 
 /// Every map of the kernel programs. The agent sizes and checks pins with
 /// it; a test compares it with the compiled object.
-pub const MAP_FACTS: [MapFact; 21] = {
+pub const MAP_FACTS: [MapFact; 20] = {
     use Capacity::*;
     [
         fact(names::SETTINGS, 4, size_of::<Settings>(), Fixed(1)),
-        fact(names::PORTS, 4, 1, Fixed(PORT_SLOTS)),
+        fact(names::SHORTCUTS, 4, 8, Fixed(shortcuts::SLOTS)),
         fact(
             names::ALLOW,
             LPM_KEY,
@@ -408,7 +487,6 @@ pub const MAP_FACTS: [MapFact; 21] = {
             Fixed(crate::counters::COUNTER_SLOTS),
         ),
         fact(names::EVENTS, 0, 0, Fixed(EVENTS_BYTES)),
-        fact(names::INSPECT, 4, 1, Fixed(PORT_SLOTS)),
         fact(names::INSPECTED, 8, 4, Inspected),
         fact(names::STREAMS, 8, size_of::<Stream>(), Inspected),
         fact(names::RELEASES, 8, size_of::<Release>(), Inspected),

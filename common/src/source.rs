@@ -13,25 +13,55 @@ pub const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff
 pub const V4_MAPPED_BITS: u32 = 96;
 
 /// A source address after aggregation to the configured prefix.
-#[repr(C)]
+///
+/// Aligned to 8 bytes so that the kernel programs build, mask and compare
+/// keys with two 64-bit words instead of sixteen single bytes (the
+/// per-packet path builds one for every protected segment).
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SourceKey {
     pub addr: [u8; 16],
 }
 assert_size!(SourceKey, 16);
 
+/// The second word of an IPv4-mapped key without its address: bytes
+/// 10 and 11 are 0xff (`::ffff:0:0`).
+const V4_MAPPED_LOW: u64 = u64::from_ne_bytes([0, 0, 0xff, 0xff, 0, 0, 0, 0]);
+/// Where the four address bytes sit in the second word.
+const V4_ADDRESS_SHIFT: u32 = if cfg!(target_endian = "little") {
+    32
+} else {
+    0
+};
+
 impl SourceKey {
+    /// The key of two native-order words (bytes 0–7 and 8–15).
+    #[inline(always)]
+    pub fn from_words(words: [u64; 2]) -> SourceKey {
+        // SAFETY: [u64; 2] and [u8; 16] have the same size, any bits are valid.
+        SourceKey {
+            addr: unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(words) },
+        }
+    }
+
+    /// Bytes 0–7 and 8–15 as native-order words.
+    #[inline(always)]
+    pub fn words(&self) -> [u64; 2] {
+        // SAFETY: as in from_words; the key is 8-byte aligned.
+        unsafe { core::mem::transmute::<[u8; 16], [u64; 2]>(self.addr) }
+    }
+
     /// The full (unmasked) key of an IPv4 address, in network byte order.
     #[inline(always)]
     pub fn from_v4(octets: [u8; 4]) -> SourceKey {
-        let mut addr = [0u8; 16];
-        addr[10] = 0xff;
-        addr[11] = 0xff;
-        addr[12] = octets[0];
-        addr[13] = octets[1];
-        addr[14] = octets[2];
-        addr[15] = octets[3];
-        SourceKey { addr }
+        SourceKey::from_v4_word(u32::from_ne_bytes(octets))
+    }
+
+    /// As [`SourceKey::from_v4`], from the address as one native-order
+    /// word read straight from the header (its bytes in network order).
+    #[inline(always)]
+    pub fn from_v4_word(address: u32) -> SourceKey {
+        SourceKey::from_words([0, V4_MAPPED_LOW | (u64::from(address) << V4_ADDRESS_SHIFT)])
     }
 
     #[inline(always)]
@@ -42,35 +72,16 @@ impl SourceKey {
     /// True for IPv4 (IPv4-mapped) keys.
     #[inline(always)]
     pub fn is_v4(&self) -> bool {
-        u64::from_ne_bytes([
-            self.addr[0],
-            self.addr[1],
-            self.addr[2],
-            self.addr[3],
-            self.addr[4],
-            self.addr[5],
-            self.addr[6],
-            self.addr[7],
-        ]) == 0
-            && self.addr[8] == 0
-            && self.addr[9] == 0
-            && self.addr[10] == 0xff
-            && self.addr[11] == 0xff
+        let [high, low] = self.words();
+        let mapped_mask = !(u64::from(u32::MAX) << V4_ADDRESS_SHIFT);
+        high == 0 && low & mapped_mask == V4_MAPPED_LOW
     }
 
     /// Applies a 16-byte mask (see [`prefix_mask`]).
     #[inline(always)]
-    pub fn masked(&self, mask: &[u8; 16]) -> SourceKey {
-        let (a_hi, a_lo) = split(&self.addr);
-        let (m_hi, m_lo) = split(mask);
-        let hi = (a_hi & m_hi).to_ne_bytes();
-        let lo = (a_lo & m_lo).to_ne_bytes();
-        SourceKey {
-            addr: [
-                hi[0], hi[1], hi[2], hi[3], hi[4], hi[5], hi[6], hi[7], lo[0], lo[1], lo[2], lo[3],
-                lo[4], lo[5], lo[6], lo[7],
-            ],
-        }
+    pub fn masked(&self, mask: &[u64; 2]) -> SourceKey {
+        let [high, low] = self.words();
+        SourceKey::from_words([high & mask[0], low & mask[1]])
     }
 }
 
@@ -93,17 +104,18 @@ impl From<SourceKey> for core::net::IpAddr {
     }
 }
 
-#[inline(always)]
-fn split(b: &[u8; 16]) -> (u64, u64) {
-    (
-        u64::from_ne_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
-        u64::from_ne_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
-    )
+/// A mask keeping the first `bits` bits of a 16-byte address, as the two
+/// native-order words [`SourceKey::masked`] takes (used by user space to
+/// fill [`crate::Settings`]; the kernel only applies masks).
+pub fn prefix_mask(bits: u32) -> [u64; 2] {
+    SourceKey {
+        addr: prefix_mask_bytes(bits),
+    }
+    .words()
 }
 
-/// A mask keeping the first `bits` bits of a 16-byte address (used by user
-/// space to fill [`crate::Settings`]; the kernel only applies masks).
-pub fn prefix_mask(bits: u32) -> [u8; 16] {
+/// [`prefix_mask`] as bytes.
+pub fn prefix_mask_bytes(bits: u32) -> [u8; 16] {
     let mut mask = [0u8; 16];
     let mut remaining = if bits > 128 { 128 } else { bits };
     let mut i = 0;
@@ -123,7 +135,14 @@ mod tests {
     #[test]
     fn v4_is_mapped_and_masks_by_prefix() {
         let k = SourceKey::from_v4([198, 18, 7, 9]);
+        assert_eq!(
+            k.addr,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 18, 7, 9]
+        );
         assert!(k.is_v4());
+        let mut almost = k;
+        almost.addr[9] = 1;
+        assert!(!almost.is_v4());
         let m = k.masked(&prefix_mask(V4_MAPPED_BITS + 24));
         assert_eq!(m, SourceKey::from_v4([198, 18, 7, 0]));
     }
@@ -146,9 +165,10 @@ mod tests {
 
     #[test]
     fn odd_prefixes() {
-        assert_eq!(prefix_mask(0), [0; 16]);
-        assert_eq!(prefix_mask(128), [0xff; 16]);
-        let m = prefix_mask(99);
+        assert_eq!(prefix_mask_bytes(0), [0; 16]);
+        assert_eq!(prefix_mask_bytes(128), [0xff; 16]);
+        assert_eq!(prefix_mask(128), [u64::MAX; 2]);
+        let m = prefix_mask_bytes(99);
         assert_eq!(m[11], 0xff);
         assert_eq!(m[12], 0xe0);
         assert_eq!(m[13], 0);

@@ -27,10 +27,7 @@ use wsguard_common::{Reason, SourceKey, StreamPeers};
 
 use crate::{
     inspect,
-    maps::{
-        CONNECTIONS, count, handshake_settings, is_allow_listed, is_inspected_port,
-        is_protected_port, now_ns, settings,
-    },
+    maps::{CONNECTIONS, count, handshake_settings, is_allow_listed, now_ns, settings},
 };
 
 const AF_INET: u32 = 2;
@@ -117,7 +114,7 @@ fn opened(ctx: &SockOpsContext) {
     let Some(settings) = settings() else { return };
     // local_port is in host byte order for sock_ops.
     let port = ctx.local_port() as u16;
-    if !is_protected_port(port) {
+    if !settings.protected_ports.contains(port) {
         return;
     }
     let Some(peers) = peers(ctx) else {
@@ -130,7 +127,7 @@ fn opened(ctx: &SockOpsContext) {
     }
     let counted = settings.max_concurrent != 0 && count_open(settings.tracking_key(&source));
     let inspected = handshake_settings().is_some_and(|h| inspect::is_ours(ctx, h))
-        && is_inspected_port(port)
+        && settings.inspected_ports.contains(port)
         && inspect::admit(ctx, &peers, counted);
     if counted || inspected {
         let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);

@@ -26,8 +26,11 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::{TcContext, XdpContext},
 };
-use wsguard_common::cookie::{
-    self, CookieOptions, CookieSettings, CookieTuple, MAX_WSCALE, MSS_V4, MSS_V6, NO_WSCALE,
+use wsguard_common::{
+    PortSet,
+    cookie::{
+        self, CookieOptions, CookieSettings, CookieTuple, MAX_WSCALE, MSS_V4, MSS_V6, NO_WSCALE,
+    },
 };
 
 use crate::parse::{Frame, Packet, Parsed, TcpSegment, parse};
@@ -620,14 +623,14 @@ unsafe extern "C" {
 /// on untouched (TC_ACT_UNSPEC: the next program in the interface's chain,
 /// if any, still runs).
 #[inline(always)]
-pub fn assign(ctx: &TcContext, settings: &CookieSettings) -> i32 {
+pub fn assign(ctx: &TcContext, protected_ports: &PortSet, settings: &CookieSettings) -> i32 {
     const NEXT: i32 = TC_ACT_UNSPEC;
     let skb = ctx.skb.skb;
     let frame = Frame {
         data: ctx.data(),
         end: ctx.data_end(),
     };
-    let Parsed::Tcp(segment) = parse(&frame) else {
+    let Parsed::Tcp(segment) = parse(&frame, protected_ports) else {
         return NEXT;
     };
     let l4 = segment.transport_offset;

@@ -10,9 +10,9 @@ use wsguard_common::{
 use crate::{
     cookies::{self, Belongs},
     maps::{
-        BANS, CONNECTIONS, GLOBAL, SOURCES, cookie_settings, count, emit, handshake_settings,
-        inspection_full, is_allow_listed, is_deny_listed, is_inspected_port, is_protected_port,
-        now_ns, settings,
+        BANS, CONNECTIONS, GLOBAL, SOURCES, ban_epoch, bump_ban_epoch, cookie_settings, count,
+        emit, handshake_settings, inspection_full, is_allow_listed, is_deny_listed, now_ns,
+        settings,
     },
     parse::{Frame, Parsed, TcpSegment, parse},
 };
@@ -28,11 +28,8 @@ pub fn run(ctx: &XdpContext) -> u32 {
         data: ctx.data(),
         end: ctx.data_end(),
     };
-    let reason = match parse(&frame) {
-        Parsed::Other => return xdp_action::XDP_PASS,
-        Parsed::Tcp(segment) if !is_protected_port(segment.destination_port) => {
-            return xdp_action::XDP_PASS;
-        }
+    let reason = match parse(&frame, &settings.protected_ports) {
+        Parsed::Other | Parsed::Unprotected => return xdp_action::XDP_PASS,
         Parsed::Tcp(segment) if segment.incomplete_header => malformed(&segment.source),
         Parsed::Tcp(segment) => judge_segment(ctx, &frame, settings, &segment),
         Parsed::Fragment(source) => {
@@ -87,6 +84,28 @@ fn source_rules(source: &SourceKey, key: &SourceKey, now: u64) -> Option<Reason>
     None
 }
 
+/// Bans, looked up only when the source's own entry cannot vouch that it
+/// had none at the current ban epoch. `state` is the source's entry, if it
+/// has one; it learns the epoch when the ban map has nothing for it.
+#[inline(always)]
+fn ban_rule(key: &SourceKey, state: Option<*mut SourceState>, now: u64) -> Option<Reason> {
+    let epoch = ban_epoch();
+    if let Some(state) = state {
+        // SAFETY: a map value pointer, valid for the duration of the program.
+        let state = unsafe { &mut *state };
+        if epoch != 0 && state.unbanned_at_epoch == epoch {
+            return None;
+        }
+        if is_banned(key, now) {
+            return Some(Reason::Banned);
+        }
+        // Read before the lookup: a ban written since has changed the epoch.
+        state.unbanned_at_epoch = epoch;
+        return None;
+    }
+    is_banned(key, now).then_some(Reason::Banned)
+}
+
 /// A ban holds until `until_ns`; the first packet after that lifts it.
 #[inline(always)]
 fn is_banned(key: &SourceKey, now: u64) -> bool {
@@ -103,11 +122,8 @@ fn is_banned(key: &SourceKey, now: u64) -> bool {
 /// SYN cookies apply unless they are off, or a dry run covers the limits
 /// (a dry run must not answer for the server).
 #[inline(always)]
-fn active_cookies(settings: &Settings) -> Option<&'static CookieSettings> {
-    if settings.is_dry_run(Reason::SynCookieFailed) {
-        return None;
-    }
-    cookie_settings()
+fn cookies_active(settings: &Settings) -> bool {
+    settings.syn_cookies != 0 && !settings.is_dry_run(Reason::SynCookieFailed)
 }
 
 #[inline(always)]
@@ -119,10 +135,19 @@ fn judge_segment(
 ) -> Reason {
     let now = now_ns();
     let key = settings.tracking_key(&segment.source);
-    if let Some(reason) = source_rules(&segment.source, &key, now) {
+    if is_allow_listed(&segment.source, now) {
+        return Reason::AllowListed;
+    }
+    if is_deny_listed(&segment.source, now) {
+        return Reason::DenyList;
+    }
+    // Looked up once, for the ban shortcut and the budgets; created only
+    // once the source has a budget to be charged (after the cookie check).
+    let state = SOURCES.get_ptr_mut(&key);
+    if let Some(reason) = ban_rule(&key, state, now) {
         return reason;
     }
-    if active_cookies(settings).is_some() {
+    if cookies_active(settings) {
         // A SYN is answered with a cookie, and a segment of no connection
         // must return one: each in its own program (a tail call), so that
         // this one stays small enough to verify. They return for good.
@@ -135,15 +160,14 @@ fn judge_segment(
             return Reason::SynCookieFailed;
         }
     }
-    judge_budgets(
-        ctx,
-        settings,
-        segment,
-        &key,
-        segment.opens_connection,
+    let budgets = Budgets {
+        key: &key,
+        state,
+        opens_connection: segment.opens_connection,
         now,
-        frame.len(),
-    )
+        len: frame.len(),
+    };
+    judge_budgets(ctx, settings, segment, budgets)
 }
 
 /// What both cookie programs start from. `None` (settings gone since the
@@ -167,7 +191,7 @@ pub fn answer_syn(ctx: &XdpContext) -> u32 {
         return xdp_action::XDP_DROP;
     };
     let len = frame.len();
-    let answered = match parse(&frame) {
+    let answered = match parse(&frame, &settings.protected_ports) {
         Parsed::Tcp(segment) if segment.flags & TcpSegment::RST == 0 => {
             cookies::answer_syn(ctx, &segment, cookies, now_ns()).is_ok()
         }
@@ -190,7 +214,7 @@ pub fn check_cookie(ctx: &XdpContext) -> u32 {
         return xdp_action::XDP_DROP;
     };
     let len = frame.len();
-    let Parsed::Tcp(segment) = parse(&frame) else {
+    let Parsed::Tcp(segment) = parse(&frame, &settings.protected_ports) else {
         return finish(settings, Reason::SynCookieFailed, len);
     };
     let now = now_ns();
@@ -199,7 +223,14 @@ pub fn check_cookie(ctx: &XdpContext) -> u32 {
     }
     count(Reason::SynCookieValidated, 0, false);
     let key = settings.tracking_key(&segment.source);
-    let mut reason = judge_budgets(ctx, settings, &segment, &key, true, now, len);
+    let budgets = Budgets {
+        key: &key,
+        state: SOURCES.get_ptr_mut(&key),
+        opens_connection: true,
+        now,
+        len,
+    };
+    let mut reason = judge_budgets(ctx, settings, &segment, budgets);
     if reason == Reason::Passed && cookies::mark_admitted(ctx, &segment).is_err() {
         reason = Reason::SynCookieFailed;
     }
@@ -212,6 +243,16 @@ pub static COOKIE_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(2, 0);
 const COOKIE_SYN: u32 = wsguard_common::cookie::PROGRAM_SYN;
 const COOKIE_CHECK: u32 = wsguard_common::cookie::PROGRAM_CHECK;
 
+/// What the budgets charge, and to whom.
+struct Budgets<'a> {
+    key: &'a SourceKey,
+    /// The source's entry, if it had one when the packet arrived.
+    state: Option<*mut SourceState>,
+    opens_connection: bool,
+    now: u64,
+    len: u64,
+}
+
 /// Inspection room, per-source limits, then global limits, for a segment
 /// from a source no list or ban decided.
 #[inline(always)]
@@ -219,20 +260,28 @@ fn judge_budgets(
     ctx: &XdpContext,
     settings: &Settings,
     segment: &TcpSegment,
-    key: &SourceKey,
-    opens_connection: bool,
-    now: u64,
-    len: u64,
+    budgets: Budgets,
 ) -> Reason {
+    let Budgets {
+        key,
+        state,
+        opens_connection,
+        now,
+        len,
+    } = budgets;
     // A new connection to an inspected port is refused while inspection
     // has no room for it: it would go unjudged.
     if opens_connection
-        && handshake_settings()
-            .is_some_and(|h| is_inspected_port(segment.destination_port) && inspection_full(h))
+        && settings.inspected_ports.contains(segment.destination_port)
+        && handshake_settings().is_some_and(inspection_full)
     {
         return Reason::InspectFull;
     }
-    if let Some(state) = source_state(key) {
+    let state = match state {
+        Some(state) => Some(state),
+        None => new_source_state(key),
+    };
+    if let Some(state) = state {
         // SAFETY: a map value pointer, valid for the duration of the program.
         let state = unsafe { &mut *state };
         state.total_packets += 1;
@@ -252,14 +301,13 @@ fn judge_budgets(
     global_limits(settings, opens_connection, now, len).unwrap_or(Reason::Passed)
 }
 
-/// The source's state, created with full buckets on first sight. `None` only
-/// if the LRU map cannot take an entry, in which case per-source limits are
-/// skipped for this packet and the global limits still apply.
+/// A new source's state, with full buckets. `None` only if the LRU map
+/// cannot take an entry, in which case per-source limits are skipped for
+/// this packet and the global limits still apply.
 #[inline(always)]
-fn source_state(key: &SourceKey) -> Option<*mut SourceState> {
-    if let Some(state) = SOURCES.get_ptr_mut(key) {
-        return Some(state);
-    }
+fn new_source_state(key: &SourceKey) -> Option<*mut SourceState> {
+    // BPF_NOEXIST: another CPU may have created it meanwhile; then its
+    // entry is the one charged.
     let _ = SOURCES.insert(key, &SourceState::default(), BPF_NOEXIST);
     SOURCES.get_ptr_mut(key)
 }
@@ -349,6 +397,9 @@ fn record_limit_drop(
             count(Reason::BanMapFull, 0, false);
             return;
         }
+        // Every source's "no ban at this epoch" is void now, this one's
+        // included, also on a CPU that checks it at this very moment.
+        bump_ban_epoch();
         info!(
             ctx,
             "ban started: source {:i} for {} s",

@@ -54,9 +54,11 @@ pub fn wsguard_cookie_check(ctx: XdpContext) -> u32 {
 
 #[classifier]
 pub fn wsguard_cookie_ack(ctx: TcContext) -> i32 {
-    match maps::cookie_settings() {
-        Some(settings) => cookies::assign(&ctx, settings),
-        None => aya_ebpf::bindings::TC_ACT_UNSPEC,
+    match (maps::settings(), maps::cookie_settings()) {
+        (Some(settings), Some(cookies)) => {
+            cookies::assign(&ctx, &settings.protected_ports, cookies)
+        }
+        _ => aya_ebpf::bindings::TC_ACT_UNSPEC,
     }
 }
 

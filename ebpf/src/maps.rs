@@ -1,17 +1,21 @@
 //! Map definitions. Sizes here are placeholders where the agent sets the real
 //! size from the config before loading (`tracking.max_sources`, `max_bans`).
 
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash, SockMap},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash, SockMap, lpm_trie,
+    },
 };
 use wsguard_common::{
     Ban, Counter, HandshakeSettings, ListEntry, LpmKey, Reason, Release, Settings, SourceKey,
     SourceState, Stream,
     cookie::CookieSettings,
     counters::COUNTER_SLOTS,
-    maps::{EVENTS_BYTES, GlobalState, LIST_CAPACITY, PORT_SLOTS, STREAM_RECORDS_BYTES},
+    maps::{EVENTS_BYTES, GlobalState, LIST_CAPACITY, STREAM_RECORDS_BYTES, shortcuts},
 };
 
 use crate::inspect::DataRecord;
@@ -19,9 +23,9 @@ use crate::inspect::DataRecord;
 #[map(name = "WSG_SETTINGS")]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
-/// One byte per TCP port; non-zero when the port is protected.
-#[map(name = "WSG_PORTS")]
-pub static PORTS: Array<u8> = Array::with_max_entries(PORT_SLOTS, 0);
+/// Allow and deny lists in use, ban epoch (`wsguard_common::maps::shortcuts`).
+#[map(name = "WSG_SHORTCUTS")]
+pub static SHORTCUTS: Array<u64> = Array::with_max_entries(shortcuts::SLOTS, 0);
 
 #[map(name = "WSG_ALLOW")]
 pub static ALLOW: LpmTrie<LpmKey, ListEntry> = LpmTrie::with_max_entries(LIST_CAPACITY, 0);
@@ -50,10 +54,6 @@ pub static GLOBAL: Array<GlobalState> = Array::with_max_entries(1, 0);
 /// loses records (counted) rather than memory.
 #[map(name = "WSG_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
-
-/// One byte per TCP port; non-zero when its handshakes are inspected.
-#[map(name = "WSG_INSPECT")]
-pub static INSPECT: Array<u8> = Array::with_max_entries(PORT_SLOTS, 0);
 
 /// Sockets of inspected connections, by socket cookie; the stream verdict
 /// program is attached to this map. Sized by the agent.
@@ -127,21 +127,11 @@ pub fn cookie_settings() -> Option<&'static CookieSettings> {
 }
 
 #[inline(always)]
-pub fn is_protected_port(port: u16) -> bool {
-    matches!(PORTS.get(port as u32), Some(p) if *p != 0)
-}
-
-#[inline(always)]
 pub fn handshake_settings() -> Option<&'static HandshakeSettings> {
     match HANDSHAKE.get(0) {
         Some(h) if h.enabled != 0 => Some(h),
         _ => None,
     }
-}
-
-#[inline(always)]
-pub fn is_inspected_port(port: u16) -> bool {
-    matches!(INSPECT.get(port as u32), Some(p) if *p != 0)
 }
 
 /// Whether new connections to inspected ports are refused now: the agent's
@@ -154,33 +144,78 @@ pub fn inspection_full(handshake: &HandshakeSettings) -> bool {
     matches!(INSPECTED_COUNT.get(0), Some(open) if *open >= handshake.max_connections)
 }
 
+/// The LPM trie's key (`prefix_len`, then the address) laid out for word
+/// stores: aya's `lpm_trie::Key` is packed, which makes the compiler build
+/// it one byte at a time.
+#[repr(C, align(8))]
+struct WordLpmKey {
+    prefix_len: u32,
+    address: [u32; 4],
+}
+
 /// Longest-prefix match of the full address. A runtime entry past its TTL
 /// no longer applies (the agent removes it soon after); it does not fall
 /// back to a shorter prefix, which errs towards not matching.
 #[inline(always)]
 fn list_contains(list: &LpmTrie<LpmKey, ListEntry>, source: &SourceKey, now_ns: u64) -> bool {
-    let key = aya_ebpf::maps::lpm_trie::Key::new(128, source.addr);
-    match list.get(&key) {
+    // SAFETY: 16 plain bytes either way.
+    let address = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(source.addr) };
+    let key = WordLpmKey {
+        prefix_len: 128,
+        address,
+    };
+    // SAFETY: the same 20 bytes as Key<LpmKey> (packed, so alignment 1);
+    // the map reads its key size from the pointer.
+    let key = unsafe { &*(&key as *const WordLpmKey).cast::<lpm_trie::Key<LpmKey>>() };
+    match list.get(key) {
         Some(entry) => entry.applies(now_ns),
         None => false,
     }
 }
 
-/// Allow-list match on the full (unaggregated) address.
+/// A shortcut slot (`shortcuts::*`); a missing slot reads as "no shortcut".
+#[inline(always)]
+fn shortcut(slot: u32) -> u64 {
+    SHORTCUTS.get(slot).copied().unwrap_or(u64::MAX)
+}
+
+/// Allow-list match on the full (unaggregated) address; the trie is only
+/// searched while the list may hold an entry.
 #[inline(always)]
 pub fn is_allow_listed(source: &SourceKey, now_ns: u64) -> bool {
-    list_contains(&ALLOW, source, now_ns)
+    shortcut(shortcuts::ALLOW_USED) != 0 && list_contains(&ALLOW, source, now_ns)
 }
 
 #[inline(always)]
 pub fn is_deny_listed(source: &SourceKey, now_ns: u64) -> bool {
-    list_contains(&DENY, source, now_ns)
+    shortcut(shortcuts::DENY_USED) != 0 && list_contains(&DENY, source, now_ns)
 }
 
+/// The ban epoch now (0: the shortcut is off).
+#[inline(always)]
+pub fn ban_epoch() -> u64 {
+    match SHORTCUTS.get(shortcuts::BAN_EPOCH) {
+        Some(epoch) => *epoch,
+        None => 0,
+    }
+}
+
+/// Moves the ban epoch on after the kernel wrote a ban (an atomic add, so
+/// no CPU's bump is lost; user space's own bumps only ever change it too).
+#[inline(always)]
+pub fn bump_ban_epoch() {
+    if let Some(epoch) = SHORTCUTS.get_ptr_mut(shortcuts::BAN_EPOCH) {
+        // SAFETY: an array value pointer; BPF atomic add.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(epoch, 1) };
+    }
+}
+
+/// CLOCK_MONOTONIC at the last timer tick (1–10 ms behind the precise
+/// clock, by the kernel's HZ), the clock user space reads to show ban
+/// expiry. One read per packet: about a tenth of `bpf_ktime_get_ns`.
 #[inline(always)]
 pub fn now_ns() -> u64 {
-    // CLOCK_MONOTONIC, the clock user space reads to show ban expiry.
-    unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
+    unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() }
 }
 
 /// Counts a packet (or an event) under `reason`, in the dry-run set when the

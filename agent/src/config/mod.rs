@@ -23,7 +23,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 use wsguard_common::{
-    BucketParams, Settings,
+    BucketParams, PortSet, Settings,
     source::{V4_MAPPED_BITS, prefix_mask},
 };
 

@@ -177,6 +177,10 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
         dry_run,
         ban_window_ns: ban.window.get_ref().nanos(),
         ban_duration_ns: ban.duration.get_ref().nanos(),
+        syn_cookies: u32::from(syn_cookies.enabled),
+        _pad: 0,
+        protected_ports: PortSet::of(ports.iter().copied()),
+        inspected_ports: PortSet::of(handshake.ports.iter().copied()),
     };
     Ok(Config {
         file: file.to_owned(),

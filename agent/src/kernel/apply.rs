@@ -1,14 +1,14 @@
 //! Writing a config into the loaded maps, at start and on every reload.
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{Array, LpmTrie, MapData};
+use aya::maps::{Array, MapData};
 use wsguard_common::{
     HandshakeSettings, Settings,
     cookie::CookieSettings,
-    maps::{GlobalState, PORT_SLOTS, names},
+    maps::{GlobalState, names},
 };
 
-use super::{Kernel, kfuncs, lists, system};
+use super::{Kernel, kfuncs, lists, maps::Maps, system};
 use crate::config::Config;
 
 impl Kernel {
@@ -18,22 +18,7 @@ impl Kernel {
     pub fn apply(&mut self, config: &Config) -> Result<()> {
         // First, as it can refuse the config: nothing is changed then.
         let cookies = self.cookie_settings(config)?;
-        let mut ports: Array<&mut MapData, u8> =
-            Array::try_from(self.loaded_map_mut(names::PORTS)?)?;
-        for port in 0..PORT_SLOTS {
-            let protected = u8::from(config.ports.contains(&(port as u16)));
-            if ports.get(&port, 0)? != protected {
-                ports.set(port, protected, 0)?;
-            }
-        }
-        let mut inspect: Array<&mut MapData, u8> =
-            Array::try_from(self.loaded_map_mut(names::INSPECT)?)?;
-        for port in 0..PORT_SLOTS {
-            let inspected = u8::from(config.handshake.ports.contains(&(port as u16)));
-            if inspect.get(&port, 0)? != inspected {
-                inspect.set(port, inspected, 0)?;
-            }
-        }
+        self.start_ban_epoch()?;
         let mut hs: Array<&mut MapData, HandshakeSettings> =
             Array::try_from(self.loaded_map_mut(names::HANDSHAKE)?)?;
         // The agent's "pending table full" flag outlives a reload.
@@ -45,10 +30,11 @@ impl Kernel {
             netns_cookie: system::netns_cookie()?,
         };
         hs.set(0, handshake, 0)?;
-        for (name, nets) in [(names::ALLOW, &config.allow), (names::DENY, &config.deny)] {
-            let mut list: lists::List<&mut MapData> =
-                LpmTrie::try_from(self.loaded_map_mut(name)?)?;
-            lists::sync_config(&mut list, nets).with_context(|| format!("filling {name}"))?;
+        for (allow, nets) in [(true, &config.allow), (false, &config.deny)] {
+            self.with_list(allow, |list| lists::sync_config(list, nets))
+                .with_context(|| {
+                    format!("filling the {} list", if allow { "allow" } else { "deny" })
+                })?;
         }
         let mut cookie_map: Array<&mut MapData, CookieSettings> =
             Array::try_from(self.loaded_map_mut(names::SYN_COOKIES)?)?;

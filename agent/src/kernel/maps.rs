@@ -13,12 +13,14 @@ use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use ipnet::IpNet;
 use wsguard_common::{
     Ban, Counter, HandshakeSettings, ListEntry, Reason, Release, Settings, SourceKey, SourceState,
-    Stream, cookie::CookieSettings, maps::names,
+    Stream,
+    cookie::CookieSettings,
+    maps::{names, shortcuts},
 };
 
 use super::{
     lists::{self, List},
-    system::monotonic_ns,
+    system::{self, monotonic_ns},
 };
 
 /// A map borrowed from the loaded programs, or opened from its pin.
@@ -127,9 +129,38 @@ pub trait Maps: MapSource {
     }
 
     fn set_ban(&mut self, key: &SourceKey, ban: Ban) -> Result<()> {
-        let mut map = self.map_mut(names::BANS)?;
-        let mut bans: HashMap<&mut MapData, SourceKey, Ban> = HashMap::try_from(&mut *map)?;
-        bans.insert(key, ban, 0)?;
+        {
+            let mut map = self.map_mut(names::BANS)?;
+            let mut bans: HashMap<&mut MapData, SourceKey, Ban> = HashMap::try_from(&mut *map)?;
+            bans.insert(key, ban, 0)?;
+        }
+        // After the insert: a source that checks the ban map at the new
+        // epoch finds this ban.
+        let epoch = self.shortcut(shortcuts::BAN_EPOCH)?;
+        self.set_shortcut(shortcuts::BAN_EPOCH, epoch.wrapping_add(1).max(1))
+    }
+
+    /// Turns the ban shortcut on at a random epoch if it is off (a new
+    /// map): epochs cached by source entries of an earlier map cannot
+    /// match it by chance.
+    fn start_ban_epoch(&mut self) -> Result<()> {
+        if self.shortcut(shortcuts::BAN_EPOCH)? == 0 {
+            let [random, _] = system::random_key()?;
+            self.set_shortcut(shortcuts::BAN_EPOCH, random.max(1))?;
+        }
+        Ok(())
+    }
+
+    fn shortcut(&self, slot: u32) -> Result<u64> {
+        let map = self.map(names::SHORTCUTS)?;
+        let slots: Array<&MapData, u64> = Array::try_from(&*map)?;
+        Ok(slots.get(&slot, 0)?)
+    }
+
+    fn set_shortcut(&mut self, slot: u32, value: u64) -> Result<()> {
+        let mut map = self.map_mut(names::SHORTCUTS)?;
+        let mut slots: Array<&mut MapData, u64> = Array::try_from(&mut *map)?;
+        slots.set(slot, value, 0)?;
         Ok(())
     }
 
@@ -276,15 +307,48 @@ pub trait Maps: MapSource {
         Ok(lists::entries(&list))
     }
 
-    /// Runs `f` on the allow (`allow = true`) or deny list, to change it.
+    /// Runs `f` on the allow (`allow = true`) or deny list, to change it,
+    /// then tells the XDP program whether it must search the list.
     fn with_list<R>(
         &mut self,
         allow: bool,
         f: impl FnOnce(&mut List<&mut MapData>) -> Result<R>,
     ) -> Result<R> {
-        let mut map = self.map_mut(list_name(allow))?;
-        let mut list: List<&mut MapData> = LpmTrie::try_from(&mut *map)?;
-        f(&mut list)
+        let result = {
+            let mut map = self.map_mut(list_name(allow))?;
+            let mut list: List<&mut MapData> = LpmTrie::try_from(&mut *map)?;
+            f(&mut list)
+        };
+        // Also when `f` failed half-way: the list may have changed.
+        self.refresh_list_shortcut(allow)?;
+        result
+    }
+
+    /// Sets the list's "in use" shortcut from what the list holds. Clearing
+    /// it is the only risky write (another writer may insert meanwhile), so
+    /// a writer that clears it looks at the list again and sets it back if
+    /// an entry arrived: every insert is followed by a refresh that sees
+    /// it, so the last write of an inserting writer is "in use".
+    fn refresh_list_shortcut(&mut self, allow: bool) -> Result<()> {
+        let slot = if allow {
+            shortcuts::ALLOW_USED
+        } else {
+            shortcuts::DENY_USED
+        };
+        if self.list_holds_entries(allow)? {
+            return self.set_shortcut(slot, 1);
+        }
+        self.set_shortcut(slot, 0)?;
+        if self.list_holds_entries(allow)? {
+            self.set_shortcut(slot, 1)?;
+        }
+        Ok(())
+    }
+
+    fn list_holds_entries(&self, allow: bool) -> Result<bool> {
+        let map = self.map(list_name(allow))?;
+        let list: List<&MapData> = LpmTrie::try_from(&*map)?;
+        Ok(list.keys().next().is_some())
     }
 
     /// Removes runtime list entries whose TTL has passed: (allow list?, CIDR).
