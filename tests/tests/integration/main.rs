@@ -6,6 +6,7 @@
 mod cli;
 mod enforcement;
 mod evasion;
+mod fast_path;
 mod full_maps;
 mod fuzz_packets;
 mod handshake;

@@ -1,0 +1,290 @@
+//! The XDP program's shortcuts, each next to the slow path it cuts short,
+//! in the running kernel through BPF_PROG_TEST_RUN:
+//! - the common frame (no VLAN tag, IPv4 without options, IPv6 without
+//!   extension headers) is parsed with a few word loads, every other frame
+//!   by the full walk: the same frame with and without a tag, options or
+//!   extension headers must get the same verdicts, counters and state;
+//! - the allow and deny tries are skipped while a list is empty;
+//! - the ban lookup is skipped while a source's entry vouches for the ban
+//!   epoch.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+use wsguard::kernel::{Maps, lists};
+use wsguard_common::{Ban, Reason, SourceKey, maps::shortcuts};
+use wsguard_tests::{
+    packets::{ETH_P_8021AD, ETH_P_8021Q, Ext, Packet, TCP_ACK, TCP_FIN, TCP_RST},
+    xdp::{XDP_DROP, XDP_PASS, XdpHarness},
+};
+
+const PORT: u16 = 8080;
+
+fn v4(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(198, 18, 0, last))
+}
+
+fn v6(last: u16) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 7, 0, 0, 0, last))
+}
+
+/// Two connections per source, then drops; three drops earn a ban.
+const STRICT: &str = "[protect]\nports = [8080]\n\
+    [limits.per_source]\nnew_connections = \"2/m\"\nnew_connections_burst = 2\n\
+    [ban]\nafter_drops = 3\nwindow = \"1m\"\nduration = \"1h\"\n";
+
+/// How a frame is dressed: the fast path takes only `Plain`.
+#[derive(Clone, Copy, Debug)]
+enum Dress {
+    Plain,
+    OneVlanTag,
+    TwoVlanTags,
+    /// IPv4 options, or IPv6 extension headers.
+    NetworkOptions,
+}
+
+impl Dress {
+    const ALL: [Dress; 4] = [
+        Dress::Plain,
+        Dress::OneVlanTag,
+        Dress::TwoVlanTags,
+        Dress::NetworkOptions,
+    ];
+
+    fn apply(self, packet: Packet) -> Packet {
+        packet.with(|p| match self {
+            Dress::Plain => {}
+            Dress::OneVlanTag => p.vlan_tpids = vec![ETH_P_8021Q],
+            Dress::TwoVlanTags => p.vlan_tpids = vec![ETH_P_8021AD, ETH_P_8021Q],
+            Dress::NetworkOptions => match p.src {
+                IpAddr::V4(_) => p.ipv4_option_words = 2,
+                IpAddr::V6(_) => p.ipv6_ext = vec![Ext::HopByHop, Ext::DestOpts],
+            },
+        })
+    }
+}
+
+/// A sequence of segments that walks through most verdicts: passes, a
+/// connection-rate drop, a ban, malformed headers, unprotected ports.
+fn script(src: IpAddr) -> Vec<Packet> {
+    vec![
+        Packet::syn(src, PORT),
+        Packet::data(src, PORT, 100),
+        Packet::tcp(src, PORT, TCP_ACK),
+        Packet::tcp(src, PORT, TCP_RST),
+        Packet::tcp(src, PORT, TCP_FIN | TCP_ACK),
+        Packet::syn(src, 22),
+        Packet::syn(src, 22).with(|p| p.tcp_doff = 2),
+        Packet::syn(src, PORT).with(|p| p.tcp_doff = 4),
+        Packet::syn(src, PORT).with(|p| p.tcp_doff = 15),
+        Packet::syn(src, PORT).with(|p| p.tcp_options = vec![2, 4, 5, 0xb4]),
+        Packet::syn(src, PORT),
+        // Over the connection rate from here: three drops, then the ban.
+        Packet::syn(src, PORT),
+        Packet::syn(src, PORT),
+        Packet::syn(src, PORT),
+        Packet::data(src, PORT, 10),
+        Packet::syn(src, 22),
+    ]
+}
+
+/// What a script left behind.
+#[derive(Clone, Debug, PartialEq)]
+struct Outcome {
+    verdicts: Vec<u32>,
+    /// Packets per reason (bytes differ with the dress).
+    counters: Vec<(Reason, u64)>,
+    tracked: Vec<SourceKey>,
+    banned: bool,
+}
+
+fn outcome(dress: Dress, src: IpAddr) -> Outcome {
+    let h = XdpHarness::new(STRICT).expect("loading the programs");
+    let verdicts = script(src)
+        .into_iter()
+        .map(|p| h.run(&dress.apply(p).bytes()))
+        .collect();
+    let banned = h
+        .ban(&SourceKey::from(src).masked(&prefix_of(src)))
+        .is_some();
+    Outcome {
+        verdicts,
+        counters: h.nonzero(),
+        tracked: h.tracked_sources(),
+        banned,
+    }
+}
+
+/// The default tracking prefixes (/32 for IPv4, /64 for IPv6).
+fn prefix_of(src: IpAddr) -> [u64; 2] {
+    match src {
+        IpAddr::V4(_) => wsguard_common::source::prefix_mask(128),
+        IpAddr::V6(_) => wsguard_common::source::prefix_mask(64),
+    }
+}
+
+#[test]
+fn the_fast_path_and_the_walk_agree_frame_by_frame() {
+    for src in [v4(2), v6(2)] {
+        let plain = outcome(Dress::Plain, src);
+        // The script means something: it passes, drops and bans.
+        assert!(plain.verdicts.contains(&XDP_PASS) && plain.verdicts.contains(&XDP_DROP));
+        assert!(plain.banned, "{src}: the script earns a ban");
+        assert_eq!(plain.tracked.len(), 1);
+        for reason in [
+            Reason::Passed,
+            Reason::ConnectionRate,
+            Reason::Banned,
+            Reason::Malformed,
+        ] {
+            assert!(
+                plain.counters.iter().any(|(r, _)| *r == reason),
+                "{src}: no {reason:?} in {:?}",
+                plain.counters
+            );
+        }
+        for dress in &Dress::ALL[1..] {
+            assert_eq!(
+                outcome(*dress, src),
+                plain,
+                "{src}: {dress:?} against the plain frame"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_fast_path_passes_only_what_it_understands() {
+    // Shapes close to the common frame that it must leave to the walk.
+    let h = XdpHarness::new(STRICT).expect("loading the programs");
+    let src = v4(3);
+    // A later fragment: source rules only, passed as a fragment.
+    let fragment = Packet::syn(src, PORT).with(|p| p.ipv4_fragment = Some((8, false)));
+    assert_eq!(h.run(&fragment.bytes()), XDP_PASS);
+    assert_eq!(h.packets(Reason::PassedFragment), 1);
+    // A first fragment cut before the ports: malformed.
+    let cut = Packet::syn(src, PORT).with(|p| p.truncate_to = Some(14 + 20 + 3));
+    assert_eq!(h.run(&cut.bytes()), XDP_DROP);
+    // Cut after the ports but inside the TCP header: malformed too.
+    let cut = Packet::syn(src, PORT).with(|p| p.truncate_to = Some(14 + 20 + 19));
+    assert_eq!(h.run(&cut.bytes()), XDP_DROP);
+    assert_eq!(h.packets(Reason::Malformed), 2);
+    // An IPv4 header that says version 6: not TCP we can see.
+    let mut odd = Packet::syn(src, PORT).bytes();
+    odd[14] = 0x65;
+    assert_eq!(h.run(&odd), XDP_PASS);
+    // The same cut to an unprotected port: untouched, uncounted.
+    let cut = Packet::syn(src, 22).with(|p| p.truncate_to = Some(14 + 20 + 19));
+    assert_eq!(h.run(&cut.bytes()), XDP_PASS);
+    assert_eq!(h.packets(Reason::Malformed), 2);
+    assert_eq!(h.packets(Reason::Passed), 0);
+}
+
+#[test]
+fn an_entry_added_to_an_empty_list_applies_to_the_very_next_packet() {
+    let mut h = XdpHarness::new(STRICT).expect("loading the programs");
+    let src = v4(4);
+    let net: IpNet = "198.18.0.4/32".parse().unwrap();
+    let data = Packet::data(src, PORT, 10).bytes();
+    assert_eq!(h.kernel.shortcut(shortcuts::DENY_USED).unwrap(), 0);
+    assert_eq!(h.kernel.shortcut(shortcuts::ALLOW_USED).unwrap(), 0);
+    assert_eq!(h.run(&data), XDP_PASS);
+
+    h.deny(&net).unwrap();
+    assert_eq!(h.kernel.shortcut(shortcuts::DENY_USED).unwrap(), 1);
+    assert_eq!(h.run(&data), XDP_DROP, "denied at once");
+    assert_eq!(h.packets(Reason::DenyList), 1);
+    h.kernel
+        .with_list(false, |list| lists::remove_runtime(list, &net))
+        .unwrap();
+    assert_eq!(h.kernel.shortcut(shortcuts::DENY_USED).unwrap(), 0);
+    assert_eq!(h.run(&data), XDP_PASS, "the deny entry is gone");
+
+    // Over its connection rate, then allow-listed: passes at once.
+    let syn = Packet::syn(src, PORT).bytes();
+    while h.run(&syn) == XDP_PASS {}
+    h.kernel
+        .with_list(true, |list| lists::add_runtime(list, &net, 0))
+        .unwrap();
+    assert_eq!(h.kernel.shortcut(shortcuts::ALLOW_USED).unwrap(), 1);
+    assert_eq!(h.run(&syn), XDP_PASS, "allow-listed at once");
+    assert_eq!(h.packets(Reason::AllowListed), 1);
+}
+
+#[test]
+fn a_list_that_holds_an_entry_is_always_searched() {
+    // A shortcut left at 0 by a writer that lost a race must not hide an
+    // entry for longer than the next refresh: every list write refreshes.
+    let mut h = XdpHarness::new(STRICT).expect("loading the programs");
+    let src = v4(5);
+    h.deny(&"198.18.0.5/32".parse().unwrap()).unwrap();
+    h.kernel.set_shortcut(shortcuts::DENY_USED, 0).unwrap();
+    let data = Packet::data(src, PORT, 10).bytes();
+    assert_eq!(h.run(&data), XDP_PASS, "the slot is what the kernel reads");
+    // Any later write of the list, here an unrelated entry's removal,
+    // looks at the list and sets the slot back.
+    let other: IpNet = "198.18.9.0/24".parse().unwrap();
+    h.deny(&other).unwrap();
+    h.kernel
+        .with_list(false, |list| lists::remove_runtime(list, &other))
+        .unwrap();
+    assert_eq!(h.kernel.shortcut(shortcuts::DENY_USED).unwrap(), 1);
+    assert_eq!(h.run(&data), XDP_DROP);
+    // Entries from the config set the slot as well.
+    let config = "[protect]\nports = [8080]\n[lists]\ndeny = [\"198.18.0.5/32\"]\n";
+    let h = XdpHarness::new(config).expect("loading the programs");
+    assert_eq!(h.kernel.shortcut(shortcuts::DENY_USED).unwrap(), 1);
+    assert_eq!(h.run(&data), XDP_DROP, "config entries set the slot too");
+}
+
+#[test]
+fn a_ban_written_by_the_agent_applies_to_a_source_the_kernel_already_vouched_for() {
+    let mut h = XdpHarness::new(STRICT).expect("loading the programs");
+    let epoch = h.kernel.shortcut(shortcuts::BAN_EPOCH).unwrap();
+    assert_ne!(epoch, 0, "the agent turns the shortcut on");
+    let src = v4(6);
+    let data = Packet::data(src, PORT, 10).bytes();
+    // The source's entry now vouches for the epoch: no ban lookup.
+    for _ in 0..3 {
+        assert_eq!(h.run(&data), XDP_PASS);
+    }
+    let key = SourceKey::from(src);
+    let state = h
+        .kernel
+        .tracked_sources()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| *k == key)
+        .expect("tracked")
+        .1;
+    assert_eq!(state.unbanned_at_epoch, epoch);
+    h.set_ban(
+        &key,
+        Ban {
+            since_ns: 0,
+            until_ns: u64::MAX,
+        },
+    );
+    assert_ne!(h.kernel.shortcut(shortcuts::BAN_EPOCH).unwrap(), epoch);
+    assert_eq!(h.run(&data), XDP_DROP, "banned at once");
+    assert_eq!(h.packets(Reason::Banned), 1);
+    // Lifted: the next packet finds no ban and vouches again.
+    assert!(h.kernel.remove_ban(&key).unwrap());
+    assert_eq!(h.run(&data), XDP_PASS);
+}
+
+#[test]
+fn a_ban_the_kernel_writes_voids_every_sources_voucher() {
+    let h = XdpHarness::new(STRICT).expect("loading the programs");
+    let epoch = h.kernel.shortcut(shortcuts::BAN_EPOCH).unwrap();
+    let (flooder, bystander) = (v4(7), v4(8));
+    assert_eq!(h.run(&Packet::data(bystander, PORT, 10).bytes()), XDP_PASS);
+    let syn = Packet::syn(flooder, PORT).bytes();
+    while h.packets(Reason::BanStarted) == 0 {
+        h.run(&syn);
+    }
+    assert_eq!(h.kernel.shortcut(shortcuts::BAN_EPOCH).unwrap(), epoch + 1);
+    assert_eq!(h.run(&syn), XDP_DROP);
+    assert_eq!(h.packets(Reason::Banned), 1, "the flooder's next SYN");
+    assert_eq!(h.run(&Packet::data(bystander, PORT, 10).bytes()), XDP_PASS);
+}
