@@ -2,10 +2,15 @@
 //! division, no floating point, no unbounded loops).
 //!
 //! A rate is "`count` tokens per `period_ns`" (per second or per minute). One
-//! token costs `unit = period_ns` scaled units and `refill_per_ns = count`
-//! scaled units arrive each nanosecond, so any whole-number rate per second or
-//! per minute is exact. User space precomputes the parameters; the kernel only
-//! multiplies, adds and compares.
+//! token costs `unit` scaled units and `refill_per_ns` scaled units arrive
+//! each nanosecond, with `refill_per_ns / unit = count / period_ns`: both are
+//! the rate's fraction in lowest terms, so any whole-number rate per second
+//! or per minute is exact. Only when a burst times that unit would not fit
+//! the 64-bit arithmetic (a byte burst of many GiB with a rate that shares
+//! few factors with 10^9) is the unit made smaller and the refill rounded,
+//! which moves the rate by less than one part in a million. User space
+//! precomputes the parameters; the kernel only multiplies, adds and
+//! compares, all in 64 bits.
 
 use crate::assert_size;
 
@@ -29,6 +34,17 @@ assert_size!(BucketParams, 32);
 /// `tokens + elapsed × refill` stays below `u64::MAX`.
 pub const MAX_SCALED_CAPACITY: u64 = 1 << 62;
 
+/// A rounded refill is at least this, so rounding it moves the rate by
+/// less than one part in a million (half a unit in 2^20).
+const MIN_ROUNDED_REFILL: u128 = 1 << 20;
+
+const fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
 impl BucketParams {
     pub const UNLIMITED: BucketParams = BucketParams {
         unit: 0,
@@ -44,21 +60,52 @@ impl BucketParams {
         if count == 0 || period_ns == 0 || burst == 0 {
             return None;
         }
-        let capacity = burst.checked_mul(period_ns)?;
-        if capacity > MAX_SCALED_CAPACITY {
-            return None;
+        let common = gcd(count, period_ns);
+        let (mut unit, mut refill_per_ns) = (period_ns / common, count / common);
+        if burst.checked_mul(unit)? > MAX_SCALED_CAPACITY {
+            // The largest unit the burst allows, and the refill rounded to
+            // it; refused where rounding would move the rate by a millionth
+            // or more.
+            unit = MAX_SCALED_CAPACITY / burst;
+            let exact = u128::from(count) * u128::from(unit);
+            let rounded = (exact + u128::from(period_ns) / 2) / u128::from(period_ns);
+            if unit == 0 || rounded < MIN_ROUNDED_REFILL {
+                return None;
+            }
+            refill_per_ns = u64::try_from(rounded).ok()?;
         }
-        let fill_ns = capacity.div_ceil(count);
+        let capacity = burst.checked_mul(unit)?;
+        let fill_ns = capacity.div_ceil(refill_per_ns);
         // Refilling for fill_ns must itself stay in range.
-        if fill_ns.checked_mul(count)? > MAX_SCALED_CAPACITY + count {
+        if fill_ns.checked_mul(refill_per_ns)? > MAX_SCALED_CAPACITY + refill_per_ns {
             return None;
         }
         Some(BucketParams {
-            unit: period_ns,
-            refill_per_ns: count,
+            unit,
+            refill_per_ns,
             capacity,
             fill_ns,
         })
+    }
+
+    /// The share (scaled units) each of `cpus` CPUs takes from a bucket
+    /// shared by all of them at a time: a quarter of the burst spread over
+    /// the CPUs, so that the shares CPUs hold unspent are at most a quarter
+    /// of the burst. 0 (each packet takes exactly what it needs) when that
+    /// is less than one token: a bucket that small is not busy enough for
+    /// the CPUs to contend for it.
+    pub fn share(&self, cpus: u32) -> u64 {
+        let share = self.capacity / (4 * u64::from(cpus.max(1)));
+        if share < self.unit { 0 } else { share }
+    }
+
+    /// The rate the parameters enforce, in tokens per second (for checks
+    /// and for the summary).
+    pub fn tokens_per_second(&self) -> f64 {
+        if self.unit == 0 {
+            return f64::INFINITY;
+        }
+        self.refill_per_ns as f64 * 1e9 / self.unit as f64
     }
 
     pub fn is_unlimited(&self) -> bool {
@@ -92,6 +139,36 @@ impl TokenBucket {
         if params.capacity == 0 {
             return true;
         }
+        let available = self.refill(params, now_ns);
+        // cost is a packet length (< 2^17) or 1, unit ≤ 60e9 ns: no overflow.
+        let need = cost.wrapping_mul(params.unit);
+        if available >= need {
+            self.tokens = available - need;
+            true
+        } else {
+            self.tokens = available;
+            false
+        }
+    }
+
+    /// Refills the bucket up to `now_ns` and takes up to `scaled` units
+    /// (not whole tokens): what it took. For a bucket shared by all CPUs,
+    /// from which each CPU takes a share at a time.
+    #[inline(always)]
+    pub fn take_up_to(&mut self, params: &BucketParams, now_ns: u64, scaled: u64) -> u64 {
+        let available = self.refill(params, now_ns);
+        let taken = if available < scaled {
+            available
+        } else {
+            scaled
+        };
+        self.tokens = available - taken;
+        taken
+    }
+
+    /// The scaled units the bucket holds at `now_ns`; moves `last_ns` on.
+    #[inline(always)]
+    fn refill(&mut self, params: &BucketParams, now_ns: u64) -> u64 {
         let available = if self.last_ns == 0 {
             params.capacity
         } else {
@@ -114,15 +191,37 @@ impl TokenBucket {
         if now_ns > self.last_ns {
             self.last_ns = now_ns;
         }
-        // cost is a packet length (< 2^17) or 1, unit ≤ 60e9 ns: no overflow.
-        let need = cost.wrapping_mul(params.unit);
-        if available >= need {
-            self.tokens = available - need;
-            true
-        } else {
-            self.tokens = available;
-            false
-        }
+        available
+    }
+}
+
+/// A bucket shared by every CPU, taken from a share at a time: each CPU
+/// spends its own share (a per-CPU value, so no cache line bounces between
+/// CPUs), and only when it runs out takes the next share from the shared
+/// bucket. `share` is the CPU's unspent scaled units; `chunk` the size of
+/// a share (see `Settings::global_shares`).
+#[inline(always)]
+pub fn take_shared(
+    share: &mut u64,
+    shared: &mut TokenBucket,
+    params: &BucketParams,
+    chunk: u64,
+    now_ns: u64,
+    cost: u64,
+) -> bool {
+    if params.capacity == 0 {
+        return true;
+    }
+    let need = cost.wrapping_mul(params.unit);
+    if *share < need {
+        // What this packet lacks, and a share for the next ones.
+        *share += shared.take_up_to(params, now_ns, need - *share + chunk);
+    }
+    if *share >= need {
+        *share -= need;
+        true
+    } else {
+        false
     }
 }
 
@@ -157,7 +256,65 @@ mod tests {
         assert!(BucketParams::new(1, SEC, u64::MAX / 2).is_none());
         assert!(BucketParams::new(0, SEC, 1).is_none());
         assert!(BucketParams::new(1 << 40, SEC, 4 << 30).is_some());
-        assert!(BucketParams::new(1 << 40, SEC, 5 << 30).is_none());
+        // A tiny rate with a huge burst cannot be rounded to a millionth.
+        assert!(BucketParams::new(3, SEC, 1 << 40).is_none());
+    }
+
+    #[test]
+    fn rates_of_100_gbit_hosts_fit_with_their_default_bursts() {
+        const GIB: u64 = 1 << 30;
+        for (rate, burst) in [
+            (10 * GIB, 10 * GIB),
+            (12_500_000_000, 12_500_000_000),
+            (100 * GIB, 100 * GIB),
+            // Shares no factor with 10^9: the rounded unit.
+            (10_000_000_001, 10_000_000_001),
+        ] {
+            let p = BucketParams::new(rate, SEC, burst).expect("fits");
+            let error = (p.tokens_per_second() - rate as f64).abs() / rate as f64;
+            assert!(error < 1e-6, "{rate}/s: off by {error}");
+            assert_eq!(p.burst(), burst, "{rate}/s keeps its burst");
+            // A second of full-size frames: exactly the rate (±1 frame).
+            let mut b = TokenBucket::default();
+            let frame = 1500;
+            let start = SEC;
+            let mut granted = 0u64;
+            while b.take(&p, start, frame) {
+                granted += frame;
+            }
+            assert!(granted + frame > burst && granted <= burst);
+            let mut later = 0u64;
+            for ms in 1..=1000u64 {
+                while b.take(&p, start + ms * 1_000_000, frame) {
+                    later += frame;
+                }
+            }
+            let want = rate as f64;
+            assert!(
+                (later as f64 - want).abs() <= want * 1e-6 + 2.0 * frame as f64,
+                "{rate}/s: {later} bytes in the second after the burst"
+            );
+        }
+    }
+
+    #[test]
+    fn shares_hand_out_exactly_the_shared_burst() {
+        let p = BucketParams::new(10, SEC, 100).unwrap();
+        let chunk = 7 * p.unit;
+        let mut shared = TokenBucket::default();
+        let mut shares = [0u64; 3];
+        // Three CPUs in turn, no time passing: exactly the burst, in total.
+        let granted = (0..300)
+            .filter(|i| take_shared(&mut shares[i % 3], &mut shared, &p, chunk, SEC, 1))
+            .count();
+        assert_eq!(granted, 100);
+        assert_eq!(shared.tokens, 0);
+        assert!(shares.iter().all(|s| *s < p.unit));
+        // A second later, ten more tokens, wherever they are asked for.
+        let granted = (0..30)
+            .filter(|i| take_shared(&mut shares[i % 3], &mut shared, &p, chunk, 2 * SEC, 1))
+            .count();
+        assert_eq!(granted, 10);
     }
 
     #[test]

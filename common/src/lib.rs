@@ -44,5 +44,6 @@ mod pod {
     unsafe impl aya::Pod for Release {}
     unsafe impl aya::Pod for HandshakeSettings {}
     unsafe impl aya::Pod for maps::GlobalState {}
+    unsafe impl aya::Pod for maps::GlobalShares {}
     unsafe impl aya::Pod for cookie::CookieSettings {}
 }

@@ -13,6 +13,8 @@ pub mod names {
     pub const BANS: &str = "WSG_BANS";
     pub const CONNECTIONS: &str = "WSG_CONNS";
     pub const GLOBAL: &str = "WSG_GLOBAL";
+    /// Each CPU's share of the global buckets (PERCPU_ARRAY).
+    pub const GLOBAL_SHARES: &str = "WSG_GLOBAL_SHARES";
     pub const COUNTERS: &str = "WSG_COUNTERS";
     pub const EVENTS: &str = "WSG_EVENTS";
     pub const HANDSHAKE: &str = "WSG_HANDSHAKE";
@@ -184,12 +186,17 @@ pub struct Settings {
     /// `WSG_SYN_COOKIES`, which the cookie programs read).
     pub syn_cookies: u32,
     pub _pad: u32,
+    /// Scaled units a CPU takes from the shared global buckets at a time
+    /// (`BucketParams::share`, for the machine's CPUs; set when the
+    /// settings are written).
+    pub global_connections_share: u64,
+    pub global_bytes_share: u64,
     /// The protected ports (`protect.ports`).
     pub protected_ports: PortSet,
     /// The ports whose handshakes are inspected (`handshake.ports`).
     pub inspected_ports: PortSet,
 }
-assert_size!(Settings, 8 + 32 + 4 * 32 + 8 + 16 + 8 + 2 * 8192);
+assert_size!(Settings, 8 + 32 + 4 * 32 + 8 + 16 + 8 + 16 + 2 * 8192);
 
 impl Settings {
     /// Limits, concurrency, and the bans they earn.
@@ -393,7 +400,9 @@ assert_size!(HandshakeSettings, 24);
 /// Size of the events ring buffer (a power of two, a multiple of the page size).
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 
-/// Global buckets, shared by all non-allow-listed sources.
+/// Global buckets, shared by all non-allow-listed sources and all CPUs
+/// (one array slot). CPUs take from them a share at a time
+/// ([`GlobalShares`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GlobalState {
@@ -401,6 +410,16 @@ pub struct GlobalState {
     pub bytes: TokenBucket,
 }
 assert_size!(GlobalState, 32);
+
+/// One CPU's unspent share of the global buckets, in scaled units (a
+/// per-CPU slot: only its CPU writes it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalShares {
+    pub connections: u64,
+    pub bytes: u64,
+}
+assert_size!(GlobalShares, 16);
 
 /// Version of the map layout above; pins live under `<pin_path>/v<LAYOUT_VERSION>`
 /// so that a new layout never reads maps pinned by an older one.
@@ -454,7 +473,7 @@ const SOURCE_KEY: usize = size_of::<crate::SourceKey>();
 
 /// Every map of the kernel programs. The agent sizes and checks pins with
 /// it; a test compares it with the compiled object.
-pub const MAP_FACTS: [MapFact; 20] = {
+pub const MAP_FACTS: [MapFact; 21] = {
     use Capacity::*;
     [
         fact(names::SETTINGS, 4, size_of::<Settings>(), Fixed(1)),
@@ -480,6 +499,7 @@ pub const MAP_FACTS: [MapFact; 20] = {
         fact(names::BANS, SOURCE_KEY, size_of::<crate::Ban>(), Bans),
         fact(names::CONNECTIONS, SOURCE_KEY, 8, Sources),
         fact(names::GLOBAL, 4, size_of::<GlobalState>(), Fixed(1)),
+        fact(names::GLOBAL_SHARES, 4, size_of::<GlobalShares>(), Fixed(1)),
         fact(
             names::COUNTERS,
             4,

@@ -4,15 +4,16 @@
 use aya_ebpf::{bindings::xdp_action, macros::map, maps::ProgramArray, programs::XdpContext};
 use aya_log_ebpf::info;
 use wsguard_common::{
-    Ban, Event, Reason, Settings, SourceKey, SourceState, cookie::CookieSettings,
+    Ban, Event, Reason, Settings, SourceKey, SourceState, bucket::take_shared,
+    cookie::CookieSettings,
 };
 
 use crate::{
     cookies::{self, Belongs},
     maps::{
-        BANS, CONNECTIONS, GLOBAL, SOURCES, ban_epoch, bump_ban_epoch, cookie_settings, count,
-        emit, handshake_settings, inspection_full, is_allow_listed, is_deny_listed, now_ns,
-        settings,
+        BANS, CONNECTIONS, GLOBAL, GLOBAL_SHARES, SOURCES, ban_epoch, bump_ban_epoch,
+        cookie_settings, count, emit, handshake_settings, inspection_full, is_allow_listed,
+        is_deny_listed, now_ns, settings,
     },
     parse::{Frame, Parsed, TcpSegment, parse},
 };
@@ -339,6 +340,8 @@ fn per_source_limits(
     None
 }
 
+/// The global buckets: this CPU spends its share, and takes the next
+/// share from the buckets all CPUs share only when it runs out.
 #[inline(always)]
 fn global_limits(
     settings: &Settings,
@@ -346,18 +349,34 @@ fn global_limits(
     now: u64,
     len: u64,
 ) -> Option<Reason> {
-    let global = GLOBAL.get_ptr_mut(0)?;
-    // SAFETY: array value pointer. Shared by all CPUs and updated without a
-    // lock: a race can lose an update and let a packet or two through.
-    let global = unsafe { &mut *global };
+    let shares = GLOBAL_SHARES.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot of a per-CPU array; nothing else writes it.
+    let shares = unsafe { &mut *shares };
+    let shared = GLOBAL.get_ptr_mut(0)?;
+    // SAFETY: array value pointer, shared by all CPUs and updated without a
+    // lock: two CPUs taking a share at the same instant can both get it
+    // (see the README's "Global limits").
+    let shared = unsafe { &mut *shared };
     if opens_connection
-        && !global
-            .connections
-            .take(&settings.global_connections, now, 1)
+        && !take_shared(
+            &mut shares.connections,
+            &mut shared.connections,
+            &settings.global_connections,
+            settings.global_connections_share,
+            now,
+            1,
+        )
     {
         return Some(Reason::GlobalConnectionRate);
     }
-    if !global.bytes.take(&settings.global_bytes, now, len) {
+    if !take_shared(
+        &mut shares.bytes,
+        &mut shared.bytes,
+        &settings.global_bytes,
+        settings.global_bytes_share,
+        now,
+        len,
+    ) {
         return Some(Reason::GlobalByteRate);
     }
     None

@@ -15,7 +15,9 @@ use wsguard_common::{
     SourceState, Stream,
     cookie::CookieSettings,
     counters::COUNTER_SLOTS,
-    maps::{EVENTS_BYTES, GlobalState, LIST_CAPACITY, STREAM_RECORDS_BYTES, shortcuts},
+    maps::{
+        EVENTS_BYTES, GlobalShares, GlobalState, LIST_CAPACITY, STREAM_RECORDS_BYTES, shortcuts,
+    },
 };
 
 use crate::inspect::DataRecord;
@@ -49,6 +51,10 @@ pub static CONNECTIONS: HashMap<SourceKey, u64> =
 
 #[map(name = "WSG_GLOBAL")]
 pub static GLOBAL: Array<GlobalState> = Array::with_max_entries(1, 0);
+
+/// Each CPU's unspent share of the global buckets.
+#[map(name = "WSG_GLOBAL_SHARES")]
+pub static GLOBAL_SHARES: PerCpuArray<GlobalShares> = PerCpuArray::with_max_entries(1, 0);
 
 /// Records for the agent (bans started); bounded, so a flood of events
 /// loses records (counted) rather than memory.

@@ -49,6 +49,7 @@ impl XdpHarness {
         };
         let text = format!("[agent]\ninterfaces = [\"lo\"]\n{agent_keys}\n\n{body}{cookies}");
         let config = Config::parse(Path::new("test.toml"), &text)?;
+        stay_on_this_cpu()?;
         Ok(XdpHarness {
             kernel: Kernel::load(&config, None)?,
             config,
@@ -275,6 +276,30 @@ impl XdpHarness {
             .set_open_connections(key, open)
             .expect("writing connection count");
     }
+}
+
+/// Pins the calling thread to the CPU it runs on. BPF_PROG_TEST_RUN runs
+/// the program on the calling CPU, and per-CPU state (counters, each CPU's
+/// share of the global buckets) then stays on one CPU, as a flow's packets
+/// do on one receive queue; a test that moved between CPUs would see a
+/// share it took on one CPU missing on the next.
+fn stay_on_this_cpu() -> Result<()> {
+    // SAFETY: sched_getcpu has no preconditions; the set is a plain bitmask
+    // filled by the libc macros, and 0 means the calling thread.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        anyhow::ensure!(
+            cpu >= 0,
+            "sched_getcpu: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            anyhow::bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// A loopback connection under inspection (see [`XdpHarness::inspected_connection`]).

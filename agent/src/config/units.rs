@@ -107,18 +107,16 @@ impl ByteSize {
 }
 
 impl fmt::Display for ByteSize {
+    /// In the unit, binary or decimal, that writes the value exactly with
+    /// the fewest digits ("4MiB", "12500MB", "1TB").
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (unit, factor) in [
-            ("TiB", 1u64 << 40),
-            ("GiB", 1 << 30),
-            ("MiB", 1 << 20),
-            ("KiB", 1 << 10),
-        ] {
-            if self.0 >= factor && self.0.is_multiple_of(factor) {
-                return write!(f, "{}{unit}", self.0 / factor);
-            }
-        }
-        write!(f, "{}B", self.0)
+        let (number, unit) = SIZE_UNITS
+            .iter()
+            .filter(|(_, factor)| self.0 >= *factor && self.0.is_multiple_of(*factor))
+            .map(|(unit, factor)| (self.0 / factor, *unit))
+            .min_by_key(|(number, unit)| (*number, !unit.ends_with("iB")))
+            .unwrap_or((self.0, "B"));
+        write!(f, "{number}{unit}")
     }
 }
 

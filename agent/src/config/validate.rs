@@ -179,6 +179,10 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
         ban_duration_ns: ban.duration.get_ref().nanos(),
         syn_cookies: u32::from(syn_cookies.enabled),
         _pad: 0,
+        // For the machine's CPUs, when the settings are written (apply);
+        // 0 takes exactly what each packet needs.
+        global_connections_share: 0,
+        global_bytes_share: 0,
         protected_ports: PortSet::of(ports.iter().copied()),
         inspected_ports: PortSet::of(handshake.ports.iter().copied()),
     };
@@ -392,7 +396,7 @@ fn bucket<Q: Quantity>(
     }
     BucketParams::new(amount.amount(), period.nanos(), burst_value).ok_or_else(|| {
         at(rate_at, format!(
-            "rate {rate} with burst {} is beyond what the kernel's arithmetic holds (at most 4GiB of burst for a per-second byte rate)",
+            "rate {rate} with burst {} is beyond what the kernel's 64-bit arithmetic holds to a millionth of the rate (the burst is too large for so small a rate)",
             show(burst_value)
         ))
     })

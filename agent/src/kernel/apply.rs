@@ -1,11 +1,11 @@
 //! Writing a config into the loaded maps, at start and on every reload.
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{Array, MapData};
+use aya::maps::{Array, MapData, PerCpuArray, PerCpuValues};
 use wsguard_common::{
     HandshakeSettings, Settings,
     cookie::CookieSettings,
-    maps::{GlobalState, names},
+    maps::{GlobalShares, GlobalState, names},
 };
 
 use super::{Kernel, kfuncs, lists, maps::Maps, system};
@@ -39,14 +39,26 @@ impl Kernel {
         let mut cookie_map: Array<&mut MapData, CookieSettings> =
             Array::try_from(self.loaded_map_mut(names::SYN_COOKIES)?)?;
         cookie_map.set(0, cookies, 0)?;
+        // New limits take effect from a full bucket rather than carrying the
+        // old state over; the shares CPUs held go with the old buckets.
+        self.set_global_buckets(GlobalState::default())?;
+        let mut shares: PerCpuArray<&mut MapData, GlobalShares> =
+            PerCpuArray::try_from(self.loaded_map_mut(names::GLOBAL_SHARES)?)?;
+        let possible = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        shares.set(
+            0,
+            PerCpuValues::try_from(vec![GlobalShares::default(); possible])?,
+            0,
+        )?;
+        let online = aya::util::online_cpus()
+            .map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?
+            .len() as u32;
+        let mut kernel_settings = config.settings;
+        kernel_settings.global_connections_share = config.settings.global_connections.share(online);
+        kernel_settings.global_bytes_share = config.settings.global_bytes.share(online);
         let mut settings: Array<&mut MapData, Settings> =
             Array::try_from(self.loaded_map_mut(names::SETTINGS)?)?;
-        settings.set(0, config.settings, 0)?;
-        // New limits take effect from a full bucket rather than carrying the
-        // old state over.
-        let mut global: Array<&mut MapData, GlobalState> =
-            Array::try_from(self.loaded_map_mut(names::GLOBAL)?)?;
-        global.set(0, GlobalState::default(), 0)?;
+        settings.set(0, kernel_settings, 0)?;
         Ok(())
     }
 

@@ -15,7 +15,7 @@ use wsguard_common::{
     Ban, Counter, HandshakeSettings, ListEntry, Reason, Release, Settings, SourceKey, SourceState,
     Stream,
     cookie::CookieSettings,
-    maps::{names, shortcuts},
+    maps::{GlobalState, names, shortcuts},
 };
 
 use super::{
@@ -113,6 +113,20 @@ pub trait Maps: MapSource {
             settings.pending_full = u32::from(full);
             hs.set(0, settings, 0)?;
         }
+        Ok(())
+    }
+
+    /// The global buckets all CPUs share.
+    fn global_buckets(&self) -> Result<GlobalState> {
+        let map = self.map(names::GLOBAL)?;
+        let global: Array<&MapData, GlobalState> = Array::try_from(&*map)?;
+        Ok(global.get(&0, 0)?)
+    }
+
+    fn set_global_buckets(&mut self, state: GlobalState) -> Result<()> {
+        let mut map = self.map_mut(names::GLOBAL)?;
+        let mut global: Array<&mut MapData, GlobalState> = Array::try_from(&mut *map)?;
+        global.set(0, state, 0)?;
         Ok(())
     }
 

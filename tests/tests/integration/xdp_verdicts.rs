@@ -254,6 +254,51 @@ fn global_limits_cap_all_sources_together() {
 }
 
 #[test]
+fn byte_rates_of_100_gbit_hosts_are_enforced_to_the_byte() {
+    use wsguard::kernel::Maps;
+    use wsguard_common::{TokenBucket, maps::GlobalState};
+    for (rate, per_second) in [("10GiB/s", 10u64 << 30), ("12500MB/s", 12_500_000_000)] {
+        // Only the global byte bucket limits: a single source sends it all.
+        let mut h = harness(
+            "bytes = \"unlimited\"",
+            &format!("[limits.global]\nnew_connections = \"unlimited\"\nbytes = \"{rate}\"\n"),
+        );
+        let params = h.kernel.settings().unwrap().global_bytes;
+        assert_eq!(params.burst(), per_second, "{rate}: one second of burst");
+        let frame = Packet::data(v4(30), PORT, 1446).bytes();
+        let need = frame.len() as u64 * params.unit;
+        // A bucket frozen in time (its last refill lies ahead, so nothing
+        // refills) one unit short of 1000 frames.
+        let frozen = |tokens| GlobalState {
+            connections: TokenBucket::default(),
+            bytes: TokenBucket {
+                tokens,
+                last_ns: u64::MAX / 2,
+            },
+        };
+        h.kernel
+            .set_global_buckets(frozen(1000 * need - 1))
+            .unwrap();
+        let passed = (0..1100).filter(|_| h.run(&frame) == XDP_PASS).count();
+        assert_eq!(passed, 999, "{rate}: exactly the frames the tokens pay for");
+        assert_eq!(h.packets(Reason::GlobalByteRate), 101);
+        // A full bucket, as after a reload: one second of the rate, which
+        // is more than 4 GiB and so more than 32-bit arithmetic holds. The
+        // CPU's share still holds the unit short of a frame from above:
+        // (capacity + need - 1) / need frames in all.
+        let full = params.capacity.div_ceil(need);
+        assert!(full * frame.len() as u64 > 4 << 30);
+        h.kernel
+            .set_global_buckets(frozen(params.capacity))
+            .unwrap();
+        let (verdict, _) = h.run_repeat(&frame, full as u32).unwrap();
+        assert_eq!(verdict, XDP_PASS, "{rate}: the last frame of the burst");
+        assert_eq!(h.run(&frame), XDP_DROP, "{rate}: one frame past the burst");
+        assert_eq!(h.packets(Reason::GlobalByteRate), 102);
+    }
+}
+
+#[test]
 fn ipv4_options_are_skipped_by_header_length() {
     let h = harness("", "");
     for words in 0..=10 {
