@@ -120,7 +120,7 @@ impl Snapshot {
             programs,
             counters: state.counters()?,
             would_drop: state.would_drop()?,
-            tracked_sources: state.tracked_sources()?.len(),
+            tracked_sources: state.tracked_source_count()? as usize,
             max_sources: state.capacity(names::SOURCES)?,
             bans,
             max_bans: state.capacity(names::BANS)?,

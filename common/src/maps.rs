@@ -10,6 +10,9 @@ pub mod names {
     pub const ALLOW: &str = "WSG_ALLOW";
     pub const DENY: &str = "WSG_DENY";
     pub const SOURCES: &str = "WSG_SOURCES";
+    /// Entries the kernel created in `WSG_SOURCES`, per CPU (PERCPU_ARRAY,
+    /// one `u64`): its fill level without a walk of the map.
+    pub const SOURCES_CREATED: &str = "WSG_SOURCES_NEW";
     pub const BANS: &str = "WSG_BANS";
     pub const CONNECTIONS: &str = "WSG_CONNS";
     pub const GLOBAL: &str = "WSG_GLOBAL";
@@ -429,6 +432,10 @@ pub const LAYOUT_VERSION: u32 = 4;
 /// assembled, a TCP option walk); user space never opens these.
 pub const KERNEL_ONLY_MAPS: [&str; 2] = ["WSG_SCRATCH", "WSG_TCP_OPTIONS"];
 
+/// Maps that count the entries of another: (counter, counted). The
+/// counter starts again whenever the counted map is created anew.
+pub const ENTRY_COUNTERS: [(&str, &str); 1] = [(names::SOURCES_CREATED, names::SOURCES)];
+
 /// How many entries a map holds: a fixed number, or a size the config sets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Capacity {
@@ -473,7 +480,7 @@ const SOURCE_KEY: usize = size_of::<crate::SourceKey>();
 
 /// Every map of the kernel programs. The agent sizes and checks pins with
 /// it; a test compares it with the compiled object.
-pub const MAP_FACTS: [MapFact; 21] = {
+pub const MAP_FACTS: [MapFact; 22] = {
     use Capacity::*;
     [
         fact(names::SETTINGS, 4, size_of::<Settings>(), Fixed(1)),
@@ -496,6 +503,7 @@ pub const MAP_FACTS: [MapFact; 21] = {
             size_of::<crate::SourceState>(),
             Sources,
         ),
+        fact(names::SOURCES_CREATED, 4, 8, Fixed(1)),
         fact(names::BANS, SOURCE_KEY, size_of::<crate::Ban>(), Bans),
         fact(names::CONNECTIONS, SOURCE_KEY, 8, Sources),
         fact(names::GLOBAL, 4, size_of::<GlobalState>(), Fixed(1)),

@@ -11,9 +11,9 @@ use wsguard_common::{
 use crate::{
     cookies::{self, Belongs},
     maps::{
-        BANS, CONNECTIONS, GLOBAL, GLOBAL_SHARES, SOURCES, ban_epoch, bump_ban_epoch,
-        cookie_settings, count, emit, handshake_settings, inspection_full, is_allow_listed,
-        is_deny_listed, now_ns, settings,
+        BANS, CONNECTIONS, GLOBAL, GLOBAL_SHARES, SOURCES, SOURCES_CREATED, ban_epoch,
+        bump_ban_epoch, cookie_settings, count, emit, handshake_settings, inspection_full,
+        is_allow_listed, is_deny_listed, now_ns, settings,
     },
     parse::{Frame, Parsed, TcpSegment, parse},
 };
@@ -309,7 +309,14 @@ fn judge_budgets(
 fn new_source_state(key: &SourceKey) -> Option<*mut SourceState> {
     // BPF_NOEXIST: another CPU may have created it meanwhile; then its
     // entry is the one charged.
-    let _ = SOURCES.insert(key, &SourceState::default(), BPF_NOEXIST);
+    if SOURCES
+        .insert(key, &SourceState::default(), BPF_NOEXIST)
+        .is_ok()
+        && let Some(created) = SOURCES_CREATED.get_ptr_mut(0)
+    {
+        // SAFETY: this CPU's slot of a per-CPU array.
+        unsafe { *created += 1 };
+    }
     SOURCES.get_ptr_mut(key)
 }
 

@@ -40,6 +40,11 @@ pub static DENY: LpmTrie<LpmKey, ListEntry> = LpmTrie::with_max_entries(LIST_CAP
 #[map(name = "WSG_SOURCES")]
 pub static SOURCES: LruHashMap<SourceKey, SourceState> = LruHashMap::with_max_entries(1024, 0);
 
+/// Entries created in `SOURCES`, per CPU (its fill level for `status` and
+/// metrics, read without walking the map).
+#[map(name = "WSG_SOURCES_NEW")]
+pub static SOURCES_CREATED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Active bans. A plain hash, not LRU, so a flood of new sources cannot evict them.
 #[map(name = "WSG_BANS")]
 pub static BANS: HashMap<SourceKey, Ban> = HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);

@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::Result;
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray};
 use ipnet::IpNet;
 use wsguard_common::{
     Ban, Counter, HandshakeSettings, ListEntry, Reason, Release, Settings, SourceKey, SourceState,
@@ -183,6 +183,23 @@ pub trait Maps: MapSource {
         let mut map = self.map_mut(names::BANS)?;
         let mut bans: HashMap<&mut MapData, SourceKey, Ban> = HashMap::try_from(&mut *map)?;
         Ok(bans.remove(key).is_ok())
+    }
+
+    /// How many sources the per-source map holds, without walking it: the
+    /// entries the kernel created, at most the map's capacity (the LRU map
+    /// evicts only to make room, so once full it stays full; it may start
+    /// a little before the last free slot, which this then counts as
+    /// taken).
+    fn tracked_source_count(&self) -> Result<u64> {
+        let capacity = {
+            let map = self.map(names::SOURCES)?;
+            let sources: HashMap<&MapData, SourceKey, SourceState> = HashMap::try_from(&*map)?;
+            sources.map().info()?.max_entries()
+        };
+        let map = self.map(names::SOURCES_CREATED)?;
+        let created: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(&*map)?;
+        let created: u64 = created.get(&0, 0)?.iter().sum();
+        Ok(created.min(u64::from(capacity)))
     }
 
     fn tracked_sources(&self) -> Result<Vec<(SourceKey, SourceState)>> {

@@ -19,7 +19,7 @@ use aya::{
 use tracing::warn;
 use wsguard_common::{
     SourceKey,
-    maps::{LAYOUT_VERSION, MAP_FACTS, names},
+    maps::{ENTRY_COUNTERS, LAYOUT_VERSION, MAP_FACTS, names},
 };
 
 use super::maps::{MapMut, MapRef, MapSource, Maps};
@@ -89,6 +89,16 @@ pub fn prepare_map_pins(dir: &Path, config: &Config) -> Result<Vec<(&'static str
             }
         }
         out.push((name, path));
+    }
+    // A count of another map's entries starts again with that map.
+    for (counter, counted) in ENTRY_COUNTERS {
+        if !dir.join(counted).exists() {
+            let path = dir.join(counter);
+            if path.exists() {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("cannot remove {}", path.display()))?;
+            }
+        }
     }
     Ok(out)
 }

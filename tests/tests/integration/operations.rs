@@ -589,6 +589,45 @@ async fn a_corrupted_pinned_map_is_detected_and_rebuilt() -> Result<()> {
     Ok(())
 }
 
+/// `status` counts tracked sources from the kernel's count of entries it
+/// created, not by walking the map: that count lives and dies with the map.
+/// A restart keeps both; one that resizes the map (a new
+/// `tracking.max_sources`) starts both again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tracked_source_count_restarts_with_a_resized_map() -> Result<()> {
+    let lab = Lab::new()?;
+    let _server = EchoServer::start(&lab.server, 8080).await?;
+    let addr = SocketAddr::new(lab.server_v4().into(), 8080);
+    let body = |max: u32| format!("[protect]\nports = [8080]\n[tracking]\nmax_sources = {max}\n");
+    let tracked = |agent: &Agent| -> Result<serde_json::Value> {
+        let out = agent.cli(&["status", "--json"]);
+        ensure!(out.status.success(), "{}", text(&out));
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(doc["maps"]["tracked_sources"].clone())
+    };
+    let first = Agent::start(&lab, &body(1000))?;
+    let _guard = StateGuard(first.pin_path.clone());
+    for host in [11, 12] {
+        ws_connect(&lab.client, lab.client_v4(host).into(), addr, SECOND).await?;
+    }
+    ensure!(tracked(&first)? == 2, "{}", tracked(&first)?);
+    first.stop_keeping_state()?;
+
+    let same = Agent::start(&lab, &body(1000))?;
+    ensure!(
+        tracked(&same)? == 2,
+        "kept across a restart: {}",
+        tracked(&same)?
+    );
+    same.stop_keeping_state()?;
+
+    let resized = Agent::start(&lab, &body(2000))?;
+    ensure!(tracked(&resized)? == 0, "a new map: {}", tracked(&resized)?);
+    ws_connect(&lab.client, lab.client_v4(13).into(), addr, SECOND).await?;
+    ensure!(tracked(&resized)? == 1, "{}", tracked(&resized)?);
+    Ok(())
+}
+
 /// Many legitimate clients behind one address (NAT) stay within limits sized
 /// for them, and none is banned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -551,6 +551,32 @@ fn sources_are_aggregated_to_the_configured_prefixes() {
 }
 
 #[test]
+fn the_source_map_fill_level_is_counted_not_walked() {
+    use wsguard::kernel::Maps;
+    let h = harness("", "[tracking]\nmax_sources = 512\n");
+    let data = |i: u8| Packet::data(v4(i), PORT, 10).bytes();
+    for round in 0..3 {
+        for i in 100..140 {
+            assert_eq!(h.run(&data(i)), XDP_PASS, "round {round}");
+        }
+        // A source seen again is no new entry.
+        assert_eq!(h.kernel.tracked_source_count().unwrap(), 40);
+        assert_eq!(h.tracked_sources().len(), 40, "the walk agrees");
+    }
+    // Past the capacity: the count stops at it, as the map does.
+    for i in 0..2000u16 {
+        let src = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 9, i, 0, 0, 0, 1));
+        h.run(&Packet::data(src, PORT, 10).bytes());
+    }
+    assert_eq!(h.kernel.tracked_source_count().unwrap(), 512);
+    let walked = h.tracked_sources().len();
+    assert!(
+        (460..=512).contains(&walked),
+        "an LRU map holds about its capacity: {walked}"
+    );
+}
+
+#[test]
 fn a_full_source_map_forgets_old_sources_but_keeps_bans() {
     let mut h = XdpHarness::new(&format!(
         "[protect]\nports = [{PORT}]\n\n[limits.per_source]\nnew_connections = \"1/m\"\nnew_connections_burst = 1\nconcurrent_connections = 0\n\n[tracking]\nmax_sources = 16\n"
