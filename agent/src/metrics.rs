@@ -227,7 +227,7 @@ impl Collector for KernelCollector {
         gauge(
             &mut encoder,
             "wsguard_tracked_sources",
-            "Sources with live buckets.",
+            "Sources with live buckets (entries the kernel created in the source map, at most its capacity).",
             &[(vec![], snapshot.tracked_sources as f64)],
         )?;
         let open: u64 = snapshot.open_connections.iter().map(|(_, n)| n).sum();

@@ -7,6 +7,7 @@ use std::{
     process::{Command, Output},
 };
 
+use wsguard_common::maps::LAYOUT_VERSION;
 use wsguard_tests::agent::binary;
 
 fn wsguard(args: &[&str]) -> Output {
@@ -130,7 +131,9 @@ fn status_without_an_agent_fails_clearly() {
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("no wsguard state pinned at /sys/fs/bpf/wsguard-test-nobody-here/v3"),
+        stderr(&out).contains(&format!(
+            "no wsguard state pinned at /sys/fs/bpf/wsguard-test-nobody-here/v{LAYOUT_VERSION}"
+        )),
         "{}",
         stderr(&out)
     );
@@ -271,6 +274,9 @@ fn ticket_issue_mints_tickets_the_agent_accepts() {
 #[test]
 fn bad_cli_input_is_refused_with_exit_code_and_reason() {
     let pins = "/sys/fs/bpf/wsguard-test-nobody-here";
+    let not_pinned = format!("no wsguard state pinned at {pins}/v{LAYOUT_VERSION}");
+    let not_running =
+        format!("no wsguard agent is running with its state at {pins}/v{LAYOUT_VERSION}");
     let cases: &[(&[&str], i32, &str)] = &[
         (
             &["deny", "add", "10.0.0.1/8", "--pin-path", pins],
@@ -313,16 +319,8 @@ fn bad_cli_input_is_refused_with_exit_code_and_reason() {
             2,
             "\"nope\" is not an IP address",
         ),
-        (
-            &["deny", "list", "--pin-path", pins],
-            1,
-            "no wsguard state pinned at /sys/fs/bpf/wsguard-test-nobody-here/v3",
-        ),
-        (
-            &["reload", "--pin-path", pins],
-            1,
-            "no wsguard agent is running with its state at /sys/fs/bpf/wsguard-test-nobody-here/v3",
-        ),
+        (&["deny", "list", "--pin-path", pins], 1, &not_pinned),
+        (&["reload", "--pin-path", pins], 1, &not_running),
         (
             &["status", "--config", "/nonexistent.toml"],
             2,
