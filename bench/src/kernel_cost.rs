@@ -39,6 +39,18 @@ pub struct CostRow {
     pub ns: Spread,
     /// `ns` over the floor's, measured next to it in the same round.
     pub ratio: Spread,
+    /// `ns` minus the floor's, in the same round (the floor itself varies
+    /// between machines; this does less).
+    pub over_floor: Spread,
+    /// The ratio the row must stay within, where there is one.
+    pub target: Option<f64>,
+}
+
+impl CostRow {
+    /// Whether the median ratio is within the target (`None`: no target).
+    pub fn meets_target(&self) -> Option<bool> {
+        self.target.map(|t| self.ratio.median <= t)
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -130,6 +142,8 @@ struct Case<'a> {
     harness: &'a XdpHarness,
     frame: Vec<u8>,
     expect: u32,
+    /// Ratio to the floor the case must stay within.
+    target: Option<f64>,
 }
 
 /// Measures every case once per round, each right after the floor, and
@@ -137,6 +151,7 @@ struct Case<'a> {
 fn measure(floor: &XdpHarness, cases: &[Case], effort: Effort) -> Result<Vec<CostRow>> {
     let mut ns = vec![Vec::new(); cases.len()];
     let mut ratio = vec![Vec::new(); cases.len()];
+    let mut over = vec![Vec::new(); cases.len()];
     let mut floor_ns = Vec::new();
     for round in 0..effort.rounds {
         // Rotate the order so drift on a shared machine spreads evenly.
@@ -155,21 +170,30 @@ fn measure(floor: &XdpHarness, cases: &[Case], effort: Effort) -> Result<Vec<Cos
             floor_ns.push(b);
             ns[i].push(t);
             ratio[i].push(t / b.max(1.0));
+            over[i].push(t - b);
         }
     }
-    let mut rows = vec![CostRow {
-        case: "floor: XDP_PASS only".to_string(),
-        verdict: "pass",
-        ns: Spread::of(&floor_ns),
-        ratio: Spread::of(&vec![1.0; floor_ns.len()]),
-    }];
+    let mut rows = vec![floor_row("floor: XDP_PASS only", &floor_ns)];
     rows.extend(cases.iter().enumerate().map(|(i, c)| CostRow {
         case: c.name.clone(),
         verdict: verdict_name(c.expect),
         ns: Spread::of(&ns[i]),
         ratio: Spread::of(&ratio[i]),
+        over_floor: Spread::of(&over[i]),
+        target: c.target,
     }));
     Ok(rows)
+}
+
+fn floor_row(name: &str, floor_ns: &[f64]) -> CostRow {
+    CostRow {
+        case: name.to_string(),
+        verdict: "pass",
+        ns: Spread::of(floor_ns),
+        ratio: Spread::of(&vec![1.0; floor_ns.len()]),
+        over_floor: Spread::of(&vec![0.0; floor_ns.len()]),
+        target: None,
+    }
 }
 
 /// Runs `frames` once each (a repeat would make every run after the first a
@@ -199,27 +223,36 @@ fn measure_singles(
     Ok((medians, floors))
 }
 
-fn singles_row(name: &str, verdict: u32, (runs, floors): (Vec<f64>, Vec<f64>)) -> [CostRow; 2] {
+fn singles_row(
+    name: &str,
+    verdict: u32,
+    target: Option<f64>,
+    (runs, floors): (Vec<f64>, Vec<f64>),
+) -> [CostRow; 2] {
     let ratios: Vec<f64> = runs
         .iter()
         .zip(&floors)
         .map(|(r, f)| r / f.max(1.0))
         .collect();
+    let over: Vec<f64> = runs.iter().zip(&floors).map(|(r, f)| r - f).collect();
     [
-        CostRow {
-            case: "floor, one run per frame".to_string(),
-            verdict: "pass",
-            ns: Spread::of(&floors),
-            ratio: Spread::of(&vec![1.0; floors.len()]),
-        },
+        floor_row("floor, one run per frame", &floors),
         CostRow {
             case: name.to_string(),
             verdict: verdict_name(verdict),
             ns: Spread::of(&runs),
             ratio: Spread::of(&ratios),
+            over_floor: Spread::of(&over),
+            target,
         },
     ]
 }
+
+/// Targets, as ratios to the floor, for section 1's rows.
+const UNPROTECTED_TARGET: f64 = 1.2;
+const KNOWN_SOURCE_TARGET: f64 = 2.0;
+const OTHER_PATH_TARGET: f64 = 3.0;
+const FULL_MAP_INSERT_TARGET: f64 = 5.0;
 
 /// Section 1: the cost of each decision path.
 pub fn per_packet(effort: Effort) -> Result<Vec<CostRow>> {
@@ -237,8 +270,23 @@ pub fn per_packet(effort: Effort) -> Result<Vec<CostRow>> {
     ))?;
     cookies.load_floor()?;
 
+    // Allow and deny lists that hold entries, none of them the source's.
+    let mut listed = XdpHarness::new(&format!(
+        "{}[lists]\nallow = [\"198.19.0.0/24\"]\ndeny = [\"198.19.1.0/24\"]\n",
+        open_config(65536, 64)
+    ))?;
+    listed.load_floor()?;
+    // An inspected port (the agent's handshake inspection).
+    let inspected = XdpHarness::new(&format!(
+        "{}[handshake]\ninspect_ports = [{PORT}]\nmissing_origin = \"allow\"\n",
+        open_config(65536, 64)
+    ))?;
+
     let known = v4(10);
     open.run(&data(known)); // the first packet inserts the source
+    let known_v6 = v6(3, 10);
+    open.run(&data(known_v6));
+    listed.run(&data(known));
     let over = v4(11);
     strict.run(&syn(over, PORT)); // the one connection the bucket holds
     let banned = v4(12);
@@ -249,6 +297,8 @@ pub fn per_packet(effort: Effort) -> Result<Vec<CostRow>> {
             until_ns: u64::MAX,
         },
     );
+    let allowed = v4_in_allow_list();
+    inspected.run(&syn(known, PORT));
 
     let mut deny_lists = Vec::new();
     for entries in [1u32, 1_000, 100_000] {
@@ -259,44 +309,94 @@ pub fn per_packet(effort: Effort) -> Result<Vec<CostRow>> {
         deny_lists.push((entries, h, v4((entries / 2) * (131_072 / entries))));
     }
 
+    let case = |name: &str, harness, frame, expect, target| Case {
+        name: name.to_string(),
+        harness,
+        frame,
+        expect,
+        target,
+    };
     let mut cases = vec![
-        Case {
-            name: "unprotected port".into(),
-            harness: &open,
-            frame: syn(known, UNPROTECTED_PORT),
-            expect: XDP_PASS,
-        },
-        Case {
-            name: "known source under its limits".into(),
-            harness: &open,
-            frame: data(known),
-            expect: XDP_PASS,
-        },
-        Case {
-            name: "source over its connection limit".into(),
-            harness: &strict,
-            frame: syn(over, PORT),
-            expect: XDP_DROP,
-        },
-        Case {
-            name: "banned source".into(),
-            harness: &open,
-            frame: syn(banned, PORT),
-            expect: XDP_DROP,
-        },
+        case(
+            "unprotected port",
+            &open,
+            syn(known, UNPROTECTED_PORT),
+            XDP_PASS,
+            Some(UNPROTECTED_TARGET),
+        ),
+        case(
+            "known source under its limits",
+            &open,
+            data(known),
+            XDP_PASS,
+            Some(KNOWN_SOURCE_TARGET),
+        ),
+        case(
+            "known source under its limits, IPv6",
+            &open,
+            data(known_v6),
+            XDP_PASS,
+            None,
+        ),
+        case(
+            "known source under its limits, one VLAN tag (the full walk)",
+            &open,
+            Packet::data(known, PORT, 0)
+                .with(|p| p.vlan_tpids = vec![wsguard_tests::packets::ETH_P_8021Q])
+                .bytes(),
+            XDP_PASS,
+            None,
+        ),
+        case(
+            "known source under its limits, allow and deny lists in use",
+            &listed,
+            data(known),
+            XDP_PASS,
+            None,
+        ),
+        case(
+            "known source, new connection to an inspected port (syn_cookies off)",
+            &inspected,
+            syn(known, PORT),
+            XDP_PASS,
+            None,
+        ),
+        case(
+            "source over its connection limit",
+            &strict,
+            syn(over, PORT),
+            XDP_DROP,
+            Some(OTHER_PATH_TARGET),
+        ),
+        case(
+            "banned source",
+            &open,
+            syn(banned, PORT),
+            XDP_DROP,
+            Some(OTHER_PATH_TARGET),
+        ),
+        case(
+            "allow-listed source",
+            &listed,
+            syn(allowed, PORT),
+            XDP_PASS,
+            Some(OTHER_PATH_TARGET),
+        ),
+        case(
+            "segment of no connection with syn_cookies on (cookie check fails)",
+            &cookies,
+            data(v4(21)),
+            XDP_DROP,
+            None,
+        ),
     ];
-    cases.push(Case {
-        name: "segment of no connection with syn_cookies on (cookie check fails)".into(),
-        harness: &cookies,
-        frame: data(v4(21)),
-        expect: XDP_DROP,
-    });
     for (entries, h, source) in &deny_lists {
         cases.push(Case {
             name: format!("denied CIDR, {entries} in the deny list"),
             harness: h,
             frame: syn(*source, PORT),
             expect: XDP_DROP,
+            target: (*entries <= 1_000).then_some(OTHER_PATH_TARGET),
         });
     }
     let mut rows = measure(&open, &cases, effort)?;
@@ -309,7 +409,26 @@ pub fn per_packet(effort: Effort) -> Result<Vec<CostRow>> {
     rows.extend(singles_row(
         "new source (first packet: insert)",
         XDP_PASS,
+        Some(OTHER_PATH_TARGET),
         measure_singles(&open, &mut new_sources, effort, XDP_PASS, "new source")?,
+    ));
+    // A map the size of the singles, filled: every new source evicts one.
+    let full_size = effort.singles.max(1024) as u32;
+    let mut full = XdpHarness::new(&open_config(full_size, 128))?;
+    full.load_floor()?;
+    for i in 0..full_size {
+        full.run_repeat(&data(v6(4, i)), 1)?;
+    }
+    let mut n = full_size;
+    let mut evicting = std::iter::from_fn(|| {
+        n += 1;
+        Some(data(v6(4, n)))
+    });
+    rows.extend(singles_row(
+        "new source into a full map (insert, evicting the oldest)",
+        XDP_PASS,
+        Some(FULL_MAP_INSERT_TARGET),
+        measure_singles(&full, &mut evicting, effort, XDP_PASS, "full-map insert")?,
     ));
     // XDP_TX turns the frame into the SYN-ACK in place, and a repeated run
     // would judge that: one run per frame.
@@ -317,9 +436,15 @@ pub fn per_packet(effort: Effort) -> Result<Vec<CostRow>> {
     rows.extend(singles_row(
         "SYN with syn_cookies on: answered with a cookie (one run per frame)",
         XDP_TX,
+        None,
         measure_singles(&cookies, &mut cookie_syns, effort, XDP_TX, "cookie SYN")?,
     ));
     Ok(rows)
+}
+
+/// An address inside the allow list of section 1's `listed` harness.
+fn v4_in_allow_list() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(198, 19, 0, 7))
 }
 
 /// Section 2: costs with `sources` tracked, and the memory that takes.
@@ -354,6 +479,7 @@ pub fn scale(sources: u32, effort: Effort) -> Result<ScaleRow> {
             harness: &h,
             frame: data(hot),
             expect: XDP_PASS,
+            target: None,
         }],
         effort,
     )?;
@@ -363,6 +489,7 @@ pub fn scale(sources: u32, effort: Effort) -> Result<ScaleRow> {
     let [_, cold] = singles_row(
         "known source, a different one each packet",
         XDP_PASS,
+        None,
         measure_singles(&h, &mut known, effort, XDP_PASS, "known source")?,
     );
     let mut n = sources;
@@ -373,6 +500,7 @@ pub fn scale(sources: u32, effort: Effort) -> Result<ScaleRow> {
     let [floor, insert] = singles_row(
         "new source into a full map (insert, evicting the oldest)",
         XDP_PASS,
+        Some(FULL_MAP_INSERT_TARGET),
         measure_singles(&h, &mut fresh, effort, XDP_PASS, "new source")?,
     );
     rows.extend([floor, cold, insert]);

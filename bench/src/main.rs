@@ -23,6 +23,10 @@ struct Args {
     /// About two minutes instead of ten: fewer rounds and shorter phases.
     #[arg(long)]
     quick: bool,
+    /// Section 1 only (the cost per packet in the kernel), printed as a
+    /// table; docs/ is left as it is.
+    #[arg(long)]
+    cost_only: bool,
     /// Where benchmarks.md and the charts (benchmarks/*.svg) go.
     #[arg(long, default_value = "docs")]
     docs: PathBuf,
@@ -159,6 +163,10 @@ async fn measure(args: &Args) -> Result<()> {
 
     eprintln!("bench: 1. cost per packet");
     let per_packet = kernel_cost::per_packet(plan.kernel)?;
+    if args.cost_only {
+        println!("{}", report::cost_table(&per_packet));
+        return Ok(());
+    }
     eprintln!("bench: 2. scale");
     let mut scale = Vec::new();
     for sources in plan.scales {

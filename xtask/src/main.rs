@@ -45,6 +45,10 @@ enum Task {
         /// About two minutes instead of ten: fewer rounds, shorter phases.
         #[arg(long)]
         quick: bool,
+        /// Only section 1 (the kernel's cost per packet), printed as a
+        /// table; docs/ is left as it is.
+        #[arg(long)]
+        cost_only: bool,
     },
     /// Check formatting (rustfmt) and lints (clippy, warnings denied) for the
     /// host crates and the kernel crate. `cargo xtask test` runs it first.
@@ -143,7 +147,7 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("tests failed ({failed} failed)");
             }
         }
-        Task::Bench { quick } => {
+        Task::Bench { quick, cost_only } => {
             let binary = build(&root)?;
             require_root("cargo xtask bench")?;
             prerequisites::ensure_bench_tools()?;
@@ -151,6 +155,7 @@ fn run(cli: Cli) -> Result<()> {
                 .current_dir(&root)
                 .args(["run", "--release", "--package", "wsguard-bench", "--"])
                 .args(quick.then_some("--quick"))
+                .args(cost_only.then_some("--cost-only"))
                 .args(["--docs", &root.join("docs").display().to_string()])
                 .env("WSGUARD_BIN", &binary)
                 .status()

@@ -4,6 +4,8 @@
 
 mod charts;
 mod sections;
+
+pub use sections::cost_table;
 pub mod table;
 
 use std::path::Path;

@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use super::{Results, over_rounds, ratio_over_rounds, table::Table};
+use crate::kernel_cost::CostRow;
 use crate::{
     contenders::{self, Contender},
     flood::{Attack, Phase},
@@ -49,23 +50,52 @@ pub(super) fn cost_per_packet(r: &Results) -> String {
          The XDP program (`wsguard_ingress`) run by the kernel on a crafted frame through \
          `BPF_PROG_TEST_RUN`, which reports the mean time per run. The floor is `wsguard_floor`, an XDP \
          program that only returns `XDP_PASS`, measured right before each case in the same round; \
-         \"× floor\" is the ratio of the two. Rows that say \"one run per frame\" cannot repeat a frame \
-         (its second run would no longer be a new source), so each frame runs once and the figure \
-         includes the kernel's clock reads around a single run; they are compared with the floor run \
-         the same way.\n\n\
+         \"× floor\" is the ratio of the two, and \"ns over floor\" their difference (the floor itself \
+         varies between machines, the difference less so). Rows that say \"one run per frame\" cannot \
+         repeat a frame (its second run would no longer be a new source), so each frame runs once and \
+         the figure includes the kernel's clock reads around a single run; they are compared with the \
+         floor run the same way. \"target\" is the ratio the row must stay within, and whether this \
+         run's median did.\n\n\
          ![cost per packet](benchmarks/cost-per-packet.svg)\n"
     );
-    let mut table = Table::new(["case", "verdict", "ns per packet", "× floor"]);
-    for row in &r.per_packet {
-        table.row([
-            row.case.to_string(),
-            row.verdict.to_string(),
-            row.ns.show(1),
-            row.ratio.show(2),
-        ]);
-    }
-    md.push_str(&table.to_string());
+    md.push_str(&cost_table(&r.per_packet));
     md
+}
+
+/// Section 1's table.
+pub fn cost_table(rows: &[CostRow]) -> String {
+    let mut table = Table::new([
+        "case",
+        "verdict",
+        "ns per packet",
+        "× floor",
+        "ns over floor",
+        "target",
+    ]);
+    for row in rows {
+        table.row(cost_cells(row));
+    }
+    table.to_string()
+}
+
+/// The cells of a section 1 row.
+fn cost_cells(row: &CostRow) -> [String; 6] {
+    [
+        row.case.to_string(),
+        row.verdict.to_string(),
+        row.ns.show(1),
+        row.ratio.show(2),
+        row.over_floor.show(1),
+        target_cell(row),
+    ]
+}
+
+fn target_cell(row: &CostRow) -> String {
+    match (row.target, row.meets_target()) {
+        (Some(t), Some(true)) => format!("≤ {t:.1}×: met"),
+        (Some(t), _) => format!("≤ {t:.1}×: **missed**"),
+        (None, _) => "—".to_string(),
+    }
 }
 
 /// Section 2: the map of tracked sources at capacity.
@@ -87,6 +117,8 @@ pub(super) fn scale(r: &Results) -> String {
         "case",
         "ns per packet",
         "× floor",
+        "ns over floor",
+        "target",
     ]);
     for s in &r.scale {
         for row in &s.rows {
@@ -97,6 +129,8 @@ pub(super) fn scale(r: &Results) -> String {
                 row.case.to_string(),
                 row.ns.show(1),
                 row.ratio.show(2),
+                row.over_floor.show(1),
+                target_cell(row),
             ]);
         }
     }
