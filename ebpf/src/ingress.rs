@@ -142,20 +142,28 @@ fn judge_segment(
     if is_deny_listed(&segment.source, now) {
         return Reason::DenyList;
     }
+    let cookies = cookies_active(settings);
+    if cookies && segment.opens_connection {
+        // A SYN is answered with a cookie and charges no budget: its
+        // source's entry is of no use, only a ban can stop it (the SYN of
+        // a spoofed flood costs no lookup in the per-source map).
+        if is_banned(&key, now) {
+            return Reason::Banned;
+        }
+        // In its own program (a tail call), so that this one stays small
+        // enough to verify; it returns for good.
+        unsafe { COOKIE_PROGRAMS.tail_call(ctx, COOKIE_SYN) };
+        return Reason::SynCookieFailed;
+    }
     // Looked up once, for the ban shortcut and the budgets; created only
     // once the source has a budget to be charged (after the cookie check).
     let state = SOURCES.get_ptr_mut(&key);
     if let Some(reason) = ban_rule(&key, state, now) {
         return reason;
     }
-    if cookies_active(settings) {
-        // A SYN is answered with a cookie, and a segment of no connection
-        // must return one: each in its own program (a tail call), so that
-        // this one stays small enough to verify. They return for good.
-        if segment.opens_connection {
-            unsafe { COOKIE_PROGRAMS.tail_call(ctx, COOKIE_SYN) };
-            return Reason::SynCookieFailed;
-        }
+    if cookies {
+        // A segment of no connection must return a cookie (a tail call,
+        // like the SYN's).
         if let Belongs::Nothing = cookies::belongs(ctx.ctx as *mut _, frame, segment) {
             unsafe { COOKIE_PROGRAMS.tail_call(ctx, COOKIE_CHECK) };
             return Reason::SynCookieFailed;

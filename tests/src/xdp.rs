@@ -29,6 +29,7 @@ pub const XDP_TX: u32 = 3;
 pub struct XdpHarness {
     pub kernel: Kernel,
     config: Config,
+    _pinned: CpuPin,
 }
 
 impl XdpHarness {
@@ -49,10 +50,11 @@ impl XdpHarness {
         };
         let text = format!("[agent]\ninterfaces = [\"lo\"]\n{agent_keys}\n\n{body}{cookies}");
         let config = Config::parse(Path::new("test.toml"), &text)?;
-        stay_on_this_cpu()?;
+        let pinned = CpuPin::here()?;
         Ok(XdpHarness {
             kernel: Kernel::load(&config, None)?,
             config,
+            _pinned: pinned,
         })
     }
 
@@ -278,28 +280,74 @@ impl XdpHarness {
     }
 }
 
-/// Pins the calling thread to the CPU it runs on. BPF_PROG_TEST_RUN runs
-/// the program on the calling CPU, and per-CPU state (counters, each CPU's
-/// share of the global buckets) then stays on one CPU, as a flow's packets
-/// do on one receive queue; a test that moved between CPUs would see a
-/// share it took on one CPU missing on the next.
-fn stay_on_this_cpu() -> Result<()> {
-    // SAFETY: sched_getcpu has no preconditions; the set is a plain bitmask
-    // filled by the libc macros, and 0 means the calling thread.
-    unsafe {
-        let cpu = libc::sched_getcpu();
-        anyhow::ensure!(
-            cpu >= 0,
-            "sched_getcpu: {}",
-            std::io::Error::last_os_error()
-        );
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu as usize, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            anyhow::bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
-        }
+/// Keeps the calling thread on the CPU it runs on while any harness of
+/// the thread is alive. BPF_PROG_TEST_RUN runs the program on the calling
+/// CPU, and per-CPU state (counters, each CPU's share of the global
+/// buckets) then stays on one CPU, as a flow's packets do on one receive
+/// queue; a test that moved between CPUs would see a share it took on one
+/// CPU missing on the next. The thread's own CPU set comes back when the
+/// last harness goes, so threads it starts later (a benchmark's senders)
+/// are not confined to one CPU.
+struct CpuPin;
+
+thread_local! {
+    /// Harnesses alive on this thread, and the CPU set from before the first.
+    static PINS: std::cell::RefCell<(usize, Option<libc::cpu_set_t>)> =
+        const { std::cell::RefCell::new((0, None)) };
+}
+
+impl CpuPin {
+    fn here() -> Result<CpuPin> {
+        PINS.with(|pins| {
+            let mut pins = pins.borrow_mut();
+            if pins.0 == 0 {
+                // SAFETY: plain libc calls on a zeroed cpu_set_t; 0 is the
+                // calling thread.
+                unsafe {
+                    let mut before: libc::cpu_set_t = std::mem::zeroed();
+                    let size = std::mem::size_of::<libc::cpu_set_t>();
+                    anyhow::ensure!(
+                        libc::sched_getaffinity(0, size, &mut before) == 0,
+                        "sched_getaffinity: {}",
+                        std::io::Error::last_os_error()
+                    );
+                    let cpu = libc::sched_getcpu();
+                    anyhow::ensure!(
+                        cpu >= 0,
+                        "sched_getcpu: {}",
+                        std::io::Error::last_os_error()
+                    );
+                    let mut one: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu as usize, &mut one);
+                    anyhow::ensure!(
+                        libc::sched_setaffinity(0, size, &one) == 0,
+                        "sched_setaffinity: {}",
+                        std::io::Error::last_os_error()
+                    );
+                    pins.1 = Some(before);
+                }
+            }
+            pins.0 += 1;
+            Ok(CpuPin)
+        })
     }
-    Ok(())
+}
+
+impl Drop for CpuPin {
+    fn drop(&mut self) {
+        PINS.with(|pins| {
+            let mut pins = pins.borrow_mut();
+            pins.0 -= 1;
+            if pins.0 == 0
+                && let Some(before) = pins.1.take()
+            {
+                // SAFETY: restores the set read in `here`.
+                unsafe {
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &before);
+                }
+            }
+        });
+    }
 }
 
 /// A loopback connection under inspection (see [`XdpHarness::inspected_connection`]).
