@@ -485,8 +485,11 @@ a frame here (`BPF_PROG_TEST_RUN` on one CPU, no NIC, no DMA); no XDP filter can
 scale, the XDP paper (Høiland-Jørgensen et al., CoNEXT 2018) measured about 24 Mpps per core for \
 XDP drop on bare metal with a 100G NIC, about 42 ns per packet end to end. Numbers here come from a \
 shared virtual machine and are larger.
-- **\"× floor\" is the portable figure.** Absolute ns depend on the CPU and its load; the ratio to the \
-floor, measured in the same round, carries over between machines much better.
+- **Read \"× floor\" next to \"ns over floor\".** Absolute ns depend on the CPU and its load; both \
+figures are measured next to the floor in the same round, which removes most of that. The ratio \
+still depends on the floor itself, which is only the cost of `BPF_PROG_TEST_RUN` calling a program: \
+where that is cheap (here about 9 ns) a path of a fixed number of instructions shows as a larger \
+ratio than where it is dear. \"ns over floor\" is what the program itself adds.
 - **Sections 3 and 5 are end-to-end.** The echo client's latency includes the tokio runtime, the \
 WebSocket framing, both TCP stacks and the scheduler; on a 2-core machine the flood sender, the \
 server and the client compete for the same cores, so a flood slows everyone a little whatever drops \
