@@ -119,6 +119,22 @@ fn v6(block: u16, n: u32) -> IpAddr {
     ))
 }
 
+/// Fills `h`'s source map with `count` sources of `block`, one packet
+/// each from the program itself, so every entry holds what a real first
+/// packet leaves.
+fn fill_sources(h: &XdpHarness, block: u16, count: u32) -> Result<()> {
+    for i in 0..count {
+        h.run_repeat(&data(v6(block, i)), 1)?;
+    }
+    Ok(())
+}
+
+/// Data frames from sources of `block` not seen yet: the numbers after
+/// `after`, one per frame.
+fn new_sources(block: u16, after: u32) -> impl Iterator<Item = Vec<u8>> {
+    (after + 1..).map(move |n| data(v6(block, n)))
+}
+
 fn syn(src: IpAddr, port: u16) -> Vec<u8> {
     Packet::syn(src, port).bytes()
 }
@@ -401,29 +417,24 @@ pub fn per_packet(effort: Effort) -> Result<Vec<CostRow>> {
     }
     let mut rows = measure(&open, &cases, effort)?;
 
-    let mut n = 0u32;
-    let mut new_sources = std::iter::from_fn(|| {
-        n += 1;
-        Some(data(v6(1, n)))
-    });
     rows.extend(singles_row(
         "new source (first packet: insert)",
         XDP_PASS,
         Some(OTHER_PATH_TARGET),
-        measure_singles(&open, &mut new_sources, effort, XDP_PASS, "new source")?,
+        measure_singles(
+            &open,
+            &mut new_sources(1, 0),
+            effort,
+            XDP_PASS,
+            "new source",
+        )?,
     ));
     // A map the size of the singles, filled: every new source evicts one.
     let full_size = effort.singles.max(1024) as u32;
     let mut full = XdpHarness::new(&open_config(full_size, 128))?;
     full.load_floor()?;
-    for i in 0..full_size {
-        full.run_repeat(&data(v6(4, i)), 1)?;
-    }
-    let mut n = full_size;
-    let mut evicting = std::iter::from_fn(|| {
-        n += 1;
-        Some(data(v6(4, n)))
-    });
+    fill_sources(&full, 4, full_size)?;
+    let mut evicting = new_sources(4, full_size);
     rows.extend(singles_row(
         "new source into a full map (insert, evicting the oldest)",
         XDP_PASS,
@@ -452,11 +463,7 @@ pub fn scale(sources: u32, effort: Effort) -> Result<ScaleRow> {
     // /128 tracking, so each IPv6 address is its own source.
     let mut h = XdpHarness::new(&open_config(sources, 128))?;
     h.load_floor()?;
-    // Filled by the program itself, one packet per source, so every entry
-    // holds what a real first packet leaves.
-    for i in 0..sources {
-        h.run_repeat(&data(v6(2, i)), 1)?;
-    }
+    fill_sources(&h, 2, sources)?;
     // An LRU map starts evicting a little before it is full (its free list
     // is split between CPUs), so what it holds is read back.
     let tracked: Vec<IpAddr> = h
@@ -492,11 +499,7 @@ pub fn scale(sources: u32, effort: Effort) -> Result<ScaleRow> {
         None,
         measure_singles(&h, &mut known, effort, XDP_PASS, "known source")?,
     );
-    let mut n = sources;
-    let mut fresh = std::iter::from_fn(|| {
-        n += 1;
-        Some(data(v6(2, n)))
-    });
+    let mut fresh = new_sources(2, sources);
     let [floor, insert] = singles_row(
         "new source into a full map (insert, evicting the oldest)",
         XDP_PASS,

@@ -99,15 +99,6 @@ impl BucketParams {
         if share < self.unit { 0 } else { share }
     }
 
-    /// The rate the parameters enforce, in tokens per second (for checks
-    /// and for the summary).
-    pub fn tokens_per_second(&self) -> f64 {
-        if self.unit == 0 {
-            return f64::INFINITY;
-        }
-        self.refill_per_ns as f64 * 1e9 / self.unit as f64
-    }
-
     pub fn is_unlimited(&self) -> bool {
         self.capacity == 0
     }
@@ -199,7 +190,7 @@ impl TokenBucket {
 /// spends its own share (a per-CPU value, so no cache line bounces between
 /// CPUs), and only when it runs out takes the next share from the shared
 /// bucket. `share` is the CPU's unspent scaled units; `chunk` the size of
-/// a share (see `Settings::global_shares`).
+/// a share (see [`BucketParams::share`]).
 #[inline(always)]
 pub fn take_shared(
     share: &mut u64,
@@ -271,7 +262,8 @@ mod tests {
             (10_000_000_001, 10_000_000_001),
         ] {
             let p = BucketParams::new(rate, SEC, burst).expect("fits");
-            let error = (p.tokens_per_second() - rate as f64).abs() / rate as f64;
+            let per_second = p.refill_per_ns as f64 * 1e9 / p.unit as f64;
+            let error = (per_second - rate as f64).abs() / rate as f64;
             assert!(error < 1e-6, "{rate}/s: off by {error}");
             assert_eq!(p.burst(), burst, "{rate}/s keeps its burst");
             // A second of full-size frames: exactly the rate (±1 frame).

@@ -71,8 +71,8 @@ pub mod shortcuts {
     pub const ALLOW_USED: u32 = 0;
     /// The same for the deny list.
     pub const DENY_USED: u32 = 1;
-    /// Changed after every ban user space writes (a ban the kernel writes
-    /// itself resets the banned source's own cache). A source entry whose
+    /// Changed after every ban written: by user space after its insert, by
+    /// the kernel with an atomic add after its own. A source entry whose
     /// `unbanned_at_epoch` equals it had no ban at that epoch, so its ban
     /// lookup is skipped; 0 turns the shortcut off.
     pub const BAN_EPOCH: u32 = 2;
@@ -138,10 +138,6 @@ impl PortSet {
             set.insert(port);
         }
         set
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.bits.iter().all(|w| *w == 0)
     }
 }
 

@@ -69,20 +69,25 @@ fn malformed(source: &SourceKey) -> Reason {
     }
 }
 
-/// Rules that depend only on the source: allow list and deny list on the
-/// full address, ban on its tracking key. `None` means none of them decided.
+/// The allow list, then the deny list, on the full address. `None` means
+/// neither decided.
 #[inline(always)]
-fn source_rules(source: &SourceKey, key: &SourceKey, now: u64) -> Option<Reason> {
+fn list_rules(source: &SourceKey, now: u64) -> Option<Reason> {
     if is_allow_listed(source, now) {
         return Some(Reason::AllowListed);
     }
     if is_deny_listed(source, now) {
         return Some(Reason::DenyList);
     }
-    if is_banned(key, now) {
-        return Some(Reason::Banned);
-    }
     None
+}
+
+/// Rules that depend only on the source, for a fragment (which has no
+/// entry of its own to vouch for its ban state): the lists, then a ban on
+/// its tracking key. `None` means none of them decided.
+#[inline(always)]
+fn source_rules(source: &SourceKey, key: &SourceKey, now: u64) -> Option<Reason> {
+    list_rules(source, now).or_else(|| is_banned(key, now).then_some(Reason::Banned))
 }
 
 /// Bans, looked up only when the source's own entry cannot vouch that it
@@ -135,15 +140,12 @@ fn judge_segment(
     segment: &TcpSegment,
 ) -> Reason {
     let now = now_ns();
+    if let Some(reason) = list_rules(&segment.source, now) {
+        return reason;
+    }
     let key = settings.tracking_key(&segment.source);
-    if is_allow_listed(&segment.source, now) {
-        return Reason::AllowListed;
-    }
-    if is_deny_listed(&segment.source, now) {
-        return Reason::DenyList;
-    }
     let cookies = cookies_active(settings);
-    if cookies && segment.opens_connection {
+    if cookies && segment.opens_connection() {
         // A SYN is answered with a cookie and charges no budget: its
         // source's entry is of no use, only a ban can stop it (the SYN of
         // a spoofed flood costs no lookup in the per-source map).
@@ -172,7 +174,7 @@ fn judge_segment(
     let budgets = Budgets {
         key: &key,
         state,
-        opens_connection: segment.opens_connection,
+        opens_connection: segment.opens_connection(),
         now,
         len: frame.len(),
     };
@@ -201,7 +203,7 @@ pub fn answer_syn(ctx: &XdpContext) -> u32 {
     };
     let len = frame.len();
     let answered = match parse(&frame, &settings.protected_ports) {
-        Parsed::Tcp(segment) if segment.flags & TcpSegment::RST == 0 => {
+        Parsed::Tcp(segment) if segment.flags() & TcpSegment::RST == 0 => {
             cookies::answer_syn(ctx, &segment, cookies, now_ns()).is_ok()
         }
         _ => false,

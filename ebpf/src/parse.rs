@@ -53,13 +53,9 @@ pub struct TcpSegment {
     /// The full source address (IPv4 as IPv4-mapped).
     pub source: SourceKey,
     pub destination_port: u16,
-    /// SYN without ACK: the start of a new connection.
-    pub opens_connection: bool,
     /// The header is cut short after the ports, its data offset is below 5,
     /// or it runs past the packet (flags are then unknown, and zero here).
     pub incomplete_header: bool,
-    /// TCP flags (byte 13 of the header; zero when the header is incomplete).
-    pub flags: u8,
     /// Bytes 12 and 13 of the TCP header (data offset, reserved bits,
     /// flags), as read; zero when the header is incomplete.
     pub header_word: [u8; 2],
@@ -77,10 +73,44 @@ impl TcpSegment {
     pub const RST: u8 = 0x04;
     pub const ACK: u8 = 0x10;
 
+    /// The segment at `transport_offset`, from its header word (`None`:
+    /// the header is incomplete, its flags unknown).
+    #[inline(always)]
+    fn new(
+        source: SourceKey,
+        destination_port: u16,
+        transport_offset: usize,
+        network: Network,
+        header_word: Option<[u8; 2]>,
+    ) -> TcpSegment {
+        TcpSegment {
+            source,
+            destination_port,
+            incomplete_header: header_word.is_none(),
+            header_word: header_word.unwrap_or([0, 0]),
+            network_offset: network.offset,
+            transport_offset,
+            ipv4: network.ipv4,
+            plain: network.plain,
+        }
+    }
+
+    /// TCP flags (byte 13 of the header; zero when the header is incomplete).
+    #[inline(always)]
+    pub fn flags(&self) -> u8 {
+        self.header_word[1]
+    }
+
+    /// SYN without ACK: the start of a new connection.
+    #[inline(always)]
+    pub fn opens_connection(&self) -> bool {
+        self.flags() & (Self::SYN | Self::ACK) == Self::SYN
+    }
+
     /// ACK set, SYN and RST clear: what returns a SYN cookie.
     #[inline(always)]
     pub fn is_plain_ack(&self) -> bool {
-        self.flags & (Self::SYN | Self::RST | Self::ACK) == Self::ACK
+        self.flags() & (Self::SYN | Self::RST | Self::ACK) == Self::ACK
     }
 }
 
@@ -134,22 +164,28 @@ impl Packet for Frame {
 }
 
 impl Frame {
-    /// The `T` at `offset` with one load of `T`'s width (a `u16`, `u32`
-    /// or `u64`), if it lies inside the frame. `read` copies byte by byte,
-    /// as it must for a header struct of byte arrays; this is for the fast
-    /// path's few fields.
+    /// Whether the frame holds at least `len` bytes. After it, the
+    /// verifier knows every offset below `len` is in the packet, so the
+    /// fast path's loads need no check of their own.
     #[inline(always)]
-    fn load<T: Copy>(&self, offset: usize) -> Option<T> {
-        let start = self.data + offset;
-        if start + size_of::<T>() > self.end {
-            return None;
-        }
-        // SAFETY: bounds checked against data_end above. Header fields sit
-        // at 2-byte alignment in the frame; the BPF JITs of the hosts we run
-        // on (x86-64, arm64) load at any alignment, and the verifier allows
-        // it unless strict alignment is asked for. A read_unaligned would
-        // be split into single-byte loads by the BPF backend.
-        Some(unsafe { core::ptr::read(start as *const T) })
+    fn holds(&self, len: usize) -> bool {
+        self.data + len <= self.end
+    }
+
+    /// The `T` at `offset` with one load of `T`'s width (a `u8`, `u16`,
+    /// `u32` or `u64`). `read` copies byte by byte, as it must for a
+    /// header struct of byte arrays; this is for the fast path's fields.
+    ///
+    /// # Safety
+    /// `holds(offset + size_of::<T>())` must have been checked.
+    #[inline(always)]
+    unsafe fn load<T: Copy>(&self, offset: usize) -> T {
+        // SAFETY: in the frame, by the caller's check. Header fields sit at
+        // 2-byte alignment in the frame; the BPF JITs of the hosts we run on
+        // (x86-64, arm64) load at any alignment, and the verifier allows it
+        // unless strict alignment is asked for. A read_unaligned would be
+        // split into single-byte loads by the BPF backend.
+        unsafe { core::ptr::read((self.data + offset) as *const T) }
     }
 }
 
@@ -167,57 +203,69 @@ const COMMON_V6_LEN: usize = EthHdr::LEN + Ipv6Hdr::LEN + TcpHdr::LEN;
 /// other frame, which takes the full walk.
 #[inline(always)]
 fn common_frame(frame: &Frame, ports: &PortSet) -> Option<Parsed> {
-    let ether_type = frame.load::<u16>(12)?;
+    // Both shapes are at least this long; a shorter frame takes the walk.
+    if !frame.holds(COMMON_V4_LEN) {
+        return None;
+    }
     let l3 = EthHdr::LEN;
-    let (l4, ipv4) = if ether_type == ETHERTYPE_IPV4 {
+    // SAFETY (every load below): within COMMON_V4_LEN, checked above, or
+    // for IPv6 within COMMON_V6_LEN, checked before its loads.
+    let ether_type = unsafe { frame.load::<u16>(12) };
+    let network = Network {
+        offset: l3,
+        ipv4: ether_type == ETHERTYPE_IPV4,
+        plain: true,
+    };
+    let l4 = if network.ipv4 {
         // Version 4, header length 5 words; a later fragment, TCP or not,
         // and any other protocol take the walk.
-        if frame.data + COMMON_V4_LEN > frame.end
-            || frame.load::<u8>(l3)? != 0x45
-            || frame.load::<u8>(l3 + 9)? != IPPROTO_TCP
-            || u16::from_be(frame.load::<u16>(l3 + 6)?) & 0x1fff != 0
-        {
+        let (version_ihl, protocol, fragment) = unsafe {
+            (
+                frame.load::<u8>(l3),
+                frame.load::<u8>(l3 + 9),
+                frame.load::<u16>(l3 + 6),
+            )
+        };
+        if version_ihl != 0x45 || protocol != IPPROTO_TCP || u16::from_be(fragment) & 0x1fff != 0 {
             return None;
         }
-        (l3 + Ipv4Hdr::LEN, true)
+        l3 + Ipv4Hdr::LEN
     } else if ether_type == ETHERTYPE_IPV6 {
-        if frame.data + COMMON_V6_LEN > frame.end
-            || frame.load::<u8>(l3)? >> 4 != 6
-            || frame.load::<u8>(l3 + 6)? != IPPROTO_TCP
-        {
+        if !frame.holds(COMMON_V6_LEN) {
             return None;
         }
-        (l3 + Ipv6Hdr::LEN, false)
+        let (version, next_header) = unsafe { (frame.load::<u8>(l3), frame.load::<u8>(l3 + 6)) };
+        if version >> 4 != 6 || next_header != IPPROTO_TCP {
+            return None;
+        }
+        l3 + Ipv6Hdr::LEN
     } else {
         return None;
     };
-    let destination_port = u16::from_be(frame.load::<u16>(l4 + 2)?);
+    let destination_port = u16::from_be(unsafe { frame.load::<u16>(l4 + 2) });
     if !ports.contains(destination_port) {
         return Some(Parsed::Unprotected);
     }
-    let header_word = [frame.load::<u8>(l4 + 12)?, frame.load::<u8>(l4 + 13)?];
+    let header_word = unsafe { [frame.load::<u8>(l4 + 12), frame.load::<u8>(l4 + 13)] };
     let header_len = (header_word[0] >> 4) as usize * 4;
     // A data offset below 5 or past the frame: the walk says how.
-    if header_len < TcpHdr::LEN || frame.data + l4 + header_len > frame.end {
+    if header_len < TcpHdr::LEN || !frame.holds(l4 + header_len) {
         return None;
     }
-    let source = if ipv4 {
-        SourceKey::from_v4_word(frame.load::<u32>(l3 + 12)?)
-    } else {
-        SourceKey::from_words([frame.load::<u64>(l3 + 8)?, frame.load::<u64>(l3 + 16)?])
+    let source = unsafe {
+        if network.ipv4 {
+            SourceKey::from_v4_word(frame.load::<u32>(l3 + 12))
+        } else {
+            SourceKey::from_words([frame.load::<u64>(l3 + 8), frame.load::<u64>(l3 + 16)])
+        }
     };
-    Some(Parsed::Tcp(TcpSegment {
+    Some(Parsed::Tcp(TcpSegment::new(
         source,
         destination_port,
-        opens_connection: header_word[1] & (TcpSegment::SYN | TcpSegment::ACK) == TcpSegment::SYN,
-        incomplete_header: false,
-        flags: header_word[1],
-        header_word,
-        network_offset: l3,
-        transport_offset: l4,
-        ipv4,
-        plain: true,
-    }))
+        l4,
+        network,
+        Some(header_word),
+    )))
 }
 
 /// From the Ethernet header on (XDP, TC): the fast path, or the walk. TCP
@@ -378,18 +426,13 @@ fn tcp<P: Packet>(
         return Parsed::Unprotected;
     }
     let Some(th) = packet.read::<TcpHdr>(offset) else {
-        return Parsed::Tcp(TcpSegment {
+        return Parsed::Tcp(TcpSegment::new(
             source,
             destination_port,
-            opens_connection: false,
-            incomplete_header: true,
-            flags: 0,
-            header_word: [0, 0],
-            network_offset: network.offset,
-            transport_offset: offset,
-            ipv4: network.ipv4,
-            plain: network.plain,
-        });
+            offset,
+            network,
+            None,
+        ));
     };
     let header_len = th.doff() as usize * 4;
     let header_end = offset + header_len;
@@ -398,21 +441,12 @@ fn tcp<P: Packet>(
     // the compiler merges with the first, which the verifier cannot follow.
     // SAFETY: TcpHdr is 20 plain bytes.
     let raw: [u8; TcpHdr::LEN] = unsafe { core::mem::transmute(th) };
-    let header_word = if incomplete_header {
-        [0, 0]
-    } else {
-        [raw[12], raw[13]]
-    };
-    Parsed::Tcp(TcpSegment {
+    let header_word = (!incomplete_header).then_some([raw[12], raw[13]]);
+    Parsed::Tcp(TcpSegment::new(
         source,
         destination_port,
-        opens_connection: header_word[1] & (TcpSegment::SYN | TcpSegment::ACK) == TcpSegment::SYN,
-        incomplete_header,
-        flags: header_word[1],
+        offset,
+        network,
         header_word,
-        network_offset: network.offset,
-        transport_offset: offset,
-        ipv4: network.ipv4,
-        plain: network.plain,
-    })
+    ))
 }

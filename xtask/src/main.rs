@@ -218,8 +218,6 @@ fn lint(root: &Path) -> Result<()> {
     )
 }
 
-/// Runs one fuzz target for `seconds`, starting from its committed corpus
-/// (new inputs go to a scratch directory, so the tree stays as it is).
 /// Where libFuzzer's progress lines go: to the terminal for `cargo xtask
 /// fuzz`, to a log file under `target/fuzz-logs/` for `cargo xtask test`
 /// (thousands of lines that would bury the test summary; the tail is
@@ -230,6 +228,8 @@ enum FuzzOutput {
     LogFile,
 }
 
+/// Runs one fuzz target for `seconds`, starting from its committed corpus
+/// (new inputs go to a scratch directory, so the tree stays as it is).
 fn fuzz(root: &Path, target: &str, seconds: u64, output: FuzzOutput) -> Result<()> {
     let scratch =
         std::env::temp_dir().join(format!("wsguard-fuzz-{target}-{}", std::process::id()));

@@ -1,12 +1,8 @@
 //! Writing a config into the loaded maps, at start and on every reload.
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{Array, MapData, PerCpuArray, PerCpuValues};
-use wsguard_common::{
-    HandshakeSettings, Settings,
-    cookie::CookieSettings,
-    maps::{GlobalShares, GlobalState, names},
-};
+use aya::maps::{Array, MapData};
+use wsguard_common::{HandshakeSettings, Settings, cookie::CookieSettings, maps::names};
 
 use super::{Kernel, kfuncs, lists, maps::Maps, system};
 use crate::config::Config;
@@ -41,15 +37,7 @@ impl Kernel {
         cookie_map.set(0, cookies, 0)?;
         // New limits take effect from a full bucket rather than carrying the
         // old state over; the shares CPUs held go with the old buckets.
-        self.set_global_buckets(GlobalState::default())?;
-        let mut shares: PerCpuArray<&mut MapData, GlobalShares> =
-            PerCpuArray::try_from(self.loaded_map_mut(names::GLOBAL_SHARES)?)?;
-        let possible = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-        shares.set(
-            0,
-            PerCpuValues::try_from(vec![GlobalShares::default(); possible])?,
-            0,
-        )?;
+        self.reset_global_buckets()?;
         let online = aya::util::online_cpus()
             .map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?
             .len() as u32;

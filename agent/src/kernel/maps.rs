@@ -9,13 +9,13 @@ use std::{
 };
 
 use anyhow::Result;
-use aya::maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues};
 use ipnet::IpNet;
 use wsguard_common::{
     Ban, Counter, HandshakeSettings, ListEntry, Reason, Release, Settings, SourceKey, SourceState,
     Stream,
     cookie::CookieSettings,
-    maps::{GlobalState, names, shortcuts},
+    maps::{GlobalShares, GlobalState, names, shortcuts},
 };
 
 use super::{
@@ -116,17 +116,26 @@ pub trait Maps: MapSource {
         Ok(())
     }
 
-    /// The global buckets all CPUs share.
-    fn global_buckets(&self) -> Result<GlobalState> {
-        let map = self.map(names::GLOBAL)?;
-        let global: Array<&MapData, GlobalState> = Array::try_from(&*map)?;
-        Ok(global.get(&0, 0)?)
-    }
-
+    /// Sets the global buckets all CPUs share (each CPU's unspent share
+    /// is left as it is).
     fn set_global_buckets(&mut self, state: GlobalState) -> Result<()> {
         let mut map = self.map_mut(names::GLOBAL)?;
         let mut global: Array<&mut MapData, GlobalState> = Array::try_from(&mut *map)?;
         global.set(0, state, 0)?;
+        Ok(())
+    }
+
+    /// Starts the global buckets again full, with no CPU holding a share.
+    fn reset_global_buckets(&mut self) -> Result<()> {
+        self.set_global_buckets(GlobalState::default())?;
+        let possible = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        let mut map = self.map_mut(names::GLOBAL_SHARES)?;
+        let mut shares: PerCpuArray<&mut MapData, GlobalShares> = PerCpuArray::try_from(&mut *map)?;
+        shares.set(
+            0,
+            PerCpuValues::try_from(vec![GlobalShares::default(); possible])?,
+            0,
+        )?;
         Ok(())
     }
 
