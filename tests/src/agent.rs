@@ -107,7 +107,11 @@ impl Agent {
         command
             .args(["run", "--config"])
             .arg(config_file.path())
-            .env("WSGUARD_LOG", "info,aya::bpf=error")
+            // WSGUARD_TEST_LOG turns up the agent's log when chasing a failure.
+            .env(
+                "WSGUARD_LOG",
+                std::env::var("WSGUARD_TEST_LOG").unwrap_or_else(|_| "info,aya::bpf=error".into()),
+            )
             .env("NO_COLOR", "1")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
