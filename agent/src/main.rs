@@ -128,6 +128,12 @@ enum TicketAction {
         /// How long the ticket is valid, e.g. "60s".
         #[arg(long, default_value = "60s")]
         ttl: String,
+        /// The user the ticket names (1 to 64 bytes of UTF-8): a version 2 ticket.
+        #[arg(long)]
+        user: Option<String>,
+        /// The user's limit class (a-z, 0-9, _ and -, up to 32).
+        #[arg(long, requires = "user")]
+        class: Option<String>,
     },
 }
 
@@ -244,6 +250,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ip,
                     unbound: _,
                     ttl,
+                    user,
+                    class,
                 },
         } => {
             let ttl = control::ttl(&ttl)?;
@@ -256,7 +264,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .transpose()?;
             let secret = handshake::ticket::read_secret(&secret_file)?;
             let expires_at = wsguard::agent_file::now_unix() + ttl.0.as_secs().max(1);
-            println!("{}", handshake::ticket::mint(&secret, expires_at, address));
+            let ticket = match user {
+                Some(id) => {
+                    let user = handshake::ticket::User::new(&id, class.as_deref())
+                        .map_err(|e| InputError(format!("--user/--class: {e}")))?;
+                    handshake::ticket::mint_for_user(&secret, expires_at, address, &user)
+                }
+                None => handshake::ticket::mint(&secret, expires_at, address),
+            };
+            println!("{ticket}");
             Ok(())
         }
     }

@@ -122,7 +122,8 @@ pub fn ensure_cargo_fuzz() -> Result<()> {
 
 /// Programs the tests drive: `ip` (namespaces and veth pairs),
 /// `systemd-analyze` (verifying the shipped unit), and Debian's Python with
-/// its `websockets` (a second real WebSocket server, next to tungstenite).
+/// its `websockets` (a second real WebSocket server, next to tungstenite),
+/// Node.js (the ticket minting example is run against the test vectors).
 pub fn ensure_test_tools() -> Result<()> {
     ensure_packages(&[
         ("command -v ip", "iproute2"),
@@ -131,6 +132,7 @@ pub fn ensure_test_tools() -> Result<()> {
             "/usr/bin/python3 -c 'import websockets'",
             "python3-websockets",
         ),
+        ("command -v node", "nodejs"),
     ])
 }
 

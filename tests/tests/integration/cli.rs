@@ -270,6 +270,76 @@ fn ticket_issue_mints_tickets_the_agent_accepts() {
     );
 }
 
+#[test]
+fn ticket_issue_names_a_user_in_a_version_2_ticket() {
+    use wsguard::handshake::ticket;
+    let secret = config_file("0123456789abcdef0123456789abcdef-a shared secret\n");
+    let path = secret.path().to_str().unwrap();
+    let issue = |extra: &[&str]| {
+        let mut args = vec!["ticket", "issue", "--secret-file", path, "--unbound"];
+        args.extend_from_slice(extra);
+        wsguard(&args)
+    };
+    let out = issue(&["--user", "alice@example.com", "--class", "pro"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let key = ticket::read_secret(secret.path()).unwrap();
+    let opened = ticket::open(&key, String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    assert_eq!(
+        opened.user,
+        Some(ticket::User::new("alice@example.com", Some("pro")).unwrap())
+    );
+    for (extra, words) in [
+        (&["--class", "pro"][..], "--user"),
+        (&["--user", &"u".repeat(65)][..], "1 to 64 bytes"),
+        (&["--user", "bob", "--class", "Gold"][..], "a-z, 0-9"),
+    ] {
+        let out = issue(extra);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}");
+        assert!(stderr(&out).contains(words), "{extra:?}: {}", stderr(&out));
+    }
+}
+
+/// The Python and Node.js minters in `examples/tickets` make exactly the
+/// test vectors (which the agent's own minter is held to in its unit tests).
+#[test]
+fn the_example_minters_make_the_test_vectors() {
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tickets");
+    let vectors: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{examples}/vectors.json")).unwrap())
+            .unwrap();
+    let expected: Vec<&str> = vectors["vectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["ticket"].as_str().unwrap())
+        .collect();
+    let python = "import json, sys\nsys.path.insert(0, '.')\nfrom mint_ticket import mint\n\
+        for v in json.load(open('vectors.json'))['vectors']:\n    \
+        print(mint(v['secret'].encode(), v['expires_at'], v['ip'], v['user'], v['class'], bytes.fromhex(v['nonce_hex'])))";
+    let node = "const {mint} = require('./mint_ticket.js');\n\
+        for (const v of require('./vectors.json').vectors)\n  \
+        console.log(mint(Buffer.from(v.secret), v.expires_at, {ip: v.ip, user: v.user, userClass: v.class, nonce: Buffer.from(v.nonce_hex, 'hex')}));";
+    for (program, flag, code) in [("python3", "-c", python), ("node", "-e", node)] {
+        let out = std::process::Command::new(program)
+            .current_dir(examples)
+            .args([flag, code])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        assert!(out.status.success(), "{program}: {}", stderr(&out));
+        let minted = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(minted.lines().collect::<Vec<_>>(), expected, "{program}");
+    }
+    // The README shows the same vectors.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    for ticket in &expected {
+        assert!(
+            readme.contains(ticket),
+            "the README lacks the vector {ticket}"
+        );
+    }
+}
+
 /// Bad operator input, each with the exit code and the words a user sees.
 #[test]
 fn bad_cli_input_is_refused_with_exit_code_and_reason() {

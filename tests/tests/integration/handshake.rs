@@ -130,7 +130,7 @@ async fn tickets_missing_expired_for_another_ip_or_tampered_are_rejected() -> Re
     .await?;
     let client: IpAddr = lab.client_v4(4).into();
     let now = wsguard::agent_file::now_unix();
-    let try_ticket = |t: Option<String>| {
+    let try_ticket_from = |client: IpAddr, t: Option<String>| {
         let path = t.map_or("/ws".to_string(), |t| format!("/ws?ticket={t}"));
         let ns = &lab.client;
         async move {
@@ -140,6 +140,7 @@ async fn tickets_missing_expired_for_another_ip_or_tampered_are_rejected() -> Re
             }
         }
     };
+    let try_ticket = |t: Option<String>| try_ticket_from(client, t);
     let valid = ticket::mint(&secret, now + 30, Some(client));
     ensure!(
         try_ticket(Some(valid.clone())).await,
@@ -165,6 +166,51 @@ async fn tickets_missing_expired_for_another_ip_or_tampered_are_rejected() -> Re
         !try_ticket(Some(String::from_utf8(tampered)?)).await,
         "a tampered ticket accepted"
     );
+    // Version 2 tickets naming a user, from the repository's Python and
+    // Node.js minters as an application would run them.
+    // Each from a client of its own: the five rejections above earned the
+    // first one a ban (`failures_before_ban`).
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tickets");
+    for (host, program, script) in [
+        (6, "python3", "mint_ticket.py"),
+        (7, "node", "mint_ticket.js"),
+    ] {
+        let client: IpAddr = lab.client_v4(host).into();
+        let out = std::process::Command::new(program)
+            .arg(format!("{examples}/{script}"))
+            .arg(secret_file.path())
+            .args([
+                "30",
+                "--ip",
+                &client.to_string(),
+                "--user",
+                "alice",
+                "--class",
+                "pro",
+            ])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "{program} {script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let minted = String::from_utf8(out.stdout)?.trim().to_string();
+        let opened = ticket::open(&secret, &minted).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        ensure!(
+            opened.user == Some(ticket::User::new("alice", Some("pro")).unwrap()),
+            "{script} minted {opened:?}"
+        );
+        ensure!(
+            try_ticket_from(client, Some(minted.clone())).await,
+            "a version 2 ticket from {script} was refused"
+        );
+        let mut tampered = minted.into_bytes();
+        tampered[20] = if tampered[20] == b'A' { b'B' } else { b'A' };
+        ensure!(
+            !try_ticket_from(client, Some(String::from_utf8(tampered)?)).await,
+            "a tampered version 2 ticket from {script} was accepted"
+        );
+    }
     Ok(())
 }
 
