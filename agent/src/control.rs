@@ -14,6 +14,7 @@ use crate::{
     agent_file::AgentFile,
     config::{HumanDuration, parse_cidr},
     kernel::{PinnedState, lists, monotonic_ns},
+    users,
 };
 
 /// Bad operator input (exit code 2), as opposed to a failure to carry it out.
@@ -94,6 +95,8 @@ pub fn list_print(state: &PinnedState, allow: bool, as_json: bool) -> Result<()>
     Ok(())
 }
 
+/// Source bans, then user bans (a user ban without a TTL shows no
+/// remaining time).
 pub fn bans_print(state: &PinnedState, as_json: bool) -> Result<()> {
     let now = monotonic_ns();
     let mut bans: Vec<_> = state
@@ -102,8 +105,16 @@ pub fn bans_print(state: &PinnedState, as_json: bool) -> Result<()> {
         .filter(|(_, b)| b.until_ns > now)
         .collect();
     bans.sort_by_key(|(_, b)| b.until_ns);
+    let mut user_bans: Vec<(String, u64)> = state
+        .users()?
+        .into_iter()
+        .filter(|(_, u)| u.is_banned(now))
+        .map(|(_, u)| (users::id_of(&u), u.banned_until_ns))
+        .collect();
+    user_bans.sort();
+    let remaining = |until: u64| (until != u64::MAX).then(|| (until - now) as f64 / 1e9);
     if as_json {
-        let doc: Vec<_> = bans
+        let mut doc: Vec<_> = bans
             .iter()
             .map(|(k, b)| {
                 json!({
@@ -113,6 +124,11 @@ pub fn bans_print(state: &PinnedState, as_json: bool) -> Result<()> {
                 })
             })
             .collect();
+        doc.extend(
+            user_bans
+                .iter()
+                .map(|(user, until)| json!({"user": user, "remaining_seconds": remaining(*until)})),
+        );
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         for (k, b) in bans {
@@ -122,6 +138,130 @@ pub fn bans_print(state: &PinnedState, as_json: bool) -> Result<()> {
                 (b.until_ns - now) as f64 / 1e9
             );
         }
+        for (user, until) in user_bans {
+            match remaining(until) {
+                Some(left) => println!("user {user}\t{left:.0}s left"),
+                None => println!("user {user}\tuntil lifted"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A user id as the CLI takes it (the rules a ticket's user id follows).
+pub fn user_id(text: &str) -> Result<String> {
+    crate::handshake::ticket::User::new(text, None)
+        .map(|u| u.id)
+        .map_err(|e| InputError(format!("--user: {e}")).into())
+}
+
+/// Bans a user: its tickets are refused and its bound connections' bytes
+/// dropped at once; the running agent cuts its connections.
+pub fn bans_add_user(
+    state: &mut PinnedState,
+    user: &str,
+    ttl: Option<HumanDuration>,
+) -> Result<()> {
+    let key = users::user_key(user);
+    let until = ttl.map_or(u64::MAX, |t| monotonic_ns() + t.nanos());
+    let ban = |s: &mut wsguard_common::UserState| s.banned_until_ns = until;
+    if let Some(existing) = state.user(key) {
+        if users::id_of(&existing) != user {
+            bail!(
+                "user {user} shares its key with user {}; it cannot be banned apart",
+                users::id_of(&existing)
+            );
+        }
+        state.update_user(key, ban)?;
+    } else {
+        let mut entry = users::new_state(user, 0, None);
+        ban(&mut entry);
+        state
+            .set_user(key, entry, true)
+            .with_context(|| format!("cannot ban user {user}: the user map is full"))?;
+    }
+    match ttl {
+        Some(t) => println!("user {user}: banned for {t}"),
+        None => println!("user {user}: banned until lifted"),
+    }
+    Ok(())
+}
+
+pub fn bans_del_user(state: &mut PinnedState, user: &str) -> Result<()> {
+    let key = users::user_key(user);
+    let now = monotonic_ns();
+    match state.user(key) {
+        Some(u) if users::id_of(&u) == user && u.is_banned(now) => {
+            state.update_user(key, |s| s.banned_until_ns = 0)?;
+        }
+        _ => bail!("user {user} is not banned"),
+    }
+    println!("user {user}: ban lifted");
+    Ok(())
+}
+
+/// The busiest users over `interval`: bytes/s, connections, time over
+/// budget, class, ban.
+pub fn users_print(
+    state: &PinnedState,
+    interval: Duration,
+    limit: usize,
+    as_json: bool,
+) -> Result<()> {
+    let before: std::collections::HashMap<_, _> = state.users()?.into_iter().collect();
+    let started = std::time::Instant::now();
+    std::thread::sleep(interval);
+    let elapsed = started.elapsed().as_secs_f64();
+    let now = monotonic_ns();
+    let mut connections: std::collections::HashMap<u64, usize> = Default::default();
+    for (_, key) in state.user_flows()? {
+        *connections.entry(key).or_default() += 1;
+    }
+    let mut rows: Vec<_> = state
+        .users()?
+        .into_iter()
+        .map(|(key, u)| {
+            let earlier = before.get(&key).map_or(u.total_bytes, |b| b.total_bytes);
+            let dropped = before.get(&key).map_or(0, |b| u.dropped_bytes.saturating_sub(b.dropped_bytes));
+            json!({
+                "user": users::id_of(&u),
+                "class": users::class_of(&u),
+                "bytes_per_second": (u.total_bytes.saturating_sub(earlier) as f64 / elapsed).round(),
+                "dropped_bytes_per_second": (dropped as f64 / elapsed).round(),
+                "connections": connections.get(&key).copied().unwrap_or(0),
+                "over_budget_seconds": u.over_budget_ns(now) as f64 / 1e9,
+                "banned": u.is_banned(now),
+            })
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        let rate = |r: &serde_json::Value| r["bytes_per_second"].as_f64().unwrap_or(0.0);
+        rate(b).total_cmp(&rate(a))
+    });
+    rows.truncate(limit);
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<32} {:<12} {:>12} {:>12} {:>5} {:>10} {:>6}",
+        "USER", "CLASS", "BYTES/S", "DROPPED/S", "CONNS", "OVER (S)", "BANNED"
+    );
+    for r in rows {
+        println!(
+            "{:<32} {:<12} {:>12} {:>12} {:>5} {:>10.1} {:>6}",
+            r["user"].as_str().unwrap_or(""),
+            r["class"].as_str().unwrap_or("-"),
+            r["bytes_per_second"],
+            r["dropped_bytes_per_second"],
+            r["connections"],
+            r["over_budget_seconds"].as_f64().unwrap_or(0.0),
+            if r["banned"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            },
+        );
     }
     Ok(())
 }

@@ -204,6 +204,9 @@ impl Daemon {
             self.counters
                 .pending_handshakes
                 .store(inspection.pending() as u64, Ordering::Relaxed);
+            self.counters
+                .connected_users
+                .store(inspection.connected_users() as u64, Ordering::Relaxed);
         }
     }
 
@@ -254,9 +257,7 @@ impl Daemon {
                     new.summary()
                 );
                 self.config = new;
-                if let Some(inspection) = self.inspection.as_mut() {
-                    inspection.reconfigure(&self.config);
-                }
+                self.with_inspection(|inspection, cx| inspection.reconfigure(cx));
                 self.agent_file.config_loaded_at = agent_file::now_unix();
                 self.agent_file.last_reload_error = None;
                 self.counters.reloads_ok.fetch_add(1, Ordering::Relaxed);
@@ -286,6 +287,7 @@ impl Daemon {
         if let Err(e) = self.expire_lists_and_bans() {
             warn!("housekeeping: {e:#}");
         }
+        self.with_inspection(|inspection, cx| inspection.housekeeping(cx));
         if let Some(inspection) = self.inspection.as_ref() {
             let fill = (
                 inspection.pending() as u64,

@@ -52,6 +52,24 @@ pub enum Event {
         server: String,
         reason: &'static str,
         dry_run: bool,
+        /// The user its version 2 ticket named, once the ticket checked out.
+        user: Option<String>,
+    },
+    /// A user's connections were cut: over budget for longer than
+    /// `over_budget_timeout`, or banned.
+    UserCut {
+        user: String,
+        class: Option<String>,
+        connections: usize,
+        over_budget_seconds: f64,
+        banned: bool,
+        dry_run: bool,
+    },
+    /// `ban.users`: a user cut for staying over budget is refused for `duration_seconds`.
+    UserBanStarted {
+        user: String,
+        duration_seconds: u64,
+        dry_run: bool,
     },
     DeadlineCut {
         source: String,
@@ -307,6 +325,20 @@ mod tests {
                 server: s(),
                 reason: "",
                 dry_run: false,
+                user: None,
+            },
+            Event::UserCut {
+                user: s(),
+                class: None,
+                connections: 0,
+                over_budget_seconds: 0.0,
+                banned: false,
+                dry_run: false,
+            },
+            Event::UserBanStarted {
+                user: s(),
+                duration_seconds: 0,
+                dry_run: false,
             },
             Event::DeadlineCut {
                 source: s(),
@@ -342,6 +374,8 @@ mod tests {
                 | Event::ConfigReloaded { .. }
                 | Event::ConfigRejected { .. }
                 | Event::HandshakeRejected { .. }
+                | Event::UserCut { .. }
+                | Event::UserBanStarted { .. }
                 | Event::DeadlineCut { .. }
                 | Event::BanStarted { .. }
                 | Event::BanEnded { .. }

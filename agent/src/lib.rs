@@ -13,3 +13,4 @@ pub mod kernel;
 pub mod metrics;
 pub mod status;
 pub mod top;
+pub mod users;

@@ -95,6 +95,20 @@ enum Command {
         #[command(subcommand)]
         action: ListAction,
     },
+    /// The busiest users (named by version 2 tickets): bytes/s, connections,
+    /// time over budget, class, ban.
+    Users {
+        #[command(flatten)]
+        target: Target,
+        /// Time the rates are measured over, e.g. "1s".
+        #[arg(long, default_value = "1s", value_parser = HumanDuration::parse)]
+        interval: HumanDuration,
+        /// Users shown.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Active bans.
     Bans {
         #[command(subcommand)]
@@ -171,9 +185,23 @@ enum BansAction {
         #[arg(long)]
         json: bool,
     },
-    /// Lift the ban on the source an address belongs to.
+    /// Ban a user: its tickets are refused and its connections cut.
+    Add {
+        /// The user id its tickets name.
+        #[arg(long)]
+        user: String,
+        /// Lift the ban after this long, e.g. "10m" (default: until lifted).
+        #[arg(long)]
+        ttl: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Lift the ban on the source an address belongs to, or on a user.
     Del {
-        addr: String,
+        #[arg(required_unless_present = "user", conflicts_with = "user")]
+        addr: Option<String>,
+        #[arg(long)]
+        user: Option<String>,
         #[command(flatten)]
         target: Target,
     },
@@ -234,7 +262,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Allow { action } => list_command(true, action),
         Command::Bans { action } => match action {
             BansAction::List { target, json } => control::bans_print(&target.state()?, json),
-            BansAction::Del { addr, target } => {
+            BansAction::Add { user, ttl, target } => {
+                let user = control::user_id(&user)?;
+                let ttl = ttl.as_deref().map(control::ttl).transpose()?;
+                control::bans_add_user(&mut target.state()?, &user, ttl)
+            }
+            BansAction::Del {
+                user: Some(user),
+                target,
+                ..
+            } => control::bans_del_user(&mut target.state()?, &control::user_id(&user)?),
+            BansAction::Del { addr, target, .. } => {
+                let addr = addr.unwrap_or_default();
                 let addr: IpAddr = addr
                     .trim()
                     .parse()
@@ -242,6 +281,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 control::bans_del(&mut target.state()?, addr)
             }
         },
+        Command::Users {
+            target,
+            interval,
+            limit,
+            json,
+        } => control::users_print(&target.state()?, interval.0, limit, json),
         Command::Reload { target } => control::reload(&target.pin_dir()?),
         Command::Ticket {
             action:

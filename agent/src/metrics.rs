@@ -40,6 +40,10 @@ pub struct AgentCounters {
     /// Single-use tickets remembered now, and how many fit.
     pub replay_cache_entries: AtomicU64,
     pub replay_cache_capacity: AtomicU64,
+    /// Users with a connection open now (bound by a version 2 ticket).
+    pub connected_users: AtomicU64,
+    /// Users whose connections were cut for staying over budget or a ban.
+    pub user_cuts: AtomicU64,
     /// Handshakes judged, by (verdict, reason).
     pub handshakes: std::sync::Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
 }
@@ -251,7 +255,39 @@ impl Collector for KernelCollector {
                     vec![("map", "bans".to_string())],
                     ratio(snapshot.bans.len(), snapshot.max_bans),
                 ),
+                (
+                    vec![("map", "users".to_string())],
+                    ratio(snapshot.users, snapshot.max_users),
+                ),
             ],
+        )?;
+        gauge(
+            &mut encoder,
+            "wsguard_users_tracked",
+            "Users with a budget or a ban in the kernel's user map.",
+            &[(vec![], snapshot.users as f64)],
+        )?;
+        gauge(
+            &mut encoder,
+            "wsguard_users_connected",
+            "Users (named by version 2 tickets) with a connection open.",
+            &[(
+                vec![],
+                self.agent.connected_users.load(Ordering::Relaxed) as f64,
+            )],
+        )?;
+        gauge(
+            &mut encoder,
+            "wsguard_user_bound_connections",
+            "Connections whose bytes are charged to a user's budget.",
+            &[(vec![], snapshot.bound_connections as f64)],
+        )?;
+        counter(
+            &mut encoder,
+            "wsguard_user_cuts",
+            "Users whose connections were cut (over budget past over_budget_timeout, or banned).",
+            None,
+            &[(vec![], self.agent.user_cuts.load(Ordering::Relaxed))],
         )?;
         gauge(
             &mut encoder,

@@ -76,6 +76,12 @@ pub struct Snapshot {
     pub open_connections: Vec<(SourceKey, u64)>,
     pub allow_entries: usize,
     pub deny_entries: usize,
+    /// Entries in the user map (users with a budget or a ban), its capacity,
+    /// connections bound to a user, and banned users.
+    pub users: usize,
+    pub max_users: u32,
+    pub bound_connections: usize,
+    pub banned_users: usize,
     pub now_ns: u64,
 }
 
@@ -113,7 +119,12 @@ impl Snapshot {
                 })
             })
             .collect();
+        let users = state.users()?;
         Ok(Snapshot {
+            users: users.len(),
+            max_users: state.capacity(names::USERS)?,
+            bound_connections: state.user_flows()?.len(),
+            banned_users: users.iter().filter(|(_, u)| u.is_banned(now_ns)).count(),
             pin_dir: state.dir().to_owned(),
             agent: AgentFile::read_running(state.dir()),
             links,
@@ -163,6 +174,10 @@ impl Snapshot {
                 "sources_with_open_connections": self.open_connections.len(),
                 "allow_entries": self.allow_entries,
                 "deny_entries": self.deny_entries,
+                "users": self.users,
+                "max_users": self.max_users,
+                "user_bound_connections": self.bound_connections,
+                "banned_users": self.banned_users,
             },
             "counters": self.counters.iter().map(|(r, c)| (r.name().to_string(), json!({"packets": c.packets, "bytes": c.bytes, "verdict": verdict(*r)}))).collect::<serde_json::Map<_, _>>(),
             "would_drop": self.would_drop.iter().filter(|(r, _)| r.is_drop() || *r == Reason::BanStarted).map(|(r, c)| (r.name().to_string(), json!({"packets": c.packets, "bytes": c.bytes}))).collect::<serde_json::Map<_, _>>(),
@@ -239,6 +254,14 @@ impl Snapshot {
             self.open_connections.len(),
             self.allow_entries,
             self.deny_entries,
+        );
+        out += &format!(
+            "  users: {}/{} ({:.1}%)   connections bound to a user: {}   banned users: {}\n",
+            self.users,
+            self.max_users,
+            pct(self.users, self.max_users),
+            self.bound_connections,
+            self.banned_users,
         );
         out += &format_counters(&self.counters);
         let dry: Vec<String> = self

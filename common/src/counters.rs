@@ -93,11 +93,16 @@ reasons! {
     /// returns no valid cookie (wrong, stale or from another tuple), or a
     /// SYN that cannot be answered (IP options, IPv6 extension headers).
     SynCookieFailed = 23, "syn_cookie_failed", true;
+    /// Bytes of a connection bound to a user (a version 2 ticket) over that
+    /// user's byte budget: dropped, so the sender's TCP holds and resends them.
+    UserByteRate = 24, "user_byte_rate", true;
+    /// Bytes of a connection bound to a banned user.
+    UserBanned = 25, "user_banned", true;
 }
 
 /// Slots per set of counters; the map holds two sets: what was done, then
 /// (from `REASONS` on) what dry-run would have done.
-pub const REASONS: u32 = 24;
+pub const REASONS: u32 = 26;
 const _: () = assert!(Reason::ALL.len() as u32 == REASONS);
 /// Number of slots in the counters map.
 pub const COUNTER_SLOTS: u32 = 2 * REASONS;

@@ -14,7 +14,7 @@ pub use bucket::{BucketParams, TokenBucket};
 pub use counters::{Counter, Reason};
 pub use maps::{
     Ban, Event, HandshakeSettings, ListEntry, LpmKey, PortSet, RecordHeader, Release, Settings,
-    SourceState, Stream, StreamPeers,
+    SourceState, Stream, StreamPeers, UserBudget, UserKey, UserState,
 };
 pub use source::SourceKey;
 
@@ -46,4 +46,6 @@ mod pod {
     unsafe impl aya::Pod for maps::GlobalState {}
     unsafe impl aya::Pod for maps::GlobalShares {}
     unsafe impl aya::Pod for cookie::CookieSettings {}
+    unsafe impl aya::Pod for UserState {}
+    unsafe impl aya::Pod for UserBudget {}
 }

@@ -36,6 +36,12 @@ pub mod names {
     pub const SYN_COOKIES: &str = "WSG_SYN_COOKIES";
     /// The SYN-cookie programs the XDP program tail-calls (PROG_ARRAY).
     pub const COOKIE_PROGRAMS: &str = "WSG_COOKIE_PROGS";
+    /// Users with a budget or a ban ([`super::UserState`] by [`super::UserKey`]).
+    pub const USERS: &str = "WSG_USERS";
+    /// Connections bound to a user ([`super::StreamPeers`] to [`super::UserKey`]).
+    pub const USER_FLOWS: &str = "WSG_USER_FLOWS";
+    /// Byte budgets by class index ([`super::UserBudget`]; 0 is `[limits.per_user]`).
+    pub const USER_BUDGETS: &str = "WSG_USER_BUDGETS";
 }
 
 /// Names of the programs.
@@ -76,7 +82,11 @@ pub mod shortcuts {
     /// `unbanned_at_epoch` equals it had no ban at that epoch, so its ban
     /// lookup is skipped; 0 turns the shortcut off.
     pub const BAN_EPOCH: u32 = 2;
-    pub const SLOTS: u32 = 3;
+    /// Non-zero while some connection may be bound to a user: 0 lets the
+    /// program skip the `WSG_USER_FLOWS` lookup. Set by the agent before it
+    /// binds the first connection; never cleared while it runs.
+    pub const USERS_BOUND: u32 = 3;
+    pub const SLOTS: u32 = 4;
 }
 /// Capacity of each CIDR list (LPM tries allocate per entry, so a large bound
 /// costs nothing until used).
@@ -420,9 +430,127 @@ pub struct GlobalShares {
 }
 assert_size!(GlobalShares, 16);
 
+/// A user's key in `WSG_USERS`: the first 8 bytes of
+/// SHA-256(`"wsguard-user\0"` ‖ user id), little-endian (see the agent's
+/// `users` module). Ids are signed into tickets by the application, so a
+/// collision needs 2^32 users; the entry holds the id, which is compared.
+pub type UserKey = u64;
+
+/// Longest user id (bytes of UTF-8) and class name a ticket may carry.
+pub const USER_ID_BYTES: usize = 64;
+pub const USER_CLASS_BYTES: usize = 32;
+
+/// Byte budget of a class of users, in `WSG_USER_BUDGETS` by class index.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UserBudget {
+    pub bytes: BucketParams,
+}
+assert_size!(UserBudget, 32);
+
+/// Classes a config may name (index 0 is `[limits.per_user]` itself).
+pub const USER_BUDGET_SLOTS: u32 = 64;
+
+/// A user's state, keyed by [`UserKey`] in `WSG_USERS` (a plain hash, so a
+/// flood cannot evict a user with a live budget or ban). The agent creates
+/// the entry when it binds the user's first connection (or bans the user),
+/// and removes it once the user has no connection, no ban and a full
+/// bucket; the XDP program charges the bytes of every bound connection to
+/// it and keeps the over-budget clock.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UserState {
+    /// Bytes of all the user's connections, whatever their address.
+    pub bytes: TokenBucket,
+    /// Index into `WSG_USER_BUDGETS` (agent-written).
+    pub class: u32,
+    /// Non-zero once a dry run reported the user's spell over budget (or
+    /// ban) as a would-be cut; the agent clears it when the spell ends.
+    pub reported: u32,
+    /// Since when the user has been over budget without a break of more
+    /// than [`UserState::OVER_BUDGET_GRACE_NS`]; 0 = within budget.
+    pub over_since_ns: u64,
+    /// The last drop for this user's budget.
+    pub last_drop_ns: u64,
+    /// CLOCK_MONOTONIC ns until which the user's tickets are refused and
+    /// its bound connections' bytes dropped; 0 = not banned.
+    pub banned_until_ns: u64,
+    /// Totals (updated without atomics: approximate when several CPUs serve
+    /// one user at once).
+    pub total_bytes: u64,
+    pub dropped_packets: u64,
+    pub dropped_bytes: u64,
+    pub id_len: u32,
+    pub class_len: u32,
+    pub id: [u8; USER_ID_BYTES],
+    pub class_name: [u8; USER_CLASS_BYTES],
+}
+assert_size!(
+    UserState,
+    16 + 8 + 6 * 8 + 8 + USER_ID_BYTES + USER_CLASS_BYTES
+);
+
+impl Default for UserState {
+    fn default() -> UserState {
+        UserState {
+            bytes: TokenBucket::default(),
+            class: 0,
+            reported: 0,
+            over_since_ns: 0,
+            last_drop_ns: 0,
+            banned_until_ns: 0,
+            total_bytes: 0,
+            dropped_packets: 0,
+            dropped_bytes: 0,
+            id_len: 0,
+            class_len: 0,
+            id: [0; USER_ID_BYTES],
+            class_name: [0; USER_CLASS_BYTES],
+        }
+    }
+}
+
+impl UserState {
+    /// A gap between drops longer than this ends a spell over budget. A
+    /// sender held back by its budget is dropped again at least every
+    /// retransmission timeout of its TCP, which backs off from 200 ms and
+    /// doubles on every loss of the resent segment: 3 s covers four losses
+    /// in a row.
+    pub const OVER_BUDGET_GRACE_NS: u64 = 3_000_000_000;
+
+    /// Records a drop for the budget at `now`; returns how long the user
+    /// has been over budget.
+    #[inline(always)]
+    pub fn record_drop(&mut self, now_ns: u64, len: u64) -> u64 {
+        if self.over_since_ns == 0
+            || now_ns.saturating_sub(self.last_drop_ns) > Self::OVER_BUDGET_GRACE_NS
+        {
+            self.over_since_ns = now_ns;
+        }
+        self.last_drop_ns = now_ns;
+        self.dropped_packets += 1;
+        self.dropped_bytes += len;
+        now_ns - self.over_since_ns
+    }
+
+    /// How long the user has been over budget at `now` (0: within budget).
+    pub fn over_budget_ns(&self, now_ns: u64) -> u64 {
+        if self.over_since_ns == 0
+            || now_ns.saturating_sub(self.last_drop_ns) > Self::OVER_BUDGET_GRACE_NS
+        {
+            return 0;
+        }
+        self.last_drop_ns.saturating_sub(self.over_since_ns)
+    }
+
+    pub fn is_banned(&self, now_ns: u64) -> bool {
+        now_ns < self.banned_until_ns
+    }
+}
+
 /// Version of the map layout above; pins live under `<pin_path>/v<LAYOUT_VERSION>`
 /// so that a new layout never reads maps pinned by an older one.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Per-CPU scratch space the kernel programs alone use (a record being
 /// assembled, a TCP option walk); user space never opens these.
@@ -443,6 +571,8 @@ pub enum Capacity {
     /// Twice `handshake.max_connections` (see the agent's
     /// `inspected_capacity`).
     Inspected,
+    /// `limits.per_user.max_users`.
+    Users,
 }
 
 /// What user space must know about one map: its name, key and value sizes,
@@ -476,7 +606,7 @@ const SOURCE_KEY: usize = size_of::<crate::SourceKey>();
 
 /// Every map of the kernel programs. The agent sizes and checks pins with
 /// it; a test compares it with the compiled object.
-pub const MAP_FACTS: [MapFact; 22] = {
+pub const MAP_FACTS: [MapFact; 25] = {
     use Capacity::*;
     [
         fact(names::SETTINGS, 4, size_of::<Settings>(), Fixed(1)),
@@ -530,6 +660,24 @@ pub const MAP_FACTS: [MapFact; 22] = {
             4,
             size_of::<crate::cookie::CookieSettings>(),
             Fixed(1),
+        ),
+        fact(
+            names::USERS,
+            size_of::<UserKey>(),
+            size_of::<UserState>(),
+            Users,
+        ),
+        fact(
+            names::USER_FLOWS,
+            size_of::<StreamPeers>(),
+            size_of::<UserKey>(),
+            Inspected,
+        ),
+        fact(
+            names::USER_BUDGETS,
+            4,
+            size_of::<UserBudget>(),
+            Fixed(USER_BUDGET_SLOTS),
         ),
         // The agent's own injection socket and target: nothing to keep.
         MapFact {

@@ -16,6 +16,7 @@ use crate::{
         is_allow_listed, is_deny_listed, now_ns, settings,
     },
     parse::{Frame, Parsed, TcpSegment, parse},
+    users,
 };
 
 const BPF_NOEXIST: u64 = 1;
@@ -170,6 +171,14 @@ fn judge_segment(
             unsafe { COOKIE_PROGRAMS.tail_call(ctx, COOKIE_CHECK) };
             return Reason::SynCookieFailed;
         }
+    }
+    // A connection bound to a user is charged to the user's budget, not
+    // the source's (a SYN is never bound).
+    if let Some(reason) = users::charge(frame, settings, segment, now) {
+        if reason != Reason::Passed {
+            return reason;
+        }
+        return global_limits(settings, false, now, frame.len()).unwrap_or(Reason::Passed);
     }
     let budgets = Budgets {
         key: &key,

@@ -39,7 +39,7 @@ use wsguard_common::{
 
 use crate::maps::{
     INJECT_TARGET, INSPECTED, INSPECTED_COUNT, RECORD_SCRATCH, RELEASES, STREAM_RECORDS, STREAMS,
-    count, now_ns,
+    USER_FLOWS, count, now_ns,
 };
 
 const BPF_NOEXIST: u64 = 1;
@@ -135,6 +135,8 @@ pub fn closed(ctx: &SockOpsContext) -> Option<bool> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
     let stream = STREAMS.get_ptr(&cookie)?;
     let counted = unsafe { (*stream).counted } != 0;
+    // A connection bound to a user leaves the user's budget with it.
+    let _ = USER_FLOWS.remove(unsafe { &(*stream).peers });
     let _ = STREAMS.remove(&cookie);
     if let Some(open) = INSPECTED_COUNT.get_ptr_mut(0) {
         unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(open, u64::MAX) };

@@ -28,6 +28,7 @@ mod ingress;
 mod inspect;
 mod maps;
 mod parse;
+mod users;
 
 use aya_ebpf::{
     macros::{classifier, sk_msg, sock_ops, stream_verdict, xdp},

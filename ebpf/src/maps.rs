@@ -12,11 +12,12 @@ use aya_ebpf::{
 };
 use wsguard_common::{
     Ban, Counter, HandshakeSettings, ListEntry, LpmKey, Reason, Release, Settings, SourceKey,
-    SourceState, Stream,
+    SourceState, Stream, StreamPeers, UserBudget, UserKey, UserState,
     cookie::CookieSettings,
     counters::COUNTER_SLOTS,
     maps::{
-        EVENTS_BYTES, GlobalShares, GlobalState, LIST_CAPACITY, STREAM_RECORDS_BYTES, shortcuts,
+        EVENTS_BYTES, GlobalShares, GlobalState, LIST_CAPACITY, STREAM_RECORDS_BYTES,
+        USER_BUDGET_SLOTS, shortcuts,
     },
 };
 
@@ -109,6 +110,22 @@ pub static HANDSHAKE: Array<HandshakeSettings> = Array::with_max_entries(1, 0);
 #[map(name = "WSG_SYN_COOKIES")]
 pub static SYN_COOKIES: Array<CookieSettings> = Array::with_max_entries(1, 0);
 
+/// Users with a budget or a ban (agent-created; sized by
+/// `limits.per_user.max_users`). A plain hash, not LRU: a flood cannot
+/// evict a user's budget or ban.
+#[map(name = "WSG_USERS")]
+pub static USERS: HashMap<UserKey, UserState> = HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
+
+/// Connections bound to a user, by both ends (agent-written when it accepts
+/// a handshake with a version 2 ticket; removed by sock_ops when the
+/// connection closes). Sized like the inspection maps.
+#[map(name = "WSG_USER_FLOWS")]
+pub static USER_FLOWS: HashMap<StreamPeers, UserKey> = HashMap::with_max_entries(1024, 0);
+
+/// Byte budgets by class index (agent-written on every (re)load).
+#[map(name = "WSG_USER_BUDGETS")]
+pub static USER_BUDGETS: Array<UserBudget> = Array::with_max_entries(USER_BUDGET_SLOTS, 0);
+
 #[map(name = "WSG_COUNTERS")]
 pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
@@ -186,7 +203,7 @@ fn list_contains(list: &LpmTrie<LpmKey, ListEntry>, source: &SourceKey, now_ns: 
 
 /// A shortcut slot (`shortcuts::*`); a missing slot reads as "no shortcut".
 #[inline(always)]
-fn shortcut(slot: u32) -> u64 {
+pub fn shortcut(slot: u32) -> u64 {
     SHORTCUTS.get(slot).copied().unwrap_or(u64::MAX)
 }
 

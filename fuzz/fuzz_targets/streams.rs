@@ -33,10 +33,10 @@ fn run(stream: &[u8], cuts: &[usize]) -> (Option<Option<Rejection>>, Vec<u8>) {
     );
     let now = Instant::now();
     assert!(streams.opened(1, peers, now).is_empty());
-    let never = |_: std::net::IpAddr| false;
+    let mut never = |_: std::net::IpAddr| false;
     let (mut verdict, mut put_back, mut accepted) = (None, Vec::new(), false);
     for w in cuts.windows(2) {
-        let Some(actions) = streams.data(1, w[0] as u64, &stream[w[0]..w[1]], now, 1_800_000_000, &never)
+        let Some(actions) = streams.data(1, w[0] as u64, &stream[w[0]..w[1]], now, 1_800_000_000, &mut never)
         else {
             break; // rejected: the connection is gone
         };

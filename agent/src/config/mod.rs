@@ -32,6 +32,54 @@ pub use units::{ByteRate, ByteSize, ConnectionRate, Count, HumanDuration, Period
 pub use validate::parse_cidr;
 use validate::validate;
 
+/// What a user may do: `[limits.per_user]`, or a class's version of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserLimits {
+    /// Bytes per second over all the user's connections (kernel-enforced).
+    pub bytes: BucketParams,
+    /// Connections open at once; 0 = no limit (judged at the handshake).
+    pub concurrent_connections: u32,
+    /// New connections (judged at the handshake).
+    pub new_connections: BucketParams,
+    /// How long a user may stay over its byte budget before its
+    /// connections are cut.
+    pub over_budget_timeout: std::time::Duration,
+}
+
+/// The validated per-user settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserPolicy {
+    pub per_user: UserLimits,
+    /// By class name, in name order; a class's index in the kernel's budget
+    /// table is its place in this order plus one (0 is `per_user`).
+    pub classes: std::collections::BTreeMap<String, UserLimits>,
+    pub max_users: u32,
+    /// `ban.users`: a user cut for staying over budget is banned for `ban.duration`.
+    pub ban_users: bool,
+}
+
+impl UserPolicy {
+    /// The class index (0: `per_user`, for no class or an unknown one) and
+    /// the limits of a user of class `class`.
+    pub fn limits(&self, class: Option<&str>) -> (u32, &UserLimits) {
+        class
+            .and_then(|name| {
+                self.classes
+                    .iter()
+                    .position(|(n, _)| n == name)
+                    .map(|i| (i as u32 + 1, &self.classes[name]))
+            })
+            .unwrap_or((0, &self.per_user))
+    }
+
+    /// The byte budget of each class index, for the kernel's table.
+    pub fn budgets(&self) -> Vec<BucketParams> {
+        std::iter::once(self.per_user.bytes)
+            .chain(self.classes.values().map(|l| l.bytes))
+            .collect()
+    }
+}
+
 /// A configuration error, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -84,6 +132,8 @@ pub struct Config {
     pub events_output: EventsOutput,
     pub handshake: HandshakeConfig,
     pub syn_cookies: SynCookies,
+    /// Budgets of users named by version 2 tickets.
+    pub users: UserPolicy,
     /// What the kernel programs read, derived once here.
     pub settings: Settings,
 }
@@ -125,6 +175,10 @@ impl Config {
             ("agent.cgroup", old.agent.cgroup != new.agent.cgroup),
             ("tracking.max_sources", old.max_sources != new.max_sources),
             ("tracking.max_bans", old.max_bans != new.max_bans),
+            (
+                "limits.per_user.max_users",
+                old.users.max_users != new.users.max_users,
+            ),
             (
                 "handshake.max_connections",
                 old.handshake.max_connections != new.handshake.max_connections,

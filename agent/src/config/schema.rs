@@ -126,6 +126,49 @@ impl Default for GlobalLimits {
     }
 }
 
+/// `[limits.per_user]`: budgets of a user named by a version 2 ticket,
+/// across all the user's connections and addresses.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UserLimitKeys {
+    pub bytes: Spanned<ByteRate>,
+    pub bytes_burst: Spanned<ByteSize>,
+    /// 0 disables the limit.
+    pub concurrent_connections: u32,
+    pub new_connections: Spanned<ConnectionRate>,
+    pub new_connections_burst: Spanned<u64>,
+    pub over_budget_timeout: Spanned<HumanDuration>,
+    /// Users with a budget or a ban held at once (sizes the kernel's map).
+    pub max_users: Spanned<u32>,
+}
+
+impl Default for UserLimitKeys {
+    fn default() -> Self {
+        UserLimitKeys {
+            bytes: unplaced(per_second(ByteSize(1 << 20))),
+            bytes_burst: unplaced(ByteSize(4 << 20)),
+            concurrent_connections: 16,
+            new_connections: unplaced(per_second(Count(5))),
+            new_connections_burst: unplaced(10),
+            over_budget_timeout: unplaced(HumanDuration(std::time::Duration::from_secs(30))),
+            max_users: unplaced(65_536),
+        }
+    }
+}
+
+/// `[limits.class.NAME]`: what a class changes of `[limits.per_user]`
+/// (a key left out keeps the `per_user` value).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassLimitKeys {
+    pub bytes: Option<Spanned<ByteRate>>,
+    pub bytes_burst: Option<Spanned<ByteSize>>,
+    pub concurrent_connections: Option<u32>,
+    pub new_connections: Option<Spanned<ConnectionRate>>,
+    pub new_connections_burst: Option<Spanned<u64>>,
+    pub over_budget_timeout: Option<Spanned<HumanDuration>>,
+}
+
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
@@ -133,6 +176,8 @@ pub struct Limits {
     pub dry_run: bool,
     pub per_source: SourceLimits,
     pub global: GlobalLimits,
+    pub per_user: UserLimitKeys,
+    pub class: std::collections::BTreeMap<Spanned<String>, ClassLimitKeys>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -142,11 +187,14 @@ pub struct Ban {
     pub after_drops: u32,
     pub(in crate::config) window: Spanned<HumanDuration>,
     pub(in crate::config) duration: Spanned<HumanDuration>,
+    /// Refuse the tickets of a user cut for staying over budget, for `duration`.
+    pub users: bool,
 }
 
 impl Default for Ban {
     fn default() -> Self {
         Ban {
+            users: false,
             after_drops: 200,
             window: unplaced(HumanDuration(std::time::Duration::from_secs(10))),
             duration: unplaced(HumanDuration(std::time::Duration::from_secs(300))),

@@ -2,6 +2,24 @@
 
 use super::*;
 
+/// A bucket's rate and burst in words ("unlimited" for no limit).
+fn rate_text(params: &BucketParams, bytes: bool) -> String {
+    if params.is_unlimited() {
+        return "unlimited".to_string();
+    }
+    let per_second =
+        (params.refill_per_ns as u128 * 1_000_000_000 / params.unit.max(1) as u128) as u64;
+    if bytes {
+        format!(
+            "{}/s (burst {})",
+            ByteSize(per_second),
+            ByteSize(params.burst())
+        )
+    } else {
+        format!("{per_second}/s (burst {})", params.burst())
+    }
+}
+
 impl Config {
     /// A human summary of what is enforced, printed at start and by `check-config`.
     pub fn summary(&self) -> String {
@@ -105,6 +123,46 @@ impl Config {
                 self.handshake.max_pending,
                 self.handshake.max_connections,
             );
+        }
+        let user = |l: &UserLimits| {
+            format!(
+                "bytes {}, concurrent connections {}, new connections {}, cut after {} over budget",
+                rate_text(&l.bytes, true),
+                match l.concurrent_connections {
+                    0 => "unlimited".to_string(),
+                    n => n.to_string(),
+                },
+                rate_text(&l.new_connections, false),
+                HumanDuration(l.over_budget_timeout),
+            )
+        };
+        let tickets_required = self
+            .handshake
+            .policy
+            .ticket
+            .as_ref()
+            .is_some_and(|t| t.required);
+        let _ = writeln!(
+            s,
+            "  per user{}: {}; up to {} users{}",
+            if tickets_required {
+                " (version 2 tickets)"
+            } else {
+                " (unused: tickets are not required)"
+            },
+            user(&self.users.per_user),
+            self.users.max_users,
+            if self.users.ban_users {
+                format!(
+                    ", a user cut for it is banned for {}",
+                    self.ban.duration.get_ref()
+                )
+            } else {
+                String::new()
+            },
+        );
+        for (name, limits) in &self.users.classes {
+            let _ = writeln!(s, "  class {name}: {}", user(limits));
         }
         let dry = self.settings.dry_run;
         let mode = if dry == 0 {

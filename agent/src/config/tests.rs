@@ -106,6 +106,34 @@ const INVALID: &[(&str, &str)] = &[
         "unknown field `per_sourc`",
     ),
     ("[agent]\ninterfaces = [\"eth0\"\n", ":2:"),
+    (
+        "[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[limits.per_user]\nbytes = \"1MiB/s\"\nbytes_burst = \"1KiB\"\n",
+        ":7:15: limits.per_user.bytes_burst (1KiB) is below the rate",
+    ),
+    (
+        "[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[limits.per_user]\nover_budget_timeout = \"0s\"\n",
+        ":6:23: limits.per_user.over_budget_timeout must be longer than zero",
+    ),
+    (
+        "[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[limits.per_user]\nmax_users = 0\n",
+        ":6:13: limits.per_user.max_users must be 1 to",
+    ),
+    (
+        "[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[limits.class.Pro]\nbytes = \"1MiB/s\"\n",
+        "[limits.class.Pro]: a class is 1 to 32 characters",
+    ),
+    (
+        "[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[limits.class.pro]\nbytes = \"8MiB/s\"\n",
+        "limits.class.pro.bytes_burst (4MiB) is below",
+    ),
+    (
+        "[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[limits.class.pro]\nmax_users = 5\n",
+        ":6:1: unknown field `max_users`",
+    ),
+    (
+        "[agent]\ninterfaces = [\"eth0\"]\n[protect]\nports = [80]\n[ban]\nusers = \"yes\"\n",
+        ":6:9: invalid type",
+    ),
 ];
 
 #[test]
@@ -226,5 +254,57 @@ fn a_reload_names_the_settings_that_need_a_restart() {
     assert_eq!(
         old.restart_only_changes(&resized),
         vec!["tracking.max_sources", "metrics.listen"]
+    );
+}
+
+#[test]
+fn per_user_limits_have_defaults_and_classes_override_them() {
+    let config = parse(MINIMAL).unwrap();
+    let users = &config.users;
+    assert_eq!(users.max_users, 65_536);
+    assert!(!users.ban_users);
+    assert_eq!(users.per_user.bytes.burst(), 4 << 20);
+    assert_eq!(users.per_user.concurrent_connections, 16);
+    assert_eq!(users.per_user.new_connections.burst(), 10);
+    assert_eq!(users.per_user.over_budget_timeout.as_secs(), 30);
+    let config = parse(&format!(
+        "{MINIMAL}[limits.per_user]\nconcurrent_connections = 2\n[limits.class.pro]\nbytes = \"10MiB/s\"\nbytes_burst = \"20MiB\"\n[limits.class.free]\nconcurrent_connections = 1\n[ban]\nusers = true\n"
+    ))
+    .unwrap();
+    let users = &config.users;
+    assert!(users.ban_users);
+    // Classes in name order from index 1; an unknown class or none is 0.
+    let (free, free_limits) = users.limits(Some("free"));
+    let (pro, pro_limits) = users.limits(Some("pro"));
+    assert_eq!((free, pro), (1, 2));
+    assert_eq!(free_limits.concurrent_connections, 1);
+    assert_eq!(
+        free_limits.bytes, users.per_user.bytes,
+        "a key left out is per_user's"
+    );
+    assert_eq!(pro_limits.concurrent_connections, 2);
+    assert_eq!(pro_limits.bytes.burst(), 20 << 20);
+    assert_eq!(users.limits(Some("gold")).0, 0);
+    assert_eq!(users.limits(None).0, 0);
+    assert_eq!(
+        users.budgets(),
+        vec![users.per_user.bytes, free_limits.bytes, pro_limits.bytes]
+    );
+    assert!(
+        config
+            .summary()
+            .contains("class pro: bytes 10MiB/s (burst 20MiB)"),
+        "{}",
+        config.summary()
+    );
+}
+
+#[test]
+fn changing_max_users_needs_a_restart() {
+    let old = parse(MINIMAL).unwrap();
+    let new = parse(&format!("{MINIMAL}[limits.per_user]\nmax_users = 10\n")).unwrap();
+    assert_eq!(
+        old.restart_only_changes(&new),
+        vec!["limits.per_user.max_users"]
     );
 }

@@ -163,6 +163,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
     };
 
     let handshake = validate_handshake(handshake, &ports)?;
+    let users = validate_users(&limits, &ban)?;
 
     let settings = Settings {
         enabled: 1,
@@ -205,8 +206,118 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
         events_output,
         handshake,
         syn_cookies,
+        users,
         settings,
     })
+}
+
+/// Largest `limits.per_user.max_users`.
+const MAX_USERS: u32 = 4 << 20;
+
+/// `[limits.per_user]`, `[limits.class.NAME]` and `ban.users`.
+fn validate_users(limits: &Limits, ban: &Ban) -> Result<UserPolicy, Invalid> {
+    let count = |n: u64| n.to_string();
+    let size = |n: u64| ByteSize(n).to_string();
+    let keys = &limits.per_user;
+    let per_user = UserLimits {
+        bytes: bucket(
+            &keys.bytes,
+            Some((keys.bytes_burst.span(), keys.bytes_burst.get_ref().0)),
+            "limits.per_user.bytes_burst",
+            size,
+        )?,
+        concurrent_connections: keys.concurrent_connections,
+        new_connections: bucket(
+            &keys.new_connections,
+            Some((
+                keys.new_connections_burst.span(),
+                *keys.new_connections_burst.get_ref(),
+            )),
+            "limits.per_user.new_connections_burst",
+            count,
+        )?,
+        over_budget_timeout: positive(
+            &keys.over_budget_timeout,
+            "limits.per_user.over_budget_timeout",
+        )?,
+    };
+    let max_users = *keys.max_users.get_ref();
+    if !(1..=MAX_USERS).contains(&max_users) {
+        return Err(at(
+            &keys.max_users,
+            format!("limits.per_user.max_users must be 1 to {MAX_USERS}, not {max_users}"),
+        ));
+    }
+    if limits.class.len() >= wsguard_common::maps::USER_BUDGET_SLOTS as usize {
+        return Err((
+            None,
+            format!(
+                "[limits.class.*] names {} classes; at most {} fit",
+                limits.class.len(),
+                wsguard_common::maps::USER_BUDGET_SLOTS - 1
+            ),
+        ));
+    }
+    let mut classes = std::collections::BTreeMap::new();
+    for (name, class) in &limits.class {
+        if let Err(e) = crate::handshake::ticket::User::new("-", Some(name.get_ref())) {
+            return Err(at(name, format!("[limits.class.{}]: {e}", name.get_ref())));
+        }
+        let key = |k: &str| format!("limits.class.{}.{k}", name.get_ref());
+        let (bytes, bytes_burst) = (
+            class.bytes.as_ref().unwrap_or(&keys.bytes),
+            class.bytes_burst.as_ref().unwrap_or(&keys.bytes_burst),
+        );
+        let (connections, connections_burst) = (
+            class
+                .new_connections
+                .as_ref()
+                .unwrap_or(&keys.new_connections),
+            class
+                .new_connections_burst
+                .as_ref()
+                .unwrap_or(&keys.new_connections_burst),
+        );
+        let limits = UserLimits {
+            bytes: bucket(
+                bytes,
+                Some((bytes_burst.span(), bytes_burst.get_ref().0)),
+                &key("bytes_burst"),
+                size,
+            )?,
+            concurrent_connections: class
+                .concurrent_connections
+                .unwrap_or(keys.concurrent_connections),
+            new_connections: bucket(
+                connections,
+                Some((connections_burst.span(), *connections_burst.get_ref())),
+                &key("new_connections_burst"),
+                count,
+            )?,
+            over_budget_timeout: positive(
+                class
+                    .over_budget_timeout
+                    .as_ref()
+                    .unwrap_or(&keys.over_budget_timeout),
+                &key("over_budget_timeout"),
+            )?,
+        };
+        classes.insert(name.get_ref().clone(), limits);
+    }
+    Ok(UserPolicy {
+        per_user,
+        classes,
+        max_users,
+        ban_users: ban.users,
+    })
+}
+
+fn positive(value: &Spanned<HumanDuration>, key: &str) -> Result<std::time::Duration, Invalid> {
+    let duration = value.get_ref().0;
+    if duration.is_zero() {
+        return Err(at(value, format!("{key} must be longer than zero")));
+    }
+    Ok(duration)
 }
 
 fn validate_handshake(keys: HandshakeKeys, protected: &[u16]) -> Result<HandshakeConfig, Invalid> {

@@ -54,6 +54,15 @@ pub enum Rejection {
     /// Stream bytes of the connection could not be handed to the agent, or
     /// it could not enter inspection: it cannot be judged.
     InspectionLost,
+    /// The ticket's user has `concurrent_connections` open already.
+    UserConcurrency,
+    /// The ticket's user opened `new_connections` too fast.
+    UserConnectionRate,
+    /// The ticket's user is banned.
+    UserBanned,
+    /// The kernel's user map has no room for the ticket's user (no idle
+    /// user to forget): its bytes could not be held to a budget.
+    UserTableFull,
 }
 
 impl Rejection {
@@ -85,16 +94,28 @@ impl Rejection {
             Rejection::AmbiguousFraming => "ambiguous_framing",
             Rejection::TooManyPending => "too_many_pending",
             Rejection::InspectionLost => "inspection_lost",
+            Rejection::UserConcurrency => "user_concurrency",
+            Rejection::UserConnectionRate => "user_connection_rate",
+            Rejection::UserBanned => "user_banned",
+            Rejection::UserTableFull => "user_table_full",
         }
     }
 
-    /// Whether the rejection says something about the client, so that it
-    /// counts towards `failures_before_ban`. Rejections caused by the
-    /// agent's own limits never do.
+    /// Whether the rejection says something about the client's address, so
+    /// that it counts towards `failures_before_ban`. Rejections caused by
+    /// the agent's own limits never do, and neither do a user's: the
+    /// address may be shared by many users (a NAT), and the user has its
+    /// own ban.
     pub const fn counts_towards_ban(self) -> bool {
         !matches!(
             self,
-            Rejection::TooManyPending | Rejection::InspectionLost | Rejection::TicketCacheFull
+            Rejection::TooManyPending
+                | Rejection::InspectionLost
+                | Rejection::TicketCacheFull
+                | Rejection::UserConcurrency
+                | Rejection::UserConnectionRate
+                | Rejection::UserBanned
+                | Rejection::UserTableFull
         )
     }
 }

@@ -19,14 +19,30 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{Judgement, Policy, Rejection, judge_request, replay::ReplayCache};
+use super::{Judgement, Policy, Rejection, judge_request, replay::ReplayCache, ticket::User};
 
 /// An inspected connection's ends: the client, then the server.
 pub type Peers = (SocketAddr, SocketAddr);
 
-/// Whether a client is exempt from inspection now (allow-listed after its
-/// connection began): it is then never cut, whatever its request.
-pub type Exempt<'a> = &'a dyn Fn(IpAddr) -> bool;
+/// What the verdicts ask of the world outside the streams.
+pub trait Outside {
+    /// Whether a client is exempt from inspection now (allow-listed after
+    /// its connection began): it is then never cut, whatever its request.
+    fn exempt(&self, client: IpAddr) -> bool;
+
+    /// An upgrade whose ticket names `user` is about to be accepted: bind
+    /// the connection to the user, or say why the user may not have it.
+    fn admit_user(&mut self, _user: &User, _cookie: u64, _peers: Peers) -> Result<(), Rejection> {
+        Ok(())
+    }
+}
+
+/// A plain function answers the exemption question and admits every user.
+impl<F: Fn(IpAddr) -> bool> Outside for F {
+    fn exempt(&self, client: IpAddr) -> bool {
+        self(client)
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -43,6 +59,8 @@ pub enum Action {
         peers: Peers,
         reason: Rejection,
         dry_run: bool,
+        /// The user its ticket named, once the ticket checked out.
+        user: Option<String>,
     },
 }
 
@@ -58,6 +76,8 @@ struct Connection {
     body_left: u64,
     /// The connection upgraded: whatever still arrives is the WebSocket's.
     upgraded: bool,
+    /// The user its ticket named, once the ticket checked out.
+    user: Option<String>,
 }
 
 pub struct Streams {
@@ -150,6 +170,7 @@ impl Streams {
                 held: Vec::new(),
                 body_left: 0,
                 upgraded: false,
+                user: None,
             },
         );
         Vec::new()
@@ -162,6 +183,7 @@ impl Streams {
             peers,
             reason,
             dry_run: false,
+            user: None,
         }
     }
 
@@ -181,11 +203,11 @@ impl Streams {
         bytes: &[u8],
         now: Instant,
         unix_now: u64,
-        exempt: Exempt,
+        outside: &mut dyn Outside,
     ) -> Option<Vec<Action>> {
         let c = self.connections.get_mut(&cookie)?;
         if offset != c.received {
-            return Some(self.reject(cookie, Rejection::InspectionLost, exempt));
+            return Some(self.reject(cookie, Rejection::InspectionLost, outside));
         }
         c.received += bytes.len() as u64;
         c.held.extend_from_slice(bytes);
@@ -198,7 +220,7 @@ impl Streams {
                 Action::Release { cookie, upto },
             ]);
         }
-        Some(self.judge_held(cookie, now, unix_now, exempt))
+        Some(self.judge_held(cookie, now, unix_now, outside))
     }
 
     /// Judges the held bytes request by request.
@@ -207,7 +229,7 @@ impl Streams {
         cookie: u64,
         now: Instant,
         unix_now: u64,
-        exempt: Exempt,
+        outside: &mut dyn Outside,
     ) -> Vec<Action> {
         let mut actions = Vec::new();
         let c = self.connections.get_mut(&cookie).expect("known");
@@ -229,7 +251,7 @@ impl Streams {
             match judge_request(&self.policy, &c.held[cursor..], ip, unix_now) {
                 Judgement::Incomplete => break,
                 Judgement::Reject(reason) => {
-                    return self.reject(cookie, reason, exempt);
+                    return self.reject(cookie, reason, outside);
                 }
                 Judgement::PlainHttp { head_len, body_len } => {
                     cursor += head_len;
@@ -241,11 +263,25 @@ impl Streams {
                     });
                 }
                 Judgement::Upgrade { ticket, .. } => {
-                    if let (Some(cache), Some(t)) = (self.replay.as_mut(), ticket) {
-                        if let Err(reason) = cache.use_once(t.tag, t.expires_at, unix_now) {
-                            return self.reject(cookie, reason, exempt);
-                        }
+                    c.user = ticket
+                        .as_ref()
+                        .and_then(|t| t.user.as_ref())
+                        .map(|u| u.id.clone());
+                    let peers = c.peers;
+                    if let Some(t) = &ticket
+                        && let Some(cache) = self.replay.as_mut()
+                        && let Err(reason) = cache.use_once(t.tag, t.expires_at, unix_now)
+                    {
+                        return self.reject(cookie, reason, outside);
                     }
+                    // A dry run binds no one: a user's limits only report.
+                    if let Some(user) = ticket.as_ref().and_then(|t| t.user.as_ref())
+                        && !self.dry_run
+                        && let Err(reason) = outside.admit_user(user, cookie, peers)
+                    {
+                        return self.reject(cookie, reason, outside);
+                    }
+                    let c = self.connections.get_mut(&cookie).expect("known");
                     // The rest of the stream is the WebSocket's.
                     cursor = c.held.len();
                     c.upgraded = true;
@@ -276,10 +312,10 @@ impl Streams {
     /// Rejects a known connection. In dry run the rejection is reported and
     /// the connection goes on as if accepted; an exempt client goes on
     /// without a report.
-    fn reject(&mut self, cookie: u64, reason: Rejection, exempt: Exempt) -> Vec<Action> {
+    fn reject(&mut self, cookie: u64, reason: Rejection, outside: &mut dyn Outside) -> Vec<Action> {
         let c = self.connections.get_mut(&cookie).expect("known");
         let peers = c.peers;
-        let exempt = exempt(peers.0.ip());
+        let exempt = outside.exempt(peers.0.ip());
         let mut actions = Vec::new();
         if !exempt {
             actions.push(Action::Reject {
@@ -287,6 +323,7 @@ impl Streams {
                 peers,
                 reason,
                 dry_run: self.dry_run,
+                user: c.user.clone(),
             });
         }
         if (self.dry_run || exempt) && reason != Rejection::InspectionLost {
@@ -308,7 +345,7 @@ impl Streams {
 
     /// Connections whose request did not complete within the deadline are
     /// rejected; upgraded ones the kernel no longer hands over are forgotten.
-    pub fn expire(&mut self, now: Instant, exempt: Exempt) -> Vec<Action> {
+    pub fn expire(&mut self, now: Instant, outside: &mut dyn Outside) -> Vec<Action> {
         let late: Vec<(u64, bool)> = self
             .connections
             .iter()
@@ -326,7 +363,7 @@ impl Streams {
             if upgraded {
                 self.connections.remove(&cookie);
             } else {
-                actions.extend(self.reject(cookie, Rejection::Deadline, exempt));
+                actions.extend(self.reject(cookie, Rejection::Deadline, outside));
             }
         }
         actions

@@ -18,15 +18,35 @@ use tracing::{debug, warn};
 use wsguard_common::{RecordHeader, Release, SourceKey, StreamPeers};
 
 use crate::{
-    config::Config,
+    config::{Config, UserPolicy},
     events::{Event, EventSink, source_prefix},
     handshake::{
         Rejection,
-        streams::{Action, Peers, Settings, Streams},
+        streams::{Action, Outside, Peers, Settings, Streams},
+        ticket::User,
     },
     kernel::{self, Kernel, Maps},
     metrics::AgentCounters,
+    users::Users,
 };
+
+/// What the verdicts ask of the kernel and the user registry.
+struct Judging<'a> {
+    kernel: &'a mut Kernel,
+    users: &'a mut Users,
+    policy: &'a UserPolicy,
+}
+
+impl Outside for Judging<'_> {
+    fn exempt(&self, client: IpAddr) -> bool {
+        self.kernel.is_allow_listed(client)
+    }
+
+    fn admit_user(&mut self, user: &User, cookie: u64, peers: Peers) -> Result<(), Rejection> {
+        self.users
+            .admit(self.kernel, self.policy, user, cookie, peers)
+    }
+}
 
 /// Rejections per source within the ban window.
 #[derive(Default)]
@@ -105,6 +125,7 @@ impl Injector {
 
 pub struct Inspection {
     streams: Streams,
+    users: Users,
     injector: Injector,
     failures: Failures,
     /// The admission flag as last written to the kernel (`None`: not yet).
@@ -150,8 +171,13 @@ impl Inspection {
     /// silent meet the deadline.
     pub fn start(cx: &mut Context) -> Result<Inspection> {
         let injector = Injector::open(cx.kernel)?;
+        let users = Users::rebuild(cx.kernel).unwrap_or_else(|e| {
+            warn!("cannot read back the users an earlier agent bound: {e:#}");
+            Users::default()
+        });
         let mut inspection = Inspection {
             streams: Streams::new(settings(cx.config)),
+            users,
             injector,
             failures: Failures::default(),
             admission_full: None,
@@ -170,8 +196,9 @@ impl Inspection {
         Ok(inspection)
     }
 
-    pub fn reconfigure(&mut self, config: &Config) {
-        self.streams.configure(settings(config));
+    pub fn reconfigure(&mut self, cx: &mut Context) {
+        self.streams.configure(settings(cx.config));
+        self.users.reclassify(cx.kernel, &cx.config.users);
     }
 
     pub fn pending(&self) -> usize {
@@ -180,6 +207,11 @@ impl Inspection {
 
     pub fn replay_fill(&self) -> Option<(usize, usize)> {
         self.streams.replay_fill()
+    }
+
+    /// Users with a connection open now.
+    pub fn connected_users(&self) -> usize {
+        self.users.connected()
     }
 
     /// One record from the kernel.
@@ -224,6 +256,7 @@ impl Inspection {
             }
             RecordHeader::CLOSED => {
                 self.streams.closed(header.cookie);
+                self.users.closed(header.cookie);
                 cx.kernel.remove_release(header.cookie);
                 Vec::new()
             }
@@ -241,11 +274,14 @@ impl Inspection {
         now: Instant,
     ) -> Vec<Action> {
         let unix_now = crate::agent_file::now_unix();
-        let kernel: &Kernel = cx.kernel;
-        let exempt = |ip: IpAddr| kernel.is_allow_listed(ip);
+        let mut judging = Judging {
+            kernel: cx.kernel,
+            users: &mut self.users,
+            policy: &cx.config.users,
+        };
         if let Some(actions) = self
             .streams
-            .data(cookie, offset, bytes, now, unix_now, &exempt)
+            .data(cookie, offset, bytes, now, unix_now, &mut judging)
         {
             return actions;
         }
@@ -281,22 +317,78 @@ impl Inspection {
         }
         let mut actions = self.streams.opened(cookie, peers, now);
         if actions.is_empty() {
+            let mut judging = Judging {
+                kernel: cx.kernel,
+                users: &mut self.users,
+                policy: &cx.config.users,
+            };
             actions = self
                 .streams
-                .data(cookie, offset, bytes, now, unix_now, &exempt)
+                .data(cookie, offset, bytes, now, unix_now, &mut judging)
                 .unwrap_or_default();
         }
         actions
     }
 
-    /// Connections past their deadline; the kernel's admission flag.
+    /// Connections past their deadline; users over budget for too long;
+    /// the kernel's admission flag.
     pub fn tick(&mut self, cx: &mut Context) {
-        let kernel: &Kernel = cx.kernel;
-        let exempt = |ip: IpAddr| kernel.is_allow_listed(ip);
-        let actions = self.streams.expire(Instant::now(), &exempt);
+        let mut judging = Judging {
+            kernel: cx.kernel,
+            users: &mut self.users,
+            policy: &cx.config.users,
+        };
+        let actions = self.streams.expire(Instant::now(), &mut judging);
         self.carry_out(cx, actions);
+        self.cut_users_over_budget(cx);
         self.admission_full = None;
         self.update_admission(cx);
+    }
+
+    /// Cuts the connections of users over budget for longer than their
+    /// `over_budget_timeout` (or banned), with an event per user.
+    fn cut_users_over_budget(&mut self, cx: &mut Context) {
+        let dry_run = cx
+            .config
+            .settings
+            .is_dry_run(wsguard_common::Reason::UserByteRate);
+        let ban_duration = cx.config.ban_duration;
+        let cuts = self
+            .users
+            .over_budget(cx.kernel, &cx.config.users, ban_duration, dry_run);
+        for cut in cuts {
+            if !dry_run {
+                for (cookie, peers) in &cut.connections {
+                    self::cut(cx.kernel, *cookie, *peers);
+                }
+            }
+            cx.counters
+                .user_cuts
+                .fetch_add(u64::from(!dry_run), std::sync::atomic::Ordering::Relaxed);
+            let started_ban = cut.banned && !cut.over_budget.is_zero();
+            cx.sink.emit(Event::UserCut {
+                user: cut.user.clone(),
+                class: cut.class,
+                connections: cut.connections.len(),
+                over_budget_seconds: (cut.over_budget.as_secs_f64() * 1000.0).round() / 1000.0,
+                banned: cut.banned,
+                dry_run,
+            });
+            if started_ban {
+                cx.sink.emit(Event::UserBanStarted {
+                    user: cut.user,
+                    duration_seconds: ban_duration.as_secs(),
+                    dry_run,
+                });
+            }
+        }
+    }
+
+    /// Once a second: users with nothing left to remember are forgotten.
+    pub fn housekeeping(&mut self, cx: &mut Context) {
+        if let Err(e) = self.users.housekeeping(cx.kernel) {
+            warn!("cannot sweep idle users: {e:#}");
+        }
     }
 
     /// Writes the kernel's admission flag when it changes (and on every
@@ -364,7 +456,8 @@ impl Inspection {
                     peers,
                     reason,
                     dry_run,
-                } => self.reject(cx, cookie, peers, reason, dry_run),
+                    user,
+                } => self.reject(cx, cookie, peers, reason, dry_run, user),
             }
         }
         self.update_admission(cx);
@@ -377,6 +470,7 @@ impl Inspection {
         (client, server): Peers,
         reason: Rejection,
         dry_run: bool,
+        user: Option<String>,
     ) {
         if !dry_run {
             cut(cx.kernel, cookie, (client, server));
@@ -400,6 +494,7 @@ impl Inspection {
                 server,
                 reason: reason_name,
                 dry_run,
+                user,
             }
         });
         if !reason.counts_towards_ban() {

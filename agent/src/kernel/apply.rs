@@ -35,6 +35,7 @@ impl Kernel {
         let mut cookie_map: Array<&mut MapData, CookieSettings> =
             Array::try_from(self.loaded_map_mut(names::SYN_COOKIES)?)?;
         cookie_map.set(0, cookies, 0)?;
+        self.set_user_budgets(&config.users.budgets())?;
         // New limits take effect from a full bucket rather than carrying the
         // old state over; the shares CPUs held go with the old buckets.
         self.reset_global_buckets()?;

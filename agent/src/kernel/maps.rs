@@ -12,10 +12,10 @@ use anyhow::Result;
 use aya::maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues};
 use ipnet::IpNet;
 use wsguard_common::{
-    Ban, Counter, HandshakeSettings, ListEntry, Reason, Release, Settings, SourceKey, SourceState,
-    Stream,
+    Ban, BucketParams, Counter, HandshakeSettings, ListEntry, Reason, Release, Settings, SourceKey,
+    SourceState, Stream, StreamPeers, UserBudget, UserKey, UserState,
     cookie::CookieSettings,
-    maps::{GlobalShares, GlobalState, names, shortcuts},
+    maps::{GlobalShares, GlobalState, USER_BUDGET_SLOTS, names, shortcuts},
 };
 
 use super::{
@@ -318,6 +318,92 @@ pub trait Maps: MapSource {
             let _ = releases.remove(cookie);
         }
         Ok(stale.len())
+    }
+
+    /// A user's kernel entry, if it has one.
+    fn user(&self, key: UserKey) -> Option<UserState> {
+        let map = self.map(names::USERS).ok()?;
+        let users: HashMap<&MapData, UserKey, UserState> = HashMap::try_from(&*map).ok()?;
+        users.get(&key, 0).ok()
+    }
+
+    /// Every user with a kernel entry.
+    fn users(&self) -> Result<Vec<(UserKey, UserState)>> {
+        let map = self.map(names::USERS)?;
+        let users: HashMap<&MapData, UserKey, UserState> = HashMap::try_from(&*map)?;
+        Ok(users.iter().filter_map(|r| r.ok()).collect())
+    }
+
+    /// Writes a user's entry: `create_only` fails when it exists (another
+    /// writer created it first) or when the map is full.
+    fn set_user(&mut self, key: UserKey, state: UserState, create_only: bool) -> Result<()> {
+        let mut map = self.map_mut(names::USERS)?;
+        let mut users: HashMap<&mut MapData, UserKey, UserState> = HashMap::try_from(&mut *map)?;
+        // BPF_NOEXIST = 1.
+        users.insert(key, state, if create_only { 1 } else { 0 })?;
+        Ok(())
+    }
+
+    fn remove_user(&mut self, key: UserKey) -> Result<bool> {
+        let mut map = self.map_mut(names::USERS)?;
+        let mut users: HashMap<&mut MapData, UserKey, UserState> = HashMap::try_from(&mut *map)?;
+        Ok(users.remove(&key).is_ok())
+    }
+
+    /// Changes a user's entry in place (read, change, write back); false
+    /// when it has none. The kernel may charge the user in between; what it
+    /// charged then is lost, a few packets' worth at most.
+    fn update_user(&mut self, key: UserKey, change: impl FnOnce(&mut UserState)) -> Result<bool> {
+        let Some(mut state) = self.user(key) else {
+            return Ok(false);
+        };
+        change(&mut state);
+        self.set_user(key, state, false)?;
+        Ok(true)
+    }
+
+    /// Binds a connection to a user: the kernel charges its bytes to the
+    /// user's budget from the next packet on.
+    fn bind_user_flow(&mut self, peers: &StreamPeers, key: UserKey) -> Result<()> {
+        if self.shortcut(shortcuts::USERS_BOUND)? == 0 {
+            self.set_shortcut(shortcuts::USERS_BOUND, 1)?;
+        }
+        let mut map = self.map_mut(names::USER_FLOWS)?;
+        let mut flows: HashMap<&mut MapData, StreamPeers, UserKey> = HashMap::try_from(&mut *map)?;
+        flows.insert(peers, key, 0)?;
+        Ok(())
+    }
+
+    fn unbind_user_flow(&mut self, peers: &StreamPeers) {
+        if let Ok(mut map) = self.map_mut(names::USER_FLOWS)
+            && let Ok(mut flows) =
+                HashMap::<&mut MapData, StreamPeers, UserKey>::try_from(&mut *map)
+        {
+            let _ = flows.remove(peers);
+        }
+    }
+
+    /// Every connection bound to a user.
+    fn user_flows(&self) -> Result<Vec<(StreamPeers, UserKey)>> {
+        let map = self.map(names::USER_FLOWS)?;
+        let flows: HashMap<&MapData, StreamPeers, UserKey> = HashMap::try_from(&*map)?;
+        Ok(flows.iter().filter_map(|r| r.ok()).collect())
+    }
+
+    /// Writes the byte budget of each class index; slots past the last
+    /// class get the first budget (`[limits.per_user]`).
+    fn set_user_budgets(&mut self, budgets: &[BucketParams]) -> Result<()> {
+        let mut map = self.map_mut(names::USER_BUDGETS)?;
+        let mut table: Array<&mut MapData, UserBudget> = Array::try_from(&mut *map)?;
+        for slot in 0..USER_BUDGET_SLOTS {
+            let bytes = budgets
+                .get(slot as usize)
+                .or(budgets.first())
+                .copied()
+                .unwrap_or(BucketParams::UNLIMITED);
+            table.set(slot, UserBudget { bytes }, 0)?;
+        }
+        Ok(())
     }
 
     /// Names the connection the next injected bytes go to.

@@ -50,6 +50,7 @@ pub fn capacity(capacity: Capacity, config: &Config) -> u32 {
         Capacity::Sources => config.max_sources,
         Capacity::Bans => config.max_bans,
         Capacity::Inspected => inspected_capacity(config),
+        Capacity::Users => config.users.max_users,
     }
 }
 

@@ -17,4 +17,6 @@ mod packaging;
 mod reload;
 mod soak;
 mod syn_cookies;
+mod users;
+mod users_kernel;
 mod xdp_verdicts;

@@ -50,7 +50,7 @@ fn never(_: std::net::IpAddr) -> bool {
 }
 
 fn feed(s: &mut Streams, cookie: u64, offset: u64, bytes: &[u8]) -> Vec<Action> {
-    s.data(cookie, offset, bytes, Instant::now(), NOW, &never)
+    s.data(cookie, offset, bytes, Instant::now(), NOW, &mut never)
         .expect("known connection")
 }
 
@@ -157,7 +157,7 @@ fn a_hole_in_the_stream_rejects_and_bounds_hold() {
     );
     assert!(s.knows(2) && s.knows(3) && !s.knows(4));
     // The deadline.
-    let expired = s.expire(now + Duration::from_secs(6), &never);
+    let expired = s.expire(now + Duration::from_secs(6), &mut never);
     assert_eq!(expired.len(), 2);
     assert!(
         expired
@@ -187,8 +187,10 @@ fn dry_run_and_an_exempt_client_go_on_with_what_they_sent() {
 
     let mut s = Streams::new(self::settings(4, false));
     s.opened(1, peers(), Instant::now());
-    let always = |_: std::net::IpAddr| true;
-    let actions = s.data(1, 0, &bytes, Instant::now(), NOW, &always).unwrap();
+    let mut always = |_: std::net::IpAddr| true;
+    let actions = s
+        .data(1, 0, &bytes, Instant::now(), NOW, &mut always)
+        .unwrap();
     assert_eq!(rejection(&actions), None);
     assert_eq!(injected(&actions), bytes);
 }

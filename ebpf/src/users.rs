@@ -1,0 +1,73 @@
+//! Byte budgets per user: the bytes of a connection the agent bound to a
+//! user (its handshake carried a version 2 ticket) are charged to that
+//! user's bucket, across all the user's connections and addresses, instead
+//! of to the source address's. Bytes over the budget are dropped, so the
+//! sender's TCP holds and resends them: the queue the guidance asks for.
+//! The agent cuts a user who stays over budget too long.
+
+use wsguard_common::{Reason, Settings, StreamPeers, maps::shortcuts};
+
+use crate::{
+    maps::{USER_BUDGETS, USER_FLOWS, USERS, shortcut},
+    parse::{Frame, Packet, TcpSegment},
+};
+
+/// The connection's ends as sock_ops names them (the key of `WSG_USER_FLOWS`).
+#[inline(always)]
+fn peers(frame: &Frame, segment: &TcpSegment) -> Option<StreamPeers> {
+    let l3 = segment.network_offset;
+    let server = if segment.ipv4 {
+        wsguard_common::SourceKey::from_v4(frame.read::<[u8; 4]>(l3 + 16)?).addr
+    } else {
+        frame.read::<[u8; 16]>(l3 + 24)?
+    };
+    let ports = frame.read::<[u8; 2]>(segment.transport_offset)?;
+    Some(StreamPeers {
+        client: segment.source.addr,
+        server,
+        client_port: u16::from_be_bytes(ports),
+        server_port: segment.destination_port,
+        _pad: 0,
+    })
+}
+
+/// The verdict on a segment of a connection bound to a user: `Passed` when
+/// the user's budget holds it (the global limits still apply), a drop
+/// reason when not. `None` when the connection is bound to no user (or its
+/// user's entry is gone): the per-source budgets judge it.
+#[inline(always)]
+pub fn charge(
+    frame: &Frame,
+    settings: &Settings,
+    segment: &TcpSegment,
+    now: u64,
+) -> Option<Reason> {
+    if shortcut(shortcuts::USERS_BOUND) == 0
+        || !settings.inspected_ports.contains(segment.destination_port)
+    {
+        return None;
+    }
+    let peers = peers(frame, segment)?;
+    // SAFETY: a copy of the value, taken at once.
+    let key = unsafe { *USER_FLOWS.get(&peers)? };
+    let user = USERS.get_ptr_mut(&key)?;
+    // SAFETY: a map value pointer, valid for the duration of the program.
+    let user = unsafe { &mut *user };
+    let len = frame.len();
+    if user.is_banned(now) {
+        user.dropped_packets += 1;
+        user.dropped_bytes += len;
+        return Some(Reason::UserBanned);
+    }
+    let budget = match USER_BUDGETS.get(user.class) {
+        Some(budget) => budget,
+        None => USER_BUDGETS.get(0)?,
+    };
+    user.total_bytes += len;
+    if user.bytes.take(&budget.bytes, now, len) {
+        Some(Reason::Passed)
+    } else {
+        user.record_drop(now, len);
+        Some(Reason::UserByteRate)
+    }
+}
