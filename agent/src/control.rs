@@ -229,7 +229,9 @@ pub fn users_print(
                 "bytes_per_second": (u.total_bytes.saturating_sub(earlier) as f64 / elapsed).round(),
                 "dropped_bytes_per_second": (dropped as f64 / elapsed).round(),
                 "connections": connections.get(&key).copied().unwrap_or(0),
-                "over_budget_seconds": u.over_budget_ns(now) as f64 / 1e9,
+                "over_budget_seconds": state
+                    .user_budget(u.class)
+                    .map_or(0, |b| u.over_budget_ns(&b.bytes, now)) as f64 / 1e9,
                 "banned": u.is_banned(now),
             })
         })

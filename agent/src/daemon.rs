@@ -287,7 +287,8 @@ impl Daemon {
         if let Err(e) = self.expire_lists_and_bans() {
             warn!("housekeeping: {e:#}");
         }
-        self.with_inspection(|inspection, cx| inspection.housekeeping(cx));
+        let sweep = self.housekeeping_ticks.is_multiple_of(10);
+        self.with_inspection(|inspection, cx| inspection.housekeeping(cx, sweep));
         if let Some(inspection) = self.inspection.as_ref() {
             let fill = (
                 inspection.pending() as u64,

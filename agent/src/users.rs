@@ -263,76 +263,92 @@ impl Users {
         }
     }
 
-    /// Users to cut now: connected users over budget for longer than their
-    /// class allows (banned for `ban.duration` with `ban.users`), and
-    /// connected users someone banned. Their connections leave the
-    /// registry and their spell over budget starts again; in dry run
-    /// nothing changes and each spell is reported once.
-    pub fn over_budget(
+    /// Whether to cut user `key` now: connected, and over budget for longer
+    /// than its class allows (then banned for `ban_duration` with
+    /// `ban.users`), or banned. On a cut its connections leave the registry
+    /// and its spell over budget starts again; in dry run nothing changes
+    /// and the kernel tells of the spell only once.
+    pub fn judge(
+        &mut self,
+        kernel: &mut impl Maps,
+        key: UserKey,
+        policy: &UserPolicy,
+        ban_duration: Duration,
+        dry_run: bool,
+    ) -> Option<Cut> {
+        let now = monotonic_ns();
+        let entry = self.entries.get_mut(&key)?;
+        let state = kernel.user(key)?;
+        let banned = state.is_banned(now);
+        let (_, limits) = policy.limits(entry.class.as_deref());
+        let over = Duration::from_nanos(state.over_budget_ns(&limits.bytes, now));
+        if entry.connections.is_empty() || (!banned && over < limits.over_budget_timeout) {
+            // Nothing to cut now (a longer timeout since a reload, say):
+            // the sweep looks again.
+            return None;
+        }
+        entry.last_active_ns = now;
+        let ban = !banned && policy.ban_users;
+        let connections: Vec<(u64, Peers)> = if dry_run {
+            entry.connections.iter().map(|(c, p)| (*c, *p)).collect()
+        } else {
+            let _ = kernel.update_user(key, |s| {
+                s.over_since_ns = 0;
+                s.signalled = 0;
+                if ban {
+                    s.banned_until_ns = now + ban_duration.as_nanos() as u64;
+                }
+            });
+            for cookie in entry.connections.keys() {
+                self.by_cookie.remove(cookie);
+            }
+            entry.connections.drain().collect()
+        };
+        Some(Cut {
+            user: entry.id.clone(),
+            class: entry.class.clone(),
+            connections,
+            over_budget: if banned { Duration::ZERO } else { over },
+            banned: banned || ban,
+        })
+    }
+
+    /// Every connected user judged (for records the kernel could not hand
+    /// over, and banned users whose connections stay silent).
+    pub fn sweep(
         &mut self,
         kernel: &mut impl Maps,
         policy: &UserPolicy,
         ban_duration: Duration,
         dry_run: bool,
     ) -> Vec<Cut> {
-        let now = monotonic_ns();
-        let mut cuts = Vec::new();
-        for (&key, entry) in &mut self.entries {
-            if entry.connections.is_empty() {
-                continue;
-            }
-            entry.last_active_ns = now;
-            let Some(state) = kernel.user(key) else {
-                continue;
-            };
-            let banned = state.is_banned(now);
-            let over = Duration::from_nanos(state.over_budget_ns(now));
-            let (_, limits) = policy.limits(entry.class.as_deref());
-            if !banned && over < limits.over_budget_timeout {
-                continue;
-            }
-            let ban = !banned && policy.ban_users;
-            let connections: Vec<(u64, Peers)> = if dry_run {
-                if state.reported != 0 {
-                    continue;
+        let connected: Vec<UserKey> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| !e.connections.is_empty())
+            .map(|(k, _)| *k)
+            .collect();
+        connected
+            .into_iter()
+            .filter_map(|key| {
+                let state = kernel.user(key)?;
+                // In dry run, a spell already reported stays reported.
+                if dry_run && state.signalled != 0 {
+                    return None;
                 }
-                let _ = kernel.update_user(key, |s| s.reported = 1);
-                entry.connections.iter().map(|(c, p)| (*c, *p)).collect()
-            } else {
-                let _ = kernel.update_user(key, |s| {
-                    s.over_since_ns = 0;
-                    if ban {
-                        s.banned_until_ns = now + ban_duration.as_nanos() as u64;
-                    }
-                });
-                for cookie in entry.connections.keys() {
-                    self.by_cookie.remove(cookie);
-                }
-                entry.connections.drain().collect()
-            };
-            cuts.push(Cut {
-                user: entry.id.clone(),
-                class: entry.class.clone(),
-                connections,
-                over_budget: if banned { Duration::ZERO } else { over },
-                banned: banned || ban,
-            });
-        }
-        cuts
+                self.judge(kernel, key, policy, ban_duration, dry_run)
+            })
+            .collect()
     }
 
     /// Forgets users idle for `linger` with nothing to remember (no
     /// connection, no ban, no charge or drop within `linger`), in the
-    /// registry and the kernel; how many. Also clears the dry-run report
-    /// flag of spells that ended.
+    /// registry and the kernel; how many.
     pub fn forget_idle(&mut self, kernel: &mut impl Maps, linger: Duration) -> Result<usize> {
         let now = monotonic_ns();
         let linger = linger.as_nanos() as u64;
         let mut forgotten = 0;
         for (key, state) in kernel.users()? {
-            if state.reported != 0 && state.over_budget_ns(now) == 0 && !state.is_banned(now) {
-                let _ = kernel.update_user(key, |s| s.reported = 0);
-            }
             let entry = self.entries.get(&key);
             if entry.is_some_and(|e| !e.connections.is_empty()) || state.is_banned(now) {
                 continue;

@@ -3,6 +3,7 @@
 //! the agent and runs this as root.
 
 mod contenders;
+mod fairness;
 mod flood;
 mod kernel_cost;
 mod latency;
@@ -48,6 +49,8 @@ struct Plan {
     /// Incomplete heads held open, and handshakes measured meanwhile.
     held_heads: usize,
     handshakes_while_held: usize,
+    fairness_rounds: usize,
+    fairness_phase: Duration,
 }
 
 impl Plan {
@@ -71,6 +74,8 @@ impl Plan {
                 accepted_for: Duration::from_secs(2),
                 held_heads: 1_000,
                 handshakes_while_held: 200,
+                fairness_rounds: 1,
+                fairness_phase: Duration::from_secs(6),
             }
         } else {
             Plan {
@@ -91,6 +96,8 @@ impl Plan {
                 accepted_for: Duration::from_secs(5),
                 held_heads: 4_000,
                 handshakes_while_held: 1_000,
+                fairness_rounds: 3,
+                fairness_phase: Duration::from_secs(8),
             }
         }
     }
@@ -133,6 +140,15 @@ impl Plan {
                     self.accepted_for.as_secs(),
                     self.handshakes_while_held,
                     self.held_heads
+                ),
+            ),
+            (
+                "section 7".into(),
+                format!(
+                    "{} rounds of three runs of {} s, {} users each",
+                    self.fairness_rounds,
+                    self.fairness_phase.as_secs(),
+                    fairness::USERS
                 ),
             ),
         ]
@@ -184,6 +200,8 @@ async fn measure(args: &Args) -> Result<()> {
     let accepted = latency::accepted_at_rate(plan.accepted_rate, plan.accepted_for).await?;
     let accepted_held =
         latency::accepted_while_pending(plan.held_heads, plan.handshakes_while_held).await?;
+    eprintln!("bench: 7. fairness behind one address");
+    let fairness = fairness::run(plan.fairness_rounds, plan.fairness_phase).await?;
 
     let results = report::Results {
         quick: args.quick,
@@ -198,6 +216,7 @@ async fn measure(args: &Args) -> Result<()> {
         ban_agent,
         accepted,
         accepted_held,
+        fairness,
     };
     report::write(&results, &args.docs)?;
     eprintln!(

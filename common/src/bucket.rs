@@ -157,6 +157,12 @@ impl TokenBucket {
         taken
     }
 
+    /// The scaled units the bucket would hold at `now_ns` (changing nothing).
+    pub fn level(&self, params: &BucketParams, now_ns: u64) -> u64 {
+        let mut copy = *self;
+        copy.refill(params, now_ns)
+    }
+
     /// The scaled units the bucket holds at `now_ns`; moves `last_ns` on.
     #[inline(always)]
     fn refill(&mut self, params: &BucketParams, now_ns: u64) -> u64 {

@@ -377,6 +377,10 @@ impl RecordHeader {
     /// A connection to an inspected port that could not be inspected (a
     /// map was full); [`StreamPeers`] follow. The agent cuts it.
     pub const REFUSED: u32 = 4;
+    /// From XDP: a user (its key in `cookie`) stayed over its byte budget
+    /// past its class's `over_budget_timeout`, or a banned user's
+    /// connection sent bytes. The agent cuts the user's connections.
+    pub const USER: u32 = 5;
 }
 
 /// Stream bytes per DATA record.
@@ -445,8 +449,11 @@ pub const USER_CLASS_BYTES: usize = 32;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UserBudget {
     pub bytes: BucketParams,
+    /// How long a user may stay over `bytes` before the kernel tells the
+    /// agent (a USER record), which cuts the user's connections.
+    pub over_budget_timeout_ns: u64,
 }
-assert_size!(UserBudget, 32);
+assert_size!(UserBudget, 40);
 
 /// Classes a config may name (index 0 is `[limits.per_user]` itself).
 pub const USER_BUDGET_SLOTS: u32 = 64;
@@ -464,11 +471,12 @@ pub struct UserState {
     pub bytes: TokenBucket,
     /// Index into `WSG_USER_BUDGETS` (agent-written).
     pub class: u32,
-    /// Non-zero once a dry run reported the user's spell over budget (or
-    /// ban) as a would-be cut; the agent clears it when the spell ends.
-    pub reported: u32,
-    /// Since when the user has been over budget without a break of more
-    /// than [`UserState::OVER_BUDGET_GRACE_NS`]; 0 = within budget.
+    /// Non-zero once the kernel told the agent (a USER record) of this
+    /// spell over budget, or of the ban: it tells once; a new spell, or the
+    /// agent's cut, clears it.
+    pub signalled: u32,
+    /// Since when the user has been over budget: from a drop until its
+    /// bucket holds a quarter of its burst again; 0 = within budget.
     pub over_since_ns: u64,
     /// The last drop for this user's budget.
     pub last_drop_ns: u64,
@@ -495,7 +503,7 @@ impl Default for UserState {
         UserState {
             bytes: TokenBucket::default(),
             class: 0,
-            reported: 0,
+            signalled: 0,
             over_since_ns: 0,
             last_drop_ns: 0,
             banned_until_ns: 0,
@@ -511,36 +519,44 @@ impl Default for UserState {
 }
 
 impl UserState {
-    /// A gap between drops longer than this ends a spell over budget. A
-    /// sender held back by its budget is dropped again at least every
-    /// retransmission timeout of its TCP, which backs off from 200 ms and
-    /// doubles on every loss of the resent segment: 3 s covers four losses
-    /// in a row.
-    pub const OVER_BUDGET_GRACE_NS: u64 = 3_000_000_000;
+    /// The user is back within budget once its bucket holds this share of
+    /// its burst again (1/4): a sender held back by its budget keeps the
+    /// bucket near empty, whatever its TCP does to the rate.
+    pub const WITHIN_BUDGET_SHARE: u64 = 4;
 
-    /// Records a drop for the budget at `now`; returns how long the user
-    /// has been over budget.
+    /// Records a drop for the budget at `now`: the first starts a spell
+    /// over budget.
     #[inline(always)]
-    pub fn record_drop(&mut self, now_ns: u64, len: u64) -> u64 {
-        if self.over_since_ns == 0
-            || now_ns.saturating_sub(self.last_drop_ns) > Self::OVER_BUDGET_GRACE_NS
-        {
+    pub fn record_drop(&mut self, now_ns: u64, len: u64) {
+        if self.over_since_ns == 0 {
             self.over_since_ns = now_ns;
+            self.signalled = 0;
         }
         self.last_drop_ns = now_ns;
         self.dropped_packets += 1;
         self.dropped_bytes += len;
-        now_ns - self.over_since_ns
     }
 
-    /// How long the user has been over budget at `now` (0: within budget).
-    pub fn over_budget_ns(&self, now_ns: u64) -> u64 {
+    /// Records bytes the budget took: a bucket refilled to a quarter of
+    /// its burst ends the spell over budget.
+    #[inline(always)]
+    pub fn record_pass(&mut self, budget: &BucketParams) {
+        if self.over_since_ns != 0
+            && self.bytes.tokens >= budget.capacity / Self::WITHIN_BUDGET_SHARE
+        {
+            self.over_since_ns = 0;
+        }
+    }
+
+    /// How long the user has been over budget at `now` (0: within budget,
+    /// or its bucket has refilled to a quarter of its burst since).
+    pub fn over_budget_ns(&self, budget: &BucketParams, now_ns: u64) -> u64 {
         if self.over_since_ns == 0
-            || now_ns.saturating_sub(self.last_drop_ns) > Self::OVER_BUDGET_GRACE_NS
+            || self.bytes.level(budget, now_ns) >= budget.capacity / Self::WITHIN_BUDGET_SHARE
         {
             return 0;
         }
-        self.last_drop_ns.saturating_sub(self.over_since_ns)
+        now_ns.saturating_sub(self.over_since_ns)
     }
 
     pub fn is_banned(&self, now_ns: u64) -> bool {

@@ -5,10 +5,12 @@
 //! sender's TCP holds and resends them: the queue the guidance asks for.
 //! The agent cuts a user who stays over budget too long.
 
-use wsguard_common::{Reason, Settings, StreamPeers, maps::shortcuts};
+use wsguard_common::{
+    Reason, RecordHeader, Settings, StreamPeers, UserKey, UserState, maps::shortcuts,
+};
 
 use crate::{
-    maps::{USER_BUDGETS, USER_FLOWS, USERS, shortcut},
+    maps::{STREAM_RECORDS, USER_BUDGETS, USER_FLOWS, USERS, count, shortcut},
     parse::{Frame, Packet, TcpSegment},
 };
 
@@ -57,6 +59,7 @@ pub fn charge(
     if user.is_banned(now) {
         user.dropped_packets += 1;
         user.dropped_bytes += len;
+        signal_once(user, key);
         return Some(Reason::UserBanned);
     }
     let budget = match USER_BUDGETS.get(user.class) {
@@ -64,10 +67,39 @@ pub fn charge(
         None => USER_BUDGETS.get(0)?,
     };
     user.total_bytes += len;
-    if user.bytes.take(&budget.bytes, now, len) {
-        Some(Reason::Passed)
+    let reason = if user.bytes.take(&budget.bytes, now, len) {
+        user.record_pass(&budget.bytes);
+        Reason::Passed
     } else {
         user.record_drop(now, len);
-        Some(Reason::UserByteRate)
+        Reason::UserByteRate
+    };
+    // Checked on every packet: a sender whose TCP settled at the budget
+    // after its drops is still held back.
+    if user.over_since_ns != 0
+        && now.saturating_sub(user.over_since_ns) >= budget.over_budget_timeout_ns
+    {
+        signal_once(user, key);
+    }
+    Some(reason)
+}
+
+/// Tells the agent, once per spell over budget (or ban), to cut the user.
+/// A record that does not fit is counted; the agent's periodic sweep
+/// finds the user then.
+#[inline(always)]
+fn signal_once(user: &mut UserState, key: UserKey) {
+    if user.signalled != 0 {
+        return;
+    }
+    user.signalled = 1;
+    let record = RecordHeader {
+        kind: RecordHeader::USER,
+        len: 0,
+        cookie: key,
+        offset: 0,
+    };
+    if STREAM_RECORDS.output::<RecordHeader>(&record, 0).is_err() {
+        count(Reason::InspectLost, 0, false);
     }
 }

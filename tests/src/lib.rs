@@ -6,6 +6,7 @@
 //! so a failing test cleans up too.
 
 pub mod agent;
+pub mod fairness;
 pub mod lab;
 pub mod packets;
 pub mod peers;

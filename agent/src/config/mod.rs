@@ -73,9 +73,13 @@ impl UserPolicy {
     }
 
     /// The byte budget of each class index, for the kernel's table.
-    pub fn budgets(&self) -> Vec<BucketParams> {
-        std::iter::once(self.per_user.bytes)
-            .chain(self.classes.values().map(|l| l.bytes))
+    pub fn budgets(&self) -> Vec<wsguard_common::UserBudget> {
+        std::iter::once(&self.per_user)
+            .chain(self.classes.values())
+            .map(|l| wsguard_common::UserBudget {
+                bytes: l.bytes,
+                over_budget_timeout_ns: l.over_budget_timeout.as_nanos() as u64,
+            })
             .collect()
     }
 }

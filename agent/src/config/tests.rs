@@ -286,10 +286,12 @@ fn per_user_limits_have_defaults_and_classes_override_them() {
     assert_eq!(pro_limits.bytes.burst(), 20 << 20);
     assert_eq!(users.limits(Some("gold")).0, 0);
     assert_eq!(users.limits(None).0, 0);
+    let budgets: Vec<_> = users.budgets().iter().map(|b| b.bytes).collect();
     assert_eq!(
-        users.budgets(),
+        budgets,
         vec![users.per_user.bytes, free_limits.bytes, pro_limits.bytes]
     );
+    assert_eq!(users.budgets()[0].over_budget_timeout_ns, 30_000_000_000);
     assert!(
         config
             .summary()

@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use tracing::{debug, warn};
-use wsguard_common::{RecordHeader, Release, SourceKey, StreamPeers};
+use wsguard_common::{RecordHeader, Release, SourceKey, StreamPeers, UserKey};
 
 use crate::{
     config::{Config, UserPolicy},
@@ -27,8 +27,15 @@ use crate::{
     },
     kernel::{self, Kernel, Maps},
     metrics::AgentCounters,
-    users::Users,
+    users::{Cut, Users},
 };
+
+/// Whether user cuts are only reported: the limits' dry run.
+fn users_dry_run(config: &Config) -> bool {
+    config
+        .settings
+        .is_dry_run(wsguard_common::Reason::UserByteRate)
+}
 
 /// What the verdicts ask of the kernel and the user registry.
 struct Judging<'a> {
@@ -260,6 +267,10 @@ impl Inspection {
                 cx.kernel.remove_release(header.cookie);
                 Vec::new()
             }
+            RecordHeader::USER => {
+                self.on_user_signal(cx, header.cookie);
+                Vec::new()
+            }
             _ => Vec::new(),
         };
         self.carry_out(cx, actions);
@@ -330,8 +341,7 @@ impl Inspection {
         actions
     }
 
-    /// Connections past their deadline; users over budget for too long;
-    /// the kernel's admission flag.
+    /// Connections past their deadline; the kernel's admission flag.
     pub fn tick(&mut self, cx: &mut Context) {
         let mut judging = Judging {
             kernel: cx.kernel,
@@ -340,31 +350,36 @@ impl Inspection {
         };
         let actions = self.streams.expire(Instant::now(), &mut judging);
         self.carry_out(cx, actions);
-        self.cut_users_over_budget(cx);
         self.admission_full = None;
         self.update_admission(cx);
     }
 
+    /// The kernel says user `key` stayed over budget too long, or is banned.
+    fn on_user_signal(&mut self, cx: &mut Context, key: UserKey) {
+        let dry_run = users_dry_run(cx.config);
+        let cut = self.users.judge(
+            cx.kernel,
+            key,
+            &cx.config.users,
+            cx.config.ban_duration,
+            dry_run,
+        );
+        self.cut_users(cx, cut.into_iter().collect(), dry_run);
+    }
+
     /// Cuts the connections of users over budget for longer than their
     /// `over_budget_timeout` (or banned), with an event per user.
-    fn cut_users_over_budget(&mut self, cx: &mut Context) {
-        let dry_run = cx
-            .config
-            .settings
-            .is_dry_run(wsguard_common::Reason::UserByteRate);
+    fn cut_users(&mut self, cx: &mut Context, cuts: Vec<Cut>, dry_run: bool) {
         let ban_duration = cx.config.ban_duration;
-        let cuts = self
-            .users
-            .over_budget(cx.kernel, &cx.config.users, ban_duration, dry_run);
         for cut in cuts {
             if !dry_run {
                 for (cookie, peers) in &cut.connections {
                     self::cut(cx.kernel, *cookie, *peers);
                 }
+                cx.counters
+                    .user_cuts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            cx.counters
-                .user_cuts
-                .fetch_add(u64::from(!dry_run), std::sync::atomic::Ordering::Relaxed);
             let started_ban = cut.banned && !cut.over_budget.is_zero();
             cx.sink.emit(Event::UserCut {
                 user: cut.user.clone(),
@@ -384,10 +399,19 @@ impl Inspection {
         }
     }
 
-    /// Once a second: users with nothing left to remember are forgotten.
-    pub fn housekeeping(&mut self, cx: &mut Context) {
+    /// Once a second: users with nothing left to remember are forgotten;
+    /// every 10 s, every connected user is judged (a USER record lost to a
+    /// full ring buffer, a banned user whose connections stay silent).
+    pub fn housekeeping(&mut self, cx: &mut Context, sweep: bool) {
         if let Err(e) = self.users.housekeeping(cx.kernel) {
             warn!("cannot sweep idle users: {e:#}");
+        }
+        if sweep {
+            let dry_run = users_dry_run(cx.config);
+            let cuts =
+                self.users
+                    .sweep(cx.kernel, &cx.config.users, cx.config.ban_duration, dry_run);
+            self.cut_users(cx, cuts, dry_run);
         }
     }
 

@@ -12,8 +12,8 @@ use anyhow::Result;
 use aya::maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues};
 use ipnet::IpNet;
 use wsguard_common::{
-    Ban, BucketParams, Counter, HandshakeSettings, ListEntry, Reason, Release, Settings, SourceKey,
-    SourceState, Stream, StreamPeers, UserBudget, UserKey, UserState,
+    Ban, Counter, HandshakeSettings, ListEntry, Reason, Release, Settings, SourceKey, SourceState,
+    Stream, StreamPeers, UserBudget, UserKey, UserState,
     cookie::CookieSettings,
     maps::{GlobalShares, GlobalState, USER_BUDGET_SLOTS, names, shortcuts},
 };
@@ -390,18 +390,26 @@ pub trait Maps: MapSource {
         Ok(flows.iter().filter_map(|r| r.ok()).collect())
     }
 
-    /// Writes the byte budget of each class index; slots past the last
-    /// class get the first budget (`[limits.per_user]`).
-    fn set_user_budgets(&mut self, budgets: &[BucketParams]) -> Result<()> {
+    /// The budget of class index `class` (the CLI reads it to tell how long
+    /// a user has been over budget).
+    fn user_budget(&self, class: u32) -> Option<UserBudget> {
+        let map = self.map(names::USER_BUDGETS).ok()?;
+        let table: Array<&MapData, UserBudget> = Array::try_from(&*map).ok()?;
+        table.get(&class, 0).ok()
+    }
+
+    /// Writes the budget of each class index; slots past the last class
+    /// get the first budget (`[limits.per_user]`).
+    fn set_user_budgets(&mut self, budgets: &[UserBudget]) -> Result<()> {
         let mut map = self.map_mut(names::USER_BUDGETS)?;
         let mut table: Array<&mut MapData, UserBudget> = Array::try_from(&mut *map)?;
         for slot in 0..USER_BUDGET_SLOTS {
-            let bytes = budgets
+            let budget = budgets
                 .get(slot as usize)
                 .or(budgets.first())
                 .copied()
-                .unwrap_or(BucketParams::UNLIMITED);
-            table.set(slot, UserBudget { bytes }, 0)?;
+                .unwrap_or_default();
+            table.set(slot, budget, 0)?;
         }
         Ok(())
     }

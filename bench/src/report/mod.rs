@@ -80,6 +80,7 @@ pub struct Results {
     pub ban_agent: Latency,
     pub accepted: crate::latency::Accepted,
     pub accepted_held: crate::latency::Accepted,
+    pub fairness: Vec<crate::fairness::FairnessRun>,
 }
 
 /// Median (with spread) over rounds of `f` for one contender and attack.
@@ -136,6 +137,7 @@ fn markdown(r: &Results) -> String {
         sections::enforcement_latency(r),
         sections::overhead(r),
         crate::syn_flood::markdown(&r.syn_flood),
+        crate::fairness::markdown(&r.fairness),
         sections::findings(r),
         sections::READING.to_string(),
     ]

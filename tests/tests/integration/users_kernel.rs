@@ -9,7 +9,7 @@ use wsguard::{
     kernel::Maps,
     users::{new_state, user_key},
 };
-use wsguard_common::{Reason, StreamPeers, UserState};
+use wsguard_common::{Reason, RecordHeader, StreamPeers, UserState};
 use wsguard_tests::{
     packets::Packet,
     xdp::{XDP_DROP, XDP_PASS, XdpHarness},
@@ -209,4 +209,72 @@ fn in_dry_run_a_user_over_budget_is_only_counted() {
     // The same in an enforcing harness drops.
     bind(&mut h, &packet, "dry", 0);
     assert_eq!(verdicts(&h, &packet.bytes(), 7)[5..], [XDP_DROP, XDP_DROP]);
+}
+
+/// The USER records the XDP program hands the agent.
+fn user_records(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<u64> {
+    let mut keys = Vec::new();
+    while let Some(item) = ring.next() {
+        // SAFETY: the kernel wrote a RecordHeader first; read it unaligned.
+        let header: RecordHeader = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        if header.kind == RecordHeader::USER {
+            keys.push(header.cookie);
+        }
+    }
+    keys
+}
+
+#[test]
+fn a_user_over_budget_past_its_timeout_or_banned_is_reported_once() {
+    // A timeout short enough for a test.
+    let mut h = XdpHarness::new(&format!(
+        "[protect]\nports = [{PORT}]\n[limits.per_user]\nbytes = \"5000B/m\"\nbytes_burst = \"5000B\"\nover_budget_timeout = \"5ms\"\n\
+         [ban]\nafter_drops = 0\n[handshake]\ninspect_ports = [{PORT}]\nallowed_origins = [\"https://app.example.com\"]\n"
+    ))
+    .unwrap();
+    let mut ring = h.take_records();
+    let packet = Packet::data(v4(8), PORT, PAYLOAD_V4);
+    bind(&mut h, &packet, "slow", 0);
+    assert_eq!(verdicts(&h, &packet.bytes(), 6)[5], XDP_DROP);
+    assert!(
+        user_records(&mut ring).is_empty(),
+        "reported before the timeout"
+    );
+    // The spell goes on: reported once it lasted the timeout (by the
+    // kernel's clock, which moves in timer ticks).
+    let started = std::time::Instant::now();
+    let reported = loop {
+        assert_eq!(h.run(&packet.bytes()), XDP_DROP);
+        let records = user_records(&mut ring);
+        if !records.is_empty() {
+            break records;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "never reported"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    };
+    assert_eq!(reported, vec![user_key("slow")]);
+    let slow = user(&h, "slow");
+    assert!(
+        slow.last_drop_ns - slow.over_since_ns >= 5_000_000,
+        "reported {} ns into the spell",
+        slow.last_drop_ns - slow.over_since_ns
+    );
+    // Once per spell.
+    for _ in 0..10 {
+        assert_eq!(h.run(&packet.bytes()), XDP_DROP);
+    }
+    assert!(user_records(&mut ring).is_empty(), "reported twice");
+    assert_eq!(user(&h, "slow").signalled, 1);
+    // A ban is reported at the banned user's next packet.
+    let banned = Packet::data(v4(9), PORT, 100);
+    bind(&mut h, &banned, "banned", 0);
+    h.kernel
+        .update_user(user_key("banned"), |u| u.banned_until_ns = u64::MAX)
+        .unwrap();
+    assert_eq!(h.run(&banned.bytes()), XDP_DROP);
+    assert_eq!(h.run(&banned.bytes()), XDP_DROP);
+    assert_eq!(user_records(&mut ring), vec![user_key("banned")]);
 }
