@@ -399,14 +399,15 @@ impl Inspection {
         }
     }
 
-    /// Once a second: users with nothing left to remember are forgotten;
-    /// every 10 s, every connected user is judged (a USER record lost to a
-    /// full ring buffer, a banned user whose connections stay silent).
+    /// Every 10 s (`sweep`, a walk of the user map): users with nothing
+    /// left to remember are forgotten, and every connected user is judged
+    /// (a USER record lost to a full ring buffer, a banned user whose
+    /// connections stay silent). A full map forgets idle users at once.
     pub fn housekeeping(&mut self, cx: &mut Context, sweep: bool) {
-        if let Err(e) = self.users.housekeeping(cx.kernel) {
-            warn!("cannot sweep idle users: {e:#}");
-        }
         if sweep {
+            if let Err(e) = self.users.housekeeping(cx.kernel) {
+                warn!("cannot sweep idle users: {e:#}");
+            }
             let dry_run = users_dry_run(cx.config);
             let cuts =
                 self.users
