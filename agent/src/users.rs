@@ -7,11 +7,7 @@
 //! bans there too); this registry is the truth about which connection
 //! belongs to whom, rebuilt from the kernel's maps when the agent starts.
 
-use std::{
-    collections::HashMap,
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::{collections::HashMap, time::Duration};
 
 use anyhow::{Result, bail};
 use sha2::{Digest, Sha256};
@@ -22,7 +18,11 @@ use wsguard_common::{
 
 use crate::{
     config::UserPolicy,
-    handshake::{Rejection, streams::Peers, ticket::User},
+    handshake::{
+        Rejection,
+        streams::{Peers, peers_of, stream_peers},
+        ticket::User,
+    },
     kernel::{Maps, monotonic_ns},
 };
 
@@ -63,21 +63,6 @@ pub fn class_of(state: &UserState) -> Option<String> {
     (len > 0).then(|| String::from_utf8_lossy(&state.class_name[..len]).into_owned())
 }
 
-pub fn stream_peers((client, server): Peers) -> StreamPeers {
-    StreamPeers {
-        client: wsguard_common::SourceKey::from(client.ip()).addr,
-        server: wsguard_common::SourceKey::from(server.ip()).addr,
-        client_port: client.port(),
-        server_port: server.port(),
-        _pad: 0,
-    }
-}
-
-fn peers_of(p: &StreamPeers) -> Peers {
-    let addr = |a: [u8; 16], port| SocketAddr::new(IpAddr::from(a).to_canonical(), port);
-    (addr(p.client, p.client_port), addr(p.server, p.server_port))
-}
-
 /// How long a user with no connection and a full bucket is kept (so that
 /// reconnecting does not refill a bucket it just emptied).
 const IDLE_LINGER: Duration = Duration::from_secs(60);
@@ -91,6 +76,18 @@ struct Entry {
     new_connections: TokenBucket,
     /// When it last had a connection open or opened one (monotonic ns).
     last_active_ns: u64,
+}
+
+impl Entry {
+    fn new(id: String, class: Option<String>, now_ns: u64) -> Entry {
+        Entry {
+            id,
+            class,
+            connections: HashMap::new(),
+            new_connections: TokenBucket::default(),
+            last_active_ns: now_ns,
+        }
+    }
 }
 
 /// A user whose connections are to be cut, with why.
@@ -125,13 +122,10 @@ impl Users {
                 kernel.unbind_user_flow(&stream.peers);
                 continue;
             };
-            let entry = users.entries.entry(key).or_insert_with(|| Entry {
-                id: id_of(&state),
-                class: class_of(&state),
-                connections: HashMap::new(),
-                new_connections: TokenBucket::default(),
-                last_active_ns: now,
-            });
+            let entry = users
+                .entries
+                .entry(key)
+                .or_insert_with(|| Entry::new(id_of(&state), class_of(&state), now));
             entry.connections.insert(cookie, peers_of(&stream.peers));
             users.by_cookie.insert(cookie, key);
         }
@@ -188,21 +182,23 @@ impl Users {
                 return Err(Rejection::UserBanned);
             }
         }
-        let entry = self.entries.entry(key).or_insert_with(|| Entry {
-            id: user.id.clone(),
-            class: user.class.clone(),
-            connections: HashMap::new(),
-            new_connections: TokenBucket::default(),
-            last_active_ns: now,
-        });
+        let entry = self
+            .entries
+            .entry(key)
+            .or_insert_with(|| Entry::new(user.id.clone(), user.class.clone(), now));
         entry.class = user.class.clone();
         if limits.concurrent_connections != 0
             && entry.connections.len() >= limits.concurrent_connections as usize
         {
             // A close record may have been lost: count what is still open.
-            entry
-                .connections
-                .retain(|cookie, _| kernel.stream(*cookie).is_some());
+            let by_cookie = &mut self.by_cookie;
+            entry.connections.retain(|cookie, _| {
+                let open = kernel.stream(*cookie).is_some();
+                if !open {
+                    by_cookie.remove(cookie);
+                }
+                open
+            });
             if entry.connections.len() >= limits.concurrent_connections as usize {
                 return Err(Rejection::UserConcurrency);
             }

@@ -118,12 +118,8 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
         size,
     )?;
 
-    if ban.window.get_ref().0.is_zero() {
-        return Err(at(&ban.window, "ban.window must be longer than zero"));
-    }
-    if ban.duration.get_ref().0.is_zero() {
-        return Err(at(&ban.duration, "ban.duration must be longer than zero"));
-    }
+    positive(&ban.window, "ban.window")?;
+    positive(&ban.duration, "ban.duration")?;
 
     let allow = parse_cidrs(&lists.allow, "lists.allow")?;
     let deny = parse_cidrs(&lists.deny, "lists.deny")?;
@@ -216,31 +212,8 @@ const MAX_USERS: u32 = 4 << 20;
 
 /// `[limits.per_user]`, `[limits.class.NAME]` and `ban.users`.
 fn validate_users(limits: &Limits, ban: &Ban) -> Result<UserPolicy, Invalid> {
-    let count = |n: u64| n.to_string();
-    let size = |n: u64| ByteSize(n).to_string();
     let keys = &limits.per_user;
-    let per_user = UserLimits {
-        bytes: bucket(
-            &keys.bytes,
-            Some((keys.bytes_burst.span(), keys.bytes_burst.get_ref().0)),
-            "limits.per_user.bytes_burst",
-            size,
-        )?,
-        concurrent_connections: keys.concurrent_connections,
-        new_connections: bucket(
-            &keys.new_connections,
-            Some((
-                keys.new_connections_burst.span(),
-                *keys.new_connections_burst.get_ref(),
-            )),
-            "limits.per_user.new_connections_burst",
-            count,
-        )?,
-        over_budget_timeout: positive(
-            &keys.over_budget_timeout,
-            "limits.per_user.over_budget_timeout",
-        )?,
-    };
+    let per_user = user_limits(keys, &ClassLimitKeys::default(), "limits.per_user")?;
     let max_users = *keys.max_users.get_ref();
     if !(1..=MAX_USERS).contains(&max_users) {
         return Err(at(
@@ -263,45 +236,7 @@ fn validate_users(limits: &Limits, ban: &Ban) -> Result<UserPolicy, Invalid> {
         if let Err(e) = crate::handshake::ticket::User::new("-", Some(name.get_ref())) {
             return Err(at(name, format!("[limits.class.{}]: {e}", name.get_ref())));
         }
-        let key = |k: &str| format!("limits.class.{}.{k}", name.get_ref());
-        let (bytes, bytes_burst) = (
-            class.bytes.as_ref().unwrap_or(&keys.bytes),
-            class.bytes_burst.as_ref().unwrap_or(&keys.bytes_burst),
-        );
-        let (connections, connections_burst) = (
-            class
-                .new_connections
-                .as_ref()
-                .unwrap_or(&keys.new_connections),
-            class
-                .new_connections_burst
-                .as_ref()
-                .unwrap_or(&keys.new_connections_burst),
-        );
-        let limits = UserLimits {
-            bytes: bucket(
-                bytes,
-                Some((bytes_burst.span(), bytes_burst.get_ref().0)),
-                &key("bytes_burst"),
-                size,
-            )?,
-            concurrent_connections: class
-                .concurrent_connections
-                .unwrap_or(keys.concurrent_connections),
-            new_connections: bucket(
-                connections,
-                Some((connections_burst.span(), *connections_burst.get_ref())),
-                &key("new_connections_burst"),
-                count,
-            )?,
-            over_budget_timeout: positive(
-                class
-                    .over_budget_timeout
-                    .as_ref()
-                    .unwrap_or(&keys.over_budget_timeout),
-                &key("over_budget_timeout"),
-            )?,
-        };
+        let limits = user_limits(keys, class, &format!("limits.class.{}", name.get_ref()))?;
         classes.insert(name.get_ref().clone(), limits);
     }
     Ok(UserPolicy {
@@ -312,6 +247,48 @@ fn validate_users(limits: &Limits, ban: &Ban) -> Result<UserPolicy, Invalid> {
     })
 }
 
+/// A user's limits: `class`'s keys where it has them, `[limits.per_user]`'s
+/// otherwise; `table` names the table in errors.
+fn user_limits(
+    keys: &UserLimitKeys,
+    class: &ClassLimitKeys,
+    table: &str,
+) -> Result<UserLimits, Invalid> {
+    let bytes = class.bytes.as_ref().unwrap_or(&keys.bytes);
+    let bytes_burst = class.bytes_burst.as_ref().unwrap_or(&keys.bytes_burst);
+    let connections = class
+        .new_connections
+        .as_ref()
+        .unwrap_or(&keys.new_connections);
+    let connections_burst = class
+        .new_connections_burst
+        .as_ref()
+        .unwrap_or(&keys.new_connections_burst);
+    let timeout = class
+        .over_budget_timeout
+        .as_ref()
+        .unwrap_or(&keys.over_budget_timeout);
+    Ok(UserLimits {
+        bytes: bucket(
+            bytes,
+            Some((bytes_burst.span(), bytes_burst.get_ref().0)),
+            &format!("{table}.bytes_burst"),
+            |n| ByteSize(n).to_string(),
+        )?,
+        concurrent_connections: class
+            .concurrent_connections
+            .unwrap_or(keys.concurrent_connections),
+        new_connections: bucket(
+            connections,
+            Some((connections_burst.span(), *connections_burst.get_ref())),
+            &format!("{table}.new_connections_burst"),
+            |n| n.to_string(),
+        )?,
+        over_budget_timeout: positive(timeout, &format!("{table}.over_budget_timeout"))?,
+    })
+}
+
+/// A duration that must be longer than zero.
 fn positive(value: &Spanned<HumanDuration>, key: &str) -> Result<std::time::Duration, Invalid> {
     let duration = value.get_ref().0;
     if duration.is_zero() {
@@ -375,12 +352,7 @@ fn validate_handshake(keys: HandshakeKeys, protected: &[u16]) -> Result<Handshak
             ));
         }
     }
-    if keys.deadline.get_ref().0.is_zero() {
-        return Err(at(
-            &keys.deadline,
-            "handshake.deadline must be longer than zero",
-        ));
-    }
+    positive(&keys.deadline, "handshake.deadline")?;
     if !(1..=4_194_304).contains(keys.max_connections.get_ref()) {
         return Err(at(
             &keys.max_connections,
@@ -407,12 +379,7 @@ fn validate_handshake(keys: HandshakeKeys, protected: &[u16]) -> Result<Handshak
             } else {
                 Vec::new()
             };
-            if t.max_age.get_ref().0.is_zero() {
-                return Err(at(
-                    &t.max_age,
-                    "handshake.ticket.max_age must be longer than zero",
-                ));
-            }
+            positive(&t.max_age, "handshake.ticket.max_age")?;
             if !(1..=10_000_000).contains(t.replay_cache_size.get_ref()) {
                 return Err(at(
                     &t.replay_cache_size,

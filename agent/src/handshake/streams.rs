@@ -19,10 +19,29 @@ use std::{
     time::{Duration, Instant},
 };
 
+use wsguard_common::{SourceKey, StreamPeers};
+
 use super::{Judgement, Policy, Rejection, judge_request, replay::ReplayCache, ticket::User};
 
 /// An inspected connection's ends: the client, then the server.
 pub type Peers = (SocketAddr, SocketAddr);
+
+/// The ends as the kernel names them (addresses in the 16-byte key space).
+pub fn peers_of(p: &StreamPeers) -> Peers {
+    let addr = |a: [u8; 16], port| SocketAddr::new(IpAddr::from(a).to_canonical(), port);
+    (addr(p.client, p.client_port), addr(p.server, p.server_port))
+}
+
+/// The kernel's name for the ends (the key of `WSG_USER_FLOWS`).
+pub fn stream_peers((client, server): Peers) -> StreamPeers {
+    StreamPeers {
+        client: SourceKey::from(client.ip()).addr,
+        server: SourceKey::from(server.ip()).addr,
+        client_port: client.port(),
+        server_port: server.port(),
+        _pad: 0,
+    }
+}
 
 /// What the verdicts ask of the world outside the streams.
 pub trait Outside {

@@ -9,7 +9,7 @@ mod destroy;
 use std::{
     collections::HashMap,
     io::Write,
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, TcpListener, TcpStream},
     time::{Duration, Instant},
 };
 
@@ -22,7 +22,7 @@ use crate::{
     events::{Event, EventSink, source_prefix},
     handshake::{
         Rejection,
-        streams::{Action, Outside, Peers, Settings, Streams},
+        streams::{Action, Outside, Peers, Settings, Streams, peers_of},
         ticket::User,
     },
     kernel::{self, Kernel, Maps},
@@ -42,6 +42,16 @@ struct Judging<'a> {
     kernel: &'a mut Kernel,
     users: &'a mut Users,
     policy: &'a UserPolicy,
+}
+
+impl<'a> Judging<'a> {
+    fn new(users: &'a mut Users, cx: &'a mut Context) -> Judging<'a> {
+        Judging {
+            kernel: cx.kernel,
+            users,
+            policy: &cx.config.users,
+        }
+    }
 }
 
 impl Outside for Judging<'_> {
@@ -159,17 +169,6 @@ pub struct Context<'a> {
     pub counters: &'a AgentCounters,
 }
 
-fn socket_addr(addr: [u8; 16], port: u16) -> SocketAddr {
-    SocketAddr::new(IpAddr::from(addr).to_canonical(), port)
-}
-
-fn peers_of(p: &StreamPeers) -> Peers {
-    (
-        socket_addr(p.client, p.client_port),
-        socket_addr(p.server, p.server_port),
-    )
-}
-
 impl Inspection {
     /// Opens the injection path and takes over the connections an earlier
     /// agent left awaiting a verdict. Those whose bytes are all still in the
@@ -285,11 +284,7 @@ impl Inspection {
         now: Instant,
     ) -> Vec<Action> {
         let unix_now = crate::agent_file::now_unix();
-        let mut judging = Judging {
-            kernel: cx.kernel,
-            users: &mut self.users,
-            policy: &cx.config.users,
-        };
+        let mut judging = Judging::new(&mut self.users, cx);
         if let Some(actions) = self
             .streams
             .data(cookie, offset, bytes, now, unix_now, &mut judging)
@@ -328,11 +323,7 @@ impl Inspection {
         }
         let mut actions = self.streams.opened(cookie, peers, now);
         if actions.is_empty() {
-            let mut judging = Judging {
-                kernel: cx.kernel,
-                users: &mut self.users,
-                policy: &cx.config.users,
-            };
+            let mut judging = Judging::new(&mut self.users, cx);
             actions = self
                 .streams
                 .data(cookie, offset, bytes, now, unix_now, &mut judging)
@@ -343,11 +334,7 @@ impl Inspection {
 
     /// Connections past their deadline; the kernel's admission flag.
     pub fn tick(&mut self, cx: &mut Context) {
-        let mut judging = Judging {
-            kernel: cx.kernel,
-            users: &mut self.users,
-            policy: &cx.config.users,
-        };
+        let mut judging = Judging::new(&mut self.users, cx);
         let actions = self.streams.expire(Instant::now(), &mut judging);
         self.carry_out(cx, actions);
         self.admission_full = None;

@@ -278,3 +278,48 @@ fn a_user_over_budget_past_its_timeout_or_banned_is_reported_once() {
     assert_eq!(h.run(&banned.bytes()), XDP_DROP);
     assert_eq!(user_records(&mut ring), vec![user_key("banned")]);
 }
+
+#[test]
+fn a_bound_connection_still_meets_the_global_byte_limit() {
+    let mut h = harness("[limits.global]\nbytes = \"2000B/m\"\n");
+    let packet = Packet::data(v4(10), PORT, PAYLOAD_V4);
+    bind(&mut h, &packet, "global", 0);
+    assert_eq!(
+        verdicts(&h, &packet.bytes(), 3),
+        vec![XDP_PASS, XDP_PASS, XDP_DROP]
+    );
+    assert_eq!(h.packets(Reason::GlobalByteRate), 1);
+    assert_eq!(h.packets(Reason::UserByteRate), 0);
+}
+
+#[test]
+fn a_bucket_refilled_to_a_quarter_of_its_burst_ends_the_spell_over_budget() {
+    let mut h = XdpHarness::new(&format!(
+        "[protect]\nports = [{PORT}]\n[limits.per_user]\nbytes = \"10000B/s\"\nbytes_burst = \"10000B\"\n\
+         [ban]\nafter_drops = 0\n[handshake]\ninspect_ports = [{PORT}]\nallowed_origins = [\"https://app.example.com\"]\n"
+    ))
+    .unwrap();
+    let packet = Packet::data(v4(11), PORT, PAYLOAD_V4);
+    bind(&mut h, &packet, "calm", 0);
+    let verdicts = verdicts(&h, &packet.bytes(), 12);
+    assert!(verdicts.contains(&XDP_DROP), "{verdicts:?}");
+    assert_ne!(user(&h, "calm").over_since_ns, 0, "the spell started");
+    // A pass while the bucket is still low keeps the spell going; once it
+    // holds a quarter of its burst (2500 B, a quarter second of refill),
+    // the next pass ends it.
+    let budget = h.kernel.user_budget(0).unwrap().bytes;
+    let started = std::time::Instant::now();
+    while user(&h, "calm").over_budget_ns(&budget, wsguard::kernel::monotonic_ns()) != 0 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // The kernel's clock lags by up to a timer tick: pass until it sees it.
+    let started = std::time::Instant::now();
+    while user(&h, "calm").over_since_ns != 0 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        let mut small = packet.clone();
+        small.payload = 10;
+        assert_eq!(h.run(&small.bytes()), XDP_PASS);
+    }
+}
