@@ -132,7 +132,7 @@ impl Snapshot {
             counters: state.counters()?,
             would_drop: state.would_drop()?,
             tracked_sources: state.tracked_source_count()? as usize,
-            max_sources: state.capacity(names::SOURCES)?,
+            max_sources: state.source_capacity()?,
             bans,
             max_bans: state.capacity(names::BANS)?,
             open_connections: state.connections()?,

@@ -14,7 +14,7 @@ pub use bucket::{BucketParams, TokenBucket};
 pub use counters::{Counter, Reason};
 pub use maps::{
     Ban, Event, HandshakeSettings, ListEntry, LpmKey, PortSet, RecordHeader, Release, Settings,
-    SourceState, Stream, StreamPeers, UserBudget, UserKey, UserState,
+    SourceSet, SourceState, Stream, StreamPeers, UserBudget, UserKey, UserState,
 };
 pub use source::SourceKey;
 
@@ -35,6 +35,8 @@ mod pod {
     unsafe impl aya::Pod for SourceKey {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for SourceState {}
+    unsafe impl aya::Pod for SourceSet {}
+    unsafe impl aya::Pod for maps::ClockSample {}
     unsafe impl aya::Pod for Ban {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for ListEntry {}

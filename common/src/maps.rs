@@ -42,6 +42,8 @@ pub mod names {
     pub const USER_FLOWS: &str = "WSG_USER_FLOWS";
     /// Byte budgets by class index ([`super::UserBudget`]; 0 is `[limits.per_user]`).
     pub const USER_BUDGETS: &str = "WSG_USER_BUDGETS";
+    /// One [`super::ClockSample`], written by the clock program.
+    pub const CLOCK: &str = "WSG_CLOCK";
 }
 
 /// Names of the programs.
@@ -63,6 +65,10 @@ pub mod programs {
     pub const COOKIE_ACK: &str = "wsguard_cookie_ack";
     /// XDP_PASS and nothing else: the benchmarks' floor, never attached.
     pub const FLOOR: &str = "wsguard_floor";
+    /// XDP, never attached: reads the kernel's tick count and coarse clock
+    /// together, for the agent to set the XDP program's clock
+    /// ([`super::Settings::clock`]); run through BPF_PROG_TEST_RUN.
+    pub const CLOCK: &str = "wsguard_clock";
 }
 
 /// Slots of `WSG_SHORTCUTS`, one `u64` each, written by user space (the
@@ -77,10 +83,12 @@ pub mod shortcuts {
     pub const ALLOW_USED: u32 = 0;
     /// The same for the deny list.
     pub const DENY_USED: u32 = 1;
-    /// Changed after every ban written: by user space after its insert, by
-    /// the kernel with an atomic add after its own. A source entry whose
-    /// `unbanned_at_epoch` equals it had no ban at that epoch, so its ban
-    /// lookup is skipped; 0 turns the shortcut off.
+    /// Changed after every ban written or lifted: by user space after its
+    /// insert or delete, by the kernel with an atomic add after its own
+    /// insert. A source entry whose `ban_epoch` equals it read the ban map
+    /// at that epoch (`banned_until_ns`), so its ban lookup is skipped; 0
+    /// turns the shortcut off. (The kernel's own removal of an expired ban
+    /// needs no change: what an entry cached has expired too.)
     pub const BAN_EPOCH: u32 = 2;
     /// Non-zero while some connection may be bound to a user: 0 lets the
     /// program skip the `WSG_USER_FLOWS` lookup. Set by the agent before it
@@ -194,18 +202,29 @@ pub struct Settings {
     /// Non-zero when SYN cookies are on (the key and options are in
     /// `WSG_SYN_COOKIES`, which the cookie programs read).
     pub syn_cookies: u32,
-    pub _pad: u32,
+    /// Sets in `WSG_SOURCES` (its max_entries; set when the settings are
+    /// written).
+    pub source_sets: u32,
     /// Scaled units a CPU takes from the shared global buckets at a time
     /// (`BucketParams::share`, for the machine's CPUs; set when the
     /// settings are written).
     pub global_connections_share: u64,
     pub global_bytes_share: u64,
+    /// Key of the hash that picks a source's set in `WSG_SOURCES`
+    /// ([`crate::SourceKey::set_index`]): random, and kept for as long as
+    /// the pinned settings are, so a restart finds every source again.
+    pub source_hash_key: [u64; 2],
+    /// The XDP program's clock (set when the settings are written).
+    pub clock: TickClock,
     /// The protected ports (`protect.ports`).
     pub protected_ports: PortSet,
     /// The ports whose handshakes are inspected (`handshake.ports`).
     pub inspected_ports: PortSet,
 }
-assert_size!(Settings, 8 + 32 + 4 * 32 + 8 + 16 + 8 + 16 + 2 * 8192);
+assert_size!(
+    Settings,
+    8 + 32 + 4 * 32 + 8 + 16 + 8 + 16 + 16 + 16 + 2 * 8192
+);
 
 impl Settings {
     /// Limits, concurrency, and the bans they earn.
@@ -244,7 +263,88 @@ impl Settings {
     }
 }
 
-/// Per-source state, kept in an LRU map.
+/// CLOCK_MONOTONIC as the XDP program reads it on every packet: the
+/// kernel's tick count (`bpf_jiffies64`, which the verifier turns into one
+/// load) times the tick's length, plus an offset the agent measures. That
+/// is the coarse monotonic clock (CLOCK_MONOTONIC at the last tick) to
+/// within a tick, without the cost of a helper call. `tick_ns == 0`
+/// (never set) reads `bpf_ktime_get_coarse_ns` instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TickClock {
+    pub tick_ns: u64,
+    /// Added with wrapping arithmetic (it is negative in effect: the tick
+    /// count does not start at 0 at boot).
+    pub offset_ns: u64,
+}
+assert_size!(TickClock, 16);
+
+impl TickClock {
+    /// The clock that maps `sample` onto CLOCK_MONOTONIC, for ticks of
+    /// `tick_ns`.
+    pub fn from_sample(sample: &ClockSample, tick_ns: u64) -> TickClock {
+        TickClock {
+            tick_ns,
+            offset_ns: sample
+                .coarse_ns
+                .wrapping_sub(sample.jiffies.wrapping_mul(tick_ns)),
+        }
+    }
+
+    #[inline(always)]
+    pub fn at(&self, jiffies: u64) -> u64 {
+        jiffies
+            .wrapping_mul(self.tick_ns)
+            .wrapping_add(self.offset_ns)
+    }
+}
+
+/// The tick count and the coarse clock read together by the clock program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClockSample {
+    pub jiffies: u64,
+    pub coarse_ns: u64,
+}
+assert_size!(ClockSample, 16);
+
+/// Ways in each set of the per-source table (`WSG_SOURCES`): a source
+/// lives in one of the `SOURCE_WAYS` ways of the set its key hashes to.
+pub const SOURCE_WAYS: usize = 4;
+
+/// One set of the per-source table, an ARRAY map of `SourceSet`s that the
+/// XDP program manages itself: a lookup is one inlined array access, a
+/// hash of two words and up to four key compares, where an LRU hash map
+/// costs a helper call, a jhash and a memcmp. A new source takes an empty
+/// way, or else the way least recently seen (an earned ban is in
+/// `WSG_BANS`, which nothing evicts).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceSet {
+    /// The ways' tracking keys, side by side: one cache line to search.
+    pub keys: [SourceKey; SOURCE_WAYS],
+    /// When each way was last seen (the kernel's coarse CLOCK_MONOTONIC);
+    /// 0 = empty.
+    pub seen_ns: [u64; SOURCE_WAYS],
+    pub states: [SourceState; SOURCE_WAYS],
+}
+assert_size!(SourceSet, 64 + 32 + 4 * 104);
+
+impl SourceSet {
+    /// The sources this set holds.
+    pub fn sources(&self) -> impl Iterator<Item = (SourceKey, SourceState)> + '_ {
+        (0..SOURCE_WAYS)
+            .filter(|&way| self.seen_ns[way] != 0)
+            .map(|way| (self.keys[way], self.states[way]))
+    }
+}
+
+/// Sets for a table that holds at least `sources` sources.
+pub const fn source_sets(sources: u32) -> u32 {
+    sources.div_ceil(SOURCE_WAYS as u32)
+}
+
+/// Per-source state, kept in a way of a [`SourceSet`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SourceState {
@@ -262,12 +362,14 @@ pub struct SourceState {
     pub drops_connection_rate: u64,
     pub drops_byte_rate: u64,
     pub drops_concurrency: u64,
-    /// The ban epoch (`WSG_SHORTCUTS`) at which the ban map last had no
-    /// ban for this source: while the epoch is unchanged, the XDP program
-    /// skips the ban lookup. 0 = not checked yet.
-    pub unbanned_at_epoch: u64,
+    /// The ban epoch (`WSG_SHORTCUTS`) at which the XDP program last read
+    /// the ban map for this source, and the ban it found there (0: none):
+    /// while the epoch is unchanged, the program skips the ban lookup.
+    /// 0 = not read yet.
+    pub ban_epoch: u64,
+    pub banned_until_ns: u64,
 }
-assert_size!(SourceState, 96);
+assert_size!(SourceState, 104);
 
 /// An active ban. Expiry is enforced by the kernel on lookup.
 #[repr(C)]
@@ -566,11 +668,11 @@ impl UserState {
 
 /// Version of the map layout above; pins live under `<pin_path>/v<LAYOUT_VERSION>`
 /// so that a new layout never reads maps pinned by an older one.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Per-CPU scratch space the kernel programs alone use (a record being
-/// assembled, a TCP option walk); user space never opens these.
-pub const KERNEL_ONLY_MAPS: [&str; 2] = ["WSG_SCRATCH", "WSG_TCP_OPTIONS"];
+/// assembled, a TCP option walk, the way of the per-source table chosen); user space never opens these.
+pub const KERNEL_ONLY_MAPS: [&str; 3] = ["WSG_SCRATCH", "WSG_TCP_OPTIONS", "WSG_SOURCE_WAY"];
 
 /// Maps that count the entries of another: (counter, counted). The
 /// counter starts again whenever the counted map is created anew.
@@ -582,6 +684,8 @@ pub enum Capacity {
     Fixed(u32),
     /// `tracking.max_sources`.
     Sources,
+    /// Sets of [`SOURCE_WAYS`] for `tracking.max_sources` ([`source_sets`]).
+    SourceSets,
     /// `tracking.max_bans`.
     Bans,
     /// Twice `handshake.max_connections` (see the agent's
@@ -622,7 +726,7 @@ const SOURCE_KEY: usize = size_of::<crate::SourceKey>();
 
 /// Every map of the kernel programs. The agent sizes and checks pins with
 /// it; a test compares it with the compiled object.
-pub const MAP_FACTS: [MapFact; 25] = {
+pub const MAP_FACTS: [MapFact; 26] = {
     use Capacity::*;
     [
         fact(names::SETTINGS, 4, size_of::<Settings>(), Fixed(1)),
@@ -639,12 +743,8 @@ pub const MAP_FACTS: [MapFact; 25] = {
             size_of::<ListEntry>(),
             Fixed(LIST_CAPACITY),
         ),
-        fact(
-            names::SOURCES,
-            SOURCE_KEY,
-            size_of::<crate::SourceState>(),
-            Sources,
-        ),
+        fact(names::SOURCES, 4, size_of::<SourceSet>(), SourceSets),
+        fact(names::CLOCK, 4, size_of::<ClockSample>(), Fixed(1)),
         fact(names::SOURCES_CREATED, 4, 8, Fixed(1)),
         fact(names::BANS, SOURCE_KEY, size_of::<crate::Ban>(), Bans),
         fact(names::CONNECTIONS, SOURCE_KEY, 8, Sources),

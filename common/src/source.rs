@@ -77,6 +77,20 @@ impl SourceKey {
         high == 0 && low & mapped_mask == V4_MAPPED_LOW
     }
 
+    /// The set of the per-source table (`sets` of them) that holds this
+    /// key, under the table's random `hash_key`: each word, offset by its
+    /// half of the key, goes through a 64-bit mixer (MurmurHash3's
+    /// finalizer, a bijection), so every bit of the address reaches the
+    /// bits that pick the set, and a sender that does not know the key
+    /// cannot aim its sources at another's set.
+    #[inline(always)]
+    pub fn set_index(&self, hash_key: &[u64; 2], sets: u32) -> u32 {
+        let [high, low] = self.words();
+        let hash = mix64(mix64(high ^ hash_key[0]) ^ low ^ hash_key[1]);
+        // The high 32 bits scaled to 0..sets, without a division.
+        (((hash >> 32) * u64::from(sets)) >> 32) as u32
+    }
+
     /// Applies a 16-byte mask (see [`prefix_mask`]).
     #[inline(always)]
     pub fn masked(&self, mask: &[u64; 2]) -> SourceKey {
@@ -102,6 +116,16 @@ impl From<SourceKey> for core::net::IpAddr {
     fn from(key: SourceKey) -> core::net::IpAddr {
         core::net::IpAddr::V6(core::net::Ipv6Addr::from(key.addr)).to_canonical()
     }
+}
+
+/// MurmurHash3's 64-bit finalizer.
+#[inline(always)]
+const fn mix64(mut x: u64) -> u64 {
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^ (x >> 33)
 }
 
 /// A mask keeping the first `bits` bits of a 16-byte address, as the two
@@ -161,6 +185,30 @@ mod tests {
         let m = k.masked(&prefix_mask(64));
         assert_eq!(&m.addr[..8], &a[..8]);
         assert_eq!(&m.addr[8..], &[0u8; 8]);
+    }
+
+    #[test]
+    fn set_index_spreads_keys_over_every_set() {
+        let hash_key = [0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210];
+        let sets = 1000u32;
+        let mut hits = [0u32; 1000];
+        // 100,000 IPv4 /32s differing in their low octets, and /64s.
+        for i in 0..50_000u32 {
+            let v4 = SourceKey::from_v4((0xc612_0000 | i).to_be_bytes());
+            hits[v4.set_index(&hash_key, sets) as usize] += 1;
+            let mut v6 = [0u8; 16];
+            v6[..8].copy_from_slice(&(0x2001_0db8_0000_0000u64 | u64::from(i)).to_be_bytes());
+            hits[SourceKey::from_v6(v6).set_index(&hash_key, sets) as usize] += 1;
+        }
+        let (min, max) = (hits.iter().min().unwrap(), hits.iter().max().unwrap());
+        // 100 per set on average; a uniform spread keeps every set near it.
+        assert!(*min >= 50 && *max <= 160, "sets hold {min} to {max} keys");
+        // Another key puts the same source in another set.
+        let key = SourceKey::from_v4([198, 18, 0, 1]);
+        let moved = (1..20u64)
+            .filter(|k| key.set_index(&[*k, *k], sets) != key.set_index(&hash_key, sets))
+            .count();
+        assert!(moved >= 18, "the set hardly depends on the hash key");
     }
 
     #[test]

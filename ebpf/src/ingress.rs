@@ -9,17 +9,17 @@ use wsguard_common::{
 };
 
 use crate::{
+    clock,
     cookies::{self, Belongs},
     maps::{
-        BANS, CONNECTIONS, GLOBAL, GLOBAL_SHARES, SOURCES, SOURCES_CREATED, ban_epoch,
-        bump_ban_epoch, cookie_settings, count, emit, handshake_settings, inspection_full,
-        is_allow_listed, is_deny_listed, now_ns, settings,
+        BANS, CONNECTIONS, GLOBAL, GLOBAL_SHARES, ban_epoch, bump_ban_epoch, cookie_settings,
+        count, emit, handshake_settings, inspection_full, is_allow_listed, is_deny_listed, now_ns,
+        settings,
     },
     parse::{Frame, Parsed, TcpSegment, parse},
+    sources::{self, Slot},
     users,
 };
-
-const BPF_NOEXIST: u64 = 1;
 
 #[inline(always)]
 pub fn run(ctx: &XdpContext) -> u32 {
@@ -32,13 +32,13 @@ pub fn run(ctx: &XdpContext) -> u32 {
     };
     let reason = match parse(&frame, &settings.protected_ports) {
         Parsed::Other | Parsed::Unprotected => return xdp_action::XDP_PASS,
-        Parsed::Tcp(segment) if segment.incomplete_header => malformed(&segment.source),
+        Parsed::Tcp(segment) if segment.incomplete_header => malformed(settings, &segment.source),
         Parsed::Tcp(segment) => judge_segment(ctx, &frame, settings, &segment),
         Parsed::Fragment(source) => {
             let key = settings.tracking_key(&source);
-            source_rules(&source, &key, now_ns()).unwrap_or(Reason::PassedFragment)
+            source_rules(&source, &key, clock::now_ns(settings)).unwrap_or(Reason::PassedFragment)
         }
-        Parsed::Malformed(source) => malformed(&source),
+        Parsed::Malformed(source) => malformed(settings, &source),
     };
     finish(settings, reason, frame.len())
 }
@@ -62,8 +62,8 @@ fn finish(settings: &Settings, reason: Reason, len: u64) -> u32 {
 
 /// A segment we cannot judge: malformed, unless its source is allow-listed.
 #[inline(always)]
-fn malformed(source: &SourceKey) -> Reason {
-    if is_allow_listed(source, now_ns()) {
+fn malformed(settings: &Settings, source: &SourceKey) -> Reason {
+    if is_allow_listed(source, clock::now_ns(settings)) {
         Reason::AllowListed
     } else {
         Reason::Malformed
@@ -91,39 +91,53 @@ fn source_rules(source: &SourceKey, key: &SourceKey, now: u64) -> Option<Reason>
     list_rules(source, now).or_else(|| is_banned(key, now).then_some(Reason::Banned))
 }
 
-/// Bans, looked up only when the source's own entry cannot vouch that it
-/// had none at the current ban epoch. `state` is the source's entry, if it
-/// has one; it learns the epoch when the ban map has nothing for it.
+/// Bans, looked up in the ban map only when the source's own entry did
+/// not read it at the current ban epoch. The entry then caches what the
+/// map said; a banned source without an entry gets one for it (only bans
+/// the kernel or the agent wrote do that, so spoofed sources cannot).
 #[inline(always)]
-fn ban_rule(key: &SourceKey, state: Option<*mut SourceState>, now: u64) -> Option<Reason> {
+fn ban_rule(key: &SourceKey, slot: Option<Slot>, now: u64) -> Option<Reason> {
+    // Read before the lookup: a ban written since has changed the epoch.
     let epoch = ban_epoch();
-    if let Some(state) = state {
+    let Some(slot) = slot else {
+        return is_banned(key, now).then_some(Reason::Banned);
+    };
+    if let Some(state) = slot.state() {
         // SAFETY: a map value pointer, valid for the duration of the program.
-        let state = unsafe { &mut *state };
-        if epoch != 0 && state.unbanned_at_epoch == epoch {
-            return None;
+        let state = unsafe { &*state };
+        if epoch != 0 && state.ban_epoch == epoch {
+            return (now < state.banned_until_ns).then_some(Reason::Banned);
         }
-        if is_banned(key, now) {
-            return Some(Reason::Banned);
-        }
-        // Read before the lookup: a ban written since has changed the epoch.
-        state.unbanned_at_epoch = epoch;
-        return None;
     }
-    is_banned(key, now).then_some(Reason::Banned)
+    let until_ns = ban_until(key, now);
+    if until_ns != 0 || slot.state().is_some() {
+        // SAFETY: as above.
+        let state = unsafe { &mut *slot.state_or_insert(key, now) };
+        state.ban_epoch = epoch;
+        state.banned_until_ns = until_ns;
+    }
+    (until_ns != 0).then_some(Reason::Banned)
 }
 
-/// A ban holds until `until_ns`; the first packet after that lifts it.
+/// When the source's ban ends, or 0 for none; the first packet after it
+/// ends lifts it.
 #[inline(always)]
-fn is_banned(key: &SourceKey, now: u64) -> bool {
+fn ban_until(key: &SourceKey, now: u64) -> u64 {
     let Some(ban) = BANS.get_ptr(key) else {
-        return false;
+        return 0;
     };
-    if now < unsafe { (*ban).until_ns } {
-        return true;
+    let until_ns = unsafe { (*ban).until_ns };
+    if now < until_ns {
+        return until_ns;
     }
     let _ = BANS.remove(key);
-    false
+    0
+}
+
+/// Whether a ban holds the source now.
+#[inline(always)]
+fn is_banned(key: &SourceKey, now: u64) -> bool {
+    ban_until(key, now) != 0
 }
 
 /// SYN cookies apply unless they are off, or a dry run covers the limits
@@ -140,7 +154,7 @@ fn judge_segment(
     settings: &Settings,
     segment: &TcpSegment,
 ) -> Reason {
-    let now = now_ns();
+    let now = clock::now_ns(settings);
     if let Some(reason) = list_rules(&segment.source, now) {
         return reason;
     }
@@ -160,8 +174,8 @@ fn judge_segment(
     }
     // Looked up once, for the ban shortcut and the budgets; created only
     // once the source has a budget to be charged (after the cookie check).
-    let state = SOURCES.get_ptr_mut(&key);
-    if let Some(reason) = ban_rule(&key, state, now) {
+    let slot = find_source(settings, &key, now);
+    if let Some(reason) = ban_rule(&key, slot, now) {
         return reason;
     }
     if cookies {
@@ -182,7 +196,7 @@ fn judge_segment(
     }
     let budgets = Budgets {
         key: &key,
-        state,
+        slot,
         opens_connection: segment.opens_connection(),
         now,
         len: frame.len(),
@@ -245,7 +259,7 @@ pub fn check_cookie(ctx: &XdpContext) -> u32 {
     let key = settings.tracking_key(&segment.source);
     let budgets = Budgets {
         key: &key,
-        state: SOURCES.get_ptr_mut(&key),
+        slot: find_source(settings, &key, now),
         opens_connection: true,
         now,
         len,
@@ -266,8 +280,8 @@ const COOKIE_CHECK: u32 = wsguard_common::cookie::PROGRAM_CHECK;
 /// What the budgets charge, and to whom.
 struct Budgets<'a> {
     key: &'a SourceKey,
-    /// The source's entry, if it had one when the packet arrived.
-    state: Option<*mut SourceState>,
+    /// Where the source's entry is, or would go.
+    slot: Option<Slot>,
     opens_connection: bool,
     now: u64,
     len: u64,
@@ -284,7 +298,7 @@ fn judge_budgets(
 ) -> Reason {
     let Budgets {
         key,
-        state,
+        slot,
         opens_connection,
         now,
         len,
@@ -297,11 +311,8 @@ fn judge_budgets(
     {
         return Reason::InspectFull;
     }
-    let state = match state {
-        Some(state) => Some(state),
-        None => new_source_state(key),
-    };
-    if let Some(state) = state {
+    if let Some(slot) = slot {
+        let state = slot.state_or_insert(key, now);
         // SAFETY: a map value pointer, valid for the duration of the program.
         let state = unsafe { &mut *state };
         state.total_packets += 1;
@@ -321,22 +332,10 @@ fn judge_budgets(
     global_limits(settings, opens_connection, now, len).unwrap_or(Reason::Passed)
 }
 
-/// A new source's state, with full buckets. `None` only if the LRU map
-/// cannot take an entry, in which case per-source limits are skipped for
-/// this packet and the global limits still apply.
+/// The source's slot in the per-source table.
 #[inline(always)]
-fn new_source_state(key: &SourceKey) -> Option<*mut SourceState> {
-    // BPF_NOEXIST: another CPU may have created it meanwhile; then its
-    // entry is the one charged.
-    if SOURCES
-        .insert(key, &SourceState::default(), BPF_NOEXIST)
-        .is_ok()
-        && let Some(created) = SOURCES_CREATED.get_ptr_mut(0)
-    {
-        // SAFETY: this CPU's slot of a per-CPU array.
-        unsafe { *created += 1 };
-    }
-    SOURCES.get_ptr_mut(key)
+fn find_source(settings: &Settings, key: &SourceKey, now: u64) -> Option<Slot> {
+    sources::find(key, &settings.source_hash_key, settings.source_sets, now)
 }
 
 #[inline(always)]

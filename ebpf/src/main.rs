@@ -12,6 +12,8 @@
 //!   `wsguard_inject` (sk_msg on the agent's injection socket): handshake
 //!   inspection on the stream the application will read (`inspect.rs`).
 //! - `wsguard_floor` (XDP): returns XDP_PASS, a baseline for benchmarks.
+//! - `wsguard_clock` (XDP, run by the agent through BPF_PROG_TEST_RUN):
+//!   reads the kernel's clocks for the agent to set the XDP program's own.
 #![no_std]
 #![no_main]
 // Atomic add on map values: the BPF target has no core::sync::atomic RMW types.
@@ -22,12 +24,14 @@
 // map helpers take pointers to the key either way.
 #![allow(clippy::needless_range_loop, clippy::needless_borrows_for_generic_args)]
 
+mod clock;
 mod connections;
 mod cookies;
 mod ingress;
 mod inspect;
 mod maps;
 mod parse;
+mod sources;
 mod users;
 
 use aya_ebpf::{
@@ -86,6 +90,13 @@ pub fn wsguard_inject(ctx: SkMsgContext) -> u32 {
 #[xdp]
 pub fn wsguard_floor(_ctx: XdpContext) -> u32 {
     aya_ebpf::bindings::xdp_action::XDP_PASS
+}
+
+/// Reads the tick count and the coarse clock together (`clock.rs`); never
+/// attached.
+#[xdp]
+pub fn wsguard_clock(_ctx: XdpContext) -> u32 {
+    clock::sample()
 }
 
 #[cfg(not(test))]

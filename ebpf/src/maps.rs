@@ -6,13 +6,11 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{
-        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash, SockMap, lpm_trie,
-    },
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, SockHash, SockMap, lpm_trie},
 };
 use wsguard_common::{
     Ban, Counter, HandshakeSettings, ListEntry, LpmKey, Reason, Release, Settings, SourceKey,
-    SourceState, Stream, StreamPeers, UserBudget, UserKey, UserState,
+    SourceSet, Stream, StreamPeers, UserBudget, UserKey, UserState,
     cookie::CookieSettings,
     counters::COUNTER_SLOTS,
     maps::{
@@ -36,10 +34,11 @@ pub static ALLOW: LpmTrie<LpmKey, ListEntry> = LpmTrie::with_max_entries(LIST_CA
 #[map(name = "WSG_DENY")]
 pub static DENY: LpmTrie<LpmKey, ListEntry> = LpmTrie::with_max_entries(LIST_CAPACITY, 0);
 
-/// Buckets per source. LRU: when full, the least recently seen source is
-/// forgotten (and starts again with a full burst if it comes back).
+/// Buckets per source, in sets of `SOURCE_WAYS` (`sources.rs`): when a
+/// set is full, its least recently seen source is forgotten (and starts
+/// again with a full burst if it comes back).
 #[map(name = "WSG_SOURCES")]
-pub static SOURCES: LruHashMap<SourceKey, SourceState> = LruHashMap::with_max_entries(1024, 0);
+pub static SOURCES: Array<SourceSet> = Array::with_max_entries(256, 0);
 
 /// Entries created in `SOURCES`, per CPU (its fill level for `status` and
 /// metrics, read without walking the map).
@@ -240,7 +239,8 @@ pub fn bump_ban_epoch() {
 
 /// CLOCK_MONOTONIC at the last timer tick (1–10 ms behind the precise
 /// clock, by the kernel's HZ), the clock user space reads to show ban
-/// expiry. One read per packet: about a tenth of `bpf_ktime_get_ns`.
+/// expiry: for the programs other than `wsguard_ingress`, whose own clock
+/// (`clock::now_ns`) costs no helper call.
 #[inline(always)]
 pub fn now_ns() -> u64 {
     unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() }

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{HashMap, IterableMap, MapData},
+    maps::{Array, IterableMap, MapData},
     programs::{Program, TestRun, TestRunOptions, Xdp},
 };
 use wsguard::{
@@ -18,7 +18,7 @@ use wsguard::{
     kernel::{Kernel, MapSource, Maps, lists},
 };
 use wsguard_common::{
-    Ban, Counter, HandshakeSettings, Reason, Release, SourceKey, SourceState, Stream,
+    Ban, Counter, HandshakeSettings, Reason, Release, SourceKey, SourceSet, Stream,
     maps::{names, programs},
 };
 
@@ -264,8 +264,8 @@ impl XdpHarness {
     /// its fdinfo), which is preallocated for `tracking.max_sources` entries.
     pub fn sources_map_bytes(&self) -> Result<u64> {
         let map = self.kernel.map(names::SOURCES)?;
-        let sources: HashMap<&MapData, SourceKey, SourceState> = HashMap::try_from(&*map)?;
-        let fd = sources.map().fd().as_fd().as_raw_fd();
+        let sets: Array<&MapData, SourceSet> = Array::try_from(&*map)?;
+        let fd = sets.map().fd().as_fd().as_raw_fd();
         let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
         info.lines()
             .find_map(|l| l.strip_prefix("memlock:"))

@@ -175,7 +175,10 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
         ban_window_ns: ban.window.get_ref().nanos(),
         ban_duration_ns: ban.duration.get_ref().nanos(),
         syn_cookies: u32::from(syn_cookies.enabled),
-        _pad: 0,
+        // The table's size and hash key, when the settings are written (apply).
+        source_sets: 0,
+        source_hash_key: [0; 2],
+        clock: Default::default(),
         // For the machine's CPUs, when the settings are written (apply);
         // 0 takes exactly what each packet needs.
         global_connections_share: 0,

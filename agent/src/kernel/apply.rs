@@ -2,10 +2,20 @@
 
 use anyhow::{Context, Result, bail};
 use aya::maps::{Array, MapData};
-use wsguard_common::{HandshakeSettings, Settings, cookie::CookieSettings, maps::names};
+use std::time::Duration;
+
+use aya::programs::{Program, TestRun, TestRunOptions};
+use wsguard_common::{
+    HandshakeSettings, Settings,
+    cookie::CookieSettings,
+    maps::{ClockSample, SOURCE_WAYS, TickClock, names, programs},
+};
 
 use super::{Kernel, kfuncs, lists, maps::Maps, system};
 use crate::config::Config;
+
+/// What the clock program returns when its reads belong to one tick.
+const XDP_PASS: u32 = 2;
 
 impl Kernel {
     /// Writes the config into the maps: ports, lists, then the settings,
@@ -45,10 +55,59 @@ impl Kernel {
         let mut kernel_settings = config.settings;
         kernel_settings.global_connections_share = config.settings.global_connections.share(online);
         kernel_settings.global_bytes_share = config.settings.global_bytes.share(online);
+        kernel_settings.source_sets = self.source_capacity()? / SOURCE_WAYS as u32;
+        kernel_settings.clock = self.tick_clock()?;
         let mut settings: Array<&mut MapData, Settings> =
             Array::try_from(self.loaded_map_mut(names::SETTINGS)?)?;
+        // The hash key already in the (pinned) settings is kept: with
+        // another, the sources the table holds would no longer be found.
+        kernel_settings.source_hash_key = match settings.get(&0, 0)?.source_hash_key {
+            [0, 0] => system::random_key()?,
+            key => key,
+        };
         settings.set(0, kernel_settings, 0)?;
         Ok(())
+    }
+
+    /// The XDP program's clock: ticks of the coarse clock's resolution,
+    /// and the offset from the tick count to CLOCK_MONOTONIC, from the two
+    /// read together by the clock program. A sample taken while the
+    /// kernel has counted a tick but not yet moved the coarse clock on
+    /// reads one tick ahead; of samples a little apart, the largest offset
+    /// is the right one.
+    fn tick_clock(&self) -> Result<TickClock> {
+        let tick_ns = system::coarse_tick_ns()?;
+        let Some(Program::Xdp(program)) = self.ebpf.program(programs::CLOCK) else {
+            bail!("program {} missing from the object", programs::CLOCK);
+        };
+        let frame = [0u8; 64];
+        let mut clock: Option<TickClock> = None;
+        for attempt in 0..6 {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_micros(1_300));
+            }
+            let run = program
+                .test_run(TestRunOptions {
+                    data_in: Some(&frame),
+                    repeat: 1,
+                    ..Default::default()
+                })
+                .context("running the clock program")?;
+            if run.return_value != XDP_PASS {
+                continue; // a tick fell between its reads
+            }
+            let samples: Array<&MapData, ClockSample> = Array::try_from(
+                self.ebpf
+                    .map(names::CLOCK)
+                    .context("map WSG_CLOCK missing from the object")?,
+            )?;
+            let sample = TickClock::from_sample(&samples.get(&0, 0)?, tick_ns);
+            // Offsets compared as a signed difference (they wrap).
+            if clock.is_none_or(|c| sample.offset_ns.wrapping_sub(c.offset_ns) as i64 > 0) {
+                clock = Some(sample);
+            }
+        }
+        clock.context("the kernel's tick count and coarse clock never read together")
     }
 
     /// The SYN-cookie settings for `config`: what the SYN-ACK offers

@@ -43,6 +43,7 @@ impl Kernel {
             .context("the kernel refused to create wsguard's maps")?;
         for name in [
             programs::INGRESS,
+            programs::CLOCK,
             programs::COOKIE_SYN,
             programs::COOKIE_CHECK,
             programs::COOKIE_ACK,

@@ -9,13 +9,13 @@ use std::{
 };
 
 use anyhow::Result;
-use aya::maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues};
 use ipnet::IpNet;
 use wsguard_common::{
-    Ban, Counter, HandshakeSettings, ListEntry, Reason, Release, Settings, SourceKey, SourceState,
-    Stream, StreamPeers, UserBudget, UserKey, UserState,
+    Ban, Counter, HandshakeSettings, ListEntry, Reason, Release, Settings, SourceKey, SourceSet,
+    SourceState, Stream, StreamPeers, UserBudget, UserKey, UserState,
     cookie::CookieSettings,
-    maps::{GlobalShares, GlobalState, USER_BUDGET_SLOTS, names, shortcuts},
+    maps::{GlobalShares, GlobalState, SOURCE_WAYS, USER_BUDGET_SLOTS, names, shortcuts},
 };
 
 use super::{
@@ -159,6 +159,11 @@ pub trait Maps: MapSource {
         }
         // After the insert: a source that checks the ban map at the new
         // epoch finds this ban.
+        self.next_ban_epoch()
+    }
+
+    /// Moves the ban epoch on (see `shortcuts::BAN_EPOCH`).
+    fn next_ban_epoch(&mut self) -> Result<()> {
         let epoch = self.shortcut(shortcuts::BAN_EPOCH)?;
         self.set_shortcut(shortcuts::BAN_EPOCH, epoch.wrapping_add(1).max(1))
     }
@@ -189,32 +194,47 @@ pub trait Maps: MapSource {
 
     /// Lifts the ban on a source (by its tracking key); whether there was one.
     fn remove_ban(&mut self, key: &SourceKey) -> Result<bool> {
-        let mut map = self.map_mut(names::BANS)?;
-        let mut bans: HashMap<&mut MapData, SourceKey, Ban> = HashMap::try_from(&mut *map)?;
-        Ok(bans.remove(key).is_ok())
+        let removed = {
+            let mut map = self.map_mut(names::BANS)?;
+            let mut bans: HashMap<&mut MapData, SourceKey, Ban> = HashMap::try_from(&mut *map)?;
+            bans.remove(key).is_ok()
+        };
+        if removed {
+            // After the delete: source entries that cached the ban read the
+            // ban map again.
+            self.next_ban_epoch()?;
+        }
+        Ok(removed)
     }
 
-    /// How many sources the per-source map holds, without walking it: the
-    /// entries the kernel created, at most the map's capacity (the LRU map
-    /// evicts only to make room, so once full it stays full; it may start
-    /// a little before the last free slot, which this then counts as
-    /// taken).
+    /// How many sources the per-source table can hold: its sets times
+    /// their ways (`tracking.max_sources` rounded up to whole sets).
+    fn source_capacity(&self) -> Result<u32> {
+        let map = self.map(names::SOURCES)?;
+        let sets: Array<&MapData, SourceSet> = Array::try_from(&*map)?;
+        Ok(sets.len().saturating_mul(SOURCE_WAYS as u32))
+    }
+
+    /// How many sources the per-source table holds, without walking it:
+    /// the ways the kernel filled (a way once filled is only ever
+    /// reused, never emptied), at most the table's capacity.
     fn tracked_source_count(&self) -> Result<u64> {
-        let capacity = {
-            let map = self.map(names::SOURCES)?;
-            let sources: HashMap<&MapData, SourceKey, SourceState> = HashMap::try_from(&*map)?;
-            sources.map().info()?.max_entries()
-        };
+        let capacity = self.source_capacity()?;
         let map = self.map(names::SOURCES_CREATED)?;
         let created: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(&*map)?;
         let created: u64 = created.get(&0, 0)?.iter().sum();
         Ok(created.min(u64::from(capacity)))
     }
 
+    /// Every source the per-source table holds (a walk of every set).
     fn tracked_sources(&self) -> Result<Vec<(SourceKey, SourceState)>> {
         let map = self.map(names::SOURCES)?;
-        let sources: HashMap<&MapData, SourceKey, SourceState> = HashMap::try_from(&*map)?;
-        Ok(sources.iter().filter_map(|r| r.ok()).collect())
+        let sets: Array<&MapData, SourceSet> = Array::try_from(&*map)?;
+        Ok(sets
+            .iter()
+            .filter_map(|set| set.ok())
+            .flat_map(|set| set.sources().collect::<Vec<_>>())
+            .collect())
     }
 
     /// Established connections per source (kept by sock_ops).

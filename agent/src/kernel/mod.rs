@@ -30,7 +30,8 @@ pub use lists::lpm_key;
 pub use maps::{MapMut, MapRef, MapSource, Maps, sum_counters};
 pub use pins::{PinnedState, link_path, pin_dir, unpin_all};
 pub use system::{
-    bring_up_loopback, check_privileges, monotonic_ns, open_cgroup, raise_memlock, resolve_pin_path,
+    bring_up_loopback, check_privileges, coarse_monotonic_ns, coarse_tick_ns, monotonic_ns,
+    open_cgroup, raise_memlock, resolve_pin_path,
 };
 
 /// The compiled kernel programs, embedded so that `wsguard` is one file.
@@ -48,6 +49,7 @@ pub fn capacity(capacity: Capacity, config: &Config) -> u32 {
     match capacity {
         Capacity::Fixed(n) => n,
         Capacity::Sources => config.max_sources,
+        Capacity::SourceSets => wsguard_common::maps::source_sets(config.max_sources),
         Capacity::Bans => config.max_bans,
         Capacity::Inspected => inspected_capacity(config),
         Capacity::Users => config.users.max_users,

@@ -260,6 +260,32 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// CLOCK_MONOTONIC_COARSE: CLOCK_MONOTONIC as of the kernel's last tick.
+pub fn coarse_monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The length of the kernel's tick: the resolution of the coarse
+/// monotonic clock, which moves once a tick (1 ms at HZ=1000, 4 ms at 250).
+pub fn coarse_tick_ns() -> anyhow::Result<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) } != 0 {
+        anyhow::bail!(
+            "cannot read the resolution of CLOCK_MONOTONIC_COARSE: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
 /// Brings the loopback interface of the current network namespace up (a
 /// new namespace starts with it down); handshake inspection's injection
 /// path runs over it.

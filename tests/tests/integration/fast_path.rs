@@ -257,7 +257,7 @@ fn a_ban_written_by_the_agent_applies_to_a_source_the_kernel_already_vouched_for
         .find(|(k, _)| *k == key)
         .expect("tracked")
         .1;
-    assert_eq!(state.unbanned_at_epoch, epoch);
+    assert_eq!((state.ban_epoch, state.banned_until_ns), (epoch, 0));
     h.set_ban(
         &key,
         Ban {

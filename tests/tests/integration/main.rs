@@ -16,6 +16,7 @@ mod operations;
 mod packaging;
 mod reload;
 mod soak;
+mod source_table;
 mod syn_cookies;
 mod users;
 mod users_kernel;
