@@ -7,6 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Result, bail, ensure};
 use serde::Serialize;
+use wsguard::kernel::Maps;
 use wsguard_common::SourceKey;
 use wsguard_common::{Ban, Reason};
 use wsguard_tests::{
@@ -122,11 +123,28 @@ fn v6(block: u16, n: u32) -> IpAddr {
 /// Fills `h`'s source map with `count` sources of `block`, one packet
 /// each from the program itself, so every entry holds what a real first
 /// packet leaves.
-fn fill_sources(h: &XdpHarness, block: u16, count: u32) -> Result<()> {
-    for i in 0..count {
-        h.run_repeat(&data(v6(block, i)), 1)?;
+/// Sends data from new sources of `block` until the per-source table is
+/// full: its capacity first, then more (a source whose set is full takes
+/// the way of another) until every way of every set is taken, or four
+/// times the capacity. How many sources were sent.
+fn fill_sources(h: &XdpHarness, block: u16) -> Result<u32> {
+    let capacity = h.kernel.source_capacity()?;
+    let mut sent = 0;
+    while sent < 4 * capacity {
+        let round = if sent == 0 {
+            capacity
+        } else {
+            capacity / 16 + 1
+        };
+        for i in sent..sent + round {
+            h.run_repeat(&data(v6(block, i)), 1)?;
+        }
+        sent += round;
+        if h.kernel.tracked_source_count()? >= u64::from(capacity) {
+            break;
+        }
     }
-    Ok(())
+    Ok(sent)
 }
 
 /// Data frames from sources of `block` not seen yet: the numbers after
@@ -433,8 +451,8 @@ pub fn per_packet(effort: Effort) -> Result<Vec<CostRow>> {
     let full_size = effort.singles.max(1024) as u32;
     let mut full = XdpHarness::new(&open_config(full_size, 128))?;
     full.load_floor()?;
-    fill_sources(&full, 4, full_size)?;
-    let mut evicting = new_sources(4, full_size);
+    let sent = fill_sources(&full, 4)?;
+    let mut evicting = new_sources(4, sent);
     rows.extend(singles_row(
         "new source into a full map (insert, evicting the oldest)",
         XDP_PASS,
@@ -463,9 +481,7 @@ pub fn scale(sources: u32, effort: Effort) -> Result<ScaleRow> {
     // /128 tracking, so each IPv6 address is its own source.
     let mut h = XdpHarness::new(&open_config(sources, 128))?;
     h.load_floor()?;
-    fill_sources(&h, 2, sources)?;
-    // An LRU map starts evicting a little before it is full (its free list
-    // is split between CPUs), so what it holds is read back.
+    let sent = fill_sources(&h, 2)?;
     let tracked: Vec<IpAddr> = h
         .tracked_sources()
         .iter()
@@ -499,7 +515,7 @@ pub fn scale(sources: u32, effort: Effort) -> Result<ScaleRow> {
         None,
         measure_singles(&h, &mut known, effort, XDP_PASS, "known source")?,
     );
-    let mut fresh = new_sources(2, sources);
+    let mut fresh = new_sources(2, sent);
     let [floor, insert] = singles_row(
         "new source into a full map (insert, evicting the oldest)",
         XDP_PASS,

@@ -214,7 +214,8 @@ pub struct Lists {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Tracking {
-    /// Sources with live buckets (LRU beyond that).
+    /// Sources with live buckets (the least recently seen of a full set is
+    /// forgotten).
     pub max_sources: Spanned<u32>,
     /// Bans held at once.
     pub max_bans: Spanned<u32>,

@@ -107,8 +107,8 @@ pub(super) fn scale(r: &Results) -> String {
          The map of tracked sources filled to capacity (`tracking.max_sources`), then: the same frame \
          repeated (the entry stays in the CPU cache), a different known source on each packet (cold \
          lookups; one run per frame), and new sources into the full map (each insert evicts the least \
-         recently used entry). Memory is what the kernel charges for the map (`memlock` in its fdinfo); \
-         the LRU hash preallocates every entry, so it is paid at start-up, whatever the traffic.\n"
+         recently seen source of its set). Memory is what the kernel charges for the map (`memlock` in \
+         its fdinfo); the table is an array, allocated whole at start-up, whatever the traffic.\n"
     );
     let mut table = Table::new([
         "max_sources (held)",

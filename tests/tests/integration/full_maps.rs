@@ -108,6 +108,9 @@ async fn a_spoofed_flood_past_the_source_map_and_a_kill_9_lose_nothing() -> Resu
     connect_from(&lab.client, lab.client_v4(4).into(), addr, SECOND).await?; // allow-listed
     let first_half = first_half.await??;
 
+    // The key of the table's hash: a restart must keep it, or the sources
+    // the table holds would no longer be found.
+    let hash_key = agent.state()?.settings()?.source_hash_key;
     // kill -9 in the middle of the flood; the programs keep enforcing.
     agent.kill()?;
     let second_half = flood(2)?;
@@ -122,6 +125,10 @@ async fn a_spoofed_flood_past_the_source_map_and_a_kill_9_lose_nothing() -> Resu
 
     let agent = Agent::start_with_agent_keys(&lab, "keep_enforcing_on_exit = true", &body)?;
     let state = agent.state()?;
+    ensure!(
+        state.settings()?.source_hash_key == hash_key,
+        "the restart changed the source table's hash key"
+    );
     let tracked = state.tracked_sources()?.len();
     ensure!(
         tracked <= MAX_SOURCES,
