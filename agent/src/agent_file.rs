@@ -32,6 +32,10 @@ pub struct AgentFile {
     /// Single-use tickets remembered, and the cache's capacity.
     #[serde(default)]
     pub ticket_replay_cache: Option<(u64, u64)>,
+    /// Whether the agent shares its decisions with a fleet (`[fleet]`): the
+    /// CLI then spools its own for it.
+    #[serde(default)]
+    pub fleet: bool,
 }
 
 pub fn path_for(pin_dir: &Path) -> PathBuf {
@@ -70,5 +74,6 @@ impl AgentFile {
 
     pub fn remove(pin_dir: &Path) {
         let _ = std::fs::remove_file(path_for(pin_dir));
+        let _ = std::fs::remove_file(crate::fleet::report_path(pin_dir));
     }
 }

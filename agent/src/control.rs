@@ -13,6 +13,10 @@ use wsguard_common::ListEntry;
 use crate::{
     agent_file::AgentFile,
     config::{HumanDuration, parse_cidr},
+    fleet::{
+        decision::now_ms,
+        spool::{self, Spooled},
+    },
     kernel::{PinnedState, lists, monotonic_ns},
     users,
 };
@@ -46,6 +50,14 @@ pub fn list_add(
 ) -> Result<()> {
     let expires = ttl.map_or(0, |t| monotonic_ns() + t.nanos());
     state.with_list(allow, |list| lists::add_runtime(list, net, expires))?;
+    spool::record(
+        state.dir(),
+        Spooled::Listed {
+            allow,
+            net: *net,
+            until_ms: ttl.map_or(0, |t| now_ms() + t.0.as_millis() as u64),
+        },
+    );
     match ttl {
         Some(t) => println!("{} {net}: added for {t}", list_name(allow)),
         None => println!("{} {net}: added until removed", list_name(allow)),
@@ -55,6 +67,7 @@ pub fn list_add(
 
 pub fn list_del(state: &mut PinnedState, allow: bool, net: &IpNet) -> Result<()> {
     state.with_list(allow, |list| lists::remove_runtime(list, net))?;
+    spool::record(state.dir(), Spooled::Unlisted { allow, net: *net });
     println!("{} {net}: removed", list_name(allow));
     Ok(())
 }
@@ -162,24 +175,17 @@ pub fn bans_add_user(
     user: &str,
     ttl: Option<HumanDuration>,
 ) -> Result<()> {
-    let key = users::user_key(user);
     let until = ttl.map_or(u64::MAX, |t| monotonic_ns() + t.nanos());
-    let ban = |s: &mut wsguard_common::UserState| s.banned_until_ns = until;
-    if let Some(existing) = state.user(key) {
-        if users::id_of(&existing) != user {
-            bail!(
-                "user {user} shares its key with user {}; it cannot be banned apart",
-                users::id_of(&existing)
-            );
-        }
-        state.update_user(key, ban)?;
-    } else {
-        let mut entry = users::new_state(user, 0, None);
-        ban(&mut entry);
-        state
-            .set_user(key, entry, true)
-            .with_context(|| format!("cannot ban user {user}: the user map is full"))?;
-    }
+    ban_user(state, user, until)?;
+    // The fleet shares bans with an end: one without lasts a year there.
+    let fleet_until = now_ms() + ttl.map_or(365 * 24 * 3600 * 1000, |t| t.0.as_millis() as u64);
+    spool::record(
+        state.dir(),
+        Spooled::UserBanned {
+            user: user.to_string(),
+            until_ms: fleet_until,
+        },
+    );
     match ttl {
         Some(t) => println!("user {user}: banned for {t}"),
         None => println!("user {user}: banned until lifted"),
@@ -188,16 +194,54 @@ pub fn bans_add_user(
 }
 
 pub fn bans_del_user(state: &mut PinnedState, user: &str) -> Result<()> {
-    let key = users::user_key(user);
-    let now = monotonic_ns();
-    match state.user(key) {
-        Some(u) if users::id_of(&u) == user && u.is_banned(now) => {
-            state.update_user(key, |s| s.banned_until_ns = 0)?;
-        }
-        _ => bail!("user {user} is not banned"),
+    if !lift_user_ban(state, user)? {
+        bail!("user {user} is not banned");
     }
+    spool::record(
+        state.dir(),
+        Spooled::UserBanLifted {
+            user: user.to_string(),
+        },
+    );
     println!("user {user}: ban lifted");
     Ok(())
+}
+
+/// Bans `user` until `until_ns` (CLOCK_MONOTONIC; `u64::MAX`: until
+/// lifted), creating its entry if it has none; a longer ban it already
+/// has is kept.
+pub fn ban_user(state: &mut impl Maps, user: &str, until_ns: u64) -> Result<()> {
+    let key = users::user_key(user);
+    if let Some(existing) = state.user(key) {
+        if users::id_of(&existing) != user {
+            bail!(
+                "user {user} shares its key with user {}; it cannot be banned apart",
+                users::id_of(&existing)
+            );
+        }
+        state.update_user(key, |s| {
+            s.banned_until_ns = s.banned_until_ns.max(until_ns);
+        })?;
+    } else {
+        let mut entry = users::new_state(user, 0, None);
+        entry.banned_until_ns = until_ns;
+        state
+            .set_user(key, entry, true)
+            .with_context(|| format!("cannot ban user {user}: the user map is full"))?;
+    }
+    Ok(())
+}
+
+/// Lifts `user`'s ban; whether it had one.
+pub fn lift_user_ban(state: &mut impl Maps, user: &str) -> Result<bool> {
+    let key = users::user_key(user);
+    match state.user(key) {
+        Some(u) if users::id_of(&u) == user && u.is_banned(monotonic_ns()) => {
+            state.update_user(key, |s| s.banned_until_ns = 0)?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
 }
 
 /// The busiest users over `interval`: bytes/s, connections, time over
@@ -272,6 +316,7 @@ pub fn bans_del(state: &mut PinnedState, addr: IpAddr) -> Result<()> {
     if !state.remove_ban_of(addr)? {
         bail!("{addr} is not banned");
     }
+    spool::record(state.dir(), Spooled::BanLifted { addr });
     println!("{addr}: ban lifted");
     Ok(())
 }

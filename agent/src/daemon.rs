@@ -21,6 +21,7 @@ use crate::{
     agent_file::{self, AgentFile},
     config::Config,
     events::{BanWatch, Event, EventSink, source_prefix},
+    fleet::Fleet,
     inspection::{self, Inspection},
     kernel::{self, Kernel, Maps},
     metrics::{self, AgentCounters},
@@ -55,6 +56,7 @@ struct Daemon {
     housekeeping_ticks: u32,
     /// Interfaces whose running programs this agent took over at start.
     took_over: Vec<String>,
+    fleet: Fleet,
 }
 
 pub async fn run(config_path: &Path) -> Result<()> {
@@ -102,7 +104,8 @@ impl Daemon {
 
         let mut kernel = Kernel::load(&config, Some(&pins))?;
         spawn_kernel_log_drain(&mut kernel)?;
-        spawn_kernel_events(&mut kernel, sink.clone(), &config)?;
+        let fleet = Fleet::start(&config, &pins, sink.clone(), counters.fleet.clone());
+        spawn_kernel_events(&mut kernel, sink.clone(), &config, fleet.clone())?;
         let inspecting = !config.handshake.ports.is_empty();
         // Read before attaching, so that no record of a new connection is missed.
         let records = if inspecting {
@@ -125,6 +128,7 @@ impl Daemon {
                 config: &config,
                 sink: &mut sink,
                 counters: &counters,
+                fleet: &fleet,
             })?)
         } else {
             None
@@ -139,6 +143,7 @@ impl Daemon {
             config_loaded_at: agent_file::now_unix(),
             interfaces: config.interfaces.clone(),
             xdp_mode: config.agent.xdp_mode.to_string(),
+            fleet: config.fleet.is_some(),
             ..Default::default()
         };
         emit(
@@ -162,6 +167,7 @@ impl Daemon {
             missing: Vec::new(),
             housekeeping_ticks: 0,
             took_over: takeover.interfaces,
+            fleet,
         };
         Ok((daemon, records))
     }
@@ -199,6 +205,7 @@ impl Daemon {
                 config: &self.config,
                 sink: &mut sink,
                 counters: &self.counters,
+                fleet: &self.fleet,
             };
             f(inspection, &mut cx);
             self.counters
@@ -229,6 +236,7 @@ impl Daemon {
     /// Every 100 ms: handshake deadlines.
     fn on_deadline_tick(&mut self) {
         self.with_inspection(|inspection, cx| inspection.tick(cx));
+        self.fleet.drain_spool(&self.pins);
         if let Some((used, capacity)) = self.inspection.as_ref().and_then(|i| i.replay_fill()) {
             let c = &self.counters;
             c.replay_cache_entries.store(used as u64, Ordering::Relaxed);
@@ -423,7 +431,12 @@ async fn readable(
 }
 
 /// Reads the kernel's event records (bans started) into the event sink.
-fn spawn_kernel_events(kernel: &mut Kernel, sink: Sink, config: &Config) -> Result<()> {
+fn spawn_kernel_events(
+    kernel: &mut Kernel,
+    sink: Sink,
+    config: &Config,
+    fleet: Fleet,
+) -> Result<()> {
     let ring = kernel.take_events()?;
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
@@ -442,6 +455,9 @@ fn spawn_kernel_events(kernel: &mut Kernel, sink: Sink, config: &Config) -> Resu
                 // SAFETY: the kernel wrote an Event; read it unaligned.
                 let event: KernelEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
                 if event.kind == KernelEvent::BAN_STARTED {
+                    if event.dry_run == 0 {
+                        fleet.banned(&event.source, event.until_ns);
+                    }
                     let seconds =
                         event.until_ns.saturating_sub(kernel::monotonic_ns()) as f64 / 1e9;
                     emit(

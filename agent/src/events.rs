@@ -97,6 +97,32 @@ pub enum Event {
     InterfaceReattached {
         interface: String,
     },
+    /// A decision another host of the fleet made, applied here (`changed`:
+    /// whether this host's maps changed; a longer one may already hold).
+    FleetDecision {
+        /// `ban`, `user_ban`, `deny` or `allow`.
+        kind: &'static str,
+        subject: String,
+        /// `set` or `lift`.
+        op: &'static str,
+        until_seconds: Option<u64>,
+        from: String,
+        /// From its publication to its arrival; none when read back
+        /// after a (re)connect.
+        delay_ms: Option<u64>,
+        changed: bool,
+    },
+    /// A decision read from the fleet that was not applied.
+    FleetDecisionRejected {
+        key: String,
+        reason: &'static str,
+    },
+    /// The link to the fleet's Redis came up or went down.
+    FleetConnection {
+        connected: bool,
+        redis: String,
+        error: Option<String>,
+    },
     Summary {
         of: String,
         suppressed: u64,
@@ -361,6 +387,24 @@ mod tests {
             },
             Event::InterfaceGone { interface: s() },
             Event::InterfaceReattached { interface: s() },
+            Event::FleetDecision {
+                kind: "",
+                subject: s(),
+                op: "",
+                until_seconds: None,
+                from: s(),
+                delay_ms: None,
+                changed: false,
+            },
+            Event::FleetDecisionRejected {
+                key: s(),
+                reason: "",
+            },
+            Event::FleetConnection {
+                connected: false,
+                redis: s(),
+                error: None,
+            },
             Event::Summary {
                 of: s(),
                 suppressed: 0,
@@ -382,6 +426,9 @@ mod tests {
                 | Event::ListEntryExpired { .. }
                 | Event::InterfaceGone { .. }
                 | Event::InterfaceReattached { .. }
+                | Event::FleetDecision { .. }
+                | Event::FleetDecisionRejected { .. }
+                | Event::FleetConnection { .. }
                 | Event::Summary { .. } => {}
             }
         }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod events;
+pub mod fleet;
 pub mod handshake;
 pub mod inspection;
 pub mod kernel;

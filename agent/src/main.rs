@@ -69,6 +69,10 @@ enum Command {
         target: Target,
         #[arg(long)]
         json: bool,
+        /// The fleet instead: hosts seen, each host's last report, the
+        /// decisions in force and which host made each.
+        #[arg(long)]
+        fleet: bool,
     },
     /// The busiest sources, refreshed in place: rates, drops by reason, bans.
     Top {
@@ -238,7 +242,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}: ok\n{}", file.display(), config.summary());
             Ok(())
         }
-        Command::Status { target, json } => {
+        Command::Status {
+            target,
+            json,
+            fleet: true,
+        } => {
+            let pins = target.pin_dir()?;
+            let Some(report) = wsguard::fleet::FleetReport::read(&pins) else {
+                anyhow::bail!(
+                    "no fleet report at {}: no agent with a [fleet] table runs with its state at {}",
+                    wsguard::fleet::report_path(&pins).display(),
+                    pins.display()
+                );
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+            Ok(())
+        }
+        Command::Status { target, json, .. } => {
             let snapshot = Snapshot::take(&target.state()?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&snapshot.to_json())?);

@@ -46,6 +46,7 @@ pub struct AgentCounters {
     pub user_cuts: AtomicU64,
     /// Handshakes judged, by (verdict, reason).
     pub handshakes: std::sync::Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
+    pub fleet: Arc<crate::fleet::FleetCounters>,
 }
 
 impl AgentCounters {
@@ -377,6 +378,7 @@ impl Collector for KernelCollector {
             None,
             &[(vec![], self.agent.events_suppressed.load(Ordering::Relaxed))],
         )?;
+        self.encode_fleet(&mut encoder)?;
         // Program run time, when the kernel keeps it (sysctl kernel.bpf_stats_enabled=1).
         let programs: Vec<_> = snapshot
             .programs
@@ -406,6 +408,72 @@ impl Collector for KernelCollector {
             }
         }
         Ok(())
+    }
+}
+
+impl KernelCollector {
+    /// The fleet's link, when `[fleet]` is configured.
+    fn encode_fleet(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
+        let fleet = &self.agent.fleet;
+        if fleet.configured.load(Ordering::Relaxed) == 0 {
+            return Ok(());
+        }
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        gauge(
+            encoder,
+            "wsguard_fleet_connected",
+            "Whether the link to the fleet's Redis is up.",
+            &[(vec![], load(&fleet.connected) as f64)],
+        )?;
+        for (name, help, value) in [
+            (
+                "wsguard_fleet_decisions_sent",
+                "This host's decisions written to the fleet's Redis.",
+                &fleet.sent,
+            ),
+            (
+                "wsguard_fleet_decisions_received",
+                "Decisions of other hosts received (published, or read back after a connect).",
+                &fleet.received,
+            ),
+            (
+                "wsguard_fleet_decisions_applied",
+                "Received decisions that changed this host's maps (a longer one may already hold).",
+                &fleet.applied,
+            ),
+            (
+                "wsguard_fleet_outbox_dropped",
+                "Decisions of this host's that a full outbox let go while Redis was out of reach.",
+                &fleet.outbox_dropped,
+            ),
+        ] {
+            counter(encoder, name, help, None, &[(vec![], load(value))])?;
+        }
+        let rejected: Vec<_> = crate::fleet::Rejected::ALL
+            .iter()
+            .zip(&fleet.rejected)
+            .map(|(why, n)| (vec![("reason", why.name().to_string())], load(n)))
+            .collect();
+        counter(
+            encoder,
+            "wsguard_fleet_decisions_rejected",
+            "Decisions read from the fleet that were not applied, by reason.",
+            None,
+            &rejected,
+        )?;
+        gauge(
+            encoder,
+            "wsguard_fleet_outbox",
+            "This host's decisions waiting for the fleet's Redis.",
+            &[(vec![], load(&fleet.outbox) as f64)],
+        )?;
+        let family = encoder.encode_descriptor(
+            "wsguard_fleet_propagation",
+            "From a decision's publication on another host to its arrival here.",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        fleet.propagation.encode(family)
     }
 }
 

@@ -204,6 +204,21 @@ impl Lab {
         Ok(())
     }
 
+    /// Gives the client namespace `addr` as well, and the server a route
+    /// back to it: one address that several labs share, as one client of
+    /// several hosts (198.19.0.0/16, outside every lab's own subnet).
+    pub fn add_shared_client(&self, addr: Ipv4Addr) -> Result<()> {
+        self.client
+            .ip(&["addr", "add", &format!("{addr}/32"), "dev", &self.client_if])?;
+        self.server.ip(&[
+            "route",
+            "add",
+            &format!("{addr}/32"),
+            "dev",
+            &self.server_if,
+        ])
+    }
+
     /// Deletes the veth pair and creates it again, same names, new devices
     /// (what a container restart does to a host's interfaces).
     pub fn rewire(&self) -> Result<()> {

@@ -11,6 +11,7 @@ pub mod lab;
 pub mod packets;
 pub mod peers;
 pub mod raw_tcp;
+pub mod redis;
 pub mod xdp;
 
 pub use agent::Agent;

@@ -123,7 +123,8 @@ pub fn ensure_cargo_fuzz() -> Result<()> {
 /// Programs the tests drive: `ip` (namespaces and veth pairs),
 /// `systemd-analyze` (verifying the shipped unit), and Debian's Python with
 /// its `websockets` (a second real WebSocket server, next to tungstenite),
-/// Node.js (the ticket minting example is run against the test vectors).
+/// Node.js (the ticket minting example is run against the test vectors),
+/// Debian's redis-server (the fleet tests run their own instances).
 pub fn ensure_test_tools() -> Result<()> {
     ensure_packages(&[
         ("command -v ip", "iproute2"),
@@ -133,6 +134,8 @@ pub fn ensure_test_tools() -> Result<()> {
             "python3-websockets",
         ),
         ("command -v node", "nodejs"),
+        // The fleet tests start their own instances (never the service).
+        ("command -v redis-server", "redis-server"),
     ])
 }
 

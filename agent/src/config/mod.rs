@@ -138,8 +138,44 @@ pub struct Config {
     pub syn_cookies: SynCookies,
     /// Budgets of users named by version 2 tickets.
     pub users: UserPolicy,
+    /// `[fleet]`, when this host shares its decisions.
+    pub fleet: Option<FleetConfig>,
     /// What the kernel programs read, derived once here.
     pub settings: Settings,
+}
+
+/// `[fleet]`, validated (see the README's "A fleet of hosts").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetConfig {
+    pub redis_url: String,
+    pub username: Option<String>,
+    /// Read from `password_file` when the config is loaded.
+    pub password: Option<String>,
+    pub key_prefix: String,
+    pub host_id: String,
+    pub accept_allow: bool,
+    pub outbox_size: usize,
+}
+
+impl FleetConfig {
+    /// The URL with any password in it hidden, for logs and status.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.redis_url)
+    }
+}
+
+/// `scheme://user:secret@host` as `scheme://user:***@host`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.split_once('@') {
+        Some((credentials, host)) => match credentials.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => format!("{scheme}://***@{host}"),
+        },
+        None => url.to_string(),
+    }
 }
 
 impl Config {
@@ -189,6 +225,7 @@ impl Config {
             ),
             ("metrics.listen", old.metrics_listen != new.metrics_listen),
             ("events.output", old.events_output != new.events_output),
+            ("fleet", old.fleet != new.fleet),
             (
                 "handshake.inspect_ports (turning inspection on or off)",
                 old.handshake.ports.is_empty() != new.handshake.ports.is_empty(),

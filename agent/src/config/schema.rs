@@ -379,6 +379,41 @@ impl Default for SynCookies {
     }
 }
 
+/// `[fleet]`: bans and runtime list entries shared with the other hosts
+/// of a fleet through Redis (or Valkey).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetKeys {
+    /// `redis://HOST:PORT[/DB]`, `rediss://` (TLS) or `unix:///PATH`.
+    pub redis_url: Spanned<String>,
+    /// A Redis ACL user (with `password_file`).
+    #[serde(default)]
+    pub username: Option<Spanned<String>>,
+    /// A file holding the password (its first line).
+    #[serde(default)]
+    pub password_file: Option<Spanned<PathBuf>>,
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: Spanned<String>,
+    /// This host's name in the fleet; the hostname by default.
+    #[serde(default)]
+    pub host_id: Option<Spanned<String>>,
+    /// Apply allow-list entries other hosts share (off: an allow entry
+    /// from the fleet could open every host to whoever wrote it).
+    #[serde(default)]
+    pub accept_allow: bool,
+    /// Decisions kept while Redis cannot be reached.
+    #[serde(default = "default_outbox_size")]
+    pub outbox_size: Spanned<i64>,
+}
+
+fn default_key_prefix() -> Spanned<String> {
+    unplaced("wsguard".to_string())
+}
+
+fn default_outbox_size() -> Spanned<i64> {
+    unplaced(10_000)
+}
+
 /// The file as written.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -401,6 +436,8 @@ pub(super) struct RawConfig {
     pub(super) handshake: HandshakeKeys,
     #[serde(default)]
     pub(super) syn_cookies: SynCookies,
+    #[serde(default)]
+    pub(super) fleet: Option<FleetKeys>,
 }
 
 /// A rule family that its table's `dry_run` key puts in dry run on its own.

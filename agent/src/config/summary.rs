@@ -180,6 +180,9 @@ impl Config {
                 families.join(" and ")
             )
         };
+        if let Some(fleet) = &self.fleet {
+            let _ = writeln!(s, "  {}", crate::fleet::summary(fleet));
+        }
         let _ = write!(s, "  mode: {mode}");
         s
     }

@@ -34,6 +34,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
         events,
         handshake,
         syn_cookies,
+        fleet,
     } = raw;
 
     if agent.interfaces.get_ref().is_empty() {
@@ -206,8 +207,111 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
         handshake,
         syn_cookies,
         users,
+        fleet: fleet.map(validate_fleet).transpose()?,
         settings,
     })
+}
+
+/// Largest `fleet.outbox_size`.
+const MAX_OUTBOX: i64 = 1_000_000;
+
+/// A name Redis keys and the fleet's reports carry: 1 to 64 of
+/// `A-Z a-z 0-9 . _ -` (and `:` in a key prefix).
+fn fleet_name(value: &Spanned<String>, key: &str, colon: bool) -> Result<String, Invalid> {
+    let name = value.get_ref();
+    let fits = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c) || (colon && c == ':');
+    if name.is_empty() || name.len() > 64 || !name.chars().all(fits) {
+        return Err(at(
+            value,
+            format!(
+                "{key} \"{name}\" must be 1 to 64 letters, digits, '.', '_' or '-'{}",
+                if colon { " (or ':')" } else { "" }
+            ),
+        ));
+    }
+    Ok(name.clone())
+}
+
+fn validate_fleet(keys: FleetKeys) -> Result<FleetConfig, Invalid> {
+    let url = keys.redis_url.get_ref();
+    let scheme = url.split_once("://").map(|(s, _)| s);
+    if !matches!(scheme, Some("redis" | "rediss" | "unix" | "redis+unix")) {
+        return Err(at(
+            &keys.redis_url,
+            format!(
+                "fleet.redis_url \"{}\" must start with redis:// (rediss:// for TLS, unix:// for a socket)",
+                redact_url(url)
+            ),
+        ));
+    }
+    if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
+        return Err(at(
+            &keys.redis_url,
+            format!("fleet.redis_url \"{}\": {e}", redact_url(url)),
+        ));
+    }
+    let password = match &keys.password_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path.get_ref()).map_err(|e| {
+                at(
+                    path,
+                    format!(
+                        "cannot read fleet.password_file {}: {e}",
+                        path.get_ref().display()
+                    ),
+                )
+            })?;
+            let password = text.lines().next().unwrap_or("").to_string();
+            if password.is_empty() {
+                return Err(at(
+                    path,
+                    format!("fleet.password_file {} is empty", path.get_ref().display()),
+                ));
+            }
+            Some(password)
+        }
+        None => None,
+    };
+    if let (Some(user), None) = (&keys.username, &password) {
+        return Err(at(
+            user,
+            "fleet.username needs fleet.password_file (the ACL user's password)",
+        ));
+    }
+    let host_id = match &keys.host_id {
+        Some(id) => fleet_name(id, "fleet.host_id", false)?,
+        None => {
+            let name = hostname();
+            fleet_name(
+                &Spanned::new(0..0, name),
+                "the hostname (set fleet.host_id)",
+                false,
+            )?
+        }
+    };
+    let outbox = *keys.outbox_size.get_ref();
+    if !(1..=MAX_OUTBOX).contains(&outbox) {
+        return Err(at(
+            &keys.outbox_size,
+            format!("fleet.outbox_size must be 1 to {MAX_OUTBOX}, not {outbox}"),
+        ));
+    }
+    Ok(FleetConfig {
+        redis_url: url.clone(),
+        username: keys.username.map(|u| u.into_inner()),
+        password,
+        key_prefix: fleet_name(&keys.key_prefix, "fleet.key_prefix", true)?,
+        host_id,
+        accept_allow: keys.accept_allow,
+        outbox_size: outbox as usize,
+    })
+}
+
+/// This machine's hostname.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Largest `limits.per_user.max_users`.

@@ -167,6 +167,8 @@ pub struct Context<'a> {
     pub config: &'a Config,
     pub sink: &'a mut EventSink,
     pub counters: &'a AgentCounters,
+    /// Where this host's bans go for the rest of the fleet.
+    pub fleet: &'a crate::fleet::Fleet,
 }
 
 impl Inspection {
@@ -376,6 +378,15 @@ impl Inspection {
                 banned: cut.banned,
                 dry_run,
             });
+            if started_ban && !dry_run {
+                cx.fleet.decided(
+                    crate::fleet::Target::User(cut.user.clone()),
+                    crate::fleet::Change::Set {
+                        until_ms: crate::fleet::decision::now_ms()
+                            + ban_duration.as_millis() as u64,
+                    },
+                );
+            }
             if started_ban {
                 cx.sink.emit(Event::UserBanStarted {
                     user: cut.user,
@@ -527,11 +538,10 @@ impl Inspection {
         }
         let duration = cx.config.ban_duration;
         if !dry_run {
-            if let Err(e) = cx
-                .kernel
-                .ban(&source, kernel::monotonic_ns() + duration.as_nanos() as u64)
-            {
-                warn!("cannot ban {}: {e:#}", client.ip().to_canonical());
+            let until_ns = kernel::monotonic_ns() + duration.as_nanos() as u64;
+            match cx.kernel.ban(&source, until_ns) {
+                Ok(()) => cx.fleet.banned(&source, until_ns),
+                Err(e) => warn!("cannot ban {}: {e:#}", client.ip().to_canonical()),
             }
         }
         cx.sink.emit(Event::BanStarted {

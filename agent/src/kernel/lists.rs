@@ -85,6 +85,25 @@ pub fn add_runtime<T: BorrowMut<MapData>>(
     Ok(())
 }
 
+/// Adds a runtime entry, or keeps the one there if it lasts longer
+/// (`expires_ns == 0`: until removed, which outlasts any expiry).
+/// Whether the list changed.
+pub fn extend_runtime<T: BorrowMut<MapData>>(
+    list: &mut List<T>,
+    net: &IpNet,
+    expires_ns: u64,
+) -> Result<bool> {
+    let key = lpm_key(net);
+    if let Ok(entry) = list.get(&key, 0)
+        && entry.origin & ListEntry::FROM_RUNTIME != 0
+        && (entry.expires_ns == 0 || (expires_ns != 0 && entry.expires_ns >= expires_ns))
+    {
+        return Ok(false);
+    }
+    add_runtime(list, net, expires_ns)?;
+    Ok(true)
+}
+
 /// Removes a runtime entry. An entry that only the config file holds is not
 /// removed: the file would put it back on the next reload.
 pub fn remove_runtime<T: BorrowMut<MapData>>(list: &mut List<T>, net: &IpNet) -> Result<()> {

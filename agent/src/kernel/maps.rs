@@ -145,6 +145,13 @@ pub trait Maps: MapSource {
         Ok(bans.iter().filter_map(|r| r.ok()).collect())
     }
 
+    /// The ban on one source (by its tracking key), if it has one.
+    fn ban_of(&self, key: &SourceKey) -> Result<Option<Ban>> {
+        let map = self.map(names::BANS)?;
+        let bans: HashMap<&MapData, SourceKey, Ban> = HashMap::try_from(&*map)?;
+        Ok(bans.get(key, 0).ok())
+    }
+
     /// Bans a source (by its tracking key) from now until `until_ns`.
     fn ban(&mut self, key: &SourceKey, until_ns: u64) -> Result<()> {
         let since_ns = monotonic_ns();

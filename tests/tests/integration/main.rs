@@ -7,6 +7,7 @@ mod cli;
 mod enforcement;
 mod evasion;
 mod fast_path;
+mod fleet;
 mod full_maps;
 mod fuzz_packets;
 mod handshake;

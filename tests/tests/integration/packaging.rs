@@ -68,6 +68,23 @@ fn the_kubernetes_manifests_parse_and_carry_a_valid_config() {
     let toml = config_map["data"]["wsguard.toml"]
         .as_str()
         .expect("wsguard.toml in the ConfigMap");
+    // The Secret's password, where the DaemonSet mounts it.
+    let secret = yaml("kubernetes/secret.yaml");
+    assert_eq!(secret["kind"], "Secret");
+    let password = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        password.path(),
+        secret["stringData"]["password"]
+            .as_str()
+            .expect("a password"),
+    )
+    .unwrap();
+    let secret_path = "/etc/wsguard-redis/password";
+    assert!(
+        toml.contains(secret_path),
+        "[fleet] reads the Secret's password"
+    );
+    let toml = toml.replace(secret_path, &password.path().display().to_string());
     let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     std::fs::write(file.path(), toml).unwrap();
     let out = Command::new(binary())
@@ -117,6 +134,15 @@ fn the_kubernetes_manifests_parse_and_carry_a_valid_config() {
         mounts
             .iter()
             .any(|m| m["name"] == "config" && m["mountPath"] == "/etc/wsguard")
+    );
+    assert_eq!(
+        volume("redis-password")["secret"]["secretName"],
+        secret["metadata"]["name"]
+    );
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m["name"] == "redis-password" && m["mountPath"] == "/etc/wsguard-redis")
     );
     assert!(
         container["args"]
