@@ -112,6 +112,16 @@ pub enum Event {
         delay_ms: Option<u64>,
         changed: bool,
     },
+    /// A source's total over the fleet went past `[limits.fleet.per_source]`:
+    /// banned on every host.
+    FleetLimitBan {
+        source: String,
+        new_connections_per_second: u64,
+        bytes_per_second: u64,
+        /// The hosts that reported it.
+        hosts: Vec<String>,
+        duration_seconds: u64,
+    },
     /// A decision read from the fleet that was not applied.
     FleetDecisionRejected {
         key: String,
@@ -208,6 +218,19 @@ impl EventSink {
             self.write(serde_json::to_value(&summary).expect("events serialise"));
         }
     }
+}
+
+/// A tracking key as the network it stands for.
+pub fn source_net(key: &SourceKey, ipv4_prefix: u8, ipv6_prefix: u8) -> ipnet::IpNet {
+    let addr = IpAddr::from(*key);
+    let prefix = if addr.is_ipv4() {
+        ipv4_prefix
+    } else {
+        ipv6_prefix
+    };
+    ipnet::IpNet::new(addr, prefix)
+        .map(|n| n.trunc())
+        .unwrap_or_else(|_| ipnet::IpNet::from(addr))
 }
 
 /// The source a ban key stands for, as "address/prefix".
@@ -400,6 +423,13 @@ mod tests {
                 key: s(),
                 reason: "",
             },
+            Event::FleetLimitBan {
+                source: s(),
+                new_connections_per_second: 0,
+                bytes_per_second: 0,
+                hosts: vec![],
+                duration_seconds: 0,
+            },
             Event::FleetConnection {
                 connected: false,
                 redis: s(),
@@ -428,6 +458,7 @@ mod tests {
                 | Event::InterfaceReattached { .. }
                 | Event::FleetDecision { .. }
                 | Event::FleetDecisionRejected { .. }
+                | Event::FleetLimitBan { .. }
                 | Event::FleetConnection { .. }
                 | Event::Summary { .. } => {}
             }

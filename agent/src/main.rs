@@ -78,6 +78,10 @@ enum Command {
     Top {
         #[command(flatten)]
         target: Target,
+        /// The fleet's busiest sources instead (each host's busiest, summed
+        /// over the fleet), from the running agent's fleet report.
+        #[arg(long)]
+        fleet: bool,
         /// Time between samples, e.g. "1s" or "500ms".
         #[arg(long, default_value = "1s", value_parser = HumanDuration::parse)]
         interval: HumanDuration,
@@ -276,6 +280,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             interval,
             limit,
             once,
+            fleet: true,
+        } => wsguard::fleet::top(
+            &target.pin_dir()?,
+            Duration::from_nanos(interval.nanos().max(1_000_000)),
+            limit,
+            once,
+        ),
+        Command::Top {
+            target,
+            interval,
+            limit,
+            once,
+            fleet: false,
         } => top::run(
             &target.state()?,
             Duration::from_nanos(interval.nanos().max(1_000_000)),

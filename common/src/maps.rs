@@ -328,7 +328,7 @@ pub struct SourceSet {
     pub seen_ns: [u64; SOURCE_WAYS],
     pub states: [SourceState; SOURCE_WAYS],
 }
-assert_size!(SourceSet, 64 + 32 + 4 * 104);
+assert_size!(SourceSet, 64 + 32 + 4 * 128);
 
 impl SourceSet {
     /// The sources this set holds.
@@ -354,7 +354,14 @@ pub struct SourceState {
     pub window_start_ns: u64,
     /// Limit drops seen in the current window.
     pub window_drops: u32,
-    pub _pad: u32,
+    /// The second (of 2^30 ns, about 1.07 s, by the XDP program's clock)
+    /// that `second_*` count; `previous_*` count the one before, which the
+    /// agent reads for the fleet's limits ([`SourceState::last_second`]).
+    pub second: u32,
+    pub second_connections: u32,
+    pub previous_connections: u32,
+    pub second_bytes: u64,
+    pub previous_bytes: u64,
     /// Totals for `wsguard top` (updated without atomics: approximate when
     /// several CPUs serve one source at once).
     pub total_packets: u64,
@@ -369,7 +376,47 @@ pub struct SourceState {
     pub ban_epoch: u64,
     pub banned_until_ns: u64,
 }
-assert_size!(SourceState, 104);
+assert_size!(SourceState, 128);
+
+/// Nanoseconds in a "second" of the per-second counts: 2^30, so that the
+/// kernel finds the second with a shift.
+pub const COUNT_SECOND_SHIFT: u32 = 30;
+
+impl SourceState {
+    /// Counts a segment (a new connection, or not) in the current second.
+    #[inline(always)]
+    pub fn count_second(&mut self, now_ns: u64, opens_connection: bool, bytes: u64) {
+        let second = (now_ns >> COUNT_SECOND_SHIFT) as u32;
+        if second != self.second {
+            let just_before = second == self.second.wrapping_add(1);
+            self.previous_connections = if just_before {
+                self.second_connections
+            } else {
+                0
+            };
+            self.previous_bytes = if just_before { self.second_bytes } else { 0 };
+            self.second_connections = 0;
+            self.second_bytes = 0;
+            self.second = second;
+        }
+        self.second_connections = self
+            .second_connections
+            .saturating_add(u32::from(opens_connection));
+        self.second_bytes = self.second_bytes.saturating_add(bytes);
+    }
+
+    /// New connections and bytes in the last complete second at `now_ns`.
+    pub fn last_second(&self, now_ns: u64) -> (u32, u64) {
+        let second = (now_ns >> COUNT_SECOND_SHIFT) as u32;
+        if self.second == second {
+            (self.previous_connections, self.previous_bytes)
+        } else if self.second.wrapping_add(1) == second {
+            (self.second_connections, self.second_bytes)
+        } else {
+            (0, 0)
+        }
+    }
+}
 
 /// An active ban. Expiry is enforced by the kernel on lookup.
 #[repr(C)]

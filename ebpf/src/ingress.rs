@@ -317,6 +317,7 @@ fn judge_budgets(
         let state = unsafe { &mut *state };
         state.total_packets += 1;
         state.total_bytes += len;
+        state.count_second(now, opens_connection, len);
         if let Some(reason) = per_source_limits(settings, opens_connection, key, state, now, len) {
             match reason {
                 Reason::ConnectionRate => state.drops_connection_rate += 1,

@@ -4,7 +4,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, SockHash, SockMap, lpm_trie},
 };
@@ -38,7 +38,9 @@ pub static DENY: LpmTrie<LpmKey, ListEntry> = LpmTrie::with_max_entries(LIST_CAP
 /// set is full, its least recently seen source is forgotten (and starts
 /// again with a full burst if it comes back).
 #[map(name = "WSG_SOURCES")]
-pub static SOURCES: Array<SourceSet> = Array::with_max_entries(256, 0);
+// Mappable: the agent reads the per-second counts of every source each
+// second (the fleet's limits) from memory rather than a syscall per set.
+pub static SOURCES: Array<SourceSet> = Array::with_max_entries(256, BPF_F_MMAPABLE);
 
 /// Entries created in `SOURCES`, per CPU (its fill level for `status` and
 /// metrics, read without walking the map).

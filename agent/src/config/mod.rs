@@ -155,6 +155,26 @@ pub struct FleetConfig {
     pub host_id: String,
     pub accept_allow: bool,
     pub outbox_size: usize,
+    /// `[limits.fleet.per_source]`: a source over either, summed over the
+    /// fleet, is banned on every host.
+    pub limits: FleetLimits,
+    /// `ban.duration`, for the bans the fleet's limits earn.
+    pub ban_duration: std::time::Duration,
+}
+
+/// `[limits.fleet.per_source]`, per second.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct FleetLimits {
+    pub new_connections: Option<f64>,
+    pub bytes: Option<f64>,
+}
+
+impl Eq for FleetLimits {}
+
+impl FleetLimits {
+    pub fn any(&self) -> bool {
+        self.new_connections.is_some() || self.bytes.is_some()
+    }
 }
 
 impl FleetConfig {

@@ -178,6 +178,22 @@ pub struct Limits {
     pub global: GlobalLimits,
     pub per_user: UserLimitKeys,
     pub class: std::collections::BTreeMap<Spanned<String>, ClassLimitKeys>,
+    pub fleet: FleetLimitKeys,
+}
+
+/// `[limits.fleet]`: limits on a source's total over every host of the
+/// fleet (needs `[fleet]`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetLimitKeys {
+    pub per_source: FleetSourceLimitKeys,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetSourceLimitKeys {
+    pub new_connections: Option<Spanned<ConnectionRate>>,
+    pub bytes: Option<Spanned<ByteRate>>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

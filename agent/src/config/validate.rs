@@ -160,6 +160,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
     };
 
     let handshake = validate_handshake(handshake, &ports)?;
+    let fleet = validate_fleet_keys(fleet, &limits.fleet, ban.duration.get_ref().0)?;
     let users = validate_users(&limits, &ban)?;
 
     let settings = Settings {
@@ -207,7 +208,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, Invalid> {
         handshake,
         syn_cookies,
         users,
-        fleet: fleet.map(validate_fleet).transpose()?,
+        fleet,
         settings,
     })
 }
@@ -230,6 +231,45 @@ fn fleet_name(value: &Spanned<String>, key: &str, colon: bool) -> Result<String,
         ));
     }
     Ok(name.clone())
+}
+
+/// A rate per second, or `None` for unlimited.
+fn per_second<Q: Quantity>(rate: &Rate<Q>) -> Option<f64> {
+    match rate {
+        Rate::Unlimited => None,
+        Rate::Per { amount, period } => Some(amount.amount() as f64 * 1e9 / period.nanos() as f64),
+    }
+}
+
+fn validate_fleet_keys(
+    keys: Option<FleetKeys>,
+    limits: &FleetLimitKeys,
+    ban_duration: std::time::Duration,
+) -> Result<Option<FleetConfig>, Invalid> {
+    let per_source = &limits.per_source;
+    let fleet_limits = FleetLimits {
+        new_connections: per_source
+            .new_connections
+            .as_ref()
+            .and_then(|r| per_second(r.get_ref())),
+        bytes: per_source
+            .bytes
+            .as_ref()
+            .and_then(|r| per_second(r.get_ref())),
+    };
+    let Some(keys) = keys else {
+        if let Some(key) = &per_source.new_connections {
+            return Err(at(key, "limits.fleet.per_source needs a [fleet] table"));
+        }
+        if let Some(key) = &per_source.bytes {
+            return Err(at(key, "limits.fleet.per_source needs a [fleet] table"));
+        }
+        return Ok(None);
+    };
+    let mut fleet = validate_fleet(keys)?;
+    fleet.limits = fleet_limits;
+    fleet.ban_duration = ban_duration;
+    Ok(Some(fleet))
 }
 
 fn validate_fleet(keys: FleetKeys) -> Result<FleetConfig, Invalid> {
@@ -304,6 +344,8 @@ fn validate_fleet(keys: FleetKeys) -> Result<FleetConfig, Invalid> {
         host_id,
         accept_allow: keys.accept_allow,
         outbox_size: outbox as usize,
+        limits: FleetLimits::default(),
+        ban_duration: std::time::Duration::ZERO,
     })
 }
 

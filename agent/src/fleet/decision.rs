@@ -61,6 +61,11 @@ impl Target {
         }
     }
 
+    /// A source's tracking prefix as a fleet report names it.
+    pub fn parse_source(cidr: &str, rules: &Rules) -> Result<Target, Rejected> {
+        Target::parse(&format!("ban:{cidr}"), rules)
+    }
+
     fn parse(key: &str, rules: &Rules) -> Result<Target, Rejected> {
         let (kind, subject) = key.split_once(':').ok_or(Rejected::BadKey)?;
         let net = || parse_cidr(subject).map_err(|_| Rejected::BadKey);

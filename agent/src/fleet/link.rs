@@ -16,15 +16,22 @@ use serde::{Deserialize, Serialize};
 use tokio::{sync::mpsc, time::timeout};
 use tracing::{info, warn};
 
+use ipnet::IpNet;
+use wsguard_common::SourceKey;
+
 use super::{
-    Change, Decision, DecisionInForce, FleetCounters, FleetReport, HostSeen, Target,
+    Change, Decision, DecisionInForce, FleetCounters, FleetReport, FleetSource, HostSeen, Target,
     decision::{self, Rules, Stored, now_ms},
     report_path,
 };
 use crate::{
     config::FleetConfig,
-    events::{Event, EventSink},
-    kernel::PinnedState,
+    events::{Event, EventSink, source_net},
+    kernel::{
+        Maps, PinnedState,
+        mapped::{MappedSources, busiest},
+        monotonic_ns,
+    },
 };
 
 /// Sets a decision's key unless the key already holds one that lasts at
@@ -63,6 +70,24 @@ const REPORT_TTL_MS: u64 = 10_000;
 /// Longest wait for one Redis round trip before the link counts as lost.
 const ROUND_TRIP: Duration = Duration::from_secs(5);
 
+/// Sources each host reports every second: its busiest by new connections,
+/// and its busiest by bytes.
+const LOAD_TOP_K: usize = 64;
+/// Longest list of sources read from one host's load report.
+const LOAD_MAX_SOURCES: usize = 4 * LOAD_TOP_K;
+/// A load report older than this is left out of the fleet's sums.
+const LOAD_FRESH_MS: u64 = 2_500;
+/// The kernel's "second" (2^30 ns), in seconds.
+const COUNT_SECOND: f64 = (1u64 << wsguard_common::maps::COUNT_SECOND_SHIFT) as f64 / 1e9;
+
+/// A host's busiest sources over its last complete second, under
+/// `<prefix>:load:<id>`: `[cidr, new connections, bytes]`.
+#[derive(Debug, Serialize, Deserialize)]
+struct LoadReport {
+    reported_ms: u64,
+    sources: Vec<(String, u32, u64)>,
+}
+
 /// A host's report under `<prefix>:host:<id>`.
 #[derive(Debug, Serialize, Deserialize)]
 struct HostReport {
@@ -85,6 +110,10 @@ pub struct Link {
     connected_since: u64,
     sink: Arc<Mutex<EventSink>>,
     counters: Arc<FleetCounters>,
+    /// The source table, mapped once the link first needs it.
+    sources: Option<MappedSources>,
+    /// The fleet's busiest sources, as of the last second.
+    busiest: Vec<FleetSource>,
 }
 
 impl Link {
@@ -108,6 +137,8 @@ impl Link {
             connected_since: 0,
             sink,
             counters,
+            sources: None,
+            busiest: Vec::new(),
         }
     }
 
@@ -221,6 +252,8 @@ impl Link {
                 }
                 _ = tick.tick() => {
                     self.report(&mut conn).await?;
+                    self.share_load(&mut conn).await?;
+                    self.flush(&mut conn).await?;
                     self.write_report();
                 }
             }
@@ -234,7 +267,8 @@ impl Link {
             let Some(suffix) = key.strip_prefix(&prefix) else {
                 continue;
             };
-            if suffix.starts_with("host:") {
+            // Reports, not decisions.
+            if suffix.starts_with("host:") || suffix.starts_with("load:") {
                 continue;
             }
             let value: Option<Vec<u8>> = timeout(ROUND_TRIP, conn.get(&key))
@@ -429,6 +463,148 @@ impl Link {
         Ok(())
     }
 
+    /// Publishes this host's busiest sources, sums every host's, and bans
+    /// fleet-wide a source whose total is over `[limits.fleet.per_source]`.
+    async fn share_load(&mut self, conn: &mut MultiplexedConnection) -> Result<()> {
+        if self.sources.is_none() {
+            match MappedSources::open(&self.pins) {
+                Ok(mapped) => self.sources = Some(mapped),
+                Err(e) => {
+                    warn!("fleet: cannot read the source table: {e:#}");
+                    return Ok(());
+                }
+            }
+        }
+        let Some(mapped) = &self.sources else {
+            return Ok(());
+        };
+        let now = now_ms();
+        let mine = busiest(mapped.loads(monotonic_ns()), LOAD_TOP_K);
+        let (v4, v6) = (self.rules.ipv4_prefix, self.rules.ipv6_prefix);
+        let report = LoadReport {
+            reported_ms: now,
+            sources: mine
+                .iter()
+                .map(|l| {
+                    (
+                        source_net(&l.key, v4, v6).to_string(),
+                        l.connections,
+                        l.bytes,
+                    )
+                })
+                .collect(),
+        };
+        timeout(
+            ROUND_TRIP,
+            redis::cmd("SET")
+                .arg(self.key(&format!("load:{}", self.config.host_id)))
+                .arg(serde_json::to_string(&report)?)
+                .arg("PX")
+                .arg(2 * LOAD_FRESH_MS)
+                .query_async::<()>(conn),
+        )
+        .await
+        .context("no answer")??;
+
+        // The fleet's sums, from every fresh report.
+        let mut totals: BTreeMap<IpNet, FleetSource> = BTreeMap::new();
+        let prefix = self.key("load:");
+        for key in scan(conn, &format!("{prefix}*")).await? {
+            let host = key.strip_prefix(&prefix).unwrap_or_default().to_string();
+            let value: Option<Vec<u8>> = timeout(ROUND_TRIP, conn.get(&key))
+                .await
+                .context("no answer")??;
+            let Some(report) = value.and_then(|v| serde_json::from_slice::<LoadReport>(&v).ok())
+            else {
+                self.reject(&key, decision::Rejected::BadValue);
+                continue;
+            };
+            if now.saturating_sub(report.reported_ms) > LOAD_FRESH_MS {
+                continue;
+            }
+            for (cidr, connections, bytes) in report.sources.into_iter().take(LOAD_MAX_SOURCES) {
+                let Ok(Target::Source(net)) = Target::parse_source(&cidr, &self.rules) else {
+                    continue;
+                };
+                let total = totals.entry(net).or_insert_with(|| FleetSource {
+                    source: net.to_string(),
+                    ..Default::default()
+                });
+                total.new_connections_per_second += f64::from(connections) / COUNT_SECOND;
+                total.bytes_per_second += bytes as f64 / COUNT_SECOND;
+                total.hosts.push(host.clone());
+            }
+        }
+        let limits = self.config.limits;
+        for (net, total) in &totals {
+            let over = limits
+                .new_connections
+                .is_some_and(|limit| total.new_connections_per_second > limit)
+                || limits
+                    .bytes
+                    .is_some_and(|limit| total.bytes_per_second > limit);
+            if over {
+                self.fleet_ban(*net, total);
+            }
+        }
+        let mut busiest: Vec<FleetSource> = totals.into_values().collect();
+        busiest.sort_by(|a, b| {
+            b.new_connections_per_second
+                .total_cmp(&a.new_connections_per_second)
+                .then(b.bytes_per_second.total_cmp(&a.bytes_per_second))
+        });
+        busiest.truncate(100);
+        self.busiest = busiest;
+        Ok(())
+    }
+
+    /// Bans a source over a fleet limit on this host and, through the
+    /// outbox, on every host (each host that sees it over does the same;
+    /// the longest ban wins).
+    fn fleet_ban(&mut self, net: IpNet, total: &FleetSource) {
+        let key = SourceKey::from(net.addr());
+        let until_ns = monotonic_ns() + self.config.ban_duration.as_nanos() as u64;
+        let applied = PinnedState::open(&self.pins).and_then(|mut state| {
+            if state
+                .ban_of(&key)?
+                .is_some_and(|b| b.until_ns > monotonic_ns())
+            {
+                return Ok(false);
+            }
+            state.ban(&key, until_ns)?;
+            Ok(true)
+        });
+        match applied {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                warn!("fleet: cannot ban {net} over the fleet's limit: {e:#}");
+                return;
+            }
+        }
+        info!(
+            "fleet: {net} is over the fleet's limit ({:.0} new connections/s, {:.0} bytes/s from {}): banned on every host",
+            total.new_connections_per_second,
+            total.bytes_per_second,
+            total.hosts.join(", ")
+        );
+        self.emit(Event::FleetLimitBan {
+            source: net.to_string(),
+            new_connections_per_second: total.new_connections_per_second.round() as u64,
+            bytes_per_second: total.bytes_per_second.round() as u64,
+            hosts: total.hosts.clone(),
+            duration_seconds: self.config.ban_duration.as_secs(),
+        });
+        self.keep(Decision {
+            target: Target::Source(net),
+            change: Change::Set {
+                until_ms: decision::wall_at(until_ns),
+            },
+            host: self.config.host_id.clone(),
+            sent_ms: now_ms(),
+        });
+    }
+
     /// `status --fleet`'s file.
     fn write_report(&mut self) {
         let now = now_ms();
@@ -450,6 +626,7 @@ impl Link {
             received: self.counters.received.load(Ordering::Relaxed),
             rejected,
             hosts: self.hosts.clone(),
+            busiest: self.busiest.clone(),
             decisions: self
                 .known
                 .iter()

@@ -42,7 +42,7 @@ pub use decision::{Change, Decision, Rejected, Target};
 use crate::{
     agent_file,
     config::{Config, FleetConfig},
-    events::EventSink,
+    events::{EventSink, source_net},
 };
 
 /// What the metrics show of the fleet.
@@ -167,20 +167,12 @@ impl Fleet {
     /// A source's ban (by its tracking key) until `until_ns` (CLOCK_MONOTONIC).
     pub fn banned(&self, key: &SourceKey, until_ns: u64) {
         let Some(shared) = &self.inner else { return };
-        let addr = std::net::IpAddr::from(*key);
-        let prefix = if addr.is_ipv4() {
-            shared.ipv4_prefix
-        } else {
-            shared.ipv6_prefix
-        };
-        if let Ok(net) = IpNet::new(addr, prefix) {
-            self.decided(
-                Target::Source(net.trunc()),
-                Change::Set {
-                    until_ms: decision::wall_at(until_ns),
-                },
-            );
-        }
+        self.decided(
+            Target::Source(source_net(key, shared.ipv4_prefix, shared.ipv6_prefix)),
+            Change::Set {
+                until_ms: decision::wall_at(until_ns),
+            },
+        );
     }
 
     /// Shares what the CLI spooled since the last call.
@@ -189,15 +181,9 @@ impl Fleet {
         for spooled in spool::drain(pins) {
             let (target, change) = match spooled {
                 spool::Spooled::BanLifted { addr } => {
-                    let prefix = if addr.is_ipv4() {
-                        shared.ipv4_prefix
-                    } else {
-                        shared.ipv6_prefix
-                    };
-                    let Ok(net) = IpNet::new(addr, prefix) else {
-                        continue;
-                    };
-                    (Target::Source(net.trunc()), Change::Lift)
+                    let key = SourceKey::from(addr);
+                    let net = source_net(&key, shared.ipv4_prefix, shared.ipv6_prefix);
+                    (Target::Source(net), Change::Lift)
                 }
                 spool::Spooled::UserBanned { user, until_ms } => {
                     (Target::User(user), Change::Set { until_ms })
@@ -238,6 +224,10 @@ pub struct FleetReport {
     pub rejected: u64,
     /// Hosts that reported in the last 10 s, this one included.
     pub hosts: Vec<HostSeen>,
+    /// The fleet's busiest sources over the last second (each host's
+    /// busiest, summed), for `top --fleet`.
+    #[serde(default)]
+    pub busiest: Vec<FleetSource>,
     /// Live decisions this host knows of, and which host made each.
     pub decisions: Vec<DecisionInForce>,
 }
@@ -250,6 +240,15 @@ pub struct HostSeen {
     /// Decisions it has published since it started.
     pub sent: u64,
     pub connected_since_unix: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct FleetSource {
+    pub source: String,
+    pub new_connections_per_second: f64,
+    pub bytes_per_second: f64,
+    /// The hosts that reported it.
+    pub hosts: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -319,6 +318,50 @@ impl FleetReport {
             );
         }
         out
+    }
+}
+
+/// `wsguard top --fleet`: the fleet's busiest sources, from the running
+/// agent's fleet report, refreshed every `interval` (or once).
+pub fn top(
+    pin_dir: &Path,
+    interval: std::time::Duration,
+    limit: usize,
+    once: bool,
+) -> anyhow::Result<()> {
+    use std::{fmt::Write as _, io::Write as _};
+    loop {
+        let Some(report) = FleetReport::read(pin_dir) else {
+            anyhow::bail!(
+                "no fleet report at {}: no agent with a [fleet] table runs with its state at {}",
+                report_path(pin_dir).display(),
+                pin_dir.display()
+            );
+        };
+        let mut out = format!(
+            "{:<40} {:>14} {:>14}  hosts\n",
+            "source", "new conn/s", "bytes/s"
+        );
+        for source in report.busiest.iter().take(limit) {
+            let _ = writeln!(
+                out,
+                "{:<40} {:>14.1} {:>14.0}  {}",
+                source.source,
+                source.new_connections_per_second,
+                source.bytes_per_second,
+                source.hosts.join(", ")
+            );
+        }
+        if once {
+            print!("{out}");
+            return Ok(());
+        }
+        print!(
+            "\x1b[2J\x1b[H{} hosts, the fleet's busiest sources over the last second (each host's busiest, summed)\n{out}",
+            report.hosts.len()
+        );
+        std::io::stdout().flush()?;
+        std::thread::sleep(interval);
     }
 }
 

@@ -10,6 +10,7 @@ mod attach;
 mod kfuncs;
 pub mod lists;
 mod load;
+pub mod mapped;
 pub mod maps;
 mod pins;
 mod system;

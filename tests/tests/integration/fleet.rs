@@ -14,7 +14,7 @@ use wsguard::kernel::Maps;
 use wsguard_common::{Reason, SourceKey};
 use wsguard_tests::{
     Agent, Lab,
-    peers::{EchoServer, connection_flood, connects, http_get},
+    peers::{EchoServer, connect_from, connection_flood, connects, http_get},
     redis::RedisServer,
     wait_until,
 };
@@ -46,11 +46,15 @@ fn body(redis: &RedisServer, host: &str, extra: &str) -> String {
 
 impl Host {
     async fn start(redis: &RedisServer, name: &str, extra: &str) -> Result<Host> {
+        Host::start_with_body(&body(redis, name, extra)).await
+    }
+
+    async fn start_with_body(body: &str) -> Result<Host> {
         let lab = Lab::new()?;
         lab.add_shared_client(SHARED)?;
         let server = EchoServer::start(&lab.server, 8080).await?;
         let addr = SocketAddr::new(lab.server_v4().into(), 8080);
-        let agent = Agent::start(&lab, &body(redis, name, extra))?;
+        let agent = Agent::start(&lab, body)?;
         Ok(Host {
             agent,
             _server: server,
@@ -453,5 +457,83 @@ async fn a_host_with_wrong_credentials_is_refused_and_says_why() -> Result<()> {
 
     let admitted = Host::start(&redis, "host-admitted", &keys(&right)).await?;
     admitted.connected().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_spread_over_the_fleet_under_every_hosts_limit_is_banned_by_the_fleet_limit()
+-> Result<()> {
+    let redis = RedisServer::start()?;
+    // 50 new connections per second per source on each host; 60 per
+    // second over the fleet.
+    let body = |host: &str| {
+        format!(
+            "[protect]\nports = [8080]\n\
+             [limits.per_source]\nnew_connections = \"50/s\"\nnew_connections_burst = 50\n\
+             [limits.fleet.per_source]\nnew_connections = \"60/s\"\n\
+             [ban]\nduration = \"1h\"\n\
+             [syn_cookies]\nenabled = false\n\
+             [fleet]\nredis_url = \"{}\"\nhost_id = \"{host}\"\n",
+            redis.url()
+        )
+    };
+    let mut hosts = Vec::new();
+    for name in ["host-a", "host-b", "host-c"] {
+        let host = Host::start_with_body(&body(name)).await?;
+        host.connected().await?;
+        hosts.push(host);
+    }
+    let shared = IpAddr::V4(SHARED);
+    // 25 new connections per second to each host (75 over the fleet), for
+    // at most 8 s or until every host has banned the source.
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(40));
+    let mut open = Vec::new();
+    let attempt = Duration::from_millis(300);
+    while !hosts.iter().all(|h| h.banned(shared)) {
+        ensure!(
+            started.elapsed() < 8 * SECOND,
+            "the fleet limit did not ban the source within 8 s"
+        );
+        tick.tick().await;
+        let (a, b, c) = tokio::join!(
+            connect_from(&hosts[0].lab.client, shared, hosts[0].addr, attempt),
+            connect_from(&hosts[1].lab.client, shared, hosts[1].addr, attempt),
+            connect_from(&hosts[2].lab.client, shared, hosts[2].addr, attempt),
+        );
+        open.extend([a, b, c].into_iter().flatten());
+        // Closed as they go, so the concurrency limit stays out of it.
+        if open.len() > 30 {
+            open.drain(..15);
+        }
+    }
+    drop(open);
+    let took = started.elapsed();
+    for host in &hosts {
+        // Under every host's own limit: no host dropped it for its rate.
+        ensure!(
+            host.agent.counter(Reason::ConnectionRate).packets == 0,
+            "a host's own limit dropped the source"
+        );
+        ensure!(!host.serves(shared).await, "a host still serves the source");
+    }
+    ensure!(
+        hosts.iter().any(|h| h
+            .agent
+            .stdout()
+            .iter()
+            .any(|l| l.contains("\"event\":\"fleet_limit_ban\""))),
+        "no fleet_limit_ban event"
+    );
+    // top --fleet showed it with the hosts that reported it.
+    let out = hosts[0].agent.cli(&["top", "--fleet", "--once"]);
+    let top = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(top.contains("source"), "top --fleet: {top}");
+    eprintln!("fleet limit: banned everywhere after {took:?}");
     Ok(())
 }

@@ -203,3 +203,38 @@ fn the_programs_clock_is_clock_monotonic_to_within_a_tick() {
         tick_ns / 1000
     );
 }
+
+#[test]
+fn each_source_counts_its_new_connections_and_bytes_per_second() {
+    // What the fleet's limits sum over the hosts.
+    let h = XdpHarness::new(SMALL_TABLE).expect("loading the programs");
+    let src = v4(11);
+    let syn = Packet::syn(src, PORT).bytes();
+    let frame = data(src);
+    for _ in 0..3 {
+        assert_eq!(h.run(&syn), XDP_PASS);
+    }
+    assert_eq!(h.run(&frame), XDP_PASS);
+    let state = h
+        .kernel
+        .tracked_sources()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| *k == SourceKey::from(src))
+        .expect("tracked")
+        .1;
+    let second = (system::monotonic_ns() >> wsguard_common::maps::COUNT_SECOND_SHIFT) as u32;
+    assert!(
+        state.second.abs_diff(second) <= 1,
+        "the second the kernel counts in"
+    );
+    assert_eq!(state.second_connections, 3);
+    assert_eq!(state.second_bytes, (3 * syn.len() + frame.len()) as u64);
+    // Read a second later, they are the last complete second's.
+    let later = (u64::from(state.second) + 1) << wsguard_common::maps::COUNT_SECOND_SHIFT;
+    assert_eq!(
+        state.last_second(later),
+        (3, (3 * syn.len() + frame.len()) as u64)
+    );
+    assert_eq!(state.last_second(later + (2 << 30)), (0, 0), "too old");
+}
