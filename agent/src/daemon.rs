@@ -66,6 +66,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut hangup = signal(SignalKind::hangup())?;
+    // The CLI's nudge: it spooled a decision for the fleet.
+    let mut spooled = signal(SignalKind::user_defined1())?;
     daemon.announce()?;
 
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
@@ -82,6 +84,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
             _ = terminate.recv() => { info!("SIGTERM: stopping"); break; }
             _ = interrupt.recv() => { info!("interrupted: stopping"); break; }
             _ = hangup.recv() => daemon.on_reload(),
+            _ = spooled.recv() => daemon.fleet.drain_spool(&daemon.pins),
             _ = housekeeping.tick() => daemon.on_housekeeping(),
         }
     }

@@ -4,6 +4,7 @@
 
 mod contenders;
 mod fairness;
+mod fleet;
 mod flood;
 mod kernel_cost;
 mod latency;
@@ -51,6 +52,8 @@ struct Plan {
     handshakes_while_held: usize,
     fairness_rounds: usize,
     fairness_phase: Duration,
+    /// Decisions timed from one host of a fleet to another, per run.
+    fleet_decisions: usize,
 }
 
 impl Plan {
@@ -76,6 +79,7 @@ impl Plan {
                 handshakes_while_held: 200,
                 fairness_rounds: 1,
                 fairness_phase: Duration::from_secs(6),
+                fleet_decisions: 200,
             }
         } else {
             Plan {
@@ -98,6 +102,7 @@ impl Plan {
                 handshakes_while_held: 1_000,
                 fairness_rounds: 3,
                 fairness_phase: Duration::from_secs(8),
+                fleet_decisions: 1000,
             }
         }
     }
@@ -151,6 +156,13 @@ impl Plan {
                     fairness::USERS
                 ),
             ),
+            (
+                "section 8".into(),
+                format!(
+                    "{} decisions per run, without and with a SYN flood",
+                    self.fleet_decisions
+                ),
+            ),
         ]
     }
 }
@@ -202,6 +214,8 @@ async fn measure(args: &Args) -> Result<()> {
         latency::accepted_while_pending(plan.held_heads, plan.handshakes_while_held).await?;
     eprintln!("bench: 7. fairness behind one address");
     let fairness = fairness::run(plan.fairness_rounds, plan.fairness_phase).await?;
+    eprintln!("bench: 8. a fleet: propagation");
+    let fleet = fleet::run(plan.fleet_decisions).await?;
 
     let results = report::Results {
         quick: args.quick,
@@ -217,6 +231,7 @@ async fn measure(args: &Args) -> Result<()> {
         accepted,
         accepted_held,
         fairness,
+        fleet,
     };
     report::write(&results, &args.docs)?;
     eprintln!(

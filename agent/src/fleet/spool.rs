@@ -1,7 +1,8 @@
 //! Decisions the CLI makes (`deny`/`allow add|del`, `bans add|del`) write
 //! the pinned maps directly; for the fleet to hear of them, the CLI also
-//! appends them to a spool file next to the running agent's file, which
-//! the agent drains every 100 ms into its outbox. Only while an agent with
+//! appends them to a spool file next to the running agent's file and sends
+//! the agent SIGUSR1, and the agent drains the spool into its outbox (also
+//! every 100 ms, should a signal be lost). Only while an agent with
 //! `[fleet]` runs: a host outside a fleet keeps its decisions to itself.
 
 use std::{
@@ -52,9 +53,9 @@ fn path(pin_dir: &Path) -> PathBuf {
 /// Appends `decision` for the running agent, if it shares its decisions
 /// with a fleet. A failure is reported but does not undo the local change.
 pub fn record(pin_dir: &Path, decision: Spooled) {
-    if !AgentFile::read_running(pin_dir).is_some_and(|f| f.fleet) {
+    let Some(agent) = AgentFile::read_running(pin_dir).filter(|f| f.fleet) else {
         return;
-    }
+    };
     let append = || -> Result<()> {
         let mut line = serde_json::to_vec(&decision)?;
         line.push(b'\n');
@@ -65,8 +66,12 @@ pub fn record(pin_dir: &Path, decision: Spooled) {
             .write_all(&line)?;
         Ok(())
     };
-    if let Err(e) = append() {
-        eprintln!("wsguard: warning: the fleet will not hear of this change: {e:#}");
+    match append() {
+        // SAFETY: kill(2) with the pid the agent file names.
+        Ok(()) => unsafe {
+            libc::kill(agent.pid as i32, libc::SIGUSR1);
+        },
+        Err(e) => eprintln!("wsguard: warning: the fleet will not hear of this change: {e:#}"),
     }
 }
 

@@ -81,6 +81,7 @@ pub struct Results {
     pub accepted: crate::latency::Accepted,
     pub accepted_held: crate::latency::Accepted,
     pub fairness: Vec<crate::fairness::FairnessRun>,
+    pub fleet: Vec<crate::fleet::PropagationRun>,
 }
 
 /// Median (with spread) over rounds of `f` for one contender and attack.
@@ -138,6 +139,7 @@ fn markdown(r: &Results) -> String {
         sections::overhead(r),
         crate::syn_flood::markdown(&r.syn_flood),
         crate::fairness::markdown(&r.fairness),
+        crate::fleet::markdown(&r.fleet),
         sections::findings(r),
         sections::READING.to_string(),
     ]
