@@ -132,6 +132,39 @@ enum Command {
         #[command(subcommand)]
         action: TicketAction,
     },
+    /// Writes man pages (DIR/man1) and shell completions (DIR/completions)
+    /// made from this CLI's own definition; `cargo xtask deb` packages them.
+    #[command(hide = true)]
+    GenerateDocs { out: PathBuf },
+}
+
+/// Man pages for `wsguard` and each subcommand (`wsguard-run.1`, …), and
+/// completions for bash, zsh and fish.
+fn generate_docs(out: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let man = out.join("man1");
+    std::fs::create_dir_all(&man)?;
+    let command = Cli::command();
+    let mut pages = vec![("wsguard".to_string(), command.clone())];
+    for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("wsguard-{}", sub.get_name());
+        pages.push((name.clone(), sub.clone().name(name)));
+    }
+    for (name, page) in pages {
+        let mut text = Vec::new();
+        clap_mangen::Man::new(page).render(&mut text)?;
+        std::fs::write(man.join(format!("{name}.1")), text)?;
+    }
+    let completions = out.join("completions");
+    std::fs::create_dir_all(&completions)?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "wsguard", &completions)?;
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -329,6 +362,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => control::users_print(&target.state()?, interval.0, limit, json),
         Command::Reload { target } => control::reload(&target.pin_dir()?),
+        Command::GenerateDocs { out } => generate_docs(&out),
         Command::Ticket {
             action:
                 TicketAction::Issue {

@@ -1,6 +1,7 @@
 //! `cargo xtask`: build, run and test wsguard, installing what the build
 //! needs on a fresh machine first.
 
+mod deb;
 mod prerequisites;
 
 use std::{
@@ -50,6 +51,10 @@ enum Task {
         #[arg(long)]
         cost_only: bool,
     },
+    /// Build, then package target/debian/wsguard_<version>_<arch>.deb: the
+    /// binary, the systemd unit, /etc/wsguard/wsguard.toml, man pages and
+    /// shell completions.
+    Deb,
     /// Check formatting (rustfmt) and lints (clippy, warnings denied) for the
     /// host crates and the kernel crate. `cargo xtask test` runs it first.
     Lint,
@@ -115,9 +120,11 @@ fn run(cli: Cli) -> Result<()> {
             let binary = build(&root)?;
             require_root("cargo xtask test")?;
             prerequisites::ensure_test_tools()?;
+            // The packaging tests install it (into a scratch root).
+            let deb = deb::build(&root, &binary)?;
             let (mut passed, mut failed, mut failures) = (0u64, 0u64, Vec::<String>::new());
             for test_binary in test_binaries(&root)? {
-                let outcome = run_test_binary(&test_binary, &binary, &args)?;
+                let outcome = run_test_binary(&test_binary, &binary, &deb, &args)?;
                 passed += outcome.passed;
                 failed += outcome.failed;
                 failures.extend(outcome.failures);
@@ -146,6 +153,10 @@ fn run(cli: Cli) -> Result<()> {
             if failed > 0 {
                 bail!("tests failed ({failed} failed)");
             }
+        }
+        Task::Deb => {
+            let binary = build(&root)?;
+            println!("{}", deb::build(&root, &binary)?.display());
         }
         Task::Bench { quick, cost_only } => {
             let binary = build(&root)?;
@@ -342,7 +353,12 @@ struct Outcome {
 /// explicitly in WSGUARD_BIN). Its tests are counted from `--list` (with
 /// the same filters); a binary that fails counts its listed tests as failed
 /// unless libtest's own "failures:" list says which.
-fn run_test_binary(test: &TestBinary, wsguard: &Path, args: &[String]) -> Result<Outcome> {
+fn run_test_binary(
+    test: &TestBinary,
+    wsguard: &Path,
+    deb: &Path,
+    args: &[String],
+) -> Result<Outcome> {
     let listed = Command::new(&test.path)
         .current_dir(&test.package_dir)
         .args(["--list", "--format", "terse"])
@@ -369,6 +385,7 @@ fn run_test_binary(test: &TestBinary, wsguard: &Path, args: &[String]) -> Result
     let mut child = command
         .args(args)
         .env("WSGUARD_BIN", wsguard)
+        .env("WSGUARD_DEB", deb)
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run {}", test.path.display()))?;
