@@ -222,9 +222,10 @@ pub fn markdown(runs: &[PropagationRun]) -> String {
          Two hosts (two labs, each with its agent and `[fleet]`) share one real `redis-server` \
          (Debian's, on a Unix socket). `wsguard deny add <a /32> --ttl 10m` runs on host A once per \
          decision, one after another, and each is timed until host B's kernel deny map holds it \
-         (polled every 50 µs). \"After the CLI\" starts when the CLI exits (its own map written, its \
-         decision spooled and the agent nudged): what the fleet adds. \"End to end\" starts before \
-         the CLI process starts. The second run does the same while host B takes a spoofed SYN \
+         (polled every 50 µs). \"End to end\" starts before the CLI process starts: the figure to \
+         read. \"After the CLI\" starts when the bench sees the CLI process gone (its own map \
+         written, its decision spooled and the agent nudged); the fleet often finishes before the \
+         CLI process has fully exited, so it reads 0 then. The second run does the same while host B takes a spoofed SYN \
          flood at full speed from one sender thread (on the same two cores).\n\n{table}\n"
     )
 }

@@ -16,6 +16,8 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     /// Extra `redis-server` arguments (ACL users, …), kept for restarts.
     args: Vec<String>,
+    /// The network namespace it runs in, when it also listens on TCP.
+    netns: Option<String>,
 }
 
 impl RedisServer {
@@ -31,6 +33,30 @@ impl RedisServer {
                 .prefix("wsguard-redis-")
                 .tempdir()?,
             args: args.iter().map(|a| a.to_string()).collect(),
+            netns: None,
+        };
+        server.launch()?;
+        Ok(server)
+    }
+
+    /// Also listening on TCP at `addr:port`, inside network namespace
+    /// `netns` (a lab's, so that `redis://` is reachable from the lab's
+    /// other side and from nowhere else).
+    pub fn start_tcp(netns: &str, addr: std::net::Ipv4Addr, port: u16) -> Result<RedisServer> {
+        let mut server = RedisServer {
+            child: None,
+            dir: tempfile::Builder::new()
+                .prefix("wsguard-redis-")
+                .tempdir()?,
+            args: vec![
+                "--port".into(),
+                port.to_string(),
+                "--bind".into(),
+                addr.to_string(),
+                "--protected-mode".into(),
+                "no".into(),
+            ],
+            netns: Some(netns.to_string()),
         };
         server.launch()?;
         Ok(server)
@@ -46,7 +72,15 @@ impl RedisServer {
     }
 
     fn launch(&mut self) -> Result<()> {
-        let child = Command::new("redis-server")
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", netns, "redis-server"]);
+                c
+            }
+            None => Command::new("redis-server"),
+        };
+        let child = command
             .args(["--port", "0", "--unixsocket"])
             .arg(self.socket())
             .args([

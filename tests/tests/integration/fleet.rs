@@ -537,3 +537,42 @@ async fn a_flood_spread_over_the_fleet_under_every_hosts_limit_is_banned_by_the_
     eprintln!("fleet limit: banned everywhere after {took:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_reaches_redis_over_tcp() -> Result<()> {
+    // Redis in the lab's client namespace, on one of its addresses; the
+    // agent (in the server namespace) reaches it over the lab's veth.
+    let lab = Lab::new()?;
+    let redis_addr = lab.client_v4(41);
+    let redis = RedisServer::start_tcp(&lab.client.name, redis_addr, 6390)?;
+    let body = format!(
+        "[protect]\nports = [8080]\n[fleet]\nredis_url = \"redis://{redis_addr}:6390\"\nhost_id = \"host-tcp\"\n"
+    );
+    let agent = Agent::start(&lab, &body)?;
+    wait_until("the agent to connect over TCP", 5 * SECOND, || {
+        let out = agent.cli(&["status", "--fleet", "--json"]);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (report["connected"] == true).then_some(())
+    })
+    .await?;
+    let out = agent.cli(&["deny", "add", "198.19.240.0/24", "--ttl", "1h"]);
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until("the decision in Redis", 2 * SECOND, || {
+        let value = redis.cli(&["GET", "wsguard:deny:198.19.240.0/24"]).ok()?;
+        value.contains("host-tcp").then_some(())
+    })
+    .await?;
+    let ttl: i64 = redis
+        .cli(&["PTTL", "wsguard:deny:198.19.240.0/24"])?
+        .trim()
+        .parse()?;
+    ensure!(
+        (3_500_000..=3_600_000).contains(&ttl),
+        "the key expires with the entry: {ttl} ms left"
+    );
+    Ok(())
+}
