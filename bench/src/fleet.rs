@@ -21,7 +21,7 @@ use serde::Serialize;
 use wsguard::kernel::{lpm_key, pin_dir};
 use wsguard_common::{ListEntry, maps::names};
 use wsguard_tests::{
-    Agent, Lab, agent::binary, lab::send_frames, packets::Packet, redis::RedisServer, wait_until,
+    Agent, Lab, agent::binary, lab::send_frames, packets::Packet, redis::RedisServer,
 };
 
 use crate::{report::table::Table, stats::Spread};
@@ -53,16 +53,7 @@ fn config(redis: &RedisServer, host: &str) -> String {
 async fn start(redis: &RedisServer, name: &str) -> Result<Host> {
     let lab = Lab::new()?;
     let agent = Agent::start(&lab, &config(redis, name))?;
-    wait_until(
-        "the agent to join the fleet",
-        Duration::from_secs(10),
-        || {
-            let out = agent.cli(&["status", "--fleet", "--json"]);
-            let report: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-            (report["connected"] == true).then_some(())
-        },
-    )
-    .await?;
+    agent.wait_fleet_connected(Duration::from_secs(10)).await?;
     Ok(Host { agent, lab })
 }
 

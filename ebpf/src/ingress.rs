@@ -174,7 +174,7 @@ fn judge_segment(
     }
     // Looked up once, for the ban shortcut and the budgets; created only
     // once the source has a budget to be charged (after the cookie check).
-    let slot = find_source(settings, &key, now);
+    let slot = sources::find(settings, &key, now);
     if let Some(reason) = ban_rule(&key, slot, now) {
         return reason;
     }
@@ -259,7 +259,7 @@ pub fn check_cookie(ctx: &XdpContext) -> u32 {
     let key = settings.tracking_key(&segment.source);
     let budgets = Budgets {
         key: &key,
-        slot: find_source(settings, &key, now),
+        slot: sources::find(settings, &key, now),
         opens_connection: true,
         now,
         len,
@@ -331,12 +331,6 @@ fn judge_budgets(
     // Per-source limits first, so a flooding source is charged to itself
     // before it can use up the budget shared by everyone.
     global_limits(settings, opens_connection, now, len).unwrap_or(Reason::Passed)
-}
-
-/// The source's slot in the per-source table.
-#[inline(always)]
-fn find_source(settings: &Settings, key: &SourceKey, now: u64) -> Option<Slot> {
-    sources::find(key, &settings.source_hash_key, settings.source_sets, now)
 }
 
 #[inline(always)]

@@ -1,7 +1,7 @@
 //! The per-source table (`WSG_SOURCES`): a set-associative array the XDP
 //! program manages itself (see `wsguard_common::SourceSet` for why).
 
-use wsguard_common::{SourceKey, SourceSet, SourceState, maps::SOURCE_WAYS};
+use wsguard_common::{Settings, SourceKey, SourceSet, SourceState, maps::SOURCE_WAYS};
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 
@@ -28,8 +28,9 @@ static CHOSEN_WAY: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// size), in which case per-source limits are skipped for this packet and
 /// the global limits still apply.
 #[inline(always)]
-pub fn find(key: &SourceKey, hash_key: &[u64; 2], sets: u32, now: u64) -> Option<Slot> {
-    let set = SOURCES.get_ptr_mut(key.set_index(hash_key, sets))?;
+pub fn find(settings: &Settings, key: &SourceKey, now: u64) -> Option<Slot> {
+    let index = key.set_index(&settings.source_hash_key, settings.source_sets);
+    let set = SOURCES.get_ptr_mut(index)?;
     // SAFETY: an array value pointer, valid for the duration of the program.
     let entries = unsafe { &mut *set };
     let wanted = key.words();

@@ -231,6 +231,22 @@ impl Agent {
         Ok(())
     }
 
+    /// `wsguard status --fleet --json`, once the agent has written it.
+    pub fn fleet_report(&self) -> Option<serde_json::Value> {
+        let out = self.cli(&["status", "--fleet", "--json"]);
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Waits until the agent's link to the fleet's Redis is up.
+    pub async fn wait_fleet_connected(&self, timeout: Duration) -> Result<()> {
+        wait_until("the agent to connect to the fleet's Redis", timeout, || {
+            self.fleet_report()
+                .filter(|r| r["connected"] == true)
+                .map(|_| ())
+        })
+        .await
+    }
+
     /// Runs `wsguard ARGS… --pin-path <this agent's pin path>`.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(binary())

@@ -18,7 +18,7 @@ use wsguard::{
     kernel::{Kernel, MapSource, Maps, lists},
 };
 use wsguard_common::{
-    Ban, Counter, HandshakeSettings, Reason, Release, SourceKey, SourceSet, Stream,
+    Ban, Counter, HandshakeSettings, Reason, Release, SourceKey, SourceSet, SourceState, Stream,
     maps::{names, programs},
 };
 
@@ -243,6 +243,13 @@ impl XdpHarness {
     pub fn tracked_sources(&self) -> Vec<SourceKey> {
         let sources = self.kernel.tracked_sources().expect("tracked sources");
         sources.into_iter().map(|(key, _)| key).collect()
+    }
+
+    /// The kernel's entry for a source (by its tracking key), if the
+    /// table holds it.
+    pub fn source_state(&self, key: &SourceKey) -> Option<SourceState> {
+        let sources = self.kernel.tracked_sources().expect("tracked sources");
+        sources.into_iter().find(|(k, _)| k == key).map(|(_, s)| s)
     }
 
     pub fn ban(&self, key: &SourceKey) -> Option<Ban> {

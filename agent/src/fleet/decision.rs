@@ -61,26 +61,25 @@ impl Target {
         }
     }
 
-    /// A source's tracking prefix as a fleet report names it.
+    /// A source's tracking prefix (a ban's key, or a fleet load report's
+    /// entry): a CIDR at this host's tracking prefix for its family.
     pub fn parse_source(cidr: &str, rules: &Rules) -> Result<Target, Rejected> {
-        Target::parse(&format!("ban:{cidr}"), rules)
+        let net = parse_cidr(cidr).map_err(|_| Rejected::BadKey)?;
+        let prefix = match net.addr() {
+            IpAddr::V4(_) => rules.ipv4_prefix,
+            IpAddr::V6(_) => rules.ipv6_prefix,
+        };
+        if net.prefix_len() != prefix {
+            return Err(Rejected::PrefixMismatch);
+        }
+        Ok(Target::Source(net))
     }
 
     fn parse(key: &str, rules: &Rules) -> Result<Target, Rejected> {
         let (kind, subject) = key.split_once(':').ok_or(Rejected::BadKey)?;
         let net = || parse_cidr(subject).map_err(|_| Rejected::BadKey);
         match kind {
-            "ban" => {
-                let net = net()?;
-                let prefix = match net.addr() {
-                    IpAddr::V4(_) => rules.ipv4_prefix,
-                    IpAddr::V6(_) => rules.ipv6_prefix,
-                };
-                if net.prefix_len() != prefix {
-                    return Err(Rejected::PrefixMismatch);
-                }
-                Ok(Target::Source(net))
-            }
+            "ban" => Target::parse_source(subject, rules),
             "user-ban" => crate::handshake::ticket::User::new(subject, None)
                 .map(|u| Target::User(u.id))
                 .map_err(|_| Rejected::BadKey),

@@ -77,6 +77,9 @@ const LOAD_TOP_K: usize = 64;
 const LOAD_MAX_SOURCES: usize = 4 * LOAD_TOP_K;
 /// A load report older than this is left out of the fleet's sums.
 const LOAD_FRESH_MS: u64 = 2_500;
+/// Most hosts' reports read in a second (a Redis that holds more is not
+/// a fleet this agent can sum every second).
+const MAX_HOSTS: usize = 1000;
 /// The kernel's "second" (2^30 ns), in seconds.
 const COUNT_SECOND: f64 = (1u64 << wsguard_common::maps::COUNT_SECOND_SHIFT) as f64 / 1e9;
 
@@ -279,11 +282,7 @@ impl Link {
                 // This host's own, from before a restart: its maps may have
                 // lost it (a reboot), and it is this host's to publish again.
                 Ok(Some(decision)) if decision.host == self.config.host_id => {
-                    if let Err(e) =
-                        PinnedState::open(&self.pins).and_then(|mut s| decision.apply(&mut s))
-                    {
-                        warn!("fleet: cannot apply this host's own {suffix}: {e:#}");
-                    }
+                    self.write_maps(&decision);
                     self.remember(&decision);
                 }
                 Ok(Some(decision)) => self.apply(decision, None),
@@ -375,11 +374,11 @@ impl Link {
         }
     }
 
-    /// Writes a decision from the fleet into this host's maps.
-    fn apply(&mut self, decision: Decision, delay_ms: Option<u64>) {
-        self.counters.received.fetch_add(1, Ordering::Relaxed);
-        let changed = match PinnedState::open(&self.pins).and_then(|mut s| decision.apply(&mut s)) {
-            Ok(changed) => changed,
+    /// Writes `decision` into this host's maps: whether they changed,
+    /// `None` (logged) when they could not be written.
+    fn write_maps(&self, decision: &Decision) -> Option<bool> {
+        match PinnedState::open(&self.pins).and_then(|mut s| decision.apply(&mut s)) {
+            Ok(changed) => Some(changed),
             Err(e) => {
                 warn!(
                     "fleet: cannot apply {} {} from {}: {e:#}",
@@ -387,8 +386,16 @@ impl Link {
                     decision.target.subject(),
                     decision.host
                 );
-                return;
+                None
             }
+        }
+    }
+
+    /// Writes a decision from another host into this host's maps.
+    fn apply(&mut self, decision: Decision, delay_ms: Option<u64>) {
+        self.counters.received.fetch_add(1, Ordering::Relaxed);
+        let Some(changed) = self.write_maps(&decision) else {
+            return;
         };
         if changed {
             self.counters.applied.fetch_add(1, Ordering::Relaxed);
@@ -443,7 +450,7 @@ impl Link {
         .context("no answer")??;
         let keys = scan(conn, &self.key("host:*")).await?;
         let mut hosts = Vec::new();
-        for key in keys.into_iter().take(1000) {
+        for key in keys.into_iter().take(MAX_HOSTS) {
             let value: Option<Vec<u8>> = timeout(ROUND_TRIP, conn.get(&key))
                 .await
                 .context("no answer")??;
@@ -509,7 +516,11 @@ impl Link {
         // The fleet's sums, from every fresh report.
         let mut totals: BTreeMap<IpNet, FleetSource> = BTreeMap::new();
         let prefix = self.key("load:");
-        for key in scan(conn, &format!("{prefix}*")).await? {
+        for key in scan(conn, &format!("{prefix}*"))
+            .await?
+            .into_iter()
+            .take(MAX_HOSTS)
+        {
             let host = key.strip_prefix(&prefix).unwrap_or_default().to_string();
             let value: Option<Vec<u8>> = timeout(ROUND_TRIP, conn.get(&key))
                 .await
@@ -562,25 +573,25 @@ impl Link {
     /// outbox, on every host (each host that sees it over does the same;
     /// the longest ban wins).
     fn fleet_ban(&mut self, net: IpNet, total: &FleetSource) {
+        // Banned already (by this limit a second ago, or otherwise): once
+        // is enough.
         let key = SourceKey::from(net.addr());
-        let until_ns = monotonic_ns() + self.config.ban_duration.as_nanos() as u64;
-        let applied = PinnedState::open(&self.pins).and_then(|mut state| {
-            if state
-                .ban_of(&key)?
-                .is_some_and(|b| b.until_ns > monotonic_ns())
-            {
-                return Ok(false);
-            }
-            state.ban(&key, until_ns)?;
-            Ok(true)
-        });
-        match applied {
-            Ok(true) => {}
-            Ok(false) => return,
-            Err(e) => {
-                warn!("fleet: cannot ban {net} over the fleet's limit: {e:#}");
-                return;
-            }
+        let banned = PinnedState::open(&self.pins)
+            .and_then(|state| state.ban_of(&key))
+            .is_ok_and(|ban| ban.is_some_and(|b| b.until_ns > monotonic_ns()));
+        if banned {
+            return;
+        }
+        let decision = Decision {
+            target: Target::Source(net),
+            change: Change::Set {
+                until_ms: now_ms() + self.config.ban_duration.as_millis() as u64,
+            },
+            host: self.config.host_id.clone(),
+            sent_ms: now_ms(),
+        };
+        if self.write_maps(&decision) != Some(true) {
+            return;
         }
         info!(
             "fleet: {net} is over the fleet's limit ({:.0} new connections/s, {:.0} bytes/s from {}): banned on every host",
@@ -595,14 +606,7 @@ impl Link {
             hosts: total.hosts.clone(),
             duration_seconds: self.config.ban_duration.as_secs(),
         });
-        self.keep(Decision {
-            target: Target::Source(net),
-            change: Change::Set {
-                until_ms: decision::wall_at(until_ns),
-            },
-            host: self.config.host_id.clone(),
-            sent_ms: now_ms(),
-        });
+        self.keep(decision);
     }
 
     /// `status --fleet`'s file.

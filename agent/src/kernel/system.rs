@@ -252,38 +252,38 @@ pub fn open_cgroup(configured: Option<&Path>) -> Result<(std::fs::File, PathBuf)
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock the kernel programs stamp bans with.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    clock_ns(libc::clock_gettime, libc::CLOCK_MONOTONIC).unwrap_or(0)
 }
 
 /// CLOCK_MONOTONIC_COARSE: CLOCK_MONOTONIC as of the kernel's last tick.
 pub fn coarse_monotonic_ns() -> u64 {
+    clock_ns(libc::clock_gettime, libc::CLOCK_MONOTONIC_COARSE).unwrap_or(0)
+}
+
+/// `read` (clock_gettime or clock_getres) of `clock`, in nanoseconds.
+fn clock_ns(
+    read: unsafe extern "C" fn(libc::clockid_t, *mut libc::timespec) -> libc::c_int,
+    clock: libc::clockid_t,
+) -> Option<u64> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    (unsafe { read(clock, &mut ts) } == 0)
+        .then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
 /// The length of the kernel's tick: the resolution of the coarse
 /// monotonic clock, which moves once a tick (1 ms at HZ=1000, 4 ms at 250).
 pub fn coarse_tick_ns() -> anyhow::Result<u64> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) } != 0 {
-        anyhow::bail!(
+    match clock_ns(libc::clock_getres, libc::CLOCK_MONOTONIC_COARSE) {
+        Some(ns) => Ok(ns),
+        None => anyhow::bail!(
             "cannot read the resolution of CLOCK_MONOTONIC_COARSE: {}",
             std::io::Error::last_os_error()
-        );
+        ),
     }
-    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
 /// Brings the loopback interface of the current network namespace up (a

@@ -249,14 +249,7 @@ fn a_ban_written_by_the_agent_applies_to_a_source_the_kernel_already_vouched_for
         assert_eq!(h.run(&data), XDP_PASS);
     }
     let key = SourceKey::from(src);
-    let state = h
-        .kernel
-        .tracked_sources()
-        .unwrap()
-        .into_iter()
-        .find(|(k, _)| *k == key)
-        .expect("tracked")
-        .1;
+    let state = h.source_state(&key).expect("tracked");
     assert_eq!((state.ban_epoch, state.banned_until_ns), (epoch, 0));
     h.set_ban(
         &key,

@@ -99,17 +99,11 @@ impl Host {
     }
 
     async fn connected(&self) -> Result<()> {
-        wait_until("the agent to connect to Redis", 5 * SECOND, || {
-            self.fleet_report()
-                .filter(|r| r["connected"] == true)
-                .map(|_| ())
-        })
-        .await
+        self.agent.wait_fleet_connected(5 * SECOND).await
     }
 
     fn fleet_report(&self) -> Option<serde_json::Value> {
-        let out = self.agent.cli(&["status", "--fleet", "--json"]);
-        serde_json::from_slice(&out.stdout).ok()
+        self.agent.fleet_report()
     }
 
     async fn metric(&self, line_start: &str) -> Result<f64> {
@@ -549,12 +543,7 @@ async fn a_host_reaches_redis_over_tcp() -> Result<()> {
         "[protect]\nports = [8080]\n[fleet]\nredis_url = \"redis://{redis_addr}:6390\"\nhost_id = \"host-tcp\"\n"
     );
     let agent = Agent::start(&lab, &body)?;
-    wait_until("the agent to connect over TCP", 5 * SECOND, || {
-        let out = agent.cli(&["status", "--fleet", "--json"]);
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        (report["connected"] == true).then_some(())
-    })
-    .await?;
+    agent.wait_fleet_connected(5 * SECOND).await?;
     let out = agent.cli(&["deny", "add", "198.19.240.0/24", "--ttl", "1h"]);
     ensure!(
         out.status.success(),

@@ -131,13 +131,8 @@ fn a_banned_source_caches_its_ban_until_the_ban_map_changes() {
     assert_eq!(h.run(&data(src)), XDP_DROP);
     let epoch = h.kernel.shortcut(shortcuts::BAN_EPOCH).unwrap();
     let state = h
-        .kernel
-        .tracked_sources()
-        .unwrap()
-        .into_iter()
-        .find(|(k, _)| *k == key)
-        .expect("a banned source gets an entry for its ban")
-        .1;
+        .source_state(&key)
+        .expect("a banned source gets an entry for its ban");
     assert_eq!((state.ban_epoch, state.banned_until_ns), (epoch, until_ns));
     // The ban taken out of the map behind the program's back (without
     // moving the epoch on): the cached ban still holds, which shows the
@@ -215,14 +210,7 @@ fn each_source_counts_its_new_connections_and_bytes_per_second() {
         assert_eq!(h.run(&syn), XDP_PASS);
     }
     assert_eq!(h.run(&frame), XDP_PASS);
-    let state = h
-        .kernel
-        .tracked_sources()
-        .unwrap()
-        .into_iter()
-        .find(|(k, _)| *k == SourceKey::from(src))
-        .expect("tracked")
-        .1;
+    let state = h.source_state(&SourceKey::from(src)).expect("tracked");
     let second = (system::monotonic_ns() >> wsguard_common::maps::COUNT_SECOND_SHIFT) as u32;
     assert!(
         state.second.abs_diff(second) <= 1,
