@@ -208,6 +208,23 @@ fn ack_for(syn: &Packet, reply: &SynAck) -> Packet {
     }
 }
 
+/// The current cookie slot, after waiting (at most 2 s, and only near a
+/// boundary) until the kernel's coarse clock is in it and it has at least
+/// 2 s to run: the checks that build cookies for "two slots ago" and "the
+/// slot before" need the kernel to stay in this slot while they run.
+fn settled_slot() -> u64 {
+    const SLOT_NS: u64 = 1 << cookie::SLOT_SHIFT;
+    const MARGIN_NS: u64 = 2_000_000_000;
+    const SETTLE_NS: u64 = 50_000_000; // several ticks of the coarse clock
+    let into = monotonic_ns() % SLOT_NS;
+    if SLOT_NS - into < MARGIN_NS {
+        std::thread::sleep(std::time::Duration::from_nanos(SLOT_NS - into + SETTLE_NS));
+    } else if into < SETTLE_NS {
+        std::thread::sleep(std::time::Duration::from_nanos(SETTLE_NS - into));
+    }
+    cookie::slot(monotonic_ns())
+}
+
 fn answered(h: &XdpHarness, syn: &Packet) -> SynAck {
     let (verdict, out) = h.run_out(&syn.bytes()).unwrap();
     assert_eq!(verdict, XDP_TX, "a SYN is answered from XDP");
@@ -362,7 +379,7 @@ fn wrong_stale_and_borrowed_cookies_are_dropped_and_counted() {
         wscale: 7,
         sack: true,
     };
-    let now = cookie::slot(monotonic_ns());
+    let now = settled_slot();
     let stale = cookie::make(
         &key,
         &tuple(syn.src, syn.src_port, syn.seq),
