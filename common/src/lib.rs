@@ -13,8 +13,8 @@ pub mod source;
 pub use bucket::{BucketParams, TokenBucket};
 pub use counters::{Counter, Reason};
 pub use maps::{
-    Ban, Event, HandshakeSettings, ListEntry, LpmKey, PortSet, RecordHeader, Release, Settings,
-    SourceSet, SourceState, Stream, StreamPeers, UserBudget, UserKey, UserState,
+    Ban, Event, HandshakeSettings, ListEntry, ListKey, LpmKey, PortSet, RecordHeader, Release,
+    Settings, SourceSet, SourceState, Stream, StreamPeers, UserBudget, UserKey, UserState,
 };
 pub use source::SourceKey;
 
@@ -40,6 +40,7 @@ mod pod {
     unsafe impl aya::Pod for Ban {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for ListEntry {}
+    unsafe impl aya::Pod for ListKey {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for Stream {}
     unsafe impl aya::Pod for StreamPeers {}

@@ -9,6 +9,8 @@ pub mod names {
     pub const SHORTCUTS: &str = "WSG_SHORTCUTS";
     pub const ALLOW: &str = "WSG_ALLOW";
     pub const DENY: &str = "WSG_DENY";
+    pub const ALLOW_EXACT: &str = "WSG_ALLOW_EXACT";
+    pub const DENY_EXACT: &str = "WSG_DENY_EXACT";
     pub const SOURCES: &str = "WSG_SOURCES";
     /// Entries the kernel created in `WSG_SOURCES`, per CPU (PERCPU_ARRAY,
     /// one `u64`): its fill level without a walk of the map.
@@ -76,10 +78,10 @@ pub mod programs {
 /// cannot match. Each slot is written on its own, so two writers never
 /// overwrite each other's slot.
 pub mod shortcuts {
-    /// Non-zero while the allow list may hold an entry: 0 lets the program
-    /// skip the allow trie. Set after every insert; cleared only by a
-    /// writer that found the list empty, which then looks again and sets
-    /// it back if an entry arrived meanwhile.
+    /// How the XDP program searches the allow list ([`super::list_search`]):
+    /// not at all while it is empty, by one hash probe per prefix length
+    /// while it holds few lengths, else its LPM trie. Written by every
+    /// writer of the list after its change, from what the list holds.
     pub const ALLOW_USED: u32 = 0;
     /// The same for the deny list.
     pub const DENY_USED: u32 = 1;
@@ -96,8 +98,83 @@ pub mod shortcuts {
     pub const USERS_BOUND: u32 = 3;
     pub const SLOTS: u32 = 4;
 }
-/// Capacity of each CIDR list (LPM tries allocate per entry, so a large bound
-/// costs nothing until used).
+/// How the XDP program searches a list (`shortcuts::ALLOW_USED`, …).
+///
+/// Each list is held twice, with the same entries: in an LPM trie, and in
+/// a hash of (prefix length, masked address) (`WSG_ALLOW_EXACT`, …). A
+/// trie lookup walks nodes (a cache miss each in a large list); a hash
+/// probe costs the same whatever the list's size. So while a list uses at
+/// most [`MAX_PROBES`](list_search::MAX_PROBES) prefix lengths, the program
+/// probes the hash once per length, longest first, and the first entry it
+/// finds is the longest match, as the trie's would be.
+pub mod list_search {
+    /// The list is empty: nothing to search.
+    pub const EMPTY: u64 = 0;
+    /// The list uses more prefix lengths than the probes: search the trie.
+    pub const TRIE: u64 = u64::MAX;
+    /// The most prefix lengths searched by hash probes.
+    pub const MAX_PROBES: usize = 3;
+
+    /// The search for a list whose entries use `lengths` (prefix lengths in
+    /// the 128-bit key space; any order, repeats allowed).
+    pub fn encode(lengths: impl IntoIterator<Item = u32>) -> u64 {
+        let mut distinct = [0u32; MAX_PROBES];
+        let mut count = 0;
+        for length in lengths {
+            if distinct[..count].contains(&length) {
+                continue;
+            }
+            if count == MAX_PROBES {
+                return TRIE;
+            }
+            distinct[count] = length;
+            count += 1;
+        }
+        let distinct = &mut distinct[..count];
+        distinct.sort_unstable_by(|a, b| b.cmp(a));
+        // One byte per probe, longest first: the length plus one (so that
+        // a /0 entry is a probe too), then zeros.
+        distinct
+            .iter()
+            .enumerate()
+            .fold(EMPTY, |search, (i, &length)| {
+                search | u64::from(length.min(128) + 1) << (8 * i)
+            })
+    }
+
+    /// The prefix length of probe `i`, if the search has one.
+    #[inline(always)]
+    pub fn probe(search: u64, i: usize) -> Option<u32> {
+        let byte = (search >> (8 * i)) as u8;
+        (byte != 0).then(|| u32::from(byte) - 1)
+    }
+}
+
+/// Key of the allow and deny hashes (`WSG_ALLOW_EXACT`, …): a prefix
+/// length in the 128-bit key space and the address masked to it.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListKey {
+    pub prefix_len: u32,
+    pub _pad: u32,
+    pub addr: crate::SourceKey,
+}
+assert_size!(ListKey, 24);
+
+impl ListKey {
+    /// The key of the `prefix_len` prefix holding `source`.
+    #[inline(always)]
+    pub fn of(source: &crate::SourceKey, prefix_len: u32) -> ListKey {
+        ListKey {
+            prefix_len,
+            _pad: 0,
+            addr: source.masked(&crate::source::prefix_mask(prefix_len)),
+        }
+    }
+}
+
+/// Capacity of each CIDR list (LPM tries and hashes without preallocation
+/// allocate per entry, so a large bound costs nothing until used).
 pub const LIST_CAPACITY: u32 = 1 << 20;
 
 /// Value of an allow or deny list entry: where it came from and, for an
@@ -715,7 +792,7 @@ impl UserState {
 
 /// Version of the map layout above; pins live under `<pin_path>/v<LAYOUT_VERSION>`
 /// so that a new layout never reads maps pinned by an older one.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Per-CPU scratch space the kernel programs alone use (a record being
 /// assembled, a TCP option walk, the way of the per-source table chosen); user space never opens these.
@@ -773,7 +850,7 @@ const SOURCE_KEY: usize = size_of::<crate::SourceKey>();
 
 /// Every map of the kernel programs. The agent sizes and checks pins with
 /// it; a test compares it with the compiled object.
-pub const MAP_FACTS: [MapFact; 26] = {
+pub const MAP_FACTS: [MapFact; 28] = {
     use Capacity::*;
     [
         fact(names::SETTINGS, 4, size_of::<Settings>(), Fixed(1)),
@@ -787,6 +864,18 @@ pub const MAP_FACTS: [MapFact; 26] = {
         fact(
             names::DENY,
             LPM_KEY,
+            size_of::<ListEntry>(),
+            Fixed(LIST_CAPACITY),
+        ),
+        fact(
+            names::ALLOW_EXACT,
+            size_of::<ListKey>(),
+            size_of::<ListEntry>(),
+            Fixed(LIST_CAPACITY),
+        ),
+        fact(
+            names::DENY_EXACT,
+            size_of::<ListKey>(),
             size_of::<ListEntry>(),
             Fixed(LIST_CAPACITY),
         ),
@@ -853,3 +942,33 @@ pub const MAP_FACTS: [MapFact; 26] = {
         },
     ]
 };
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::vec::Vec;
+
+    use super::list_search::{self, EMPTY, MAX_PROBES, TRIE};
+
+    fn probes(search: u64) -> Vec<u32> {
+        (0..MAX_PROBES)
+            .map_while(|i| list_search::probe(search, i))
+            .collect()
+    }
+
+    #[test]
+    fn a_list_search_probes_each_length_once_longest_first() {
+        assert_eq!(list_search::encode([]), EMPTY);
+        assert_eq!(
+            probes(list_search::encode([120, 128, 120, 0])),
+            [128, 120, 0]
+        );
+        assert_eq!(
+            probes(list_search::encode([0])),
+            [0],
+            "a /0 entry is a probe"
+        );
+        assert_eq!(list_search::encode([128, 120, 112, 104]), TRIE);
+        assert_eq!(probes(EMPTY), Vec::<u32>::new());
+    }
+}

@@ -129,27 +129,26 @@ const fn mix64(mut x: u64) -> u64 {
 }
 
 /// A mask keeping the first `bits` bits of a 16-byte address, as the two
-/// native-order words [`SourceKey::masked`] takes (used by user space to
-/// fill [`crate::Settings`]; the kernel only applies masks).
+/// native-order words [`SourceKey::masked`] takes: a few instructions,
+/// so the kernel can build one per list probe.
+#[inline(always)]
 pub fn prefix_mask(bits: u32) -> [u64; 2] {
-    SourceKey {
-        addr: prefix_mask_bytes(bits),
-    }
-    .words()
+    [word_mask(bits), word_mask(bits.saturating_sub(64))]
 }
 
-/// [`prefix_mask`] as bytes.
-pub fn prefix_mask_bytes(bits: u32) -> [u8; 16] {
-    let mut mask = [0u8; 16];
-    let mut remaining = if bits > 128 { 128 } else { bits };
-    let mut i = 0;
-    while remaining > 0 && i < 16 {
-        let take = if remaining >= 8 { 8 } else { remaining };
-        mask[i] = (0xffu16 << (8 - take)) as u8;
-        remaining -= take;
-        i += 1;
-    }
-    mask
+/// A mask keeping the first `bits` bits (all of them from 64) of 8 address
+/// bytes read as a native-order word.
+#[inline(always)]
+fn word_mask(bits: u32) -> u64 {
+    let in_order = if bits == 0 {
+        0
+    } else if bits >= 64 {
+        u64::MAX
+    } else {
+        u64::MAX << (64 - bits)
+    };
+    // The first address byte is the word's most significant in network order.
+    in_order.to_be()
 }
 
 #[cfg(test)]
@@ -211,14 +210,27 @@ mod tests {
         assert!(moved >= 18, "the set hardly depends on the hash key");
     }
 
+    fn mask_bytes(bits: u32) -> [u8; 16] {
+        SourceKey::from_words(prefix_mask(bits)).addr
+    }
+
     #[test]
     fn odd_prefixes() {
-        assert_eq!(prefix_mask_bytes(0), [0; 16]);
-        assert_eq!(prefix_mask_bytes(128), [0xff; 16]);
-        assert_eq!(prefix_mask(128), [u64::MAX; 2]);
-        let m = prefix_mask_bytes(99);
+        assert_eq!(mask_bytes(0), [0; 16]);
+        assert_eq!(mask_bytes(128), [0xff; 16]);
+        assert_eq!(mask_bytes(200), [0xff; 16]);
+        let m = mask_bytes(99);
         assert_eq!(m[11], 0xff);
         assert_eq!(m[12], 0xe0);
         assert_eq!(m[13], 0);
+    }
+
+    #[test]
+    fn every_prefix_keeps_exactly_its_bits() {
+        for bits in 0..=128u32 {
+            let mask = u128::from_be_bytes(mask_bytes(bits));
+            assert_eq!(mask.count_ones(), bits, "/{bits}");
+            assert_eq!(mask.leading_ones(), bits, "/{bits}: the first bits");
+        }
     }
 }

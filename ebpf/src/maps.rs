@@ -9,13 +9,13 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, SockHash, SockMap, lpm_trie},
 };
 use wsguard_common::{
-    Ban, Counter, HandshakeSettings, ListEntry, LpmKey, Reason, Release, Settings, SourceKey,
-    SourceSet, Stream, StreamPeers, UserBudget, UserKey, UserState,
+    Ban, Counter, HandshakeSettings, ListEntry, ListKey, LpmKey, Reason, Release, Settings,
+    SourceKey, SourceSet, Stream, StreamPeers, UserBudget, UserKey, UserState,
     cookie::CookieSettings,
     counters::COUNTER_SLOTS,
     maps::{
         EVENTS_BYTES, GlobalShares, GlobalState, LIST_CAPACITY, STREAM_RECORDS_BYTES,
-        USER_BUDGET_SLOTS, shortcuts,
+        USER_BUDGET_SLOTS, list_search, shortcuts,
     },
 };
 
@@ -33,6 +33,16 @@ pub static ALLOW: LpmTrie<LpmKey, ListEntry> = LpmTrie::with_max_entries(LIST_CA
 
 #[map(name = "WSG_DENY")]
 pub static DENY: LpmTrie<LpmKey, ListEntry> = LpmTrie::with_max_entries(LIST_CAPACITY, 0);
+
+/// The same lists by (prefix length, masked address), probed instead of
+/// the tries while a list uses few prefix lengths (`list_search`).
+#[map(name = "WSG_ALLOW_EXACT")]
+pub static ALLOW_EXACT: HashMap<ListKey, ListEntry> =
+    HashMap::with_max_entries(LIST_CAPACITY, BPF_F_NO_PREALLOC);
+
+#[map(name = "WSG_DENY_EXACT")]
+pub static DENY_EXACT: HashMap<ListKey, ListEntry> =
+    HashMap::with_max_entries(LIST_CAPACITY, BPF_F_NO_PREALLOC);
 
 /// Buckets per source, in sets of `SOURCE_WAYS` (`sources.rs`): when a
 /// set is full, its least recently seen source is forgotten (and starts
@@ -182,11 +192,68 @@ struct WordLpmKey {
     address: [u32; 4],
 }
 
+/// One list, searched the way its shortcut slot says (`list_search`).
+struct List {
+    trie: &'static LpmTrie<LpmKey, ListEntry>,
+    exact: &'static HashMap<ListKey, ListEntry>,
+    search_slot: u32,
+}
+
+static ALLOW_LIST: List = List {
+    trie: &ALLOW,
+    exact: &ALLOW_EXACT,
+    search_slot: shortcuts::ALLOW_USED,
+};
+
+static DENY_LIST: List = List {
+    trie: &DENY,
+    exact: &DENY_EXACT,
+    search_slot: shortcuts::DENY_USED,
+};
+
 /// Longest-prefix match of the full address. A runtime entry past its TTL
 /// no longer applies (the agent removes it soon after); it does not fall
 /// back to a shorter prefix, which errs towards not matching.
 #[inline(always)]
-fn list_contains(list: &LpmTrie<LpmKey, ListEntry>, source: &SourceKey, now_ns: u64) -> bool {
+fn list_contains(list: &List, source: &SourceKey, now_ns: u64) -> bool {
+    let search = shortcut(list.search_slot);
+    if search == list_search::EMPTY {
+        return false;
+    }
+    let entry = if search == list_search::TRIE {
+        trie_match(list.trie, source)
+    } else {
+        exact_match(list.exact, search, source)
+    };
+    match entry {
+        Some(entry) => entry.applies(now_ns),
+        None => false,
+    }
+}
+
+/// The longest entry holding `source`, by one hash probe per prefix length
+/// the list uses, longest first.
+#[inline(always)]
+fn exact_match(
+    exact: &'static HashMap<ListKey, ListEntry>,
+    search: u64,
+    source: &SourceKey,
+) -> Option<&'static ListEntry> {
+    for i in 0..list_search::MAX_PROBES {
+        let prefix_len = list_search::probe(search, i)?;
+        // SAFETY: a map value, valid for the duration of the program.
+        if let Some(entry) = unsafe { exact.get(&ListKey::of(source, prefix_len)) } {
+            return Some(entry);
+        }
+    }
+    None
+}
+
+#[inline(always)]
+fn trie_match(
+    trie: &'static LpmTrie<LpmKey, ListEntry>,
+    source: &SourceKey,
+) -> Option<&'static ListEntry> {
     // SAFETY: 16 plain bytes either way.
     let address = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(source.addr) };
     let key = WordLpmKey {
@@ -196,10 +263,7 @@ fn list_contains(list: &LpmTrie<LpmKey, ListEntry>, source: &SourceKey, now_ns: 
     // SAFETY: the same 20 bytes as Key<LpmKey> (packed, so alignment 1);
     // the map reads its key size from the pointer.
     let key = unsafe { &*(&key as *const WordLpmKey).cast::<lpm_trie::Key<LpmKey>>() };
-    match list.get(key) {
-        Some(entry) => entry.applies(now_ns),
-        None => false,
-    }
+    trie.get(key)
 }
 
 /// A shortcut slot (`shortcuts::*`); a missing slot reads as "no shortcut".
@@ -208,16 +272,15 @@ pub fn shortcut(slot: u32) -> u64 {
     SHORTCUTS.get(slot).copied().unwrap_or(u64::MAX)
 }
 
-/// Allow-list match on the full (unaggregated) address; the trie is only
-/// searched while the list may hold an entry.
+/// Allow-list match on the full (unaggregated) address.
 #[inline(always)]
 pub fn is_allow_listed(source: &SourceKey, now_ns: u64) -> bool {
-    shortcut(shortcuts::ALLOW_USED) != 0 && list_contains(&ALLOW, source, now_ns)
+    list_contains(&ALLOW_LIST, source, now_ns)
 }
 
 #[inline(always)]
 pub fn is_deny_listed(source: &SourceKey, now_ns: u64) -> bool {
-    shortcut(shortcuts::DENY_USED) != 0 && list_contains(&DENY, source, now_ns)
+    list_contains(&DENY_LIST, source, now_ns)
 }
 
 /// The ban epoch now (0: the shortcut is off).

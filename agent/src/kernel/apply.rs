@@ -38,6 +38,7 @@ impl Kernel {
         hs.set(0, handshake, 0)?;
         for (allow, nets) in [(true, &config.allow), (false, &config.deny)] {
             self.with_list(allow, |list| lists::sync_config(list, nets))
+                .and_then(|()| self.refresh_list_search(allow))
                 .with_context(|| {
                     format!("filling the {} list", if allow { "allow" } else { "deny" })
                 })?;

@@ -1,21 +1,72 @@
 //! Allow and deny lists: CIDRs in one LPM trie per list, IPv4 prefixes mapped
-//! into `::ffff:0:0/96` like the source keys.
+//! into `::ffff:0:0/96` like the source keys, and the same entries in a hash
+//! by (prefix length, masked address), which the XDP program probes instead
+//! while the list uses few prefix lengths (`list_search`). Every write goes
+//! to both, here.
 //!
 //! An entry may come from the config file, from `wsguard deny|allow add` at
 //! run time, or both ([`ListEntry::origin`]). A reload rewrites the config
 //! entries only; runtime entries stay until removed or expired.
 
-use std::{
-    borrow::BorrowMut,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Result, bail};
-use aya::maps::{LpmTrie, MapData, lpm_trie::Key};
+use aya::maps::{HashMap, LpmTrie, MapData, lpm_trie::Key};
 use ipnet::IpNet;
-use wsguard_common::{ListEntry, LpmKey, SourceKey, source::V4_MAPPED_BITS};
+use wsguard_common::{
+    ListEntry, ListKey, LpmKey, SourceKey, maps::list_search, source::V4_MAPPED_BITS,
+};
 
-pub type List<T> = LpmTrie<T, LpmKey, ListEntry>;
+pub type Trie<T> = LpmTrie<T, LpmKey, ListEntry>;
+pub type Exact<T> = HashMap<T, ListKey, ListEntry>;
+
+/// One list to change: its trie and its hash, written together.
+pub struct List<'a> {
+    trie: Trie<&'a mut MapData>,
+    exact: Exact<MapData>,
+    changed: bool,
+}
+
+impl<'a> List<'a> {
+    pub fn new(trie: Trie<&'a mut MapData>, exact: Exact<MapData>) -> List<'a> {
+        List {
+            trie,
+            exact,
+            changed: false,
+        }
+    }
+
+    /// Whether anything was written: the XDP program's search must then be
+    /// worked out again.
+    pub fn changed(&self) -> bool {
+        self.changed
+    }
+
+    /// The entry for exactly `net` (the hash's: a trie lookup would return
+    /// the longest prefix holding it, which may be a shorter entry's).
+    fn get(&self, net: &IpNet) -> Option<ListEntry> {
+        self.exact.get(&exact_key(net), 0).ok()
+    }
+
+    /// Writes an entry to the hash, then the trie; a failure leaves neither.
+    fn insert(&mut self, net: &IpNet, entry: ListEntry) -> Result<()> {
+        let exact_key = exact_key(net);
+        self.changed = true;
+        self.exact.insert(exact_key, entry, 0)?;
+        if let Err(e) = self.trie.insert(&lpm_key(net), entry, 0) {
+            let _ = self.exact.remove(&exact_key);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, net: &IpNet) -> Result<()> {
+        self.changed = true;
+        self.trie.remove(&lpm_key(net))?;
+        let _ = self.exact.remove(&exact_key(net));
+        Ok(())
+    }
+}
 
 pub fn lpm_key(net: &IpNet) -> Key<LpmKey> {
     match net {
@@ -25,6 +76,30 @@ pub fn lpm_key(net: &IpNet) -> Key<LpmKey> {
         ),
         IpNet::V6(n) => Key::new(n.prefix_len() as u32, n.addr().octets()),
     }
+}
+
+/// The hash's key of a network.
+fn exact_key(net: &IpNet) -> ListKey {
+    let key = lpm_key(net);
+    ListKey::of(&SourceKey { addr: key.data() }, key.prefix_len())
+}
+
+/// How the XDP program is to search a list whose hash holds `exact`
+/// ([`list_search`]); an error reading it means the trie.
+pub fn search_of<T: std::borrow::Borrow<MapData>>(exact: &Exact<T>) -> u64 {
+    let mut lengths = Vec::with_capacity(list_search::MAX_PROBES + 1);
+    for key in exact.keys() {
+        let Ok(key) = key else {
+            return list_search::TRIE;
+        };
+        if !lengths.contains(&key.prefix_len) {
+            lengths.push(key.prefix_len);
+            if lengths.len() > list_search::MAX_PROBES {
+                return list_search::TRIE;
+            }
+        }
+    }
+    list_search::encode(lengths)
 }
 
 fn net_of(key: &Key<LpmKey>) -> IpNet {
@@ -43,7 +118,7 @@ fn net_of(key: &Key<LpmKey>) -> IpNet {
 }
 
 /// Every entry with its network.
-pub fn entries<T: std::borrow::Borrow<MapData>>(list: &List<T>) -> Vec<(IpNet, ListEntry)> {
+pub fn entries<T: std::borrow::Borrow<MapData>>(list: &Trie<T>) -> Vec<(IpNet, ListEntry)> {
     let mut out: Vec<(IpNet, ListEntry)> = list
         .iter()
         .filter_map(|r| r.ok())
@@ -55,46 +130,61 @@ pub fn entries<T: std::borrow::Borrow<MapData>>(list: &List<T>) -> Vec<(IpNet, L
 
 /// Makes the config part of the list exactly `wanted`, leaving runtime
 /// entries alone.
-pub fn sync_config<T: BorrowMut<MapData>>(list: &mut List<T>, wanted: &[IpNet]) -> Result<()> {
-    for (net, mut entry) in entries(list) {
+pub fn sync_config(list: &mut List, wanted: &[IpNet]) -> Result<()> {
+    mirror_trie(list)?;
+    for (net, mut entry) in entries(&list.trie) {
         if entry.origin & ListEntry::FROM_CONFIG != 0 && !wanted.contains(&net) {
             entry.origin &= !ListEntry::FROM_CONFIG;
             store(list, &net, entry)?;
         }
     }
     for net in wanted {
-        let key = lpm_key(net);
-        let mut entry = list.get(&key, 0).unwrap_or_default();
-        entry.origin |= ListEntry::FROM_CONFIG;
-        list.insert(&key, entry, 0)?;
+        let mut entry = list.get(net).unwrap_or_default();
+        if entry.origin & ListEntry::FROM_CONFIG == 0 {
+            entry.origin |= ListEntry::FROM_CONFIG;
+            list.insert(net, entry)?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes the hash hold exactly the trie's entries (they differ only if a
+/// writer stopped between its two writes).
+fn mirror_trie(list: &mut List) -> Result<()> {
+    let wanted: std::collections::HashMap<ListKey, ListEntry> = entries(&list.trie)
+        .into_iter()
+        .map(|(net, entry)| (exact_key(&net), entry))
+        .collect();
+    let held: std::collections::HashMap<ListKey, ListEntry> =
+        list.exact.iter().filter_map(|r| r.ok()).collect();
+    for (key, entry) in &held {
+        if wanted.get(key) != Some(entry) {
+            list.changed = true;
+            let _ = list.exact.remove(key);
+        }
+    }
+    for (key, entry) in wanted {
+        if held.get(&key) != Some(&entry) {
+            list.changed = true;
+            list.exact.insert(key, entry, 0)?;
+        }
     }
     Ok(())
 }
 
 /// Adds (or refreshes) a runtime entry; `expires_ns` 0 means until removed.
-pub fn add_runtime<T: BorrowMut<MapData>>(
-    list: &mut List<T>,
-    net: &IpNet,
-    expires_ns: u64,
-) -> Result<()> {
-    let key = lpm_key(net);
-    let mut entry = list.get(&key, 0).unwrap_or_default();
+pub fn add_runtime(list: &mut List, net: &IpNet, expires_ns: u64) -> Result<()> {
+    let mut entry = list.get(net).unwrap_or_default();
     entry.origin |= ListEntry::FROM_RUNTIME;
     entry.expires_ns = expires_ns;
-    list.insert(&key, entry, 0)?;
-    Ok(())
+    list.insert(net, entry)
 }
 
 /// Adds a runtime entry, or keeps the one there if it lasts longer
 /// (`expires_ns == 0`: until removed, which outlasts any expiry).
 /// Whether the list changed.
-pub fn extend_runtime<T: BorrowMut<MapData>>(
-    list: &mut List<T>,
-    net: &IpNet,
-    expires_ns: u64,
-) -> Result<bool> {
-    let key = lpm_key(net);
-    if let Ok(entry) = list.get(&key, 0)
+pub fn extend_runtime(list: &mut List, net: &IpNet, expires_ns: u64) -> Result<bool> {
+    if let Some(entry) = list.get(net)
         && entry.origin & ListEntry::FROM_RUNTIME != 0
         && (entry.expires_ns == 0 || (expires_ns != 0 && entry.expires_ns >= expires_ns))
     {
@@ -106,9 +196,8 @@ pub fn extend_runtime<T: BorrowMut<MapData>>(
 
 /// Removes a runtime entry. An entry that only the config file holds is not
 /// removed: the file would put it back on the next reload.
-pub fn remove_runtime<T: BorrowMut<MapData>>(list: &mut List<T>, net: &IpNet) -> Result<()> {
-    let key = lpm_key(net);
-    let Ok(mut entry) = list.get(&key, 0) else {
+pub fn remove_runtime(list: &mut List, net: &IpNet) -> Result<()> {
+    let Some(mut entry) = list.get(net) else {
         bail!("{net} is not in the list")
     };
     if entry.origin & ListEntry::FROM_RUNTIME == 0 {
@@ -120,9 +209,9 @@ pub fn remove_runtime<T: BorrowMut<MapData>>(list: &mut List<T>, net: &IpNet) ->
 }
 
 /// Drops runtime entries whose TTL has passed; returns them.
-pub fn sweep_expired<T: BorrowMut<MapData>>(list: &mut List<T>, now_ns: u64) -> Result<Vec<IpNet>> {
+pub fn sweep_expired(list: &mut List, now_ns: u64) -> Result<Vec<IpNet>> {
     let mut expired = Vec::new();
-    for (net, mut entry) in entries(list) {
+    for (net, mut entry) in entries(&list.trie) {
         if entry.origin & ListEntry::FROM_RUNTIME != 0
             && entry.expires_ns != 0
             && now_ns >= entry.expires_ns
@@ -137,12 +226,10 @@ pub fn sweep_expired<T: BorrowMut<MapData>>(list: &mut List<T>, now_ns: u64) -> 
 }
 
 /// Writes an entry back, or removes it when no origin is left.
-fn store<T: BorrowMut<MapData>>(list: &mut List<T>, net: &IpNet, entry: ListEntry) -> Result<()> {
-    let key = lpm_key(net);
+fn store(list: &mut List, net: &IpNet, entry: ListEntry) -> Result<()> {
     if entry.origin == 0 {
-        list.remove(&key)?;
+        list.remove(net)
     } else {
-        list.insert(&key, entry, 0)?;
+        list.insert(net, entry)
     }
-    Ok(())
 }

@@ -6,16 +6,19 @@
 use std::{
     net::IpAddr,
     ops::{Deref, DerefMut},
+    os::fd::AsFd,
 };
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues};
 use ipnet::IpNet;
 use wsguard_common::{
     Ban, Counter, HandshakeSettings, ListEntry, Reason, Release, Settings, SourceKey, SourceSet,
     SourceState, Stream, StreamPeers, UserBudget, UserKey, UserState,
     cookie::CookieSettings,
-    maps::{GlobalShares, GlobalState, SOURCE_WAYS, USER_BUDGET_SLOTS, names, shortcuts},
+    maps::{
+        GlobalShares, GlobalState, SOURCE_WAYS, USER_BUDGET_SLOTS, list_search, names, shortcuts,
+    },
 };
 
 use super::{
@@ -454,7 +457,7 @@ pub trait Maps: MapSource {
         let Ok(map) = self.map(names::ALLOW) else {
             return false;
         };
-        let Ok(list) = List::<&MapData>::try_from(&*map) else {
+        let Ok(list) = lists::Trie::<&MapData>::try_from(&*map) else {
             return false;
         };
         let key = aya::maps::lpm_trie::Key::new(128, SourceKey::from(addr).addr);
@@ -464,52 +467,66 @@ pub trait Maps: MapSource {
     /// The allow (`allow = true`) or deny list's entries.
     fn list_entries(&self, allow: bool) -> Result<Vec<(IpNet, ListEntry)>> {
         let map = self.map(list_name(allow))?;
-        let list: List<&MapData> = LpmTrie::try_from(&*map)?;
+        let list: lists::Trie<&MapData> = LpmTrie::try_from(&*map)?;
         Ok(lists::entries(&list))
     }
 
     /// Runs `f` on the allow (`allow = true`) or deny list, to change it,
-    /// then tells the XDP program whether it must search the list.
-    fn with_list<R>(
-        &mut self,
-        allow: bool,
-        f: impl FnOnce(&mut List<&mut MapData>) -> Result<R>,
-    ) -> Result<R> {
-        let result = {
+    /// then tells the XDP program how to search the list.
+    fn with_list<R>(&mut self, allow: bool, f: impl FnOnce(&mut List) -> Result<R>) -> Result<R> {
+        let exact = {
+            let map = self.map(exact_list_name(allow))?;
+            let Map::HashMap(data) = &*map else {
+                bail!("map {} is not a hash", exact_list_name(allow));
+            };
+            // Its own descriptor, so that the trie can be borrowed next to it.
+            MapData::from_fd(data.fd().as_fd().try_clone_to_owned()?)?
+        };
+        let (result, changed) = {
             let mut map = self.map_mut(list_name(allow))?;
-            let mut list: List<&mut MapData> = LpmTrie::try_from(&mut *map)?;
-            f(&mut list)
+            let mut list = List::new(
+                LpmTrie::try_from(&mut *map)?,
+                HashMap::try_from(Map::HashMap(exact))?,
+            );
+            let result = f(&mut list);
+            (result, list.changed())
         };
         // Also when `f` failed half-way: the list may have changed.
-        self.refresh_list_shortcut(allow)?;
+        if changed {
+            self.refresh_list_search(allow)?;
+        }
         result
     }
 
-    /// Sets the list's "in use" shortcut from what the list holds. Clearing
-    /// it is the only risky write (another writer may insert meanwhile), so
-    /// a writer that clears it looks at the list again and sets it back if
-    /// an entry arrived: every insert is followed by a refresh that sees
-    /// it, so the last write of an inserting writer is "in use".
-    fn refresh_list_shortcut(&mut self, allow: bool) -> Result<()> {
+    /// Sets the list's search (`list_search`) from what its hash holds.
+    /// Another writer may change the list meanwhile and write a search
+    /// worked out before that change, so each writer looks again after its
+    /// write and writes again until what it wrote is what the list holds:
+    /// the last write is then always checked by a look taken after it.
+    /// Under churn that never settles, the trie (right for any content).
+    fn refresh_list_search(&mut self, allow: bool) -> Result<()> {
         let slot = if allow {
             shortcuts::ALLOW_USED
         } else {
             shortcuts::DENY_USED
         };
-        if self.list_holds_entries(allow)? {
-            return self.set_shortcut(slot, 1);
+        let mut search = self.list_search(allow)?;
+        for _ in 0..16 {
+            self.set_shortcut(slot, search)?;
+            let now = self.list_search(allow)?;
+            if now == search {
+                return Ok(());
+            }
+            search = now;
         }
-        self.set_shortcut(slot, 0)?;
-        if self.list_holds_entries(allow)? {
-            self.set_shortcut(slot, 1)?;
-        }
-        Ok(())
+        self.set_shortcut(slot, list_search::TRIE)
     }
 
-    fn list_holds_entries(&self, allow: bool) -> Result<bool> {
-        let map = self.map(list_name(allow))?;
-        let list: List<&MapData> = LpmTrie::try_from(&*map)?;
-        Ok(list.keys().next().is_some())
+    /// How the XDP program should search the list now.
+    fn list_search(&self, allow: bool) -> Result<u64> {
+        let map = self.map(exact_list_name(allow))?;
+        let exact: lists::Exact<&MapData> = HashMap::try_from(&*map)?;
+        Ok(lists::search_of(&exact))
     }
 
     /// Removes runtime list entries whose TTL has passed: (allow list?, CIDR).
@@ -527,6 +544,14 @@ impl<T: MapSource + ?Sized> Maps for T {}
 
 fn list_name(allow: bool) -> &'static str {
     if allow { names::ALLOW } else { names::DENY }
+}
+
+fn exact_list_name(allow: bool) -> &'static str {
+    if allow {
+        names::ALLOW_EXACT
+    } else {
+        names::DENY_EXACT
+    }
 }
 
 fn counter_set<S: Maps + ?Sized>(maps: &S, dry_run: bool) -> Result<Vec<(Reason, Counter)>> {

@@ -4,15 +4,20 @@
 //!   extension headers) is parsed with a few word loads, every other frame
 //!   by the full walk: the same frame with and without a tag, options or
 //!   extension headers must get the same verdicts, counters and state;
-//! - the allow and deny tries are skipped while a list is empty;
+//! - the allow and deny lists are skipped while empty, and searched by
+//!   hash probes instead of their tries while they use few prefix lengths:
+//!   the same frames get the same verdicts either way;
 //! - the ban lookup is skipped while a source's entry vouches for the ban
 //!   epoch.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
-use wsguard::kernel::{Maps, lists};
-use wsguard_common::{Ban, Reason, SourceKey, maps::shortcuts};
+use wsguard::kernel::{MapSource, Maps, lists};
+use wsguard_common::{
+    Ban, ListEntry, ListKey, Reason, SourceKey,
+    maps::{list_search, names, shortcuts},
+};
 use wsguard_tests::{
     packets::{ETH_P_8021AD, ETH_P_8021Q, Ext, Packet, TCP_ACK, TCP_FIN, TCP_RST},
     xdp::{XDP_DROP, XDP_PASS, XdpHarness},
@@ -191,7 +196,11 @@ fn an_entry_added_to_an_empty_list_applies_to_the_very_next_packet() {
     assert_eq!(h.run(&data), XDP_PASS);
 
     h.deny(&net).unwrap();
-    assert_eq!(h.kernel.shortcut(shortcuts::DENY_USED).unwrap(), 1);
+    assert_eq!(
+        h.kernel.shortcut(shortcuts::DENY_USED).unwrap(),
+        list_search::encode([128]),
+        "one probe, for a /32"
+    );
     assert_eq!(h.run(&data), XDP_DROP, "denied at once");
     assert_eq!(h.packets(Reason::DenyList), 1);
     h.kernel
@@ -206,7 +215,10 @@ fn an_entry_added_to_an_empty_list_applies_to_the_very_next_packet() {
     h.kernel
         .with_list(true, |list| lists::add_runtime(list, &net, 0))
         .unwrap();
-    assert_eq!(h.kernel.shortcut(shortcuts::ALLOW_USED).unwrap(), 1);
+    assert_eq!(
+        h.kernel.shortcut(shortcuts::ALLOW_USED).unwrap(),
+        list_search::encode([128])
+    );
     assert_eq!(h.run(&syn), XDP_PASS, "allow-listed at once");
     assert_eq!(h.packets(Reason::AllowListed), 1);
 }
@@ -228,13 +240,198 @@ fn a_list_that_holds_an_entry_is_always_searched() {
     h.kernel
         .with_list(false, |list| lists::remove_runtime(list, &other))
         .unwrap();
-    assert_eq!(h.kernel.shortcut(shortcuts::DENY_USED).unwrap(), 1);
+    assert_eq!(
+        h.kernel.shortcut(shortcuts::DENY_USED).unwrap(),
+        list_search::encode([128])
+    );
+    assert_eq!(h.run(&data), XDP_DROP);
+    // A slot that names too few prefix lengths hides the others' entries
+    // just the same, until the next write.
+    h.deny(&"198.18.7.0/24".parse().unwrap()).unwrap();
+    h.kernel
+        .set_shortcut(shortcuts::DENY_USED, list_search::encode([120]))
+        .unwrap();
+    assert_eq!(h.run(&data), XDP_PASS, "the /32 is not probed");
+    h.deny(&other).unwrap();
+    assert_eq!(
+        h.kernel.shortcut(shortcuts::DENY_USED).unwrap(),
+        list_search::encode([128, 120])
+    );
     assert_eq!(h.run(&data), XDP_DROP);
     // Entries from the config set the slot as well.
     let config = "[protect]\nports = [8080]\n[lists]\ndeny = [\"198.18.0.5/32\"]\n";
     let h = XdpHarness::new(config).expect("loading the programs");
-    assert_eq!(h.kernel.shortcut(shortcuts::DENY_USED).unwrap(), 1);
+    assert_eq!(
+        h.kernel.shortcut(shortcuts::DENY_USED).unwrap(),
+        list_search::encode([128])
+    );
     assert_eq!(h.run(&data), XDP_DROP, "config entries set the slot too");
+}
+
+/// Lists of three prefix lengths, nested: a /24 with an allowed /32 in it
+/// and an expired runtime /32 over it (which must not fall back to the
+/// /24), and an IPv6 /64.
+const NESTED_LISTS: &str = "[protect]\nports = [8080]\n[lists]\n\
+    deny = [\"198.18.4.0/24\", \"2001:db8:0:7::/64\"]\nallow = [\"198.18.4.8/32\"]\n";
+
+/// Frames from in and around every entry of `NESTED_LISTS`, with the
+/// verdict and the reason each must get.
+fn nested_list_frames() -> Vec<(IpAddr, u32, Reason)> {
+    let v4 = |c: u8, d: u8| IpAddr::V4(Ipv4Addr::new(198, 18, c, d));
+    vec![
+        (v4(4, 1), XDP_DROP, Reason::DenyList),
+        (v4(4, 255), XDP_DROP, Reason::DenyList),
+        (v4(4, 8), XDP_PASS, Reason::AllowListed),
+        (v4(4, 9), XDP_PASS, Reason::Passed),
+        (v4(5, 1), XDP_PASS, Reason::Passed),
+        (v4(3, 255), XDP_PASS, Reason::Passed),
+        (v6(1), XDP_DROP, Reason::DenyList),
+        (v6(0xffff), XDP_DROP, Reason::DenyList),
+        (
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 8, 0, 0, 0, 1)),
+            XDP_PASS,
+            Reason::Passed,
+        ),
+    ]
+}
+
+fn nested_lists() -> XdpHarness {
+    let mut h = XdpHarness::new(NESTED_LISTS).expect("loading the programs");
+    let expired: IpNet = "198.18.4.9/32".parse().unwrap();
+    h.kernel
+        .with_list(false, |list| lists::add_runtime(list, &expired, 1))
+        .unwrap();
+    h
+}
+
+#[test]
+fn hash_probes_and_the_trie_give_every_frame_the_same_verdict() {
+    let mut h = nested_lists();
+    assert_eq!(
+        h.kernel.shortcut(shortcuts::DENY_USED).unwrap(),
+        list_search::encode([128, 120, 64]),
+        "three lengths: probed by hash"
+    );
+    for search in ["hash", "trie"] {
+        for (src, verdict, reason) in nested_list_frames() {
+            let before = h.packets(reason);
+            for dress in [Dress::Plain, Dress::OneVlanTag] {
+                let frame = dress.apply(Packet::data(src, PORT, 10)).bytes();
+                assert_eq!(
+                    h.run(&frame),
+                    verdict,
+                    "{search}: {src} {dress:?} {:?}",
+                    h.nonzero()
+                );
+            }
+            assert_eq!(
+                h.packets(reason),
+                before + 2,
+                "{search}: {src} as {reason:?}"
+            );
+        }
+        // The same lists searched through their tries.
+        h.kernel
+            .set_shortcut(shortcuts::DENY_USED, list_search::TRIE)
+            .unwrap();
+        h.kernel
+            .set_shortcut(shortcuts::ALLOW_USED, list_search::TRIE)
+            .unwrap();
+    }
+
+    // A fourth length: the trie from then on, and hash probes again once
+    // it is gone.
+    let fourth: IpNet = "198.19.0.0/16".parse().unwrap();
+    h.deny(&fourth).unwrap();
+    assert_eq!(
+        h.kernel.shortcut(shortcuts::DENY_USED).unwrap(),
+        list_search::TRIE
+    );
+    let inside = Packet::data(IpAddr::V4(Ipv4Addr::new(198, 19, 7, 7)), PORT, 10).bytes();
+    assert_eq!(h.run(&inside), XDP_DROP);
+    h.kernel
+        .with_list(false, |list| lists::remove_runtime(list, &fourth))
+        .unwrap();
+    assert_eq!(
+        h.kernel.shortcut(shortcuts::DENY_USED).unwrap(),
+        list_search::encode([128, 120, 64])
+    );
+    assert_eq!(h.run(&inside), XDP_PASS);
+
+    // The runtime /32 inside the configured /24 is an entry of its own:
+    // removing it leaves the /24 as the file made it, and removing a /32
+    // never added is refused rather than carved out of the /24.
+    let expired: IpNet = "198.18.4.9/32".parse().unwrap();
+    h.kernel
+        .with_list(false, |list| lists::remove_runtime(list, &expired))
+        .expect("a runtime entry of its own");
+    let never: IpNet = "198.18.4.10/32".parse().unwrap();
+    let refused = h
+        .kernel
+        .with_list(false, |list| lists::remove_runtime(list, &never))
+        .unwrap_err();
+    assert!(refused.to_string().contains("not in the list"), "{refused}");
+    let entries = h.kernel.list_entries(false).unwrap();
+    let held: Vec<(String, u32)> = entries
+        .iter()
+        .map(|(net, entry)| (net.to_string(), entry.origin))
+        .collect();
+    assert_eq!(
+        held,
+        [
+            ("198.18.4.0/24".to_string(), ListEntry::FROM_CONFIG),
+            ("2001:db8:0:7::/64".to_string(), ListEntry::FROM_CONFIG)
+        ]
+    );
+    let frame = Packet::data(IpAddr::V4(Ipv4Addr::new(198, 18, 4, 9)), PORT, 10).bytes();
+    assert_eq!(h.run(&frame), XDP_DROP, "now the /24's");
+}
+
+#[test]
+fn the_hash_is_made_to_mirror_the_trie_at_every_start_and_reload() {
+    let mut h = nested_lists();
+    // As if a writer had stopped between its two writes: an entry only
+    // the hash holds, and a trie entry whose twin the hash lost.
+    let stale = ListKey::of(&SourceKey::from(v4(0)), 120);
+    let lost = ListKey::of(&SourceKey::from(v6(0)), 64);
+    {
+        let mut map = h.kernel.map_mut(names::DENY_EXACT).unwrap();
+        let mut exact: aya::maps::HashMap<&mut aya::maps::MapData, ListKey, ListEntry> =
+            aya::maps::HashMap::try_from(&mut *map).unwrap();
+        exact
+            .insert(
+                stale,
+                ListEntry {
+                    origin: ListEntry::FROM_RUNTIME,
+                    ..Default::default()
+                },
+                0,
+            )
+            .unwrap();
+        exact.remove(&lost).unwrap();
+    }
+    let stale_frame = Packet::data(v4(1), PORT, 10).bytes();
+    let lost_frame = Packet::data(v6(1), PORT, 10).bytes();
+    assert_eq!(h.run(&stale_frame), XDP_DROP, "the probe reads the hash");
+    assert_eq!(h.run(&lost_frame), XDP_PASS);
+
+    // What a start or reload does with the config's lists.
+    let config: Vec<IpNet> = vec![
+        "198.18.4.0/24".parse().unwrap(),
+        "2001:db8:0:7::/64".parse().unwrap(),
+    ];
+    h.kernel
+        .with_list(false, |list| lists::sync_config(list, &config))
+        .unwrap();
+    assert_eq!(h.run(&stale_frame), XDP_PASS, "the stale entry is gone");
+    assert_eq!(h.run(&lost_frame), XDP_DROP, "the lost twin is back");
+    for (src, verdict, _) in nested_list_frames() {
+        assert_eq!(
+            h.run(&Packet::data(src, PORT, 10).bytes()),
+            verdict,
+            "{src}"
+        );
+    }
 }
 
 #[test]
