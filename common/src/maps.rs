@@ -173,9 +173,9 @@ impl ListKey {
     }
 }
 
-/// Capacity of each CIDR list (LPM tries and hashes without preallocation
-/// allocate per entry, so a large bound costs nothing until used).
-pub const LIST_CAPACITY: u32 = 1 << 20;
+/// Capacity of each CIDR list. Entries are allocated as they are used; a
+/// list's hash allocates its buckets whole (16 bytes each: 4 MiB).
+pub const LIST_CAPACITY: u32 = 1 << 18;
 
 /// Value of an allow or deny list entry: where it came from and, for an
 /// entry added at run time with a TTL, when it expires.

@@ -25,6 +25,9 @@ pub struct List<'a> {
     trie: Trie<&'a mut MapData>,
     exact: Exact<MapData>,
     changed: bool,
+    /// Prefix lengths of the entries written and removed.
+    added: Vec<u32>,
+    removed: Vec<u32>,
 }
 
 impl<'a> List<'a> {
@@ -33,13 +36,27 @@ impl<'a> List<'a> {
             trie,
             exact,
             changed: false,
+            added: Vec::new(),
+            removed: Vec::new(),
         }
     }
 
-    /// Whether anything was written: the XDP program's search must then be
-    /// worked out again.
-    pub fn changed(&self) -> bool {
-        self.changed
+    /// The prefix lengths of the entries written and of those removed, if
+    /// anything was written: the XDP program's search must then follow.
+    pub fn lengths_touched(self) -> Option<(Vec<u32>, Vec<u32>)> {
+        self.changed.then_some((self.added, self.removed))
+    }
+
+    fn touched(&mut self, key: &ListKey, added: bool) {
+        self.changed = true;
+        let lengths = if added {
+            &mut self.added
+        } else {
+            &mut self.removed
+        };
+        if !lengths.contains(&key.prefix_len) {
+            lengths.push(key.prefix_len);
+        }
     }
 
     /// The entry for exactly `net` (the hash's: a trie lookup would return
@@ -51,7 +68,7 @@ impl<'a> List<'a> {
     /// Writes an entry to the hash, then the trie; a failure leaves neither.
     fn insert(&mut self, net: &IpNet, entry: ListEntry) -> Result<()> {
         let exact_key = exact_key(net);
-        self.changed = true;
+        self.touched(&exact_key, true);
         self.exact.insert(exact_key, entry, 0)?;
         if let Err(e) = self.trie.insert(&lpm_key(net), entry, 0) {
             let _ = self.exact.remove(&exact_key);
@@ -61,9 +78,10 @@ impl<'a> List<'a> {
     }
 
     fn remove(&mut self, net: &IpNet) -> Result<()> {
-        self.changed = true;
+        let exact_key = exact_key(net);
+        self.touched(&exact_key, false);
         self.trie.remove(&lpm_key(net))?;
-        let _ = self.exact.remove(&exact_key(net));
+        let _ = self.exact.remove(&exact_key);
         Ok(())
     }
 }
@@ -100,6 +118,14 @@ pub fn search_of<T: std::borrow::Borrow<MapData>>(exact: &Exact<T>) -> u64 {
         }
     }
     list_search::encode(lengths)
+}
+
+/// Whether the hash holds an entry of `prefix_len` (read until one is
+/// found; an error reading it counts as "yes", which keeps the probe).
+pub fn holds_length<T: std::borrow::Borrow<MapData>>(exact: &Exact<T>, prefix_len: u32) -> bool {
+    exact
+        .keys()
+        .any(|key| key.map_or(true, |key| key.prefix_len == prefix_len))
 }
 
 fn net_of(key: &Key<LpmKey>) -> IpNet {
@@ -159,13 +185,13 @@ fn mirror_trie(list: &mut List) -> Result<()> {
         list.exact.iter().filter_map(|r| r.ok()).collect();
     for (key, entry) in &held {
         if wanted.get(key) != Some(entry) {
-            list.changed = true;
+            list.touched(key, false);
             let _ = list.exact.remove(key);
         }
     }
     for (key, entry) in wanted {
         if held.get(&key) != Some(&entry) {
-            list.changed = true;
+            list.touched(&key, true);
             list.exact.insert(key, entry, 0)?;
         }
     }

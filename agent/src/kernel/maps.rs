@@ -6,10 +6,10 @@
 use std::{
     net::IpAddr,
     ops::{Deref, DerefMut},
-    os::fd::AsFd,
+    os::fd::{AsFd, AsRawFd},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues};
 use ipnet::IpNet;
 use wsguard_common::{
@@ -71,6 +71,8 @@ impl DerefMut for MapMut<'_> {
 pub trait MapSource {
     fn map(&self, name: &'static str) -> Result<MapRef<'_>>;
     fn map_mut(&mut self, name: &'static str) -> Result<MapMut<'_>>;
+    /// The pin directory the maps are shared through, if they are.
+    fn pin_dir(&self) -> Option<&std::path::Path>;
 }
 
 /// Every typed operation on wsguard's maps, for anything that has them.
@@ -472,8 +474,11 @@ pub trait Maps: MapSource {
     }
 
     /// Runs `f` on the allow (`allow = true`) or deny list, to change it,
-    /// then tells the XDP program how to search the list.
+    /// then tells the XDP program how to search the list. Writers of the
+    /// same pinned maps (the agent, CLI commands) take turns, so the search
+    /// each works out from the one before is never overwritten by another.
     fn with_list<R>(&mut self, allow: bool, f: impl FnOnce(&mut List) -> Result<R>) -> Result<R> {
+        let _turn = self.lists_turn()?;
         let exact = {
             let map = self.map(exact_list_name(allow))?;
             let Map::HashMap(data) = &*map else {
@@ -482,51 +487,84 @@ pub trait Maps: MapSource {
             // Its own descriptor, so that the trie can be borrowed next to it.
             MapData::from_fd(data.fd().as_fd().try_clone_to_owned()?)?
         };
-        let (result, changed) = {
+        let (result, lengths) = {
             let mut map = self.map_mut(list_name(allow))?;
             let mut list = List::new(
                 LpmTrie::try_from(&mut *map)?,
                 HashMap::try_from(Map::HashMap(exact))?,
             );
             let result = f(&mut list);
-            (result, list.changed())
+            (result, list.lengths_touched())
         };
         // Also when `f` failed half-way: the list may have changed.
-        if changed {
-            self.refresh_list_search(allow)?;
+        if let Some((added, removed)) = lengths {
+            self.update_list_search(allow, &added, &removed)?;
         }
         result
     }
 
-    /// Sets the list's search (`list_search`) from what its hash holds.
-    /// Another writer may change the list meanwhile and write a search
-    /// worked out before that change, so each writer looks again after its
-    /// write and writes again until what it wrote is what the list holds:
-    /// the last write is then always checked by a look taken after it.
-    /// Under churn that never settles, the trie (right for any content).
+    /// Sets the list's search (`list_search`) from every entry of its hash:
+    /// at start and reload, which also repair a search a writer that
+    /// stopped half-way left behind.
     fn refresh_list_search(&mut self, allow: bool) -> Result<()> {
-        let slot = if allow {
-            shortcuts::ALLOW_USED
-        } else {
-            shortcuts::DENY_USED
+        let _turn = self.lists_turn()?;
+        let search = {
+            let map = self.map(exact_list_name(allow))?;
+            let exact: lists::Exact<&MapData> = HashMap::try_from(&*map)?;
+            lists::search_of(&exact)
         };
-        let mut search = self.list_search(allow)?;
-        for _ in 0..16 {
-            self.set_shortcut(slot, search)?;
-            let now = self.list_search(allow)?;
-            if now == search {
-                return Ok(());
-            }
-            search = now;
-        }
-        self.set_shortcut(slot, list_search::TRIE)
+        self.set_shortcut(list_search_slot(allow), search)
     }
 
-    /// How the XDP program should search the list now.
-    fn list_search(&self, allow: bool) -> Result<u64> {
+    /// Moves the list's search on after entries of the `added` and
+    /// `removed` prefix lengths were written: a length is probed from its
+    /// first entry on and until its last is gone. Only the removal of a
+    /// length's entry reads the list, until it finds another of that length.
+    fn update_list_search(&mut self, allow: bool, added: &[u32], removed: &[u32]) -> Result<()> {
+        let slot = list_search_slot(allow);
+        let current = self.shortcut(slot)?;
+        if current == list_search::TRIE && removed.is_empty() {
+            return Ok(());
+        }
         let map = self.map(exact_list_name(allow))?;
         let exact: lists::Exact<&MapData> = HashMap::try_from(&*map)?;
-        Ok(lists::search_of(&exact))
+        let search = if current == list_search::TRIE {
+            lists::search_of(&exact)
+        } else {
+            let mut lengths: Vec<u32> = (0..list_search::MAX_PROBES)
+                .map_while(|i| list_search::probe(current, i))
+                .chain(added.iter().copied())
+                .collect();
+            lengths
+                .retain(|length| !removed.contains(length) || lists::holds_length(&exact, *length));
+            list_search::encode(lengths)
+        };
+        drop(map);
+        if search != current {
+            self.set_shortcut(slot, search)?;
+        }
+        Ok(())
+    }
+
+    /// This writer's turn at the lists, until the value is dropped: an
+    /// exclusive lock on the pin directory (none for maps that are not
+    /// pinned, which no one else can reach).
+    fn lists_turn(&self) -> Result<Option<std::fs::File>> {
+        let Some(dir) = self.pin_dir() else {
+            return Ok(None);
+        };
+        let file = std::fs::File::open(dir)
+            .with_context(|| format!("cannot open {} to lock the lists", dir.display()))?;
+        loop {
+            // SAFETY: flock on a descriptor we own.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(Some(file));
+            }
+            let error = std::io::Error::last_os_error();
+            if error.kind() != std::io::ErrorKind::Interrupted {
+                return Err(error).with_context(|| format!("cannot lock {}", dir.display()));
+            }
+        }
     }
 
     /// Removes runtime list entries whose TTL has passed: (allow list?, CIDR).
@@ -544,6 +582,14 @@ impl<T: MapSource + ?Sized> Maps for T {}
 
 fn list_name(allow: bool) -> &'static str {
     if allow { names::ALLOW } else { names::DENY }
+}
+
+fn list_search_slot(allow: bool) -> u32 {
+    if allow {
+        shortcuts::ALLOW_USED
+    } else {
+        shortcuts::DENY_USED
+    }
 }
 
 fn exact_list_name(allow: bool) -> &'static str {

@@ -124,4 +124,8 @@ impl MapSource for Kernel {
     fn map_mut(&mut self, name: &'static str) -> Result<MapMut<'_>> {
         self.loaded_map_mut(name).map(MapMut::Loaded)
     }
+
+    fn pin_dir(&self) -> Option<&std::path::Path> {
+        self.pins.as_deref()
+    }
 }

@@ -192,4 +192,8 @@ impl MapSource for PinnedState {
     fn map_mut(&mut self, name: &'static str) -> Result<MapMut<'_>> {
         Ok(MapMut::Pinned(self.open_map(name)?))
     }
+
+    fn pin_dir(&self) -> Option<&Path> {
+        Some(&self.dir)
+    }
 }

@@ -224,48 +224,44 @@ fn an_entry_added_to_an_empty_list_applies_to_the_very_next_packet() {
 }
 
 #[test]
-fn a_list_that_holds_an_entry_is_always_searched() {
-    // A shortcut left at 0 by a writer that lost a race must not hide an
-    // entry for longer than the next refresh: every list write refreshes.
+fn the_search_follows_every_prefix_length_and_is_repaired_at_start() {
     let mut h = XdpHarness::new(STRICT).expect("loading the programs");
-    let src = v4(5);
-    h.deny(&"198.18.0.5/32".parse().unwrap()).unwrap();
-    h.kernel.set_shortcut(shortcuts::DENY_USED, 0).unwrap();
-    let data = Packet::data(src, PORT, 10).bytes();
-    assert_eq!(h.run(&data), XDP_PASS, "the slot is what the kernel reads");
-    // Any later write of the list, here an unrelated entry's removal,
-    // looks at the list and sets the slot back.
-    let other: IpNet = "198.18.9.0/24".parse().unwrap();
-    h.deny(&other).unwrap();
-    h.kernel
-        .with_list(false, |list| lists::remove_runtime(list, &other))
-        .unwrap();
-    assert_eq!(
-        h.kernel.shortcut(shortcuts::DENY_USED).unwrap(),
-        list_search::encode([128])
-    );
+    let search = |h: &XdpHarness| h.kernel.shortcut(shortcuts::DENY_USED).unwrap();
+    let net = |text: &str| -> IpNet { text.parse().unwrap() };
+    let remove = |h: &mut XdpHarness, text: &str| {
+        h.kernel
+            .with_list(false, |list| lists::remove_runtime(list, &net(text)))
+            .unwrap()
+    };
+    h.deny(&net("198.18.0.5/32")).unwrap();
+    h.deny(&net("198.18.7.0/24")).unwrap();
+    h.deny(&net("198.18.8.0/24")).unwrap();
+    assert_eq!(search(&h), list_search::encode([128, 120]));
+    // A length stays probed until its last entry is gone.
+    remove(&mut h, "198.18.7.0/24");
+    assert_eq!(search(&h), list_search::encode([128, 120]));
+    let in_the_other = Packet::data(IpAddr::V4(Ipv4Addr::new(198, 18, 8, 1)), PORT, 10).bytes();
+    assert_eq!(h.run(&in_the_other), XDP_DROP);
+    remove(&mut h, "198.18.8.0/24");
+    assert_eq!(search(&h), list_search::encode([128]));
+
+    // A search left wrong (by a writer stopped between its writes) is what
+    // the kernel reads: it hides the entries it does not name...
+    let data = Packet::data(v4(5), PORT, 10).bytes();
     assert_eq!(h.run(&data), XDP_DROP);
-    // A slot that names too few prefix lengths hides the others' entries
-    // just the same, until the next write.
-    h.deny(&"198.18.7.0/24".parse().unwrap()).unwrap();
     h.kernel
         .set_shortcut(shortcuts::DENY_USED, list_search::encode([120]))
         .unwrap();
     assert_eq!(h.run(&data), XDP_PASS, "the /32 is not probed");
-    h.deny(&other).unwrap();
-    assert_eq!(
-        h.kernel.shortcut(shortcuts::DENY_USED).unwrap(),
-        list_search::encode([128, 120])
-    );
+    // ...until a start or reload works it out from the whole list.
+    h.kernel.refresh_list_search(false).unwrap();
+    assert_eq!(search(&h), list_search::encode([128]));
     assert_eq!(h.run(&data), XDP_DROP);
-    // Entries from the config set the slot as well.
+    // Entries from the config set the search as well.
     let config = "[protect]\nports = [8080]\n[lists]\ndeny = [\"198.18.0.5/32\"]\n";
     let h = XdpHarness::new(config).expect("loading the programs");
-    assert_eq!(
-        h.kernel.shortcut(shortcuts::DENY_USED).unwrap(),
-        list_search::encode([128])
-    );
-    assert_eq!(h.run(&data), XDP_DROP, "config entries set the slot too");
+    assert_eq!(search(&h), list_search::encode([128]));
+    assert_eq!(h.run(&data), XDP_DROP, "config entries set the search too");
 }
 
 /// Lists of three prefix lengths, nested: a /24 with an allowed /32 in it

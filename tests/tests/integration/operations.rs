@@ -6,8 +6,11 @@
 use std::{net::SocketAddr, path::PathBuf, process::Output, time::Duration};
 
 use anyhow::{Context, Result, ensure};
-use wsguard::kernel::Maps;
-use wsguard_common::Reason;
+use wsguard::kernel::{Maps, PinnedState, pin_dir};
+use wsguard_common::{
+    Reason,
+    maps::{list_search, shortcuts},
+};
 use wsguard_tests::{
     Agent, Lab, Setup,
     agent::remove_state,
@@ -187,6 +190,62 @@ async fn runtime_deny_and_allow_take_effect_at_once_and_expire() -> Result<()> {
         "{}",
         text(&out)
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_writers_at_once_leave_every_entry_enforced() -> Result<()> {
+    let Setup {
+        agent,
+        server: _server,
+        addr,
+        lab,
+    } = Setup::start("[protect]\nports = [8080]\n[syn_cookies]\nenabled = false\n").await?;
+    let [_, _, net, _] = lab.client_v4(0).octets();
+    // Four prefix lengths (/32, /30, /24, /28), added by six CLI processes
+    // at once, then two of them removed at once: each works out how the
+    // kernel searches the list from what the one before it left.
+    let mut enforced: Vec<String> = [20u8, 21, 22]
+        .iter()
+        .map(|host| format!("{}/32", lab.client_v4(*host)))
+        .collect();
+    enforced.push(format!("198.18.{net}.24/30"));
+    let unrelated = ["198.19.250.0/24", "198.19.251.0/28"];
+    let all_at_once = |command: &str, nets: Vec<&str>| {
+        std::thread::scope(|s| {
+            let runs: Vec<_> = nets
+                .iter()
+                .map(|cidr| s.spawn(|| agent.cli(&["deny", command, cidr])))
+                .collect();
+            runs.into_iter()
+                .map(|run| run.join().expect("a CLI thread"))
+                .collect::<Vec<Output>>()
+        })
+    };
+    let nets: Vec<&str> = enforced
+        .iter()
+        .map(String::as_str)
+        .chain(unrelated)
+        .collect();
+    for out in all_at_once("add", nets) {
+        ensure!(out.status.success(), "{}", text(&out));
+    }
+    let state = PinnedState::open(&pin_dir(&agent.pin_path))?;
+    ensure!(state.shortcut(shortcuts::DENY_USED)? == list_search::TRIE);
+    for out in all_at_once("del", unrelated.to_vec()) {
+        ensure!(out.status.success(), "{}", text(&out));
+    }
+    ensure!(
+        state.shortcut(shortcuts::DENY_USED)? == list_search::encode([128, 126]),
+        "a /32 and a /30 left: two hash probes"
+    );
+    for host in [20u8, 21, 22, 25] {
+        ensure!(
+            !connects(&lab.client, lab.client_v4(host).into(), addr, DROPPED).await,
+            "198.18.{net}.{host} is denied"
+        );
+    }
+    connect_from(&lab.client, lab.client_v4(28).into(), addr, SECOND).await?;
     Ok(())
 }
 
