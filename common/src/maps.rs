@@ -82,9 +82,9 @@ pub mod shortcuts {
     /// not at all while it is empty, by one hash probe per prefix length
     /// while it holds few lengths, else its LPM trie. Written by every
     /// writer of the list after its change, from what the list holds.
-    pub const ALLOW_USED: u32 = 0;
+    pub const ALLOW_SEARCH: u32 = 0;
     /// The same for the deny list.
-    pub const DENY_USED: u32 = 1;
+    pub const DENY_SEARCH: u32 = 1;
     /// Changed after every ban written or lifted: by user space after its
     /// insert or delete, by the kernel with an atomic add after its own
     /// insert. A source entry whose `ban_epoch` equals it read the ban map
@@ -98,7 +98,7 @@ pub mod shortcuts {
     pub const USERS_BOUND: u32 = 3;
     pub const SLOTS: u32 = 4;
 }
-/// How the XDP program searches a list (`shortcuts::ALLOW_USED`, …).
+/// How the XDP program searches a list (`shortcuts::ALLOW_SEARCH`, …).
 ///
 /// Each list is held twice, with the same entries: in an LPM trie, and in
 /// a hash of (prefix length, masked address) (`WSG_ALLOW_EXACT`, …). A

@@ -202,13 +202,13 @@ struct List {
 static ALLOW_LIST: List = List {
     trie: &ALLOW,
     exact: &ALLOW_EXACT,
-    search_slot: shortcuts::ALLOW_USED,
+    search_slot: shortcuts::ALLOW_SEARCH,
 };
 
 static DENY_LIST: List = List {
     trie: &DENY,
     exact: &DENY_EXACT,
-    search_slot: shortcuts::DENY_USED,
+    search_slot: shortcuts::DENY_SEARCH,
 };
 
 /// Longest-prefix match of the full address. A runtime entry past its TTL

@@ -24,7 +24,6 @@ pub type Exact<T> = HashMap<T, ListKey, ListEntry>;
 pub struct List<'a> {
     trie: Trie<&'a mut MapData>,
     exact: Exact<MapData>,
-    changed: bool,
     /// Prefix lengths of the entries written and removed.
     added: Vec<u32>,
     removed: Vec<u32>,
@@ -35,7 +34,6 @@ impl<'a> List<'a> {
         List {
             trie,
             exact,
-            changed: false,
             added: Vec::new(),
             removed: Vec::new(),
         }
@@ -44,11 +42,10 @@ impl<'a> List<'a> {
     /// The prefix lengths of the entries written and of those removed, if
     /// anything was written: the XDP program's search must then follow.
     pub fn lengths_touched(self) -> Option<(Vec<u32>, Vec<u32>)> {
-        self.changed.then_some((self.added, self.removed))
+        (!self.added.is_empty() || !self.removed.is_empty()).then_some((self.added, self.removed))
     }
 
     fn touched(&mut self, key: &ListKey, added: bool) {
-        self.changed = true;
         let lengths = if added {
             &mut self.added
         } else {

@@ -468,7 +468,7 @@ pub trait Maps: MapSource {
 
     /// The allow (`allow = true`) or deny list's entries.
     fn list_entries(&self, allow: bool) -> Result<Vec<(IpNet, ListEntry)>> {
-        let map = self.map(list_name(allow))?;
+        let map = self.map(ListMaps::of(allow).trie)?;
         let list: lists::Trie<&MapData> = LpmTrie::try_from(&*map)?;
         Ok(lists::entries(&list))
     }
@@ -479,16 +479,17 @@ pub trait Maps: MapSource {
     /// each works out from the one before is never overwritten by another.
     fn with_list<R>(&mut self, allow: bool, f: impl FnOnce(&mut List) -> Result<R>) -> Result<R> {
         let _turn = self.lists_turn()?;
+        let maps = ListMaps::of(allow);
         let exact = {
-            let map = self.map(exact_list_name(allow))?;
+            let map = self.map(maps.exact)?;
             let Map::HashMap(data) = &*map else {
-                bail!("map {} is not a hash", exact_list_name(allow));
+                bail!("map {} is not a hash", maps.exact);
             };
             // Its own descriptor, so that the trie can be borrowed next to it.
             MapData::from_fd(data.fd().as_fd().try_clone_to_owned()?)?
         };
         let (result, lengths) = {
-            let mut map = self.map_mut(list_name(allow))?;
+            let mut map = self.map_mut(maps.trie)?;
             let mut list = List::new(
                 LpmTrie::try_from(&mut *map)?,
                 HashMap::try_from(Map::HashMap(exact))?,
@@ -509,11 +510,11 @@ pub trait Maps: MapSource {
     fn refresh_list_search(&mut self, allow: bool) -> Result<()> {
         let _turn = self.lists_turn()?;
         let search = {
-            let map = self.map(exact_list_name(allow))?;
+            let map = self.map(ListMaps::of(allow).exact)?;
             let exact: lists::Exact<&MapData> = HashMap::try_from(&*map)?;
             lists::search_of(&exact)
         };
-        self.set_shortcut(list_search_slot(allow), search)
+        self.set_shortcut(ListMaps::of(allow).search_slot, search)
     }
 
     /// Moves the list's search on after entries of the `added` and
@@ -521,12 +522,12 @@ pub trait Maps: MapSource {
     /// first entry on and until its last is gone. Only the removal of a
     /// length's entry reads the list, until it finds another of that length.
     fn update_list_search(&mut self, allow: bool, added: &[u32], removed: &[u32]) -> Result<()> {
-        let slot = list_search_slot(allow);
+        let slot = ListMaps::of(allow).search_slot;
         let current = self.shortcut(slot)?;
         if current == list_search::TRIE && removed.is_empty() {
             return Ok(());
         }
-        let map = self.map(exact_list_name(allow))?;
+        let map = self.map(ListMaps::of(allow).exact)?;
         let exact: lists::Exact<&MapData> = HashMap::try_from(&*map)?;
         let search = if current == list_search::TRIE {
             lists::search_of(&exact)
@@ -580,23 +581,28 @@ pub trait Maps: MapSource {
 
 impl<T: MapSource + ?Sized> Maps for T {}
 
-fn list_name(allow: bool) -> &'static str {
-    if allow { names::ALLOW } else { names::DENY }
+/// The maps and shortcut slot of the allow (`allow = true`) or deny list.
+struct ListMaps {
+    trie: &'static str,
+    exact: &'static str,
+    search_slot: u32,
 }
 
-fn list_search_slot(allow: bool) -> u32 {
-    if allow {
-        shortcuts::ALLOW_USED
-    } else {
-        shortcuts::DENY_USED
-    }
-}
-
-fn exact_list_name(allow: bool) -> &'static str {
-    if allow {
-        names::ALLOW_EXACT
-    } else {
-        names::DENY_EXACT
+impl ListMaps {
+    fn of(allow: bool) -> ListMaps {
+        if allow {
+            ListMaps {
+                trie: names::ALLOW,
+                exact: names::ALLOW_EXACT,
+                search_slot: shortcuts::ALLOW_SEARCH,
+            }
+        } else {
+            ListMaps {
+                trie: names::DENY,
+                exact: names::DENY_EXACT,
+                search_slot: shortcuts::DENY_SEARCH,
+            }
+        }
     }
 }
 

@@ -191,13 +191,13 @@ fn an_entry_added_to_an_empty_list_applies_to_the_very_next_packet() {
     let src = v4(4);
     let net: IpNet = "198.18.0.4/32".parse().unwrap();
     let data = Packet::data(src, PORT, 10).bytes();
-    assert_eq!(h.kernel.shortcut(shortcuts::DENY_USED).unwrap(), 0);
-    assert_eq!(h.kernel.shortcut(shortcuts::ALLOW_USED).unwrap(), 0);
+    assert_eq!(h.kernel.shortcut(shortcuts::DENY_SEARCH).unwrap(), 0);
+    assert_eq!(h.kernel.shortcut(shortcuts::ALLOW_SEARCH).unwrap(), 0);
     assert_eq!(h.run(&data), XDP_PASS);
 
     h.deny(&net).unwrap();
     assert_eq!(
-        h.kernel.shortcut(shortcuts::DENY_USED).unwrap(),
+        h.kernel.shortcut(shortcuts::DENY_SEARCH).unwrap(),
         list_search::encode([128]),
         "one probe, for a /32"
     );
@@ -206,7 +206,7 @@ fn an_entry_added_to_an_empty_list_applies_to_the_very_next_packet() {
     h.kernel
         .with_list(false, |list| lists::remove_runtime(list, &net))
         .unwrap();
-    assert_eq!(h.kernel.shortcut(shortcuts::DENY_USED).unwrap(), 0);
+    assert_eq!(h.kernel.shortcut(shortcuts::DENY_SEARCH).unwrap(), 0);
     assert_eq!(h.run(&data), XDP_PASS, "the deny entry is gone");
 
     // Over its connection rate, then allow-listed: passes at once.
@@ -216,7 +216,7 @@ fn an_entry_added_to_an_empty_list_applies_to_the_very_next_packet() {
         .with_list(true, |list| lists::add_runtime(list, &net, 0))
         .unwrap();
     assert_eq!(
-        h.kernel.shortcut(shortcuts::ALLOW_USED).unwrap(),
+        h.kernel.shortcut(shortcuts::ALLOW_SEARCH).unwrap(),
         list_search::encode([128])
     );
     assert_eq!(h.run(&syn), XDP_PASS, "allow-listed at once");
@@ -226,7 +226,7 @@ fn an_entry_added_to_an_empty_list_applies_to_the_very_next_packet() {
 #[test]
 fn the_search_follows_every_prefix_length_and_is_repaired_at_start() {
     let mut h = XdpHarness::new(STRICT).expect("loading the programs");
-    let search = |h: &XdpHarness| h.kernel.shortcut(shortcuts::DENY_USED).unwrap();
+    let search = |h: &XdpHarness| h.kernel.shortcut(shortcuts::DENY_SEARCH).unwrap();
     let net = |text: &str| -> IpNet { text.parse().unwrap() };
     let remove = |h: &mut XdpHarness, text: &str| {
         h.kernel
@@ -250,7 +250,7 @@ fn the_search_follows_every_prefix_length_and_is_repaired_at_start() {
     let data = Packet::data(v4(5), PORT, 10).bytes();
     assert_eq!(h.run(&data), XDP_DROP);
     h.kernel
-        .set_shortcut(shortcuts::DENY_USED, list_search::encode([120]))
+        .set_shortcut(shortcuts::DENY_SEARCH, list_search::encode([120]))
         .unwrap();
     assert_eq!(h.run(&data), XDP_PASS, "the /32 is not probed");
     // ...until a start or reload works it out from the whole list.
@@ -304,7 +304,7 @@ fn nested_lists() -> XdpHarness {
 fn hash_probes_and_the_trie_give_every_frame_the_same_verdict() {
     let mut h = nested_lists();
     assert_eq!(
-        h.kernel.shortcut(shortcuts::DENY_USED).unwrap(),
+        h.kernel.shortcut(shortcuts::DENY_SEARCH).unwrap(),
         list_search::encode([128, 120, 64]),
         "three lengths: probed by hash"
     );
@@ -328,10 +328,10 @@ fn hash_probes_and_the_trie_give_every_frame_the_same_verdict() {
         }
         // The same lists searched through their tries.
         h.kernel
-            .set_shortcut(shortcuts::DENY_USED, list_search::TRIE)
+            .set_shortcut(shortcuts::DENY_SEARCH, list_search::TRIE)
             .unwrap();
         h.kernel
-            .set_shortcut(shortcuts::ALLOW_USED, list_search::TRIE)
+            .set_shortcut(shortcuts::ALLOW_SEARCH, list_search::TRIE)
             .unwrap();
     }
 
@@ -340,7 +340,7 @@ fn hash_probes_and_the_trie_give_every_frame_the_same_verdict() {
     let fourth: IpNet = "198.19.0.0/16".parse().unwrap();
     h.deny(&fourth).unwrap();
     assert_eq!(
-        h.kernel.shortcut(shortcuts::DENY_USED).unwrap(),
+        h.kernel.shortcut(shortcuts::DENY_SEARCH).unwrap(),
         list_search::TRIE
     );
     let inside = Packet::data(IpAddr::V4(Ipv4Addr::new(198, 19, 7, 7)), PORT, 10).bytes();
@@ -349,7 +349,7 @@ fn hash_probes_and_the_trie_give_every_frame_the_same_verdict() {
         .with_list(false, |list| lists::remove_runtime(list, &fourth))
         .unwrap();
     assert_eq!(
-        h.kernel.shortcut(shortcuts::DENY_USED).unwrap(),
+        h.kernel.shortcut(shortcuts::DENY_SEARCH).unwrap(),
         list_search::encode([128, 120, 64])
     );
     assert_eq!(h.run(&inside), XDP_PASS);

@@ -231,12 +231,12 @@ async fn list_writers_at_once_leave_every_entry_enforced() -> Result<()> {
         ensure!(out.status.success(), "{}", text(&out));
     }
     let state = PinnedState::open(&pin_dir(&agent.pin_path))?;
-    ensure!(state.shortcut(shortcuts::DENY_USED)? == list_search::TRIE);
+    ensure!(state.shortcut(shortcuts::DENY_SEARCH)? == list_search::TRIE);
     for out in all_at_once("del", unrelated.to_vec()) {
         ensure!(out.status.success(), "{}", text(&out));
     }
     ensure!(
-        state.shortcut(shortcuts::DENY_USED)? == list_search::encode([128, 126]),
+        state.shortcut(shortcuts::DENY_SEARCH)? == list_search::encode([128, 126]),
         "a /32 and a /30 left: two hash probes"
     );
     for host in [20u8, 21, 22, 25] {
