@@ -122,20 +122,41 @@ pub fn flood(ws: WsClient, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64
     })
 }
 
-/// Echo round trips of `clients` in turn, until `running` is cleared:
-/// every round trip's time, the failures, and the clients.
+/// How often each well-behaved user sends an echo: 100 a second, about
+/// 15 KB/s of frames and acknowledgements, well inside the 64 KiB/s user
+/// budget of the scenarios. (Unpaced, a fast host runs several hundred
+/// round trips a second per user and takes the users over their budget.)
+pub const ECHO_EVERY: Duration = Duration::from_millis(10);
+
+/// Echo round trips of `clients` in turn, a round every [`ECHO_EVERY`],
+/// until `running` is cleared: every round trip's time, the failures, and
+/// the clients.
 pub async fn echo_rounds(
     mut clients: Vec<WsClient>,
     running: Arc<AtomicBool>,
 ) -> (Vec<Duration>, usize, Vec<WsClient>) {
     let mut times = Vec::new();
     let mut failures = 0;
+    // The first failure of each client, told on stderr (shown when a test
+    // fails).
+    let mut failed = vec![false; clients.len()];
+    let mut rounds = tokio::time::interval(ECHO_EVERY);
+    rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while running.load(Ordering::Relaxed) {
-        for ws in &mut clients {
+        rounds.tick().await;
+        for (i, ws) in clients.iter_mut().enumerate() {
             let started = Instant::now();
             match echo(ws, "tick", SECOND).await {
                 Ok(()) => times.push(started.elapsed()),
-                Err(_) => failures += 1,
+                Err(e) => {
+                    failures += 1;
+                    if !std::mem::replace(&mut failed[i], true) {
+                        eprintln!(
+                            "echo client {i}: first failure after {} echoes: {e:#}",
+                            times.len()
+                        );
+                    }
+                }
             }
         }
     }

@@ -153,6 +153,14 @@ async fn an_abusive_user_behind_a_shared_address_is_held_back_then_cut_and_banne
     );
     running.store(false, Ordering::Relaxed);
     let (times, failures, _clients) = echoes.await?;
+    let others_cut: Vec<_> = events(&setup, "user_cut")
+        .into_iter()
+        .filter(|e| e["user"] != "mallory")
+        .collect();
+    ensure!(
+        others_cut.is_empty(),
+        "well-behaved users cut: {others_cut:?}"
+    );
     let rounds = times.len();
     ensure!(
         failures == 0 && rounds > 100,
