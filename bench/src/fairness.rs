@@ -182,7 +182,7 @@ pub fn markdown(runs: &[FairnessRun]) -> String {
     format!(
         "## 7. Fairness behind one address\n\n\
          {USERS} WebSocket users share one client address, each echoing a short message in turn \
-         (one round trip after another, all users, for the whole phase); one abusive user on the \
+         (all users one round trip after another, a round at most every 10 ms, for the whole phase); one abusive user on the \
          same address sends 8 KiB messages as fast as its {} connections take them. Per-user budget \
          64 KiB/s (burst 128 KiB), `over_budget_timeout` {} s, `ban.users = true`; the address's \
          own byte budget 1 MiB/s (burst 2 MiB), which the users' echoes fit in. Every run on a lab \
