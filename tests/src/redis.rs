@@ -5,7 +5,7 @@
 
 use std::{
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
@@ -62,6 +62,48 @@ impl RedisServer {
         Ok(server)
     }
 
+    /// Listening with TLS only (no plain TCP) at `addr:port` inside
+    /// `netns`, with a server certificate for `addr` signed by a CA made
+    /// for it ([`RedisServer::ca_file`]).
+    pub fn start_tls(netns: &str, addr: std::net::Ipv4Addr, port: u16) -> Result<RedisServer> {
+        let dir = tempfile::Builder::new()
+            .prefix("wsguard-redis-")
+            .tempdir()?;
+        let (ca, cert, key) = certificates(addr)?;
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        std::fs::write(path("ca.pem"), ca)?;
+        std::fs::write(path("cert.pem"), cert)?;
+        std::fs::write(path("key.pem"), key)?;
+        let mut server = RedisServer {
+            child: None,
+            args: vec![
+                "--tls-port".into(),
+                port.to_string(),
+                "--bind".into(),
+                addr.to_string(),
+                "--protected-mode".into(),
+                "no".into(),
+                "--tls-cert-file".into(),
+                path("cert.pem"),
+                "--tls-key-file".into(),
+                path("key.pem"),
+                "--tls-ca-cert-file".into(),
+                path("ca.pem"),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ],
+            dir,
+            netns: Some(netns.to_string()),
+        };
+        server.launch()?;
+        Ok(server)
+    }
+
+    /// The CA that signed a TLS server's certificate (PEM).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("redis.sock")
     }
@@ -80,6 +122,8 @@ impl RedisServer {
             }
             None => Command::new("redis-server"),
         };
+        // What it says goes to a log of its own, shown if it does not start.
+        let log = std::fs::File::create(self.dir.path().join("redis.log"))?;
         let child = command
             .args(["--port", "0", "--unixsocket"])
             .arg(self.socket())
@@ -94,8 +138,8 @@ impl RedisServer {
             .args(["--daemonize", "no", "--dir"])
             .arg(self.dir.path())
             .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
             .spawn()
             .context("starting redis-server (cargo xtask test installs it)")?;
         self.child = Some(child);
@@ -111,7 +155,8 @@ impl RedisServer {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        bail!("redis-server did not answer within 10 s")
+        let log = std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
+        bail!("redis-server did not answer within 10 s; it said:\n{log}")
     }
 
     /// `kill -9`: what it held is gone (no persistence).
@@ -145,4 +190,25 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A CA, and a server certificate for `addr` it signed, with the server's
+/// key: PEM each.
+fn certificates(addr: std::net::Ipv4Addr) -> Result<(String, String, String)> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        SanType,
+    };
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "wsguard test fleet CA");
+    let ca = ca.self_signed(&ca_key)?;
+    let key = KeyPair::generate()?;
+    let mut server = CertificateParams::new(Vec::<String>::new())?;
+    server.subject_alt_names = vec![SanType::IpAddress(addr.into())];
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server = server.signed_by(&key, &ca, &ca_key)?;
+    Ok((ca.pem(), server.pem(), key.serialize_pem()))
 }

@@ -151,6 +151,9 @@ pub struct FleetConfig {
     pub username: Option<String>,
     /// Read from `password_file` when the config is loaded.
     pub password: Option<String>,
+    /// The CA certificates (PEM) read from `ca_file` when the config is
+    /// loaded; `None`: the system's.
+    pub ca_pem: Option<Vec<u8>>,
     pub key_prefix: String,
     pub host_id: String,
     pub accept_allow: bool,

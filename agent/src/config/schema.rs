@@ -408,6 +408,10 @@ pub struct FleetKeys {
     /// A file holding the password (its first line).
     #[serde(default)]
     pub password_file: Option<Spanned<PathBuf>>,
+    /// PEM file of the CA certificates to trust for `rediss://` instead of
+    /// the system's (a fleet's own CA).
+    #[serde(default)]
+    pub ca_file: Option<Spanned<PathBuf>>,
     #[serde(default = "default_key_prefix")]
     pub key_prefix: Spanned<String>,
     /// This host's name in the fleet; the hostname by default.

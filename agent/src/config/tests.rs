@@ -310,3 +310,36 @@ fn changing_max_users_needs_a_restart() {
         vec!["limits.per_user.max_users"]
     );
 }
+
+#[test]
+fn a_fleet_ca_file_must_be_pem_certificates_for_a_tls_url() {
+    let dir = std::env::temp_dir().join(format!("wsguard-ca-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let not_pem = dir.join("not-pem");
+    std::fs::write(&not_pem, "just text\n").unwrap();
+    let fleet = |url: &str, ca: &Path| {
+        format!(
+            "{MINIMAL}[fleet]\nredis_url = \"{url}\"\nhost_id = \"h\"\nca_file = \"{}\"\n",
+            ca.display()
+        )
+    };
+    let cases = [
+        (
+            fleet("redis://127.0.0.1:6379", &not_pem),
+            ":8:11: fleet.ca_file applies to a rediss:// (TLS) fleet.redis_url only",
+        ),
+        (
+            fleet("rediss://127.0.0.1:6379", &dir.join("missing")),
+            ":8:11: cannot read fleet.ca_file",
+        ),
+        (
+            fleet("rediss://127.0.0.1:6379", &not_pem),
+            "holds no PEM certificate",
+        ),
+    ];
+    for (text, expected) in cases {
+        let error = parse(&text).unwrap_err().to_string();
+        assert!(error.contains(expected), "{error} (wanted {expected})");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

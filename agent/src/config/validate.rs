@@ -272,6 +272,33 @@ fn validate_fleet_keys(
     Ok(Some(fleet))
 }
 
+/// `fleet.ca_file`: a PEM file with at least one certificate, for a
+/// `rediss://` URL only (elsewhere it would be silently unused).
+fn read_ca_file(path: &Spanned<PathBuf>, tls: bool) -> Result<Vec<u8>, Invalid> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let shown = path.get_ref().display();
+    if !tls {
+        return Err(at(
+            path,
+            "fleet.ca_file applies to a rediss:// (TLS) fleet.redis_url only",
+        ));
+    }
+    let pem = std::fs::read(path.get_ref())
+        .map_err(|e| at(path, format!("cannot read fleet.ca_file {shown}: {e}")))?;
+    let certificates: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&pem).collect();
+    match certificates {
+        Ok(certificates) if !certificates.is_empty() => Ok(pem),
+        Ok(_) => Err(at(
+            path,
+            format!("fleet.ca_file {shown} holds no PEM certificate"),
+        )),
+        Err(e) => Err(at(
+            path,
+            format!("fleet.ca_file {shown} is not valid PEM: {e}"),
+        )),
+    }
+}
+
 fn validate_fleet(keys: FleetKeys) -> Result<FleetConfig, Invalid> {
     let url = keys.redis_url.get_ref();
     let scheme = url.split_once("://").map(|(s, _)| s);
@@ -318,6 +345,10 @@ fn validate_fleet(keys: FleetKeys) -> Result<FleetConfig, Invalid> {
             "fleet.username needs fleet.password_file (the ACL user's password)",
         ));
     }
+    let ca_pem = match &keys.ca_file {
+        Some(path) => Some(read_ca_file(path, scheme == Some("rediss"))?),
+        None => None,
+    };
     let host_id = match &keys.host_id {
         Some(id) => fleet_name(id, "fleet.host_id", false)?,
         None => {
@@ -338,6 +369,7 @@ fn validate_fleet(keys: FleetKeys) -> Result<FleetConfig, Invalid> {
     }
     Ok(FleetConfig {
         redis_url: url.clone(),
+        ca_pem,
         username: keys.username.map(|u| u.into_inner()),
         password,
         key_prefix: fleet_name(&keys.key_prefix, "fleet.key_prefix", true)?,

@@ -212,7 +212,16 @@ impl Link {
 
     /// One connection, from connecting until it is lost.
     async fn session(&mut self) -> Result<()> {
-        let client = redis::Client::open(self.connection_info()?)?;
+        let client = match &self.config.ca_pem {
+            Some(ca) => redis::Client::build_with_tls(
+                self.connection_info()?,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                },
+            )?,
+            None => redis::Client::open(self.connection_info()?)?,
+        };
         let mut conn = timeout(ROUND_TRIP, client.get_multiplexed_async_connection())
             .await
             .context("no answer")??;
@@ -746,6 +755,11 @@ fn redis_error(e: &anyhow::Error) -> String {
     if refused || text.contains("WRONGPASS") || text.contains("NOAUTH") {
         format!(
             "Redis refused this host's credentials (fleet.username / fleet.password_file): {text}"
+        )
+    } else if text.contains("invalid peer certificate") {
+        // rustls's words for a certificate it could not verify.
+        format!(
+            "the Redis server's certificate is not trusted (fleet.ca_file names the CA that signs it; without it, the system's CAs): {text}"
         )
     } else if text.contains("NOPERM") {
         format!(

@@ -2,7 +2,8 @@
 //! server) sharing one real `redis-server`: a ban decided on one host is
 //! enforced by the others' kernels; decisions made while Redis is down,
 //! or before a host starts, arrive all the same; what is written straight
-//! into Redis is checked; wrong credentials are refused and say so.
+//! into Redis is checked; wrong credentials are refused and say so; over
+//! TLS, only the CA a host is given is trusted.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -563,5 +564,50 @@ async fn a_host_reaches_redis_over_tcp() -> Result<()> {
         (3_500_000..=3_600_000).contains(&ttl),
         "the key expires with the entry: {ttl} ms left"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_reaches_redis_over_tls_and_trusts_only_the_ca_it_is_given() -> Result<()> {
+    // Redis with TLS only, in the lab's client namespace; its certificate
+    // is signed by a CA of the test's own, which no system store holds.
+    let lab = Lab::new()?;
+    let redis_addr = lab.client_v4(40);
+    let redis = RedisServer::start_tls(&lab.client.name, redis_addr, 6391)?;
+    let body = |extra: &str| {
+        format!(
+            "[protect]\nports = [8080]\n[fleet]\nredis_url = \"rediss://{redis_addr}:6391\"\nhost_id = \"host-tls\"\n{extra}"
+        )
+    };
+    // Without ca_file the system's CAs are trusted, and they do not sign
+    // this server: refused, and it says why.
+    let untrusting = Agent::start(&lab, &body(""))?;
+    let report = wait_until("the certificate refused", 5 * SECOND, || {
+        untrusting.fleet_report().filter(|r| {
+            r["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("certificate is not trusted (fleet.ca_file"))
+        })
+    })
+    .await?;
+    ensure!(report["connected"] == false, "{report}");
+    drop(untrusting);
+
+    let agent = Agent::start(
+        &lab,
+        &body(&format!("ca_file = \"{}\"\n", redis.ca_file().display())),
+    )?;
+    agent.wait_fleet_connected(5 * SECOND).await?;
+    let out = agent.cli(&["deny", "add", "198.19.241.0/24", "--ttl", "1h"]);
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until("the decision in Redis, over TLS", 2 * SECOND, || {
+        let value = redis.cli(&["GET", "wsguard:deny:198.19.241.0/24"]).ok()?;
+        value.contains("host-tls").then_some(())
+    })
+    .await?;
     Ok(())
 }
