@@ -343,3 +343,29 @@ fn a_fleet_ca_file_must_be_pem_certificates_for_a_tls_url() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_list_longer_than_the_kernel_map_is_refused_at_its_first_entry_over() {
+    let capacity = wsguard_common::maps::LIST_CAPACITY as usize;
+    // One /32 per line, one more than a list holds.
+    let entries: String = (0..=capacity as u32)
+        .map(|i| format!("\"{}/32\",\n", std::net::Ipv4Addr::from(0x0a00_0000 + i)))
+        .collect();
+    let text = format!("{MINIMAL}[lists]\ndeny = [\n{entries}]\n");
+    let error = parse(&text).unwrap_err().to_string();
+    let line = 4 + 2 + capacity + 1;
+    assert!(
+        error.contains(&format!(
+            ":{line}:1: lists.deny has {} entries",
+            capacity + 1
+        )),
+        "{error}"
+    );
+    // Exactly full is fine.
+    let full: String = entries
+        .lines()
+        .take(capacity)
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(parse(&format!("{MINIMAL}[lists]\ndeny = [\n{full}\n]\n")).is_ok());
+}

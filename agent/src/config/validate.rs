@@ -687,6 +687,16 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
 }
 
 fn parse_cidrs(entries: &[Spanned<String>], key: &str) -> Result<Vec<IpNet>, Invalid> {
+    let capacity = wsguard_common::maps::LIST_CAPACITY as usize;
+    if let Some(first_over) = entries.get(capacity) {
+        return Err(at(
+            first_over,
+            format!(
+                "{key} has {} entries; a list holds at most {capacity} (this is the first one over)",
+                entries.len()
+            ),
+        ));
+    }
     entries
         .iter()
         .map(|entry| parse_cidr(entry.get_ref()).map_err(|e| at(entry, format!("{key}: {e}"))))
