@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-const RUN_DIR: &str = "/run/wsguard";
+pub(crate) const RUN_DIR: &str = "/run/wsguard";
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct AgentFile {
@@ -75,5 +75,6 @@ impl AgentFile {
     pub fn remove(pin_dir: &Path) {
         let _ = std::fs::remove_file(path_for(pin_dir));
         let _ = std::fs::remove_file(crate::fleet::report_path(pin_dir));
+        let _ = std::fs::remove_file(crate::fleet::spool::lock_path(pin_dir));
     }
 }

@@ -50,23 +50,45 @@ fn path(pin_dir: &Path) -> PathBuf {
     agent_file::path_for(pin_dir).with_extension("fleet-spool")
 }
 
+/// Appending and taking the spool take turns through an exclusive lock on
+/// this file: without it, the agent could rename the spool between a CLI's
+/// open and its write, read it empty and delete it, and the decision would
+/// never reach the fleet.
+pub(crate) fn lock_path(pin_dir: &Path) -> PathBuf {
+    agent_file::path_for(pin_dir).with_extension("fleet-spool.lock")
+}
+
+fn open_lock(pin_dir: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock_path(pin_dir))
+}
+
+/// flock(2) on `file` (released when it is closed), again when a signal
+/// interrupts it.
+fn flock(file: &std::fs::File, operation: i32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    loop {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
+            return Ok(());
+        }
+        let error = std::io::Error::last_os_error();
+        if error.kind() != std::io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
+}
+
 /// Appends `decision` for the running agent, if it shares its decisions
 /// with a fleet. A failure is reported but does not undo the local change.
 pub fn record(pin_dir: &Path, decision: Spooled) {
     let Some(agent) = AgentFile::read_running(pin_dir).filter(|f| f.fleet) else {
         return;
     };
-    let append = || -> Result<()> {
-        let mut line = serde_json::to_vec(&decision)?;
-        line.push(b'\n');
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path(pin_dir))?
-            .write_all(&line)?;
-        Ok(())
-    };
-    match append() {
+    match append(pin_dir, &decision) {
         // SAFETY: kill(2) with the pid the agent file names.
         Ok(()) => unsafe {
             libc::kill(agent.pid as i32, libc::SIGUSR1);
@@ -75,12 +97,35 @@ pub fn record(pin_dir: &Path, decision: Spooled) {
     }
 }
 
-/// Takes what the CLI spooled since the last call.
+/// One line on the spool, in the spool's turn.
+fn append(pin_dir: &Path, decision: &Spooled) -> Result<()> {
+    let mut line = serde_json::to_vec(decision)?;
+    line.push(b'\n');
+    let lock = open_lock(pin_dir).context("opening the spool's lock")?;
+    flock(&lock, libc::LOCK_EX).context("locking the spool")?;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path(pin_dir))?
+        .write_all(&line)?;
+    Ok(())
+}
+
+/// Takes what the CLI spooled since the last call. While a CLI holds the
+/// spool's turn, nothing is taken: its nudge, or the next 100 ms tick,
+/// takes it.
 pub fn drain(pin_dir: &Path) -> Vec<Spooled> {
     let spool = path(pin_dir);
     let taken = spool.with_extension("fleet-spool.draining");
-    if std::fs::rename(&spool, &taken).is_err() {
-        return Vec::new();
+    {
+        let Ok(lock) = open_lock(pin_dir) else {
+            return Vec::new();
+        };
+        if flock(&lock, libc::LOCK_EX | libc::LOCK_NB).is_err()
+            || std::fs::rename(&spool, &taken).is_err()
+        {
+            return Vec::new();
+        }
     }
     let read = || -> Result<Vec<Spooled>> {
         let file = std::fs::File::open(&taken).context("opening the spool")?;
@@ -99,4 +144,51 @@ pub fn drain(pin_dir: &Path) -> Vec<Spooled> {
     });
     let _ = std::fs::remove_file(&taken);
     decisions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CLI appending while the agent drains loses nothing: every decision
+    /// is taken once.
+    #[test]
+    fn appends_racing_with_drains_are_all_taken_once() {
+        const DECISIONS: u32 = 3000;
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/wsguard-spool-test-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(agent_file::RUN_DIR).unwrap();
+        let appender = {
+            let pin_dir = pin_dir.clone();
+            std::thread::spawn(move || {
+                for i in 0..DECISIONS {
+                    let net = IpNet::from(IpAddr::from(std::net::Ipv4Addr::from(0xc613_0000 + i)));
+                    let decision = Spooled::Listed {
+                        allow: false,
+                        net,
+                        until_ms: i as u64,
+                    };
+                    append(&pin_dir, &decision).unwrap();
+                }
+            })
+        };
+        let mut taken = Vec::new();
+        while !appender.is_finished() {
+            taken.extend(drain(&pin_dir));
+        }
+        appender.join().unwrap();
+        taken.extend(drain(&pin_dir));
+        let _ = std::fs::remove_file(lock_path(&pin_dir));
+        let mut seen: Vec<u64> = taken
+            .iter()
+            .map(|d| match d {
+                Spooled::Listed { until_ms, .. } => *until_ms,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..DECISIONS as u64).collect::<Vec<_>>());
+    }
 }
