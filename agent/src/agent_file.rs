@@ -74,7 +74,7 @@ impl AgentFile {
 
     pub fn remove(pin_dir: &Path) {
         let _ = std::fs::remove_file(path_for(pin_dir));
-        let _ = std::fs::remove_file(crate::fleet::report_path(pin_dir));
+        crate::fleet::close_report(pin_dir);
         let _ = std::fs::remove_file(crate::fleet::spool::lock_path(pin_dir));
     }
 }

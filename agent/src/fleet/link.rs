@@ -652,17 +652,19 @@ impl Link {
                 .collect(),
         };
         let path = report_path(&self.pins);
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        let tmp = path.with_extension("fleet.tmp");
-        let written = serde_json::to_vec_pretty(&report)
-            .map_err(anyhow::Error::from)
-            .and_then(|text| Ok(std::fs::write(&tmp, text)?))
-            .and_then(|()| Ok(std::fs::rename(&tmp, &path)?));
-        if let Err(e) = written {
-            warn!("fleet: cannot write {}: {e:#}", path.display());
-        }
+        super::write_report_file(|| {
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            let tmp = path.with_extension("fleet.tmp");
+            let written = serde_json::to_vec_pretty(&report)
+                .map_err(anyhow::Error::from)
+                .and_then(|text| Ok(std::fs::write(&tmp, text)?))
+                .and_then(|()| Ok(std::fs::rename(&tmp, &path)?));
+            if let Err(e) = written {
+                warn!("fleet: cannot write {}: {e:#}", path.display());
+            }
+        });
     }
 }
 

@@ -264,6 +264,26 @@ pub fn report_path(pin_dir: &Path) -> PathBuf {
     agent_file::path_for(pin_dir).with_extension("fleet.json")
 }
 
+/// Whether the report is closed for good (the agent is stopping). Writing
+/// the report and closing it take turns on this lock, so that a report
+/// written by the link as the agent stops cannot outlive it.
+static REPORT_CLOSED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+
+/// Writes the report with `write`, unless the agent is stopping.
+fn write_report_file(write: impl FnOnce()) {
+    let closed = REPORT_CLOSED.lock().unwrap_or_else(|e| e.into_inner());
+    if !*closed {
+        write();
+    }
+}
+
+/// Removes the report for good, as the agent stops.
+pub fn close_report(pin_dir: &Path) {
+    let mut closed = REPORT_CLOSED.lock().unwrap_or_else(|e| e.into_inner());
+    *closed = true;
+    let _ = std::fs::remove_file(report_path(pin_dir));
+}
+
 impl FleetReport {
     pub fn read(pin_dir: &Path) -> Option<FleetReport> {
         let text = std::fs::read(report_path(pin_dir)).ok()?;

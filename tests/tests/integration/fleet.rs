@@ -564,6 +564,11 @@ async fn a_host_reaches_redis_over_tcp() -> Result<()> {
         (3_500_000..=3_600_000).contains(&ttl),
         "the key expires with the entry: {ttl} ms left"
     );
+    // The report `status --fleet` reads goes with the agent.
+    let report = wsguard::fleet::report_path(&wsguard::kernel::pin_dir(&agent.pin_path));
+    ensure!(report.exists(), "no fleet report at {}", report.display());
+    agent.stop()?;
+    ensure!(!report.exists(), "{} outlived the agent", report.display());
     Ok(())
 }
 
