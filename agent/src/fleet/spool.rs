@@ -16,7 +16,10 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use crate::agent_file::{self, AgentFile};
+use crate::{
+    agent_file::{self, AgentFile},
+    kernel::flock,
+};
 
 /// One operator decision, as the CLI spools it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,22 +67,6 @@ fn open_lock(pin_dir: &Path) -> std::io::Result<std::fs::File> {
         .truncate(false)
         .write(true)
         .open(lock_path(pin_dir))
-}
-
-/// flock(2) on `file` (released when it is closed), again when a signal
-/// interrupts it.
-fn flock(file: &std::fs::File, operation: i32) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    loop {
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
-            return Ok(());
-        }
-        let error = std::io::Error::last_os_error();
-        if error.kind() != std::io::ErrorKind::Interrupted {
-            return Err(error);
-        }
-    }
 }
 
 /// Appends `decision` for the running agent, if it shares its decisions

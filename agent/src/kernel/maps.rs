@@ -6,7 +6,7 @@
 use std::{
     net::IpAddr,
     ops::{Deref, DerefMut},
-    os::fd::{AsFd, AsRawFd},
+    os::fd::AsFd,
 };
 
 use anyhow::{Context, Result, bail};
@@ -556,16 +556,9 @@ pub trait Maps: MapSource {
         };
         let file = std::fs::File::open(dir)
             .with_context(|| format!("cannot open {} to lock the lists", dir.display()))?;
-        loop {
-            // SAFETY: flock on a descriptor we own.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
-                return Ok(Some(file));
-            }
-            let error = std::io::Error::last_os_error();
-            if error.kind() != std::io::ErrorKind::Interrupted {
-                return Err(error).with_context(|| format!("cannot lock {}", dir.display()));
-            }
-        }
+        super::flock(&file, libc::LOCK_EX)
+            .with_context(|| format!("cannot lock {}", dir.display()))?;
+        Ok(Some(file))
     }
 
     /// Removes runtime list entries whose TTL has passed: (allow list?, CIDR).

@@ -31,7 +31,7 @@ pub use lists::lpm_key;
 pub use maps::{MapMut, MapRef, MapSource, Maps, sum_counters};
 pub use pins::{PinnedState, link_path, pin_dir, unpin_all};
 pub use system::{
-    bring_up_loopback, check_privileges, coarse_monotonic_ns, coarse_tick_ns, monotonic_ns,
+    bring_up_loopback, check_privileges, coarse_monotonic_ns, coarse_tick_ns, flock, monotonic_ns,
     open_cgroup, raise_memlock, resolve_pin_path,
 };
 

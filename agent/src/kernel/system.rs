@@ -109,14 +109,9 @@ pub fn resolve_pin_path(pin_path: &Path, mount: bool) -> Result<PathBuf> {
     }
     // Two agents starting at once must not both mount (a second bpffs would
     // hide the first one's pins): check again under a lock.
-    let lock = std::fs::File::create(std::env::temp_dir().join("wsguard-bpffs.lock"))?;
-    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-        bail!(
-            "cannot lock {}: {}",
-            std::env::temp_dir().join("wsguard-bpffs.lock").display(),
-            std::io::Error::last_os_error()
-        );
-    }
+    let lock_path = std::env::temp_dir().join("wsguard-bpffs.lock");
+    let lock = std::fs::File::create(&lock_path)?;
+    flock(&lock, libc::LOCK_EX).with_context(|| format!("cannot lock {}", lock_path.display()))?;
     if is_bpffs(pin_path) {
         return Ok(pin_path.to_owned());
     }
@@ -467,5 +462,21 @@ pub fn is_veth(interface: &str) -> bool {
         let ok = libc::ioctl(fd, SIOCETHTOOL, &mut request) == 0;
         libc::close(fd);
         ok && info.driver.starts_with(b"veth\0")
+    }
+}
+
+/// flock(2) on `file` (released when it is closed), again when a signal
+/// interrupts it.
+pub fn flock(file: &std::fs::File, operation: i32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    loop {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
+            return Ok(());
+        }
+        let error = std::io::Error::last_os_error();
+        if error.kind() != std::io::ErrorKind::Interrupted {
+            return Err(error);
+        }
     }
 }

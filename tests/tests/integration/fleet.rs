@@ -533,6 +533,28 @@ async fn a_flood_spread_over_the_fleet_under_every_hosts_limit_is_banned_by_the_
     Ok(())
 }
 
+/// `deny add NET --ttl 1h` on `agent`, then waits until Redis holds it as
+/// decided by `host`.
+async fn deny_reaches_redis(
+    agent: &Agent,
+    redis: &RedisServer,
+    net: &str,
+    host: &str,
+) -> Result<()> {
+    let out = agent.cli(&["deny", "add", net, "--ttl", "1h"]);
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = format!("wsguard:deny:{net}");
+    wait_until("the decision in Redis", 2 * SECOND, || {
+        let value = redis.cli(&["GET", &key]).ok()?;
+        value.contains(host).then_some(())
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_reaches_redis_over_tcp() -> Result<()> {
     // Redis in the lab's client namespace, on one of its addresses; the
@@ -545,17 +567,7 @@ async fn a_host_reaches_redis_over_tcp() -> Result<()> {
     );
     let agent = Agent::start(&lab, &body)?;
     agent.wait_fleet_connected(5 * SECOND).await?;
-    let out = agent.cli(&["deny", "add", "198.19.240.0/24", "--ttl", "1h"]);
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait_until("the decision in Redis", 2 * SECOND, || {
-        let value = redis.cli(&["GET", "wsguard:deny:198.19.240.0/24"]).ok()?;
-        value.contains("host-tcp").then_some(())
-    })
-    .await?;
+    deny_reaches_redis(&agent, &redis, "198.19.240.0/24", "host-tcp").await?;
     let ttl: i64 = redis
         .cli(&["PTTL", "wsguard:deny:198.19.240.0/24"])?
         .trim()
@@ -603,16 +615,6 @@ async fn a_host_reaches_redis_over_tls_and_trusts_only_the_ca_it_is_given() -> R
         &body(&format!("ca_file = \"{}\"\n", redis.ca_file().display())),
     )?;
     agent.wait_fleet_connected(5 * SECOND).await?;
-    let out = agent.cli(&["deny", "add", "198.19.241.0/24", "--ttl", "1h"]);
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait_until("the decision in Redis, over TLS", 2 * SECOND, || {
-        let value = redis.cli(&["GET", "wsguard:deny:198.19.241.0/24"]).ok()?;
-        value.contains("host-tls").then_some(())
-    })
-    .await?;
+    deny_reaches_redis(&agent, &redis, "198.19.241.0/24", "host-tls").await?;
     Ok(())
 }
